@@ -1,0 +1,30 @@
+"""conret_jax: ConRetinaNet (consistent optimization for single-shot detection) in JAX/Flax.
+
+The public API:
+  build_model(config) -> flax module            the RetinaNet / ConRetinaNet network of the config
+  init_variables(model, rng, image_hw)          its variables ('params' and the non-trained collections)
+  detect(model, variables, images, config)      jitted inference: boxes, scores, classes, valid
+  weights                                       importers for torchvision / timm weights
+Attributes load lazily, so `import conret_jax.core...` never pulls in Flax or TensorFlow.
+"""
+
+import importlib
+
+__version__ = '0.1.0'
+
+_LAZY = {
+    'build_model': ('conret_jax.model.detector', 'build_model'),
+    'init_variables': ('conret_jax.model.detector', 'init_variables'),
+    'detect': ('conret_jax.inference', 'detect'),
+    'weights': ('conret_jax.weights', None),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+  if name not in _LAZY:
+    raise AttributeError(f'module conret_jax has no attribute {name!r}')
+  module_name, attr = _LAZY[name]
+  module = importlib.import_module(module_name)
+  return module if attr is None else getattr(module, attr)

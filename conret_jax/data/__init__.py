@@ -1,0 +1,1 @@
+"""The tf.data input pipeline: sources (tfds, COCO json, TFRecords, synthetic shapes), decoding, preprocessing."""

@@ -1,0 +1,138 @@
+"""The full configuration schema, with RetinaNet/ConRetinaNet defaults.
+
+Every file in `configs/` starts from `base_config()` and overrides what its experiment changes, so every config
+carries every key: a typo on the command line (`--config.trian.seed=1`) is an error, not a silently new key.
+Defaults follow Detectron's RetinaNet R50-FPN 1x and the paper (Section 6.1: alpha=1, mu_pos=0.6, mu_neg=0.5).
+"""
+
+import math
+
+import ml_collections
+
+# Detectron's clamp on dw/dh before exp(), so a wild prediction cannot overflow the decoded box.
+BOX_DELTA_CLAMP = math.log(1000.0 / 16)
+
+
+def data_source_config(**overrides) -> ml_collections.ConfigDict:
+  """One dataset source; every source carries all fields so any config can point at any dataset."""
+  c = ml_collections.ConfigDict()
+  c.source = 'shapes'  # 'tfds' | 'coco_json' | 'tfrecord' | 'shapes'
+  c.name = 'coco/2017'  # tfds builder name
+  c.split = 'train'  # tfds split expression, or shapes split name ('train' / 'val')
+  c.data_dir = ''  # tfds data_dir (local or gs://)
+  c.annotation_file = ''  # coco_json: instances_*.json
+  c.image_dir = ''  # coco_json: folder of the images named in the json
+  c.tfrecord_pattern = ''  # tfrecord: files written by conret_jax.data.tfrecord
+  c.cache_dir = ''  # shapes: where the synthetic dataset is generated ('' = ~/.cache/conret_jax/shapes)
+  c.num_examples = 0  # shapes: images in this split (0 = the shapes default for the split)
+  c.update(overrides)
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.init_from = ''  # checkpoint written by `conret-import` to start from
+
+  # ---- model ----
+  m = config.model = ml_collections.ConfigDict()
+  m.num_classes = 80
+  m.compute_dtype = 'float32'  # 'bfloat16' on TPU/GPU; params and losses stay float32
+  m.pixel_mean = (123.675, 116.28, 103.53)  # RGB, ImageNet, on the [0, 255] scale
+  m.pixel_std = (58.395, 57.12, 57.375)
+
+  b = m.backbone = ml_collections.ConfigDict()
+  b.depth = 50  # 18 | 34 | 50 | 101 | 152
+  b.width = 64  # stem channels; stages use width * (1, 2, 4, 8) (x4 for bottlenecks). Tiny test models use 8.
+  b.norm = 'frozen_bn'  # 'frozen_bn' | 'bn' (cross-replica under jit: statistics over the global batch) | 'gn'
+  b.freeze_at = 2  # 0: train all; 1: freeze stem; 2: stem + res2 (Detectron FREEZE_AT=2); up to 5
+  b.stride_in_1x1 = False  # False: torchvision (stride on 3x3); True: Caffe2/Detectron (stride on 1x1)
+
+  f = m.fpn = ml_collections.ConfigDict()
+  f.channels = 256
+  f.min_level = 3
+  f.max_level = 7
+  f.p6_from = 'c5'  # 'c5' (paper/Detectron) | 'p5' (torchvision)
+
+  h = m.head = ml_collections.ConfigDict()
+  h.variant = 'consistent'  # 'consistent' (Fig. 4d) | 'cascade' (Fig. 4b) | 'gated_cascade' (Fig. 4c)
+  h.num_convs = 4
+  h.channels = 256
+  h.norm = ''  # '' | 'gn'
+  h.prior_prob = 0.01
+
+  a = m.anchors = ml_collections.ConfigDict()
+  a.base_scale = 4.0  # base anchor size = base_scale * stride
+  a.scales_per_octave = 3  # scales 2^(i / scales_per_octave)
+  a.aspect_ratios = (0.5, 1.0, 2.0)  # height / width
+  a.sizes = ()  # explicit sizes per level, e.g. torchvision's ((32, 40, 50), ...); overrides base_scale
+  a.offset = 0.5  # anchor centre at (i + offset) * stride; torchvision uses 0.0
+  a.round_base = False  # round base anchors to integers (torchvision)
+
+  m.box_weights = (1.0, 1.0, 1.0, 1.0)  # encode/decode weights (wx, wy, ww, wh)
+  m.box_clamp = BOX_DELTA_CLAMP
+
+  # ---- losses and matching (stage 1 = RetinaNet) ----
+  l = config.loss = ml_collections.ConfigDict()
+  l.focal_alpha = 0.25
+  l.focal_gamma = 2.0
+  l.smooth_l1_beta = 0.11  # Detectron's RetinaNet; 0.0 gives L1 (torchvision)
+  l.box_loss_weight = 1.0
+  l.allow_low_quality_matches = True  # stage 1 only; refined stages match on quality alone
+
+  # ---- consistent optimization (the paper, Section 4) ----
+  c = config.consistent = ml_collections.ConfigDict()
+  c.enabled = True  # False: plain RetinaNet, i.e. one classification and one regression term
+  c.num_cls_terms = 2  # Eq. 1 terms: labels of the original anchors, then of each refined stage
+  c.num_reg_terms = 2  # Eq. 2 terms; each term beyond the first adds one box conv (footnote 2)
+  c.alpha = 1.0  # weight of every refined classification term
+  c.pos_iou_thresholds = (0.5, 0.6, 0.7)  # per stage: stage 1 is RetinaNet's 0.5/0.4 (Table 3)
+  c.neg_iou_thresholds = (0.4, 0.5, 0.6)
+  c.inference_reg_steps = 0  # regressions applied at inference; 0 = all trained ones (Table 3 "2*" = 1)
+
+  # ---- data ----
+  d = config.data = ml_collections.ConfigDict()
+  d.image_size = 512  # square: the padded side; short_side: the short side
+  d.resize = 'square'  # 'square' (long side to image_size, pad to square) | 'short_side' (Detectron)
+  d.max_size = 1333  # short_side: cap on the long side
+  d.scale_jitter = (1.0, 1.0)  # square: random scale range (Table 6 uses jitter)
+  d.random_flip = True
+  d.max_boxes = 100
+  d.shuffle_buffer = 1024
+  d.num_parallel_calls = -1  # -1: tf.data AUTOTUNE
+  d.prefetch = 2  # batches prefetched to the devices
+  d.train = data_source_config(split='train')
+  d.eval = data_source_config(split='val')
+
+  # ---- training ----
+  t = config.train = ml_collections.ConfigDict()
+  t.global_batch_size = 16
+  t.num_steps = 90_000
+  t.learning_rate = 0.01  # at reference_batch_size; scaled linearly with global_batch_size
+  t.reference_batch_size = 16
+  t.momentum = 0.9
+  t.weight_decay = 1e-4
+  t.warmup_steps = 500
+  t.warmup_factor = 1.0 / 3
+  t.decay_steps = (60_000, 80_000)
+  t.decay_factor = 0.1
+  t.grad_clip_norm = 0.0  # 0 disables
+  t.seed = 0
+  t.log_every_steps = 20
+  t.fsdp_axis_size = 1  # >1 shards params and optimizer state over an 'fsdp' mesh axis
+
+  # ---- checkpoints ----
+  k = config.checkpoint = ml_collections.ConfigDict()
+  k.every_steps = 5000
+  k.keep = 3
+
+  # ---- evaluation and post-processing ----
+  e = config.eval = ml_collections.ConfigDict()
+  e.every_steps = 0  # 0: only at the end of training
+  e.global_batch_size = 8
+  e.score_threshold = 0.05
+  e.topk_per_level = 1000
+  e.nms_iou = 0.5
+  e.max_detections = 100
+  e.num_images = 0  # evaluate only the first N images (0 = all)
+  e.visualize = 8  # validation images drawn with their detections after each evaluation (0 = none)
+  return config

@@ -1,0 +1,1 @@
+"""Training: mesh and shardings, optimizer, state, the jitted step, checkpoints, and the loop."""
