@@ -136,3 +136,24 @@ def base_config() -> ml_collections.ConfigDict:
   e.num_images = 0  # evaluate only the first N images (0 = all)
   e.visualize = 8  # validation images drawn with their detections after each evaluation (0 = none)
   return config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config file's argument string, `configs/x.py:depth=101,scale=800`, into typed values.
+
+  Each key must be one of `defaults`; values take the type of their default (bools accept true/false/1/0).
+  """
+  result = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise ValueError(f'config argument {item!r}: expected key=value with key in {sorted(defaults)}')
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config argument {key}={value!r}: expected true or false')
+      result[key] = value.lower() in ('true', '1')
+    else:
+      result[key] = kind(value)
+  return ml_collections.ConfigDict(result)

@@ -1,0 +1,60 @@
+"""RetinaNet losses: sigmoid focal loss for classification, smooth-L1 for box regression, summed.
+
+Losses are SUMS; the caller divides by normalizer(number of positives), as RetinaNet does (the paper's Eq. 1-2 use
+the same normalization for every term). Everything is computed in float32 whatever the logits' dtype.
+
+The focal loss is optax.sigmoid_focal_loss: elementwise, no reduction, alpha_t = alpha for targets 1 and
+1 - alpha for targets 0, (1 - p_t)^gamma computed in log space - the same definition as the paper (Lin et al.)
+and torchvision.ops.sigmoid_focal_loss, and stable for extreme logits.
+"""
+
+import jax.numpy as jnp
+import optax
+
+
+def sigmoid_focal_loss(logits, targets, alpha: float | None = 0.25, gamma: float = 2.0) -> jnp.ndarray:
+  """Elementwise focal loss: logits and targets (0/1, or soft in [0, 1]) of the same shape -> float32 loss.
+
+  alpha None (or negative, torchvision's convention) disables the alpha weighting.
+  """
+  if alpha is not None and alpha < 0:
+    alpha = None
+  logits = jnp.asarray(logits, jnp.float32)
+  return optax.sigmoid_focal_loss(logits, jnp.asarray(targets, jnp.float32), alpha=alpha, gamma=gamma)
+
+
+def smooth_l1(x, beta: float) -> jnp.ndarray:
+  """Elementwise smooth-L1: 0.5 x^2 / beta where |x| < beta, else |x| - 0.5 beta. beta = 0 gives |x| (L1)."""
+  x = jnp.asarray(x, jnp.float32)
+  ax = jnp.abs(x)
+  # The safe divisor keeps the unused branch (and its gradient) finite when beta is 0.
+  safe_beta = jnp.where(beta > 0, beta, 1.0)
+  return jnp.where(ax < beta, 0.5 * x * x / safe_beta, ax - 0.5 * beta)
+
+
+def classification_loss(logits, cls_labels, *, alpha: float, gamma: float) -> jnp.ndarray:
+  """Focal loss summed over all classes of the non-ignored anchors.
+
+  Args:
+    logits: [B, A, K] class logits.
+    cls_labels: [B, A] int32: class index for positives, -1 background (all-zero target), -2 ignored.
+  Returns: scalar float32 sum.
+  """
+  num_classes = logits.shape[-1]
+  targets = cls_labels[..., None] == jnp.arange(num_classes, dtype=cls_labels.dtype)
+  loss = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma)
+  return jnp.sum(jnp.where((cls_labels >= -1)[..., None], loss, 0.0))
+
+
+def box_loss(deltas, box_targets, positive, *, beta: float) -> jnp.ndarray:
+  """Smooth-L1 between predicted and target offsets summed over the positive anchors.
+
+  deltas, box_targets: [B, A, 4]; positive: [B, A] bool. Returns scalar float32 sum.
+  """
+  diff = jnp.asarray(deltas, jnp.float32) - jnp.asarray(box_targets, jnp.float32)
+  return jnp.sum(jnp.where(positive[..., None], smooth_l1(diff, beta), 0.0))
+
+
+def normalizer(count) -> jnp.ndarray:
+  """The loss divisor: max(count, 1), so an image batch without positives does not divide by zero."""
+  return jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)

@@ -1,0 +1,224 @@
+"""Reads a COCO-format dataset (instances json + image folder), validates it, repairs what can be repaired.
+
+Real datasets have bad rows. Each is repaired or dropped, counted, and reported in ONE log line at start-up:
+  images: missing file, undecodable header, truncated file (no end marker), malformed entry, duplicate id -> dropped;
+          json height/width that disagree with the file -> repaired (the file's size wins, boxes clipped to it);
+  annotations: unknown image or category id, malformed bbox, zero/negative area after clipping -> dropped;
+               partly outside the image -> clipped; beyond max_boxes for one image -> dropped (kept in coco_gt);
+  training only: images with no usable non-crowd annotation -> dropped (Detectron); kept for evaluation.
+A dataset unusable as a whole (missing/malformed json, no categories, no usable image) raises DatasetError.
+
+Image check cost: one PIL header parse (`Image.open(...).size`, reads the first few KB) plus reading the last 2-12
+bytes for the JPEG EOI / PNG IEND marker, i.e. two small reads per image, run on a thread pool. On local disk this is
+~0.1 ms per image (COCO train2017: ~10-20 s on one core); it reads no pixel data, so a file corrupt in its middle
+passes the check (libjpeg then decodes what it can: decode_jpeg(try_recover_truncated=True)).
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+from conret_jax.data import info as info_lib
+
+_JPEG_EOI = b'\xff\xd9'
+_PNG_IEND = b'IEND'
+
+
+@dataclasses.dataclass
+class ExampleTable:
+  """The examples of one split, in the json's image order; boxes are ragged per image (row_lengths).
+
+  paths [N] str, image_ids [N] int64, heights/widths [N] int32 (the file's true size),
+  boxes [T, 4] float32 x1y1x2y2 original pixels, classes [T] int32 contiguous, crowd [T] bool, row_lengths [N].
+  """
+  paths: np.ndarray
+  image_ids: np.ndarray
+  heights: np.ndarray
+  widths: np.ndarray
+  boxes: np.ndarray
+  classes: np.ndarray
+  crowd: np.ndarray
+  row_lengths: np.ndarray
+
+  def __len__(self):
+    return len(self.paths)
+
+
+def check_image_file(path: str):
+  """Returns (height, width, None) for a usable image, or (0, 0, reason) where reason names why it is not."""
+  if not os.path.isfile(path):
+    return 0, 0, 'missing image file'
+  try:
+    with Image.open(path) as im:
+      width, height = im.size
+      fmt = im.format
+  except Exception:  # PIL raises many types for garbage; all mean "not an image"
+    return 0, 0, 'undecodable image'
+  if width <= 0 or height <= 0:
+    return 0, 0, 'undecodable image'
+  with open(path, 'rb') as f:
+    f.seek(max(0, os.path.getsize(path) - 12))
+    tail = f.read()
+  if (fmt == 'JPEG' and _JPEG_EOI not in tail) or (fmt == 'PNG' and _PNG_IEND not in tail):
+    return 0, 0, 'truncated image file'
+  return height, width, None
+
+
+def _read_json(annotation_file: str) -> dict:
+  if not annotation_file or not os.path.isfile(annotation_file):
+    raise info_lib.DatasetFileNotFoundError(f'COCO annotation file not found: {annotation_file!r}')
+  try:
+    with open(annotation_file) as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise info_lib.DatasetError(f'malformed COCO json {annotation_file}: {e}') from None
+  if not isinstance(data, dict) or not isinstance(data.get('images'), list) or not data['images']:
+    raise info_lib.DatasetError(f'COCO json {annotation_file} has no "images" list (or it is empty)')
+  if not isinstance(data.get('categories'), list) or not data['categories']:
+    raise info_lib.DatasetError(f'COCO json {annotation_file} has no "categories" list (or it is empty)')
+  return data
+
+
+def _clean_bbox(bbox, height, width):
+  """xywh -> (clipped x1y1x2y2 or None, was_clipped, reason)."""
+  if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+    return None, False, 'malformed bbox'
+  try:
+    x, y, w, h = (float(v) for v in bbox)
+  except (TypeError, ValueError):
+    return None, False, 'malformed bbox'
+  if not all(math.isfinite(v) for v in (x, y, w, h)):
+    return None, False, 'malformed bbox'
+  x1, y1, x2, y2 = x, y, x + w, y + h
+  c = [min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
+  if c[2] - c[0] <= 0 or c[3] - c[1] <= 0:
+    return None, False, 'zero/negative-area box'
+  return c, c != [x1, y1, x2, y2], None
+
+
+def load_coco(annotation_file: str, image_dir: str, *, train: bool, max_boxes: int, check_images: bool = True,
+              num_threads: int = 16):
+  """Parses, validates and repairs one COCO split.
+
+  Returns (ExampleTable, DatasetInfo with coco_gt, {'dropped': {reason: n}, 'repaired': {reason: n}}).
+  """
+  data = _read_json(annotation_file)
+  if not os.path.isdir(image_dir):
+    raise info_lib.DatasetFileNotFoundError(f'image_dir not found: {image_dir!r} (for {annotation_file})')
+  dropped, repaired = collections.Counter(), collections.Counter()
+
+  try:
+    cats = sorted({int(c['id']): str(c.get('name', c['id'])) for c in data['categories']}.items())
+  except (KeyError, TypeError, ValueError):
+    raise info_lib.DatasetError(f'malformed "categories" in {annotation_file}') from None
+  category_ids = [c for c, _ in cats]
+  cat_to_class = info_lib.category_to_class_table(category_ids)
+
+  entries, seen = [], set()
+  for im in data['images']:
+    try:
+      image_id, file_name = int(im['id']), str(im['file_name'])
+    except (KeyError, TypeError, ValueError):
+      dropped['malformed image entry'] += 1
+      continue
+    if image_id in seen:
+      dropped['duplicate image id'] += 1
+      continue
+    seen.add(image_id)
+    entries.append((image_id, os.path.join(image_dir, file_name), im))
+
+  if check_images:
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+      checks = list(pool.map(check_image_file, [p for _, p, _ in entries]))
+  else:
+    checks = [(im.get('height', 0), im.get('width', 0), None) for _, _, im in entries]
+  images = collections.OrderedDict()  # image_id -> (path, height, width, json entry)
+  for (image_id, path, im), (height, width, reason) in zip(entries, checks):
+    if reason:
+      dropped[reason] += 1
+      continue
+    if (im.get('height'), im.get('width')) != (height, width):
+      repaired['json size != file size'] += 1
+    images[image_id] = (path, int(height), int(width), im)
+
+  per_image = collections.defaultdict(list)  # image_id -> [(box, class, crowd)]
+  gt_annotations, next_id = [], 1 + max([int(a.get('id', 0) or 0) for a in data.get('annotations', [])] + [0])
+  for a in data.get('annotations', []) or []:
+    if not isinstance(a, dict):
+      dropped['malformed annotation'] += 1
+      continue
+    image_id, cat = a.get('image_id'), a.get('category_id')
+    if image_id not in images:
+      if image_id not in seen:
+        dropped['annotation with unknown image id'] += 1
+      continue  # annotations of dropped images go with them
+    if cat not in cat_to_class:
+      dropped['annotation with unknown category id'] += 1
+      continue
+    _, height, width, _ = images[image_id]
+    box, clipped, reason = _clean_bbox(a.get('bbox'), height, width)
+    if reason:
+      dropped[reason] += 1
+      continue
+    repaired['box clipped to image'] += clipped
+    crowd = bool(a.get('iscrowd', 0))
+    per_image[image_id].append((box, cat_to_class[cat], crowd))
+    xywh = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+    area = float(a['area']) if not clipped and isinstance(a.get('area'), (int, float)) else xywh[2] * xywh[3]
+    ann_id = a.get('id')
+    if not isinstance(ann_id, int):
+      ann_id, next_id = next_id, next_id + 1
+    gt_annotations.append({'id': ann_id, 'image_id': image_id, 'category_id': cat, 'bbox': xywh, 'area': area,
+                           'iscrowd': int(crowd)})
+
+  rows = {'paths': [], 'image_ids': [], 'heights': [], 'widths': [], 'row_lengths': []}
+  boxes, classes, crowds = [], [], []
+  for image_id, (path, height, width, _) in images.items():
+    anns = per_image.get(image_id, [])
+    if train and not any(not crowd for _, _, crowd in anns):
+      dropped['train image without usable annotations'] += 1
+      continue
+    if len(anns) > max_boxes:
+      dropped[f'annotations beyond max_boxes={max_boxes}'] += len(anns) - max_boxes
+      anns = anns[:max_boxes]
+    for key, value in zip(rows, (path, image_id, height, width, len(anns))):
+      rows[key].append(value)
+    boxes += [b for b, _, _ in anns]
+    classes += [c for _, c, _ in anns]
+    crowds += [c for _, _, c in anns]
+  if not rows['paths']:
+    raise info_lib.DatasetError(
+        f'no usable image in {annotation_file} (image_dir {image_dir}); dropped: {dict(dropped)}')
+
+  table = ExampleTable(
+      paths=np.asarray(rows['paths'], dtype=object), image_ids=np.asarray(rows['image_ids'], np.int64),
+      heights=np.asarray(rows['heights'], np.int32), widths=np.asarray(rows['widths'], np.int32),
+      boxes=np.asarray(boxes, np.float32).reshape(-1, 4), classes=np.asarray(classes, np.int32),
+      crowd=np.asarray(crowds, bool), row_lengths=np.asarray(rows['row_lengths'], np.int64))
+  kept_ids = set(rows['image_ids'])
+  coco_gt = {
+      'images': [{'id': i, 'file_name': os.path.basename(p), 'height': h, 'width': w}
+                 for i, (p, h, w, _) in images.items() if i in kept_ids],
+      'annotations': [a for a in gt_annotations if a['image_id'] in kept_ids],
+      'categories': [{'id': c, 'name': n} for c, n in cats],
+  }
+  logging.info('%s', summary_line(annotation_file, len(data['images']), len(table),
+                                  len(data.get('annotations', []) or []), len(table.classes), dropped, repaired))
+  info = info_lib.DatasetInfo(category_ids=category_ids, class_names=[n for _, n in cats],
+                              num_examples=len(table), coco_gt=coco_gt)
+  table_counts = {'dropped': dict(dropped), 'repaired': dict(repaired)}
+  return table, info, table_counts
+
+
+def summary_line(name, n_images, n_kept, n_anns, n_kept_anns, dropped, repaired) -> str:
+  def fmt(counter):
+    return ', '.join(f'{v} {k}' for k, v in sorted(counter.items()) if v) or 'none'
+  return (f'dataset {name}: kept {n_kept}/{n_images} images, {n_kept_anns}/{n_anns} annotations; '
+          f'dropped: {fmt(dropped)}; repaired: {fmt(repaired)}')

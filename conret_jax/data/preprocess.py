@@ -1,0 +1,113 @@
+"""Per-example preprocessing on the host (tf.data): decode, random flip, resize + pad, ground truth padding.
+
+Input is a "raw example" (every source produces this layout; M = config.data.max_boxes):
+  image_data string (encoded bytes), image_id int64, height/width int32, boxes [M, 4] float32 x1y1x2y2 in original
+  pixels, classes [M] int32, crowd [M] bool, valid [M] bool, index int64 (global example index), example_valid bool.
+Output is one row of a batch in the layout of CONTRACTS.md ("Batches").
+
+Randomness is stateless, seeded by (seed, index): the same example at the same global position gets the same flip
+and jitter whichever host decodes it and however often the pipeline is restarted.
+"""
+
+import math
+
+import tensorflow as tf
+
+from conret_jax.data import decode
+
+PAD_MULTIPLE = 128  # padded sides are multiples of the largest FPN stride (2**7)
+
+
+def _round_up(x: int, m: int = PAD_MULTIPLE) -> int:
+  return int(math.ceil(x / m) * m)
+
+
+def padded_shapes(data_config) -> dict:
+  """The static input shapes this config produces: {'square': (S, S)} or {'landscape': .., 'portrait': ..}."""
+  if data_config.resize == 'square':
+    return {'square': (int(data_config.image_size), int(data_config.image_size))}
+  if data_config.resize == 'short_side':
+    short, long = _round_up(int(data_config.image_size)), _round_up(int(data_config.max_size))
+    return {'landscape': (short, long), 'portrait': (long, short)}
+  raise ValueError(f"config.data.resize must be 'square' or 'short_side', got {data_config.resize!r}")
+
+
+def orientation(height, width) -> tf.Tensor:
+  """Bucket of an image for short_side batching: 0 landscape (w >= h), 1 portrait."""
+  return tf.cast(width < height, tf.int64)
+
+
+def _uniform(seed, lo=0.0, hi=1.0):
+  return tf.random.stateless_uniform([], seed=seed, minval=lo, maxval=hi)
+
+
+def flip_horizontal(image, boxes, width):
+  """image [H, W, C] and boxes [M, 4] x1y1x2y2 mirrored about the vertical axis of an image `width` wide."""
+  x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
+  return tf.reverse(image, axis=[1]), tf.stack([width - x2, y1, width - x1, y2], axis=-1)
+
+
+def _resize(image, scale):
+  """image [H, W, 3] -> float32 [round(H*scale), round(W*scale), 3] (bilinear)."""
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
+  return tf.image.resize(image, new_hw, method='bilinear'), new_hw
+
+
+def preprocess_example(raw: dict, data_config, *, train: bool, seed: int) -> dict:
+  """raw example (layout above) -> one batch row; train enables flip and scale jitter."""
+  image = decode.decode_image(raw['image_data'])
+  hw = tf.shape(image)[:2]
+  h, w = tf.cast(hw[0], tf.float32), tf.cast(hw[1], tf.float32)
+  boxes, valid = raw['boxes'], raw['valid']
+  key = tf.stack([tf.cast(seed, tf.int64), raw['index']])
+  flip_seed, scale_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+
+  if train and data_config.random_flip:
+    image, boxes = tf.cond(_uniform(flip_seed) < 0.5, lambda: flip_horizontal(image, boxes, w),
+                           lambda: (image, boxes))
+
+  shapes = padded_shapes(data_config)
+  size = float(data_config.image_size)
+  if data_config.resize == 'square':
+    scale = size / tf.maximum(h, w)
+    lo, hi = (float(v) for v in data_config.scale_jitter)
+    if train and (lo, hi) != (1.0, 1.0):
+      scale = scale * _uniform(scale_seed, lo, hi)
+    image, new_hw = _resize(image, scale)
+    boxes = boxes * scale
+    # Scale jitter above 1 makes the image larger than S: take a random S x S window and clip boxes to it.
+    excess = tf.maximum(new_hw - int(size), 0)
+    offset = tf.cast(tf.floor(tf.random.stateless_uniform([2], seed=crop_seed) * tf.cast(excess + 1, tf.float32)),
+                     tf.int32)
+    offset = tf.minimum(offset, excess)
+    crop_hw = tf.minimum(new_hw, int(size))
+    image = image[offset[0]:offset[0] + crop_hw[0], offset[1]:offset[1] + crop_hw[1]]
+    off = tf.cast(tf.stack([offset[1], offset[0], offset[1], offset[0]]), tf.float32)
+    limit = tf.cast(tf.stack([crop_hw[1], crop_hw[0], crop_hw[1], crop_hw[0]]), tf.float32)
+    boxes = tf.clip_by_value(boxes - off, 0.0, limit)
+    pad_hw = tf.constant(shapes['square'], tf.int32)
+  else:
+    scale = tf.minimum(size / tf.minimum(h, w), float(data_config.max_size) / tf.maximum(h, w))
+    image, new_hw = _resize(image, scale)
+    boxes = boxes * scale
+    pad_hw = tf.where(w >= h, tf.constant(shapes['landscape'], tf.int32), tf.constant(shapes['portrait'], tf.int32))
+
+  image = tf.pad(image, [[0, pad_hw[0] - tf.shape(image)[0]], [0, pad_hw[1] - tf.shape(image)[1]], [0, 0]])
+  if data_config.resize == 'square':
+    image.set_shape(list(shapes['square']) + [3])
+
+  # Boxes cropped away entirely (zero area) stop being ground truth; padding rows stay zero.
+  valid = valid & ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+  boxes = tf.where(valid[:, None], boxes, 0.0)
+  return {
+      'images': image,
+      'boxes': boxes,
+      'classes': tf.where(valid, raw['classes'], 0),
+      'valid': valid,
+      'crowd': raw['crowd'] & valid,
+      'image_id': tf.where(raw['example_valid'], tf.cast(raw['image_id'], tf.int32), -1),
+      'orig_hw': tf.cast(hw, tf.int32),
+      'scale': tf.cast(scale, tf.float32),
+      'example_valid': raw['example_valid'],
+  }

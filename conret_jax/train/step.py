@@ -1,0 +1,86 @@
+"""The train step: a pure `(state, batch) -> (state, metrics)`, jitted once with explicit shardings.
+
+Everything the paper adds runs inside it on the devices: decoding the first regression into refined anchors,
+matching them at the stage's thresholds, and the losses of Eq. 1 and 2 (`conret_jax.consistent`). The state is
+donated, so parameters and optimizer state are updated in place. A non-finite loss or gradient leaves the state
+unchanged (the update is dropped on device) and is reported in `metrics['finite']`, so the loop can stop with the
+last good state instead of training on NaNs.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from conret_jax import consistent
+from conret_jax.core import anchors as anchor_ops
+from conret_jax.train import mesh as mesh_lib
+from conret_jax.train import optim
+from conret_jax.train.state import TrainState, trainable_mask
+
+TRAIN_KEYS = ('images', 'boxes', 'classes', 'valid', 'crowd')
+
+
+def make_step_fn(model: nn.Module, config: ml_collections.ConfigDict, params_tree) -> Callable:
+  """The un-jitted step. `params_tree` is any pytree with the params' structure (arrays or shapes)."""
+  consistent.validate(config)
+  tx = optim.make_optimizer(config, trainable_mask(params_tree, config))
+  schedule = optim.learning_rate_schedule(config.train)
+
+  def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    batch = {k: batch[k] for k in TRAIN_KEYS}
+    images = batch['images']
+    anchors = anchor_ops.anchors_from_config(tuple(images.shape[1:3]), config.model)
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+      variables = state.replace(params=params).variables()
+      if state.batch_stats:
+        outputs, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
+                                       rngs={'dropout': step_rng})
+        batch_stats = updates['batch_stats']
+      else:
+        outputs = model.apply(variables, images, train=True, rngs={'dropout': step_rng})
+        batch_stats = state.batch_stats
+      loss, metrics = consistent.loss(outputs, anchors, batch, config)
+      return loss, (metrics, batch_stats)
+
+    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
+                              opt_state=opt_state)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Drop a non-finite update on device; the step counter still advances so the loop can name the step.
+    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state = new_state.replace(step=state.step + 1)
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+  return step_fn
+
+
+def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, state_shardings):
+  """jax.jit of the step over `mesh`: state in `state_shardings` (donated), batch split over all devices,
+  metrics replicated. Compiles once per input shape."""
+  step_fn = make_step_fn(model, config, state_shardings.params)
+  return jax.jit(step_fn,
+                 in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def init_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array,
+               image_hw: tuple[int, int]) -> tuple[TrainState, object]:
+  """A fresh state created directly in its shardings (no full copy on one device). Returns (state, shardings)."""
+  from conret_jax.train.state import create_train_state
+  create = lambda r: create_train_state(model, config, r, image_hw)
+  abstract = jax.eval_shape(create, rng)
+  shardings = mesh_lib.state_shardings(mesh, abstract)
+  state = jax.jit(create, out_shardings=shardings)(rng)
+  return state, shardings

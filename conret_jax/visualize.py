@@ -1,0 +1,90 @@
+"""Drawing detections: boxes with class names and scores on images, and a PNG grid of several images.
+
+Used after each evaluation (DIR/eval/step_N/detections.png) and by `conret-predict`. PIL only, default font.
+"""
+
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# Distinct, saturated colours; class i uses PALETTE[i % len(PALETTE)].
+PALETTE = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+)
+
+
+def to_pil(image) -> Image.Image:
+  """[H, W, 3] array (float 0..255 or uint8) or PIL image -> RGB PIL image."""
+  if isinstance(image, Image.Image):
+    return image.convert('RGB')
+  array = np.clip(np.asarray(image, np.float32), 0, 255).round().astype(np.uint8)
+  return Image.fromarray(array, 'RGB')
+
+
+def draw_detections(image, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                    class_names: Sequence[str], *, valid: np.ndarray | None = None,
+                    score_threshold: float = 0.0, line_width: int = 2) -> Image.Image:
+  """Draws boxes labelled 'name score' on a copy of `image`.
+
+  Args:
+    image: [H, W, 3] array or PIL image; boxes are in its pixels.
+    boxes: [D, 4] x1y1x2y2; scores: [D]; classes: [D] contiguous class index into class_names.
+    valid: [D] bool, False rows are skipped; rows scoring below score_threshold are skipped too.
+  Returns:
+    A new RGB PIL image.
+  """
+  out = to_pil(image).copy()
+  draw = ImageDraw.Draw(out)
+  font = ImageFont.load_default()
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  scores = np.asarray(scores, np.float32).reshape(-1)
+  classes = np.asarray(classes).reshape(-1).astype(int)
+  keep = scores >= score_threshold
+  if valid is not None:
+    keep &= np.asarray(valid, bool).reshape(-1)
+  # Lowest score first, so the most confident boxes and labels end up on top.
+  for d in sorted(np.flatnonzero(keep), key=lambda i: scores[i]):
+    colour = PALETTE[classes[d] % len(PALETTE)]
+    x1, y1, x2, y2 = (float(v) for v in boxes[d])
+    draw.rectangle([x1, y1, x2, y2], outline=colour, width=line_width)
+    name = class_names[classes[d]] if 0 <= classes[d] < len(class_names) else str(classes[d])
+    label = f'{name} {scores[d]:.2f}'
+    left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+    text_w, text_h = right - left, bottom - top
+    ty = y1 - text_h - 2 if y1 - text_h - 2 >= 0 else y1  # above the box, or inside it at the image top
+    draw.rectangle([x1, ty, x1 + text_w + 2, ty + text_h + 2], fill=colour)
+    draw.text((x1 + 1 - left, ty + 1 - top), label, fill=(0, 0, 0), font=font)
+  return out
+
+
+def save_grid(images, detections: dict, class_names: Sequence[str], path: str, max_images: int = 8,
+              score_threshold: float = 0.3) -> Image.Image:
+  """Draws each image's detections and writes them as one PNG grid (near-square layout).
+
+  Args:
+    images: [N, H, W, 3] (float 0..255 or uint8), all the same size.
+    detections: numpy dict boxes [N, D, 4], scores [N, D], classes [N, D], optional valid [N, D].
+    path: the .png to write.
+  Returns:
+    The grid image.
+  """
+  n = min(len(images), max_images)
+  if n == 0:
+    raise ValueError('save_grid needs at least one image')
+  tiles = []
+  for i in range(n):
+    valid = detections['valid'][i] if 'valid' in detections else None
+    tiles.append(draw_detections(images[i], detections['boxes'][i], detections['scores'][i],
+                                 detections['classes'][i], class_names, valid=valid,
+                                 score_threshold=score_threshold))
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  tile_w, tile_h = tiles[0].size
+  grid = Image.new('RGB', (cols * tile_w, rows * tile_h), (255, 255, 255))
+  for i, tile in enumerate(tiles):
+    grid.paste(tile, ((i % cols) * tile_w, (i // cols) * tile_h))
+  grid.save(path, format='PNG')
+  return grid
