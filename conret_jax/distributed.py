@@ -17,6 +17,7 @@ Values from 1 and 2 combine per field, so on Slurm `--coordinator_address` alone
 
 import dataclasses
 import glob
+import importlib.util
 import logging
 import os
 import urllib.request
@@ -71,10 +72,10 @@ def _env_int(environ: Mapping[str, str], key: str) -> int:
     return 0
 
 
-def _tpu_chip_count() -> int:
+def _tpu_chip_count(pci_devices: str = '/sys/bus/pci/devices') -> int:
   """TPU chips attached to this VM, read from PCI ids in sysfs (no JAX backend start)."""
   count = 0
-  for vendor_path in glob.glob('/sys/bus/pci/devices/*/vendor'):
+  for vendor_path in glob.glob(os.path.join(pci_devices, '*', 'vendor')):
     try:
       with open(vendor_path) as f:
         if f.read().strip() != _GOOGLE_PCI_VENDOR:
@@ -115,7 +116,7 @@ def tpu_pod_workers(environ: Mapping[str, str] | None = None) -> int:
 
 def detect_cluster(environ: Mapping[str, str] | None = None,
                    tpu_workers: Callable[[Mapping[str, str]], int] = tpu_pod_workers) -> str:
-  """Name of the multi-process cluster JAX can configure itself for: 'tpu', 'slurm', 'ompi', or ''."""
+  """Name of the multi-process cluster JAX can configure itself for: 'tpu', 'slurm', 'ompi', 'mpi4py' or ''."""
   environ = os.environ if environ is None else environ
   if 'SLURM_JOB_ID' in environ and _env_int(environ, 'SLURM_NTASKS') > 1:
     # JAX reads the step's variables, which exist only inside `srun`; in a bare sbatch/salloc shell, run alone.
@@ -124,7 +125,12 @@ def detect_cluster(environ: Mapping[str, str] | None = None,
     logging.warning('Slurm job with SLURM_NTASKS=%s but not inside `srun`: running as a single process. '
                     'Launch with `srun conret-train ...` for one process per task.', environ['SLURM_NTASKS'])
   if _env_int(environ, 'OMPI_COMM_WORLD_SIZE') > 1:
-    return 'ompi'
+    if 'OMPI_MCA_orte_hnp_uri' in environ:  # what JAX's Open MPI detection reads (Open MPI 4)
+      return 'ompi'
+    if importlib.util.find_spec('mpi4py') is not None:  # Open MPI 5 (PMIx): JAX can ask MPI itself
+      return 'mpi4py'
+    raise RuntimeError('Open MPI job without OMPI_MCA_orte_hnp_uri (Open MPI 5?): pip install mpi4py, or pass '
+                       '--coordinator_address/--num_processes/--process_id.')
   if tpu_workers(environ) > 1:
     return 'tpu'
   return ''
@@ -157,6 +163,8 @@ def resolve(coordinator_address: str = '', num_processes: int = 0, process_id: i
   if address is not None and count is not None and index is not None:
     return Plan('explicit', kwargs)
   cluster = detect_cluster(environ, tpu_workers)
+  if cluster == 'mpi4py':  # opt-in in JAX: the only detection that is not automatic
+    kwargs['cluster_detection_method'] = 'mpi4py'
   if cluster:
     return Plan(f'auto:{cluster}', kwargs)
   if address is not None or count is not None or index is not None:
@@ -215,21 +223,28 @@ def process_info() -> str:
           f'{jax.local_device_count()} local / {jax.device_count()} global {jax.default_backend()} devices')
 
 
-def define_flags() -> None:
-  """Defines --coordinator_address, --num_processes, --process_id, --local_device_ids (once per process)."""
+def define_flags(flag_values=None) -> None:
+  """Defines --coordinator_address, --num_processes, --process_id, --local_device_ids (once per FlagValues).
+
+  flag_values: absl FlagValues to define them in (default: absl.flags.FLAGS).
+  """
   from absl import flags  # pylint: disable=g-import-not-at-top
-  if 'coordinator_address' in flags.FLAGS:
+  fv = flags.FLAGS if flag_values is None else flag_values
+  if 'coordinator_address' in fv:
     return
   flags.DEFINE_string('coordinator_address', '', 'host:port of process 0 for a multi-process run '
-                      f'(default: ${ENV_COORDINATOR}, else Slurm/Open MPI/TPU pod auto-detection).')
-  flags.DEFINE_integer('num_processes', 0, f'Processes in the run (0: ${ENV_NUM_PROCESSES} or auto-detect).')
-  flags.DEFINE_integer('process_id', -1, f'This process, 0..num_processes-1 (-1: ${ENV_PROCESS_ID} or auto).')
+                      f'(default: ${ENV_COORDINATOR}, else Slurm/Open MPI/TPU pod auto-detection).', flag_values=fv)
+  flags.DEFINE_integer('num_processes', 0, f'Processes in the run (0: ${ENV_NUM_PROCESSES} or auto-detect).',
+                       flag_values=fv)
+  flags.DEFINE_integer('process_id', -1, f'This process, 0..num_processes-1 (-1: ${ENV_PROCESS_ID} or auto).',
+                       flag_values=fv)
   flags.DEFINE_list('local_device_ids', None, 'Local device ids this process uses (default: JAX decides; under '
-                    'Slurm/Open MPI on GPUs that is one GPU per process, so set it for one process per node).')
+                    'Slurm/Open MPI on GPUs that is one GPU per process, so set it for one process per node).',
+                    flag_values=fv)
 
 
-def initialize_from_flags() -> Plan:
+def initialize_from_flags(flag_values=None) -> Plan:
   """initialize() with the values of the flags defined by define_flags() (absl must have parsed argv)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  return initialize(f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids)
+  fv = flags.FLAGS if flag_values is None else flag_values
+  return initialize(fv.coordinator_address, fv.num_processes, fv.process_id, fv.local_device_ids)

@@ -178,17 +178,19 @@ _META_KEYS = ('image_id', 'scale', 'orig_hw', 'example_valid')
 _GT_KEYS = ('boxes', 'classes', 'valid', 'crowd')
 
 
-def evaluate(model, variables, config, batches: Iterable[dict], info, *, workdir: str | None = None, step: int = 0,
-             detect_fn=None) -> dict[str, float]:
-  """Runs detection over the eval batches, gathers across processes, scores with pycocotools, writes files.
+def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None, step: int = 0,
+             batches: Iterable[dict] | None = None, info=None, detect_fn=None) -> dict[str, float]:
+  """Runs detection over the eval set, gathers across processes, scores with pycocotools, writes files.
 
   Args:
     model, variables: the detector and its flax variables (e.g. `state.variables()`).
-    config: the full config (config.eval: post-processing, num_images, visualize).
-    batches: global eval batches (dicts of jax.Array sharded over the mesh, see CONTRACTS "Batches"), e.g.
-      `data.make_eval_iterator(config, mesh, data_sharding)`; every process iterates the same batches.
-    info: `data.DatasetInfo` of the eval source (category_ids, class_names, coco_gt or None).
+    config: the full config (config.data.eval: the source; config.eval: post-processing, num_images, visualize).
+    mesh: the device mesh; the eval batches are sharded over all its devices.
     workdir: if set, process 0 writes DIR/eval/step_N/{detections.json, metrics.json, detections.png}.
+    batches: global eval batches (CONTRACTS "Batches"); default `data.make_eval_iterator(config, mesh, ...)`.
+      Every process must iterate the same batches.
+    info: `data.DatasetInfo` of the eval source; default `data.dataset_info(config.data.eval, config)`.
+      Without coco_gt, the ground truth is rebuilt from the batches (box areas stand in for mask areas).
     detect_fn: (model, variables, images, config) -> detections dict; default `conret_jax.detect`.
   Returns:
     {name: float} for METRIC_NAMES, identical on every process.
@@ -196,6 +198,13 @@ def evaluate(model, variables, config, batches: Iterable[dict], info, *, workdir
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
+  if batches is None or info is None:
+    from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    if info is None:
+      info = data_lib.dataset_info(config.data.eval, config)
+    if batches is None:
+      from conret_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+      batches = data_lib.make_eval_iterator(config, mesh, mesh_lib.batch_sharding(mesh))
   if detect_fn is None:
     import conret_jax  # pylint: disable=g-import-not-at-top
     detect_fn = conret_jax.detect

@@ -141,14 +141,14 @@ class Launcher:
 
 
 def parse_args(argv):
-  if '--' not in argv:
-    raise SystemExit('usage: local_multiprocess.py --num_processes=N --devices_per_process=D -- COMMAND [ARGS...]')
-  split = argv.index('--')
-  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser = argparse.ArgumentParser(
+      usage='%(prog)s [--num_processes=N] [--devices_per_process=D] [--grace_period=S] -- COMMAND [ARGS...]',
+      description=__doc__.split('\n', 1)[0])
   parser.add_argument('--num_processes', type=int, default=2, help='processes to start')
   parser.add_argument('--devices_per_process', type=int, default=2, help='fake CPU devices in each process')
   parser.add_argument('--grace_period', type=float, default=10.0,
                       help='seconds between SIGTERM and SIGKILL when stopping the processes')
+  split = argv.index('--') if '--' in argv else len(argv)
   args = parser.parse_args(argv[:split])
   args.command = argv[split + 1:]
   if not args.command:

@@ -69,22 +69,32 @@ if [[ -z "$HOSTS" ]]; then
   exit 0
 fi
 
+# Runs "$@" (an ssh command) with its output prefixed by "[$1] "; a TERM/INT stops the ssh client, and with it
+# (-tt: the remote command has a terminal, which hangs up) the remote process.
+run_prefixed() {
+  local label="$1"; shift
+  "$@" > >(sed -u "s/^/[$label] /") 2>&1 &
+  local child=$!
+  trap 'kill "$child" 2>/dev/null || true' INT TERM
+  wait "$child"
+}
+
 IFS=, read -r -a HOST_LIST <<< "$HOSTS"
 n=${#HOST_LIST[@]}
 COORDINATOR="${COORDINATOR:-${HOST_LIST[0]}:$PORT}"
 pids=()
 for i in "${!HOST_LIST[@]}"; do
   train_cmd "$i" "$n" "$COORDINATOR"
-  ssh_cmd=(ssh "${HOST_LIST[$i]}" "cd $(quote "$REMOTE_DIR") && $(quote "${TRAIN[@]}")")
+  ssh_cmd=(ssh -tt "${HOST_LIST[$i]}" "cd $(quote "$REMOTE_DIR") && $(quote "${TRAIN[@]}")")
   show "${ssh_cmd[@]}"
   if ((DRY_RUN == 0)); then
-    "${ssh_cmd[@]}" 2>&1 | sed -u "s/^/[${HOST_LIST[$i]}] /" &
+    run_prefixed "${HOST_LIST[$i]}" "${ssh_cmd[@]}" &
     pids+=("$!")
   fi
 done
 ((DRY_RUN == 0)) || exit 0
 
-# Wait for all; the first failure stops the rest (ending an ssh client closes the remote session).
+# Wait for all (wait -n needs bash >= 5.1); the first failure stops the rest.
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
 rc=0
 while ((${#pids[@]} > 0)); do
@@ -96,7 +106,9 @@ while ((${#pids[@]} > 0)); do
     kill "${pids[@]}" 2>/dev/null || true
   fi
   alive=()
-  for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then alive+=("$pid"); fi
+  done
   pids=("${alive[@]}")
 done
 exit "$rc"

@@ -127,16 +127,21 @@ if ((SKIP_INSTALL == 0)); then
   else
     [[ -d "$REPO" || $DRY_RUN -eq 1 ]] || die "--repo $REPO is neither a directory nor a git URL"
     tarball="${TMPDIR:-/tmp}/conret_jax_src_${NAME}.tgz"
-    run tar -C "$REPO" --exclude=.git --exclude='*.egg-info' --exclude=__pycache__ -czf "$tarball" .
+    run tar -C "$REPO" --exclude=.git --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
+      --exclude=venv --exclude=.venv -czf "$tarball" .
     run "${TPU[@]}" scp "$tarball" "$NAME:conret_jax_src.tgz" "${GCLOUD_AT[@]}" --worker=all
-    run "${SSH_ALL[@]}" --command="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf conret_jax_src.tgz -C $REMOTE_DIR && $install_cmd"
+    unpack="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf conret_jax_src.tgz -C $REMOTE_DIR"
+    run "${SSH_ALL[@]}" --command="$unpack && $install_cmd"
   fi
 fi
 
 # 3. Train: the same command on all workers; gcloud streams every worker's output here.
 train=(conret-train --config="$CONFIG" --workdir="$WORKDIR" "${TRAIN_ARGS[@]}")
 rc=0
-run "${SSH_ALL[@]}" --command="cd $REMOTE_DIR && export PATH=\"\$HOME/.local/bin:\$PATH\" && $(quote "${train[@]}")" || rc=$?
+# pip installs for the user on TPU VMs, so conret-train lands in ~/.local/bin (expanded on the workers).
+# shellcheck disable=SC2016
+user_path='export PATH="$HOME/.local/bin:$PATH"'
+run "${SSH_ALL[@]}" --command="cd $REMOTE_DIR && $user_path && $(quote "${train[@]}")" || rc=$?
 
 # 4. Teardown, also after a failed run (the checkpoints are in the bucket).
 if ((TEARDOWN)); then

@@ -167,7 +167,8 @@ def load_coco(annotation_file: str, image_dir: str, *, train: bool, max_boxes: i
     if reason:
       dropped[reason] += 1
       continue
-    repaired['box clipped to image'] += clipped
+    if clipped:
+      repaired['box clipped to image'] += 1
     crowd = bool(a.get('iscrowd', 0))
     per_image[image_id].append((box, cat_to_class[cat], crowd))
     xywh = [box[0], box[1], box[2] - box[0], box[3] - box[1]]

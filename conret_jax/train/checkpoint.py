@@ -106,10 +106,14 @@ class Checkpointer:
       self._fingerprint = model_fingerprint(self._config, params)
     return self._fingerprint
 
+  def should_save(self, step: int) -> bool:
+    """True at multiples of every_steps (what `save` does without force)."""
+    return bool(self.every_steps) and int(step) % self.every_steps == 0
+
   def save(self, step: int, state, data_state: dict | None = None, force: bool = False) -> bool:
     """Saves at multiples of every_steps, or whenever `force`. Returns whether a save started."""
     step = int(step)
-    if not force and not (self.every_steps and step % self.every_steps == 0):
+    if not force and not self.should_save(step):
       return False
     if step in self._manager.all_steps():  # e.g. the final forced save right after a periodic one
       return False
@@ -223,3 +227,29 @@ def merge_init(state_params, loaded_params):
     return _place_like(loaded[key], leaf) if key in copied else leaf
 
   return jax.tree_util.tree_map_with_path(pick, state_params)
+
+
+def init_from(state, path: str):
+  """`state` with its params (and frozen / batch_stats collections) overwritten from the variables at `path`.
+
+  Args:
+    state: a TrainState (params, batch_stats, frozen = {collection: tree}) with its final shardings.
+    path: a variables checkpoint written by `conret-import` ({'params': ..., 'frozen': ..., ...}).
+  Collections that the state and the file share are merged leaf by leaf (`merge_init`); the others are logged.
+  """
+  loaded = load_variables(path)
+  logging.info('init_from %s: collections %s', path, sorted(loaded))
+  if 'params' not in loaded:
+    raise ValueError(f'init_from {path}: no "params" collection (found {sorted(loaded)})')
+  params = merge_init(state.params, loaded['params'])
+  batch_stats = state.batch_stats
+  if batch_stats and 'batch_stats' in loaded:
+    batch_stats = merge_init(batch_stats, loaded['batch_stats'])
+  frozen = dict(state.frozen)
+  for name in frozen:
+    if name in loaded:
+      frozen[name] = merge_init(frozen[name], loaded[name])
+  unused = sorted(set(loaded) - {'params', 'batch_stats'} - set(frozen))
+  if unused:
+    logging.warning('init_from %s: collections not in this model, ignored: %s', path, unused)
+  return state.replace(params=params, batch_stats=batch_stats, frozen=frozen)

@@ -17,7 +17,8 @@ from absl import logging
 
 import conret_jax
 from conret_jax import config_checks, evaluation
-from conret_jax import data as data_lib
+from conret_jax.data import info as info_lib
+from conret_jax.data import pipeline as data_lib
 from conret_jax.train import checkpoint as ckpt_lib
 from conret_jax.train import mesh as mesh_lib
 from conret_jax.train import step as step_lib
@@ -83,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = mesh_lib.make_mesh(config)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   train_info = data_lib.dataset_info(config.data.train, config)
-  data_lib.check_num_classes(train_info, config)
+  info_lib.check_num_classes(train_info, config)
   logging.info('mesh %s over %d devices (%d processes); train set: %d images, %d classes',
                dict(mesh.shape), jax.device_count(), jax.process_count(), train_info.num_examples,
                train_info.num_classes)
@@ -91,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = conret_jax.build_model(config)
   state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(config.train.seed), _INIT_HW)
   checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
-                                       keep=config.checkpoint.keep)
+                                       keep=config.checkpoint.keep, config=config)
   start_step = 0
   latest = checkpointer.latest_step()
   if latest is not None:

@@ -29,7 +29,9 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   if config.eval.global_batch_size % n:
     raise ValueError(f'config.eval.global_batch_size={config.eval.global_batch_size} does not divide over '
                      f'the {n} devices; use a multiple of {n}')
-  return jax.make_mesh((n // fsdp, fsdp), DATA_AXES, devices=devices)
+  # Auto axes: XLA's partitioner propagates shardings through the model (jax.make_mesh now defaults to Explicit).
+  return jax.make_mesh((n // fsdp, fsdp), DATA_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

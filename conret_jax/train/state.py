@@ -35,8 +35,8 @@ class TrainState:
 
 def trainable_mask(params, config: ml_collections.ConfigDict):
   """Pytree of bools like `params`: False for the frozen backbone prefix (`backbone.freeze_at`)."""
-  from conret_jax.model import resnet  # the backbone owns the naming of its stages
-  return resnet.trainable_mask(params, config)
+  from conret_jax.model import detector  # the model owns the naming of its modules
+  return detector.trainable_mask(params, config)
 
 
 def split_variables(variables: dict) -> tuple[Any, Any, dict]:

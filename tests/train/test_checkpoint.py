@@ -3,7 +3,6 @@
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -173,3 +172,20 @@ def test_load_variables_and_merge_init(tmp_path):
 
   with pytest.raises(ValueError, match='no parameter matched'):
     checkpoint.merge_init(fresh, loaded)  # the whole variables dict: wrong tree level
+
+
+def test_init_from_merges_params_and_frozen(tmp_path):
+  rs = np.random.RandomState(4)
+  state = _state(seed=6)
+  state = state.replace(frozen={'frozen': state.frozen})  # TrainState.frozen holds whole collections
+  imported = {'params': {'conv': {'kernel': rs.randn(16, 4).astype(np.float32)}},
+              'frozen': {'bn': {'mean': rs.randn(4).astype(np.float32)}}}
+  saver = ocp.StandardCheckpointer()
+  saver.save(tmp_path / 'vars', imported)
+  saver.wait_until_finished()
+  merged = checkpoint.init_from(state, str(tmp_path / 'vars'))
+  np.testing.assert_array_equal(merged.params['conv']['kernel'], imported['params']['conv']['kernel'])
+  np.testing.assert_array_equal(merged.params['conv']['bias'], state.params['conv']['bias'])
+  np.testing.assert_array_equal(merged.frozen['frozen']['bn']['mean'], imported['frozen']['bn']['mean'])
+  np.testing.assert_array_equal(merged.opt_state['momentum']['conv']['kernel'],
+                                state.opt_state['momentum']['conv']['kernel'])

@@ -1,0 +1,78 @@
+"""conret-import: convert a torchvision / timm weight file into an orbax checkpoint for config.init_from.
+
+  conret-import --format torchvision_retinanet --input retinanet_resnet50_fpn_coco.pth --output /ckpt/tv_retinanet
+  conret-import --format torchvision_resnet --input resnet50.safetensors --output /ckpt/r50 \
+      --config configs/conretinanet_coco.py
+  conret-import --format timm_resnet --input model.safetensors --output /ckpt/r101 --config cfg.py:depth=101
+
+--input: .safetensors or .npz (no torch needed) or .pth/.pt (torch, loaded with weights_only=True).
+--config FILE[:ARG]: a config file whose get_config(ARG) describes the target network (the backbone depth must match
+the file). Default: configs/retinanet_torchvision.py for torchvision_retinanet (when run from a source checkout),
+conret_jax.defaults.base_config() (ResNet-50) for the ResNet formats.
+--output DIR: written as an orbax StandardCheckpointer checkpoint of the variables dict; layout in conret_jax/weights.py
+(whole model for torchvision_retinanet, only the 'backbone' subtrees for the ResNet formats). DIR must not exist.
+"""
+
+import argparse
+import importlib.util
+import inspect
+import os
+import sys
+
+from conret_jax import weights
+from conret_jax.defaults import base_config
+from conret_jax.model.resnet import count_params
+
+IMPORTERS = {
+    'torchvision_retinanet': weights.from_torchvision_retinanet,
+    'torchvision_resnet': weights.from_torchvision_resnet,
+    'timm_resnet': weights.from_timm_resnet,
+}
+_REPO_TORCHVISION_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'retinanet_torchvision.py')
+
+
+def load_config(spec: str):
+  """get_config(arg) of the Python file in `spec` = 'path/to/config.py[:arg]'."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} not found')
+  module_spec = importlib.util.spec_from_file_location('conret_import_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  takes_arg = bool(inspect.signature(module.get_config).parameters)
+  return module.get_config(arg or None) if takes_arg else module.get_config()
+
+
+def default_config(fmt: str):
+  if fmt == 'torchvision_retinanet':
+    if not os.path.isfile(_REPO_TORCHVISION_CONFIG):
+      raise FileNotFoundError('pass --config configs/retinanet_torchvision.py (not found next to the package)')
+    return load_config(_REPO_TORCHVISION_CONFIG)
+  return base_config()
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='conret-import', description=__doc__.split('\n')[0])
+  parser.add_argument('--format', required=True, choices=sorted(IMPORTERS))
+  parser.add_argument('--input', required=True, help='.safetensors, .npz or .pth weight file')
+  parser.add_argument('--output', required=True, help='checkpoint directory to create')
+  parser.add_argument('--config', default='', help='config file[:arg] describing the target network')
+  args = parser.parse_args(argv)
+
+  if os.path.exists(args.output):
+    parser.error(f'--output {args.output} already exists; choose a new directory')
+  config = load_config(args.config) if args.config else default_config(args.format)
+  state_dict = weights.load_state_dict(args.input)
+  try:
+    variables = IMPORTERS[args.format](state_dict, config)
+  except ValueError as e:
+    print(f'conret-import: {args.input}: {e}', file=sys.stderr)
+    return 1
+  weights.save_imported(args.output, variables)
+  counts = ', '.join(f'{c}: {count_params(v):,}' for c, v in variables.items())
+  print(f'conret-import: wrote {args.output} ({counts})')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,115 @@
+"""conret-predict and the shared restore: eval-identical preprocessing, boxes back in original pixels, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+for _module in ('conret_jax.model.detector', 'conret_jax.inference', 'conret_jax.train.state',
+                'conret_jax.train.mesh', 'conret_jax.train.step', 'conret_jax.data.preprocess'):
+  pytest.importorskip(_module)
+
+from conret_jax.cli import common, predict  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+def test_restore_for_inference_on_one_device(trained_workdir, make_tiny_config):
+  workdir, saved = trained_workdir
+  model, variables, step, mesh = common.restore_for_inference(make_tiny_config(), workdir,
+                                                              devices=jax.devices()[2:3])
+  assert step == 7 and mesh.devices.size == 1
+  leaves = jax.tree.leaves(variables)
+  assert {d for x in leaves for d in x.sharding.device_set} == {jax.devices()[2]}
+  for x, y in zip(leaves, jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(x), y)
+  with pytest.raises(FileNotFoundError, match='init_from'):
+    common.restore_for_inference(make_tiny_config(), workdir + '_none')
+
+
+def test_prepare_image_matches_eval_resize(make_tiny_config):
+  config = make_tiny_config()
+  rs = np.random.RandomState(0)
+  small = rs.randint(0, 256, (64, 128, 3)).astype(np.uint8)  # long side already 128: scale 1, pad below
+  padded, scale = predict.prepare_image(small, config.data)
+  assert scale == 1.0 and padded.shape == (128, 128, 3)
+  np.testing.assert_allclose(padded[:64], small, atol=1e-4)
+  assert not padded[64:].any()
+
+  big = rs.randint(0, 256, (256, 128, 3)).astype(np.uint8)  # scale 0.5: bilinear = mean of 2x2 blocks
+  padded, scale = predict.prepare_image(big, config.data)
+  assert scale == 0.5
+  blocks = big.astype(np.float64).reshape(128, 2, 64, 2, 3).mean(axis=(1, 3))
+  np.testing.assert_allclose(padded[:, :64], blocks, atol=1e-3)
+  assert not padded[:, 64:].any()
+
+  config.data.resize, config.data.image_size, config.data.max_size = 'short_side', 128, 256
+  padded, scale = predict.prepare_image(rs.randint(0, 256, (100, 150, 3)).astype(np.uint8), config.data)
+  assert scale == pytest.approx(1.28) and padded.shape == (128, 256, 3)
+  assert padded[:, 192:].max() == 0 and padded[:, 191].max() > 0
+
+
+def _write_images(folder):
+  rs = np.random.RandomState(5)
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for name, hw in (('wide', (96, 128)), ('tall', (200, 150))):
+    path = os.path.join(folder, f'{name}.png')
+    Image.fromarray(rs.randint(0, 256, hw + (3,)).astype(np.uint8)).save(path)
+    paths.append(path)
+  return paths
+
+
+def test_predict_run_maps_boxes_to_original_pixels(trained_workdir, tmp_path, make_tiny_config):
+  import conret_jax
+  workdir, saved = trained_workdir
+  config = make_tiny_config()
+  paths = _write_images(str(tmp_path / 'in'))
+  out = str(tmp_path / 'out')
+  entries = predict.run(config, workdir, paths, out, score_threshold=0.0, class_info=([3, 5, 9], ['a', 'b', 'c']))
+  assert json.load(open(os.path.join(out, 'detections.json'))) == json.loads(json.dumps(entries))
+
+  model = conret_jax.build_model(config)
+  for path, entry in zip(paths, entries):
+    image = np.asarray(Image.open(path))
+    h, w = image.shape[:2]
+    assert (entry['height'], entry['width']) == (h, w)
+    drawn = np.asarray(Image.open(entry['output']))
+    assert drawn.shape == image.shape and (drawn != image).any()
+    # Reference: detect on the padded input, then divide by the scale and clip to the original image.
+    padded, scale = predict.prepare_image(image, config.data)
+    ref = jax.tree.map(np.asarray, conret_jax.detect(model, saved, padded[None], config))
+    keep = ref['valid'][0]
+    assert 1 <= len(entry['detections']) == keep.sum() <= 5
+    ref_boxes = np.clip(ref['boxes'][0][keep] / scale, 0, [w, h, w, h])
+    got = np.array([d['bbox'] for d in entry['detections']])
+    np.testing.assert_allclose(got[:, :2], ref_boxes[:, :2], atol=0.011)
+    np.testing.assert_allclose(got[:, 2:], ref_boxes[:, 2:] - ref_boxes[:, :2], atol=0.021)
+    np.testing.assert_allclose([d['score'] for d in entry['detections']], ref['scores'][0][keep], atol=1e-5)
+    classes = ref['classes'][0][keep]
+    assert [d['category_id'] for d in entry['detections']] == [[3, 5, 9][c] for c in classes]
+    assert [d['class_name'] for d in entry['detections']] == [['a', 'b', 'c'][c] for c in classes]
+
+
+def test_predict_command_line(trained_workdir, tmp_path, tiny_overrides):
+  """The console script's flags: --config file with overrides, --images glob, --score-threshold alias."""
+  workdir, _ = trained_workdir
+  config_file = tmp_path / 'tiny.py'
+  overrides = '\n'.join(f'  config.{k} = {v!r}' for k, v in tiny_overrides.items())
+  config_file.write_text(f'from conret_jax import defaults\n\ndef get_config():\n'
+                         f'  config = defaults.base_config()\n{overrides}\n  return config\n')
+  _write_images(str(tmp_path / 'in'))
+  out = tmp_path / 'out'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'conret_jax.cli.predict', f'--config={config_file}', f'--workdir={workdir}',
+       f'--images={tmp_path / "in"}/*.png', f'--output={out}', '--score-threshold=0.0',
+       '--config.eval.max_detections=3', '--config.data.eval.source=nonexistent'],
+      env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '6 detections on 2 images' in proc.stdout
+  entries = json.load(open(out / 'detections.json'))
+  assert sorted(os.path.basename(e['output']) for e in entries) == ['tall.png', 'wide.png']
+  assert all(d['class_name'] == str(d['category_id']) for e in entries for d in e['detections'])

@@ -1,0 +1,73 @@
+"""Plain NumPy references (loops, float32 where exact agreement matters) for the core tests."""
+
+import numpy as np
+
+
+def np_iou(b1, b2):
+  """[N, 4] x [M, 4] -> [N, M] float32, same float32 operation order as the jnp version (exact on ties)."""
+  p = np.asarray(b1, np.float32)[:, None, :]
+  q = np.asarray(b2, np.float32)[None, :, :]
+  zero = np.float32(0)
+  a1 = np.maximum(p[..., 2] - p[..., 0], zero) * np.maximum(p[..., 3] - p[..., 1], zero)
+  a2 = np.maximum(q[..., 2] - q[..., 0], zero) * np.maximum(q[..., 3] - q[..., 1], zero)
+  iw = np.maximum(np.minimum(p[..., 2], q[..., 2]) - np.maximum(p[..., 0], q[..., 0]), zero)
+  ih = np.maximum(np.minimum(p[..., 3], q[..., 3]) - np.maximum(p[..., 1], q[..., 1]), zero)
+  inter = iw * ih
+  union = a1 + a2 - inter
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(union > 0, inter / union, zero).astype(np.float32)
+
+
+def np_match(anchors, gt, valid, pos, neg, low_quality):
+  """One image, torchvision Matcher semantics, loops. Returns (matched [A], labels [A])."""
+  num_a = len(anchors)
+  matched = np.zeros(num_a, np.int32)
+  labels = np.zeros(num_a, np.int32)
+  cols = [g for g in range(len(gt)) if valid[g]]
+  if not cols:
+    return matched, labels
+  iou = np_iou(anchors, gt)
+  for a in range(num_a):
+    best, arg = -1.0, 0
+    for g in cols:
+      if iou[a, g] > best:
+        best, arg = iou[a, g], g
+    matched[a] = arg
+    labels[a] = 1 if best >= pos else (0 if best < neg else -1)
+  if low_quality:
+    for g in cols:
+      top = max(iou[a, g] for a in range(num_a))
+      if top <= 0:
+        continue
+      for a in range(num_a):
+        if iou[a, g] == top:
+          labels[a] = 1
+  return matched, labels
+
+
+def np_encode(box, anchor, weights=(1.0, 1.0, 1.0, 1.0)):
+  box = np.asarray(box, np.float64)
+  anchor = np.asarray(anchor, np.float64)
+  wx, wy, ww, wh = weights
+  w, h = box[2] - box[0], box[3] - box[1]
+  aw, ah = anchor[2] - anchor[0], anchor[3] - anchor[1]
+  cx, cy = box[0] + w / 2, box[1] + h / 2
+  ax, ay = anchor[0] + aw / 2, anchor[1] + ah / 2
+  return np.array([wx * (cx - ax) / aw, wy * (cy - ay) / ah, ww * np.log(w / aw), wh * np.log(h / ah)])
+
+
+def np_greedy_nms(boxes, scores, classes, valid, thr, max_out):
+  """Greedy class-aware NMS: visit by (-score, index), keep unless a kept same-class box has IoU > thr."""
+  iou = np_iou(boxes, boxes)
+  order = sorted((i for i in range(len(scores)) if valid[i]), key=lambda i: (-float(scores[i]), i))
+  keep = []
+  for i in order:
+    if all(not (classes[j] == classes[i] and iou[j, i] > thr) for j in keep):
+      keep.append(i)
+  return keep[:max_out]
+
+
+def random_boxes(rng, n, lo=0.0, hi=100.0, min_size=1.0, max_size=50.0):
+  xy = rng.uniform(lo, hi, (n, 2))
+  wh = rng.uniform(min_size, max_size, (n, 2))
+  return np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)

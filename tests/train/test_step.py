@@ -1,0 +1,132 @@
+"""The jitted, sharded train step: same result on 1 and 8 devices (data and FSDP meshes), one compilation,
+dropped non-finite updates, and the optimizer's schedule and frozen parameters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import conret_jax
+from conret_jax import defaults
+from conret_jax.train import bench, optim
+from conret_jax.train import mesh as mesh_lib
+from conret_jax.train import step as step_lib
+
+HW = (128, 128)
+
+
+def tiny_config(**overrides):
+  c = defaults.base_config()
+  c.model.num_classes = 3
+  c.model.backbone.depth = 18
+  c.model.backbone.width = 8
+  c.model.backbone.norm = 'gn'
+  c.model.backbone.freeze_at = 0
+  c.model.fpn.channels = 16
+  c.model.head.channels = 16
+  c.model.head.num_convs = 1
+  c.data.image_size = HW[0]
+  c.data.max_boxes = 8
+  c.train.global_batch_size = 8
+  c.train.warmup_steps = 2
+  c.eval.global_batch_size = 8
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    c[section][name] = value
+  return c
+
+
+def _run(config, devices, steps=3):
+  mesh = mesh_lib.make_mesh(config, devices)
+  model = conret_jax.build_model(config)
+  state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0), HW)
+  train_step = step_lib.make_train_step(model, config, mesh, shardings)
+  host = bench.synthetic_batch(config, HW, np.random.default_rng(0))
+  losses = []
+  for _ in range(steps):
+    batch = jax.device_put(host, mesh_lib.batch_sharding(mesh))
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics['loss']))
+  return state, losses, train_step
+
+
+@pytest.fixture(scope='module')
+def one_device():
+  return _run(tiny_config(), jax.devices()[:1])
+
+
+@pytest.mark.parametrize('fsdp', [1, 2])
+def test_eight_devices_match_one(one_device, fsdp):
+  assert jax.device_count() == 8, 'tests/conftest.py must give 8 CPU devices'
+  state1, losses1, _ = one_device
+  config = tiny_config(**{'train.fsdp_axis_size': fsdp})
+  state8, losses8, train_step = _run(config, jax.devices())
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
+  flat1 = jax.tree_util.tree_leaves(jax.device_get(state1.params))
+  flat8 = jax.tree_util.tree_leaves(jax.device_get(state8.params))
+  for a, b in zip(flat1, flat8):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert train_step._cache_size() == 1  # compiled once over all steps
+  assert int(state8.step) == 3
+  if fsdp > 1:  # large leaves really are sharded over the fsdp axis
+    specs = {tuple(x.sharding.spec) for x in jax.tree_util.tree_leaves(state8.params) if x.size >= mesh_lib.MIN_FSDP_SIZE}
+    assert specs and all('fsdp' in s for s in specs)
+
+
+def test_loss_decreases_on_a_repeated_batch(one_device):
+  _, losses, _ = one_device
+  assert losses[-1] < losses[0]
+
+
+def test_non_finite_update_is_dropped():
+  config = tiny_config()
+  mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
+  model = conret_jax.build_model(config)
+  state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0), HW)
+  before = jax.device_get(state.params)
+  train_step = step_lib.make_train_step(model, config, mesh, shardings)
+  batch = bench.synthetic_batch(config, HW, np.random.default_rng(0))
+  batch['images'][0, 0, 0, 0] = np.nan
+  state, metrics = train_step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
+  assert float(metrics['finite']) == 0.0
+  assert int(state.step) == 1
+  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_learning_rate_schedule():
+  t = tiny_config().train
+  t.learning_rate, t.global_batch_size, t.reference_batch_size = 0.01, 32, 16
+  t.warmup_steps, t.warmup_factor, t.decay_steps, t.decay_factor = 100, 1 / 3, (1000, 2000), 0.1
+  lr = optim.learning_rate_schedule(t)
+  np.testing.assert_allclose(float(lr(0)), 0.02 / 3, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(50)), 0.02 * (1 / 3 * 0.5 + 0.5), rtol=1e-6)
+  np.testing.assert_allclose(float(lr(100)), 0.02, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(999)), 0.02, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(1000)), 0.002, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(2500)), 0.0002, rtol=1e-5)
+
+
+def test_frozen_parameters_get_no_update_and_no_decay():
+  params = {'backbone': {'stem': {'kernel': jnp.ones((2,))}}, 'head': {'kernel': jnp.ones((2,))}}
+  trainable = {'backbone': {'stem': {'kernel': False}}, 'head': {'kernel': True}}
+  config = tiny_config(**{'train.weight_decay': 0.1, 'train.warmup_steps': 0})
+  tx = optim.make_optimizer(config, trainable)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates['backbone']['stem']['kernel'], 0.0)
+  lr = config.train.learning_rate * config.train.global_batch_size / config.train.reference_batch_size
+  np.testing.assert_allclose(updates['head']['kernel'], -lr * 1.1, rtol=1e-6)
+
+
+def test_weight_decay_skips_normalization_parameters():
+  params = {'conv': {'kernel': 1.0, 'bias': 1.0}, 'gn1': {'scale': 1.0, 'bias': 1.0}}
+  assert optim.weight_decay_mask(params) == {'conv': {'kernel': True, 'bias': True},
+                                             'gn1': {'scale': False, 'bias': False}}
+
+
+def test_mesh_errors_name_the_key():
+  with pytest.raises(ValueError, match='global_batch_size'):
+    mesh_lib.make_mesh(tiny_config(**{'train.global_batch_size': 6}))
+  with pytest.raises(ValueError, match='fsdp_axis_size'):
+    mesh_lib.make_mesh(tiny_config(**{'train.fsdp_axis_size': 3}))
