@@ -11,7 +11,7 @@ import contextlib
 import io
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from absl import logging
 import numpy as np
@@ -211,10 +211,10 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
   gather = lambda tree: jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
   num_images = int(config.eval.num_images)
   num_visualize = int(config.eval.visualize) if workdir else 0
+  need_gt = info.coco_gt is None
   results, image_ids, gt_rows, vis_images, vis_dets = [], [], [], [], []
   for batch in batches:
     dets = gather(detect_fn(model, variables, batch['images'], config))
-    need_gt = info.coco_gt is None
     host = gather({k: batch[k] for k in _META_KEYS + (_GT_KEYS if need_gt else ())})
     # Keep only the first num_images real examples (every process decides the same from the gathered ids).
     valid = host['example_valid'].astype(bool)
@@ -234,21 +234,16 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
       break
   logging.info('Evaluated %d images, %d detections.', len(image_ids), len(results))
 
-  # pycocotools runs once, on process 0; the others receive its numbers.
-  values = np.zeros(len(METRIC_NAMES), np.float64)
-  if jax.process_index() == 0:
-    coco_gt = info.coco_gt if info.coco_gt is not None else coco_gt_from_batches(
-        gt_rows, info.category_ids, info.class_names)
-    metrics = coco_metrics(coco_gt, results, image_ids)
-    values = np.array([metrics[k] for k in METRIC_NAMES], np.float64)
-    if workdir:
-      out_dir = eval_dir(workdir, step)
-      write_eval(out_dir, results, metrics)
-      if vis_images:
-        from conret_jax import visualize  # pylint: disable=g-import-not-at-top
-        stacked = {k: np.stack([d[k] for d in vis_dets]) for k in vis_dets[0]}
-        visualize.save_grid(np.stack(vis_images), stacked, info.class_names,
-                            os.path.join(out_dir, 'detections.png'), max_images=num_visualize)
-  if jax.process_count() > 1:
-    values = np.asarray(multihost_utils.broadcast_one_to_all(values))
-  return {k: float(v) for k, v in zip(METRIC_NAMES, values)}
+  # Every process holds the same gathered results and scores them itself: identical metrics everywhere, and no
+  # process sits in a collective for the minute pycocotools takes on COCO val.
+  coco_gt = info.coco_gt if not need_gt else coco_gt_from_batches(gt_rows, info.category_ids, info.class_names)
+  metrics = coco_metrics(coco_gt, results, image_ids)
+  if workdir and jax.process_index() == 0:
+    out_dir = eval_dir(workdir, step)
+    write_eval(out_dir, results, metrics)
+    if vis_images:
+      from conret_jax import visualize  # pylint: disable=g-import-not-at-top
+      stacked = {k: np.stack([d[k] for d in vis_dets]) for k in vis_dets[0]}
+      visualize.save_grid(np.stack(vis_images), stacked, info.class_names,
+                          os.path.join(out_dir, 'detections.png'), max_images=num_visualize)
+  return metrics

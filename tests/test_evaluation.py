@@ -2,6 +2,9 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import types
 
 import jax
@@ -226,3 +229,75 @@ def test_evaluate_num_images_limit():
   _, batches, detect_fn = _eval_batches(mesh)
   assert evaluation.evaluate(None, None, config, mesh, batches=batches, info=info,
                              detect_fn=detect_fn)['AR100'] == pytest.approx(1.0)
+
+
+_WORKER = r'''
+"""One process of a 2-process run: evaluate() and Checkpointer across processes (CPU, gloo)."""
+import json, os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+port, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+import types
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from conret_jax import defaults, evaluation
+from conret_jax.train import checkpoint
+
+mesh = jax.make_mesh((4,), ('data',))
+sharding = NamedSharding(mesh, P('data'))
+cats = [1, 2]
+rs = np.random.RandomState(0)  # same on both processes: the global batch, each takes its rows
+boxes = np.zeros((8, 2, 4), np.float32); boxes[:, 0] = [10, 10, 60, 50]; boxes[:, 1] = [20, 30, 90, 100]
+classes = rs.randint(0, 2, (8, 2)).astype(np.int32)
+ev = np.arange(8) < 7
+glob = {'images': np.full((8, 128, 128, 3), 50, np.float32), 'boxes': boxes, 'classes': classes,
+        'valid': np.ones((8, 2), bool), 'crowd': np.zeros((8, 2), bool),
+        'image_id': np.where(ev, np.arange(8) + 1, -1).astype(np.int32), 'orig_hw': np.full((8, 2), 256, np.int32),
+        'scale': np.full(8, 0.5, np.float32), 'example_valid': ev}
+rows = slice(4 * pid, 4 * pid + 4)
+to_global = lambda x: jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
+batch = {k: to_global(v) for k, v in glob.items()}
+dets = {'boxes': batch['boxes'], 'scores': to_global(np.full((8, 2), 0.9, np.float32)), 'classes': batch['classes'],
+        'valid': batch['valid']}
+config = defaults.base_config(); config.eval.visualize = 2
+info = types.SimpleNamespace(category_ids=cats, class_names=['a', 'b'], coco_gt=None)
+metrics = evaluation.evaluate(None, None, config, mesh, workdir=workdir, step=3, batches=[batch], info=info,
+                              detect_fn=lambda *a: dets)
+
+# Checkpoint: saved sharded over the 4 devices of both processes, restored replicated.
+state = {'w': to_global(np.arange(32, dtype=np.float32).reshape(8, 4))}
+ckpt = checkpoint.Checkpointer(workdir, every_steps=1, keep=2, config=config)
+ckpt.save(5, state, {'step': 5})
+ckpt.wait()
+target = {'w': jax.ShapeDtypeStruct((8, 4), np.float32, sharding=NamedSharding(mesh, P()))}
+restored, data = ckpt.restore(None, target)
+ckpt.close()
+ok = bool(np.array_equal(np.asarray(restored['w'].addressable_data(0)), np.arange(32).reshape(8, 4)))
+print('RESULT ' + json.dumps({'metrics': metrics, 'restored': ok, 'data': data}), flush=True)
+'''
+
+
+def test_evaluate_and_checkpoint_across_two_processes(tmp_path):
+  """Two CPU processes (2 devices each): gathered detections, one pycocotools run, the same metrics on both;
+  a checkpoint saved sharded over both processes restores replicated."""
+  script = tmp_path / 'worker.py'
+  script.write_text(_WORKER)
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tmp_path / 'wd')], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=240)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs
+  results = [json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[7:]) for out in outputs]
+  assert results[0] == results[1]
+  # 7 real images (one padding example), 2 objects each, all detected: perfect AP.
+  assert results[0]['metrics']['AP'] == pytest.approx(1.0)
+  assert results[0]['restored'] and results[0]['data'] == {'step': 5}
+  written = json.load(open(tmp_path / 'wd' / 'eval' / 'step_3' / 'detections.json'))
+  assert sorted({r['image_id'] for r in written}) == list(range(1, 8)) and len(written) == 14
+  # Boxes were in 0.5-scaled input pixels: back in original pixels.
+  assert sorted(map(tuple, (r['bbox'] for r in written)))[0] == (20.0, 20.0, 100.0, 80.0)

@@ -41,10 +41,20 @@ def hide_accelerators_from_tf() -> None:
     pass
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax (several lines per save); its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def setup_logging(workdir: str | None, name: str) -> None:
   """INFO logs to stderr and, on process 0 with a local workdir, to WORKDIR/<name>.log as well."""
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
+  quiet = _QuietLibraries()
+  if not any(isinstance(f, _QuietLibraries) for f in logging.get_absl_handler().filters):
+    logging.get_absl_handler().addFilter(quiet)
   import jax  # pylint: disable=g-import-not-at-top  (after distributed initialization)
   if workdir and '://' not in workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -53,6 +63,7 @@ def setup_logging(workdir: str | None, name: str) -> None:
     if not any(getattr(h, 'baseFilename', None) == os.path.abspath(path) for h in logger.handlers):
       handler = std_logging.FileHandler(path)
       handler.setFormatter(std_logging.Formatter('%(asctime)s %(levelname)s %(filename)s:%(lineno)d] %(message)s'))
+      handler.addFilter(quiet)
       logger.addHandler(handler)
 
 

@@ -11,9 +11,11 @@ by that buffer with one [tile, max_output] IoU. Inside the tile, suppression amo
 iterating keep_i = candidate_i & not any_j<i(keep_j & overlap_ji) to its fixed point; the dependency is strictly
 triangular, so the fixed point is unique and equals the greedy answer (and is reached in at most tile_size
 iterations, usually a handful). Class awareness is by masking pairs of different classes, not by coordinate
-offsets, so IoUs are computed on the original coordinates and exact.
+offsets, so IoUs are computed on the original coordinates (offsets of class * image size would cost float32
+precision on small boxes and move IoUs near the threshold).
 Memory per image is O(N + tile * (tile + max_output)): a 5000-candidate image never builds a 5000 x 5000 matrix,
-so the batch is simply vmapped.
+so the batch is simply vmapped. In `postprocess` the largest intermediate is one level's flattened scores
+[B, A_level * K] for the top-k (about the size of the logits; measured in bench/core_ops.py).
 """
 
 from collections.abc import Sequence
@@ -29,6 +31,8 @@ TILE_SIZE = 256
 def _nms_one(boxes, scores, classes, valid, iou_threshold, max_output, tile):
   """One image: boxes [N, 4], scores/classes/valid [N] -> (indices [D] int32, valid [D] bool)."""
   n = boxes.shape[0]
+  if n == 0:
+    return jnp.zeros((max_output,), jnp.int32), jnp.zeros((max_output,), bool)
   valid = valid & ~jnp.isnan(scores)
   # Ascending stable sort of -score: best first, ties by index, invalid last (-0.0 folded into 0.0, so that a
   # sort that orders signed zeros cannot split a tie).
@@ -43,7 +47,7 @@ def _nms_one(boxes, scores, classes, valid, iou_threshold, max_output, tile):
   s_valid = jnp.pad(valid[order], (0, pad))
   s_index = jnp.pad(order, (0, pad))
   ar = jnp.arange(tile)
-  earlier = ar[None, :] < ar[:, None]  # [i, j]: j precedes i
+  earlier = ar[None, :] <= ar[:, None]  # [i, j]: j precedes i
 
   def cond(carry):
     t, count = carry[0], carry[4]

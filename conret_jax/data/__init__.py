@@ -1,21 +1,28 @@
 """The tf.data input pipeline: sources (tfds, COCO json, TFRecords, synthetic shapes), decoding, preprocessing.
 
-The entry points, loaded lazily so that `conret_jax.data.info` never pulls in TensorFlow:
-  dataset_info(source_config, config)                  -> DatasetInfo (category ids, names, COCO ground truth)
-  make_train_iterator(config, mesh, sharding, start_step)  endless, resumable global batches
-  make_eval_iterator(config, mesh, sharding)           one pass, every image once across hosts
+Public API (loaded lazily, so `import conret_jax.data.info` does not pull in TensorFlow):
+  make_train_iterator(config, mesh, data_sharding, *, start_step=0)  endless, resumable global batches
+  make_eval_iterator(config, mesh, data_sharding)                     one pass, padded last batch
+  host_batches(config, process_index, process_count, *, train, start_step)  this host's numpy batches
+  dataset_info(source_config, config) -> DatasetInfo;  check_num_classes(info, config);  DatasetError
+  run_input_bench(config, num_batches) -> dict                        the input benchmark
 """
 
 import importlib
 
 _LAZY = {
-    'dataset_info': 'conret_jax.data.pipeline',
     'make_train_iterator': 'conret_jax.data.pipeline',
     'make_eval_iterator': 'conret_jax.data.pipeline',
+    'host_batches': 'conret_jax.data.pipeline',
+    'host_dataset': 'conret_jax.data.pipeline',
+    'dataset_info': 'conret_jax.data.pipeline',
     'DatasetInfo': 'conret_jax.data.info',
     'DatasetError': 'conret_jax.data.info',
     'check_num_classes': 'conret_jax.data.info',
+    'run_input_bench': 'conret_jax.data.bench',
 }
+
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):

@@ -25,6 +25,11 @@ from conret_jax.data import info as info_lib
 from conret_jax.data import preprocess
 from conret_jax.data import sources
 
+try:  # TF only feeds the host; it must never take accelerator memory from JAX
+  tf.config.set_visible_devices([], 'GPU')
+except (RuntimeError, ValueError):  # already initialized by the caller: its choice stands
+  pass
+
 BATCH_KEYS = ('images', 'boxes', 'classes', 'valid', 'crowd', 'image_id', 'orig_hw', 'scale', 'example_valid')
 
 
@@ -198,10 +203,12 @@ def host_batches(config, process_index: int = 0, process_count: int = 1, *, trai
 
 
 def dataset_info(source_config, config, *, train: bool | None = None) -> info_lib.DatasetInfo:
-  """DatasetInfo of a source; train defaults to `source_config is config.data.train`. For evaluation the
+  """DatasetInfo of a source (train: the training filters, no coco_gt needed). For evaluation the
   coco_gt is restricted to the images the eval iterator visits (config.eval.num_images)."""
-  if train is None:
-    train = source_config is config.data.train
+  if train is None:  # identity first; a copy of the train section that differs from the eval one counts too
+    as_dict = source_config.to_dict()
+    train = source_config is config.data.train or (
+        as_dict == config.data.train.to_dict() and as_dict != config.data.eval.to_dict())
   info = sources.open_source(source_config, config, train=train).info
   limit = int(config.eval.num_images)
   if not train and limit and info.coco_gt is not None and limit < len(info.coco_gt['images']):

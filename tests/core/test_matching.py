@@ -1,6 +1,5 @@
 import hypothesis.extra.numpy as hnp
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from core_reference import np_iou, np_match, random_boxes

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from core_reference import np_greedy_nms, random_boxes
+from core_reference import np_greedy_nms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,6 +70,12 @@ def test_iou_exactly_at_threshold_is_kept():
   idx, ok = _nms(boxes, np.array([[0.9, 0.8, 0.7]], np.float32), np.zeros((1, 3), np.int32),
                  np.ones((1, 3), bool), iou_threshold=0.5, max_output=3, tile_size=256)
   assert np.asarray(idx)[0][np.asarray(ok)[0]].tolist() == [0, 1]
+
+
+def test_no_candidates():
+  idx, ok = batched_nms(np.zeros((2, 0, 4)), np.zeros((2, 0)), np.zeros((2, 0), np.int32), np.zeros((2, 0), bool),
+                        iou_threshold=0.5, max_output=3)
+  assert idx.shape == (2, 3) and not np.asarray(ok).any()
 
 
 def test_vmap_and_batch_agree():

@@ -58,6 +58,7 @@ def test_random_with_padding_crowd_and_weights():
 def test_per_image_refined_anchors():
   rng = np.random.default_rng(1)
   anchors = np.round(np.stack([random_boxes(rng, 200, hi=60, min_size=4, max_size=30) for _ in range(2)]))
+  anchors[0, :3] = [[5, 5, 5, 9], [7, 7, 7, 7], [30, 30, 20, 20]]  # refined anchors can collapse or invert
   gt = np.round(np.stack([random_boxes(rng, 4, hi=60, min_size=6, max_size=30) for _ in range(2)]))
   classes = np.array([[3, 1, 2, 0], [7, 7, 1, 2]], np.int32)
   valid = np.array([[True, True, True, False], [True, False, True, True]])

@@ -9,8 +9,9 @@ from tests.data.test_pipeline import _assert_same, _global, _take
 
 
 def _tfrecord_config(rect_dataset, tmp_path, **kw):
-  pattern = tfrecord.convert(rect_dataset[0], rect_dataset[1], str(tmp_path / 'out' / 'rects'),
-                                                 num_shards=3)
+  tfrecord.main(['--annotation_file', rect_dataset[0], '--image_dir', rect_dataset[1],
+                 '--output_prefix', str(tmp_path / 'out' / 'rects'), '--num_shards', '3'])
+  pattern = str(tmp_path / 'out' / 'rects-*-of-00003.tfrecord')
   config = small_config(*rect_dataset[:2], **kw)
   for section in (config.data.train, config.data.eval):
     section.source, section.tfrecord_pattern = 'tfrecord', pattern

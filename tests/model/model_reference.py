@@ -203,3 +203,19 @@ def assert_close(actual, expected, rel=1e-4):
   tol = rel * (np.abs(expected).max() + np.abs(expected))
   err = np.abs(actual - expected)
   assert np.all(err <= tol), f'max error {err.max():.3g}, scale {np.abs(expected).max():.3g}'
+
+
+def random_like(shapes, seed=0):
+  """Random float32 NumPy variables shaped like `shapes` (from jax.eval_shape of an init), without compiling an init:
+  kernels ~ N(0, 1/fan_in), scales and variances ~ U(0.5, 1.5), biases and means ~ N(0, 0.1)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == 'kernel':
+      return (rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))).astype(np.float32)
+    if name in ('scale', 'var'):
+      return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+    return rng.normal(0, 0.1, s.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(fill, shapes)

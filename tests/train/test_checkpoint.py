@@ -82,6 +82,12 @@ def test_round_trip_onto_other_meshes(tmp_path):
   kernel = restored4.params['conv']['kernel']
   assert kernel.sharding == target
   assert {s.data.shape for s in kernel.addressable_shards} == {(4, 4)}
+
+  # A concrete state works as the target too (the trainer passes its freshly initialized state).
+  fresh = _put(_state(seed=9), mesh8, 'data')
+  restored8, _ = ckpt.restore(10, fresh)
+  _assert_trees_equal(restored8, host_state)
+  assert restored8.params['conv']['kernel'].sharding == fresh.params['conv']['kernel'].sharding
   ckpt.close()
 
 

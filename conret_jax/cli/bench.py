@@ -1,0 +1,44 @@
+"""`conret-bench`: throughput of the train step and of the input pipeline, each alone.
+
+  conret-bench step  --config=configs/conretinanet_coco.py --config.data.image_size=512 --steps=10
+  conret-bench input --config=configs/conretinanet_coco.py --batches=50
+
+The last line printed is one JSON object: for `step`, step_time_s (median), compile_time_s, images_per_s,
+peak_memory_mb, device (and mfu where the chip's peak is known); for `input`, images_per_s and cpu_cores.
+Results of record go to bench/RESULTS.md with the machine and the date.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+
+from conret_jax.cli import common
+
+_STEPS = flags.DEFINE_integer('steps', 10, '`step`: timed steps after compilation (median reported).')
+_BATCHES = flags.DEFINE_integer('batches', 50, '`input`: batches timed after a warm-up batch.')
+_MODES = ('step', 'input')
+
+
+def _main(argv):
+  if len(argv) != 2 or argv[1] not in _MODES:
+    raise app.UsageError(f'usage: conret-bench {{{"|".join(_MODES)}}} --config=FILE [--config.key=value ...]')
+  if flags.FLAGS.config is None:
+    raise app.UsageError('--config is required')
+  common.hide_accelerators_from_tf()
+  config = flags.FLAGS.config
+  if argv[1] == 'step':
+    from conret_jax.train import bench  # pylint: disable=g-import-not-at-top
+    result = bench.run_step_bench(config, _STEPS.value)
+  else:
+    from conret_jax.data import bench  # pylint: disable=g-import-not-at-top
+    result = bench.run_input_bench(config, _BATCHES.value)
+  print(json.dumps(result), flush=True)
+
+
+def main():
+  app.run(_main)
+
+
+if __name__ == '__main__':
+  main()

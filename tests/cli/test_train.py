@@ -1,0 +1,158 @@
+"""conret-train end to end on the synthetic dataset with a tiny model: train, checkpoint, SIGTERM mid-run, resume
+to the same losses as an uninterrupted run, evaluate with conret-eval, and fail clearly on bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TINY_CONFIG = '''
+import sys
+sys.path.insert(0, {configs!r})
+import shapes_demo
+
+def get_config(arg=None):
+  c = shapes_demo.get_config('steps=8')
+  c.model.backbone.width = 8
+  c.model.fpn.channels = 16
+  c.model.head.channels = 16
+  c.model.head.num_convs = 1
+  c.data.image_size = 128
+  c.data.train.num_examples = 48
+  c.data.eval.num_examples = 8
+  c.data.train.cache_dir = {cache!r}
+  c.data.eval.cache_dir = {cache!r}
+  c.train.global_batch_size = 4
+  c.train.warmup_steps = 2
+  c.train.log_every_steps = 1
+  c.checkpoint.every_steps = 2
+  c.eval.global_batch_size = 4
+  c.eval.visualize = 2
+  return c
+'''
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp('train_e2e')
+  config = root / 'tiny.py'
+  config.write_text(TINY_CONFIG.format(configs=os.path.join(REPO, 'configs'), cache=str(root / 'shapes')))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', PYTHONUNBUFFERED='1')
+  return root, str(config), env
+
+
+def _cmd(tool, config, workdir, *extra):
+  return [sys.executable, '-m', f'conret_jax.cli.{tool}', f'--config={config}', f'--workdir={workdir}', *extra]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(setup):
+  root, config, env = setup
+  workdir = str(root / 'straight')
+  proc = subprocess.run(_cmd('train', config, workdir), env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_uninterrupted_run_writes_everything(uninterrupted):
+  workdir, proc = uninterrupted
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, 9))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=int)[-1] == '8'
+  metrics = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'metrics.json')))
+  for key in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AP60', 'AP70', 'AP80', 'AP90', 'AR1', 'AR10', 'AR100'):
+    assert key in metrics
+  detections = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'detections.json')))
+  assert isinstance(detections, list)
+  assert os.path.exists(os.path.join(workdir, 'eval', 'step_8', 'detections.png'))
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert 'step 8/8' in proc.stderr  # the console progress line
+
+
+def test_sigterm_then_resume_gives_the_same_losses(setup, uninterrupted):
+  root, config, env = setup
+  workdir = str(root / 'interrupted')
+  proc = subprocess.Popen(_cmd('train', config, workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 400
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics_path) and len(open(metrics_path).read().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, 'the run ended before it could be interrupted'
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'rerun the same command to resume' in out
+  stopped_at = max(_losses(workdir))
+  assert 3 <= stopped_at < 8
+  assert str(stopped_at) in os.listdir(os.path.join(workdir, 'checkpoints'))
+
+  resumed = subprocess.run(_cmd('train', config, workdir), env=env, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'resumed from' in resumed.stderr and f'at step {stopped_at}' in resumed.stderr
+  want = _losses(uninterrupted[0])
+  got = _losses(workdir)
+  assert sorted(got) == sorted(want)
+  for step in want:
+    assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+def test_conret_eval_matches_the_trainers_evaluation(setup, uninterrupted):
+  _, config, env = setup
+  workdir = uninterrupted[0]
+  trained = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'metrics.json')))
+  os.remove(os.path.join(workdir, 'eval', 'step_8', 'metrics.json'))
+  proc = subprocess.run(_cmd('eval', config, workdir), env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  again = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'metrics.json')))
+  assert again == pytest.approx(trained)
+
+
+@pytest.mark.parametrize('flag,message', [
+    ('--config.train.global_batch_sise=4', 'global_batch_sise'),
+    ('--config.data.image_size=200', 'config.data.image_size=200'),
+    ('--config.consistent.num_cls_terms=4', 'num_cls_terms'),
+])
+def test_bad_config_fails_before_compilation(setup, tmp_path, flag, message):
+  _, config, env = setup
+  proc = subprocess.run(_cmd('train', config, str(tmp_path / 'bad'), flag), env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  assert not os.path.exists(tmp_path / 'bad' / 'checkpoints')
+
+
+def test_checkpoint_of_a_different_model_fails_clearly(setup, uninterrupted):
+  _, config, env = setup
+  proc = subprocess.run(_cmd('train', config, uninterrupted[0], '--config.model.fpn.channels=32'), env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'different model' in proc.stderr
+
+
+def test_divergence_stops_with_the_step_and_the_term(setup, tmp_path):
+  _, config, env = setup
+  workdir = tmp_path / 'diverged'
+  proc = subprocess.run(_cmd('train', config, str(workdir), '--config.train.learning_rate=1e12',
+                             '--config.train.grad_clip_norm=0', '--config.train.warmup_steps=0'),
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  assert 'non-finite training values at step' in proc.stderr
+  bad_step = int(proc.stderr.split('non-finite training values at step ')[1].split(':')[0])
+  saved = [int(s) for s in os.listdir(workdir / 'checkpoints')] if (workdir / 'checkpoints').exists() else []
+  assert all(s < bad_step for s in saved)

@@ -1,0 +1,251 @@
+"""Multi-host training on fake CPU devices: 2 processes x 2 devices train exactly like 1 process x 4 devices, and
+checkpoints move between topologies (2x2 -> 1x4, 1x1; 1x4, 1x1 -> 2x2), training included (2x2 -> 1x1).
+
+The runs are real `conret-train` jobs started as subprocesses (the multi-process one via
+launch/local_multiprocess.py), shared by all tests of this module:
+  A: 2 processes x 2 devices, 4 steps          B: 1 process x 4 devices, 4 steps (same global batch of 8)
+  C: A's workdir continued on 1 x 1 to step 6  D: a 2x2 job that restores B's step 4 and C's step 6 and dumps them
+The pytest process itself (8 fake devices, tests/conftest.py) restores the checkpoints on 1 and 4 devices.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+LAUNCHER = ROOT / 'launch' / 'local_multiprocess.py'
+HANG_GUARD_S = 900  # only so that a hung job fails the test instead of hanging it (the box may be shared)
+STEPS, MORE_STEPS = 4, 6
+
+CONFIG = """
+import importlib.util
+
+def get_config(arg=None):
+  spec = importlib.util.spec_from_file_location('shapes_demo', {demo!r})
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  c = demo.get_config('steps={steps}')
+  c.model.backbone.width = 8
+  c.model.fpn.channels = 16
+  c.model.head.channels = 16
+  c.model.head.num_convs = 1
+  c.data.image_size = 128
+  for source, n in ((c.data.train, 64), (c.data.eval, 16)):
+    source.num_examples = n
+    source.cache_dir = {cache!r}
+  c.train.global_batch_size = 8  # divides over 4 devices, 2 processes and 1 device
+  c.train.log_every_steps = 1
+  c.checkpoint.every_steps = 2
+  c.checkpoint.keep = 2
+  c.eval.global_batch_size = 8
+  c.eval.num_images = 8  # every run ends with an evaluation: keep it to one batch
+  c.eval.visualize = 0
+  c.eval.topk_per_level = 50
+  c.eval.max_detections = 5
+  return c
+"""
+
+# Restores checkpoints on the 2x2 job's mesh (replicated, and with the params sharded over an fsdp axis of 2) and
+# writes every leaf of the state, gathered from both processes, to an .npz on process 0.
+RESTORE_2X2 = """
+import sys
+from conret_jax import distributed
+distributed.initialize()
+import importlib.util
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+import conret_jax
+from conret_jax.cli import common
+from conret_jax.train import checkpoint, mesh as mesh_lib
+
+config_file, out_dir = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location('cfg', config_file)
+cfg = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cfg)
+for name, workdir, step in (('b', sys.argv[3], int(sys.argv[4])), ('c', sys.argv[5], int(sys.argv[6]))):
+  for fsdp in (1, 2):
+    config = cfg.get_config()
+    config.train.fsdp_axis_size = fsdp
+    mesh = mesh_lib.make_mesh(config)
+    abstract = common.abstract_train_state(conret_jax.build_model(config), config, mesh)
+    ckpt = checkpoint.Checkpointer(workdir, every_steps=0, keep=None, config=config, async_save=False)
+    state, data = ckpt.restore(step, abstract)
+    ckpt.close()
+    sharded = sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
+    host = multihost_utils.process_allgather(state, tiled=True)
+    if jax.process_index() == 0:
+      leaves = jax.tree_util.tree_leaves_with_path(host)
+      np.savez(f'{out_dir}/{name}_fsdp{fsdp}.npz', **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
+    print(f'restored {name} step {int(host.step)} data {data} on {jax.process_count()}x{jax.local_device_count()}'
+          f' mesh {dict(mesh.shape)} sharded leaves {sharded}', flush=True)
+"""
+
+
+def _env(devices: int | None = None) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith('CONRET_')}
+  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  if devices is not None:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _start(log: pathlib.Path, command: list, env: dict) -> tuple:
+  out = open(log, 'w')  # pylint: disable=consider-using-with  (closed in _finish)
+  proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                          cwd=log.parent)
+  return proc, out, log
+
+
+def _finish(job) -> str:
+  proc, out, log = job
+  try:
+    proc.wait(timeout=HANG_GUARD_S)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    out.close()
+  text = log.read_text()
+  assert proc.returncode == 0, f'{log.name} failed with {proc.returncode}:\n{text[-6000:]}'
+  return text
+
+
+def _train(config_file, workdir, *extra) -> list:
+  return [sys.executable, '-m', 'conret_jax.cli.train', f'--config={config_file}', f'--workdir={workdir}', *extra]
+
+
+def _multiprocess(*command) -> list:
+  return [sys.executable, str(LAUNCHER), '--num_processes=2', '--devices_per_process=2', '--', *command]
+
+
+def _load_config(config_file):
+  spec = importlib.util.spec_from_file_location('multihost_cfg', config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Runs A, B, C, D (see the module docstring); returns their paths, logs and A's metrics before C."""
+  base = tmp_path_factory.mktemp('multihost')
+  config_file = base / 'tiny_shapes.py'
+  config_file.write_text(CONFIG.format(demo=str(ROOT / 'configs' / 'shapes_demo.py'), steps=STEPS,
+                                       cache=str(base / 'shapes_cache')))
+  config = _load_config(config_file)
+  from conret_jax.data import shapes  # generated once here, not raced by the jobs below
+  shapes.ensure_shapes_split(config.data.train)
+  shapes.ensure_shapes_split(config.data.eval)
+  a, b, dumps = base / 'a_2x2', base / 'b_1x4', base / 'dumps'
+  dumps.mkdir()
+
+  # A and B are independent: run them side by side (XLA compiles mostly on one thread).
+  job_a = _start(base / 'a.log', _multiprocess(*_train(config_file, a)), _env())
+  job_b = _start(base / 'b.log', _train(config_file, b), _env(devices=4))
+  logs = {'a': _finish(job_a), 'b': _finish(job_b)}
+  metrics_a = _metrics(a)
+  logs['c'] = _finish(_start(base / 'c.log', _train(config_file, a, f'--config.train.num_steps={MORE_STEPS}'),
+                             _env(devices=1)))
+  script = base / 'restore_2x2.py'
+  script.write_text(textwrap.dedent(RESTORE_2X2))
+  logs['d'] = _finish(_start(base / 'd.log', _multiprocess(sys.executable, str(script), str(config_file),
+                                                           str(dumps), str(b), str(STEPS), str(a),
+                                                           str(MORE_STEPS)), _env()))
+  return {'config': config, 'a': a, 'b': b, 'dumps': dumps, 'logs': logs, 'metrics_a': metrics_a}
+
+
+def _restore(config, workdir, step, devices, fsdp=1):
+  """The full TrainState of workdir's checkpoint `step`, restored onto a mesh over `devices`, as numpy leaves."""
+  import conret_jax
+  from conret_jax.cli import common
+  from conret_jax.train import checkpoint, mesh as mesh_lib
+  config = config.copy_and_resolve_references()
+  config.train.fsdp_axis_size = fsdp
+  mesh = mesh_lib.make_mesh(config, devices)
+  abstract = common.abstract_train_state(conret_jax.build_model(config), config, mesh)
+  ckpt = checkpoint.Checkpointer(str(workdir), every_steps=0, keep=None, config=config, async_save=False)
+  try:
+    state, data = ckpt.restore(step, abstract)
+  finally:
+    ckpt.close()
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  assert all(len(x.sharding.device_set) == len(devices) for _, x in leaves)
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}, data
+
+
+def _assert_same_tree(got: dict, want: dict, rtol=0.0, atol=0.0):
+  assert sorted(got) == sorted(want)
+  for key in want:
+    assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+    np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+def test_two_by_two_logs_the_same_losses_as_one_by_four(runs):
+  a, b = runs['metrics_a'], _metrics(runs['b'])
+  # One record per step: only process 0 writes.
+  assert [r['step'] for r in a] == [r['step'] for r in b] == list(range(1, STEPS + 1))
+  for ra, rb in zip(a, b):
+    for key in ('loss', 'cls_loss_0', 'box_loss_0', 'box_loss_1', 'grad_norm', 'num_pos_0', 'learning_rate'):
+      np.testing.assert_allclose(ra[key], rb[key], rtol=0, atol=1e-4, err_msg=f'step {ra["step"]} {key}')
+  assert len({round(r['loss'], 6) for r in a}) > 1  # the model really trained: the loss moves
+  assert 'mesh {\'data\': 4, \'fsdp\': 1} over 4 devices (2 processes)' in runs['logs']['a']
+  assert 'mesh {\'data\': 4, \'fsdp\': 1} over 4 devices (1 processes)' in runs['logs']['b']
+
+
+def test_two_by_two_checkpoint_equals_one_by_four_and_restores_on_4_and_1_devices(runs):
+  devices = jax.devices()
+  a4, data_a = _restore(runs['config'], runs['a'], STEPS, devices[:4])
+  a1, _ = _restore(runs['config'], runs['a'], STEPS, devices[:1])
+  a4_fsdp, _ = _restore(runs['config'], runs['a'], STEPS, devices[:4], fsdp=4)
+  b1, data_b = _restore(runs['config'], runs['b'], STEPS, devices[:1])
+  _assert_same_tree(a1, a4)  # a restore is exact whatever the target topology
+  _assert_same_tree(a4_fsdp, a4)
+  assert int(a1['.step']) == STEPS and data_a['step'] == data_b['step'] == STEPS
+  # Training on 2x2 and on 1x4 gives the same state, to float32 summation-order noise.
+  _assert_same_tree(a1, b1, rtol=1e-4, atol=1e-5)
+
+
+def test_one_by_four_and_one_by_one_checkpoints_restore_on_two_by_two(runs):
+  log = runs['logs']['d']
+  for name, step in (('b', STEPS), ('c', MORE_STEPS)):
+    for fsdp, mesh in ((1, "{'data': 4, 'fsdp': 1}"), (2, "{'data': 2, 'fsdp': 2}")):
+      for p in (0, 1):
+        assert f'[p{p}] restored {name} step {step} ' in log and f'on 2x2 mesh {mesh}' in log
+  # With fsdp=2 some leaves really are split across devices (the restore is not just a replicated copy).
+  assert all('sharded leaves 0' not in line for line in log.splitlines() if "'fsdp': 2" in line)
+  devices = jax.devices()
+  for name, workdir, step in (('b', runs['b'], STEPS), ('c', runs['a'], MORE_STEPS)):
+    want, _ = _restore(runs['config'], workdir, step, devices[:1])
+    for fsdp in (1, 2):
+      with np.load(runs['dumps'] / f'{name}_fsdp{fsdp}.npz') as f:
+        _assert_same_tree(dict(f), want)
+
+
+def test_two_by_two_checkpoint_resumes_training_on_one_device(runs):
+  log = runs['logs']['c']
+  assert 'resumed from' in log and f'at step {STEPS}' in log
+  assert 'over 1 devices (1 processes)' in log
+  metrics = _metrics(runs['a'])
+  assert [r['step'] for r in metrics] == list(range(1, MORE_STEPS + 1))
+  assert metrics[:STEPS] == runs['metrics_a']  # the resumed run appended, it did not retrain steps 1-4
+  assert all(np.isfinite(r['loss']) for r in metrics[STEPS:])
+  devices = jax.devices()
+  before, _ = _restore(runs['config'], runs['a'], STEPS, devices[:1])
+  after, data = _restore(runs['config'], runs['a'], MORE_STEPS, devices[:1])
+  assert int(after['.step']) == MORE_STEPS and data['step'] == MORE_STEPS
+  moved = [k for k in before if k.startswith('.params') and not np.array_equal(before[k], after[k])]
+  assert moved  # the two extra steps updated the parameters

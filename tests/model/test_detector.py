@@ -1,0 +1,126 @@
+"""The detector: published parameter counts, output layout, dtypes, trainable mask, predict_boxes."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conret_jax.model import detector
+from conret_jax.model.resnet import count_params
+import model_reference as ref
+
+TORCHVISION_RETINANET_PARAMS = 34_068_119  # retinanet_resnet50_fpn(num_classes=91), BN affine included
+_CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
+
+
+def torchvision_config():
+  spec = importlib.util.spec_from_file_location('retinanet_torchvision', os.path.join(_CONFIGS,
+                                                                                       'retinanet_torchvision.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _shapes(config, hw=(128, 128)):
+  model = detector.build_model(config)
+  return jax.eval_shape(lambda: detector.init_variables(model, jax.random.key(0), hw))
+
+
+def test_torchvision_config():
+  c = torchvision_config()
+  assert (c.model.num_classes, c.model.fpn.p6_from, c.model.backbone.norm) == (91, 'p5', 'frozen_bn')
+  assert (c.model.anchors.offset, c.model.anchors.round_base) == (0.0, True)
+  assert c.model.anchors.sizes[4] == (512, 645, 812)
+  assert (c.consistent.enabled, c.loss.smooth_l1_beta) == (False, 0.0)
+  assert (c.eval.score_threshold, c.eval.topk_per_level, c.eval.nms_iou, c.eval.max_detections) == (
+      0.05, 1000, 0.5, 300)
+
+
+def test_torchvision_retinanet_parameter_count():
+  c = torchvision_config()
+  frozen = _shapes(c)
+  # torchvision with weights=None uses trainable BatchNorm2d, whose affine parameters it counts; our frozen BN keeps
+  # scale/bias/mean/var outside 'params', so half of 'frozen' is that affine.
+  assert count_params(frozen['params']) + count_params(frozen['frozen']) // 2 == TORCHVISION_RETINANET_PARAMS
+  c.model.backbone.norm = 'bn'
+  trainable = _shapes(c)
+  assert count_params(trainable['params']) == TORCHVISION_RETINANET_PARAMS
+  assert count_params(trainable['params']['backbone']) == 23_508_032
+
+
+def test_consistent_head_adds_one_box_conv_per_stage():
+  c = torchvision_config()
+  base = count_params(_shapes(c)['params'])
+  box_conv = 3 * 3 * 256 * 9 * 4 + 9 * 4
+  c.consistent.enabled = True
+  for stages in (2, 3):
+    c.consistent.num_reg_terms = stages
+    assert count_params(_shapes(c)['params']) == base + (stages - 1) * box_conv
+
+
+@pytest.mark.parametrize('variant,enabled,stages,num_cls', [
+    ('consistent', False, 2, 1), ('consistent', True, 2, 1), ('consistent', True, 3, 1), ('cascade', True, 2, 2),
+    ('gated_cascade', True, 3, 3)])
+def test_output_layout(variant, enabled, stages, num_cls):
+  c = ref.tiny_config(**{'model.head.variant': variant, 'consistent.enabled': enabled,
+                         'consistent.num_reg_terms': stages, 'model.compute_dtype': 'bfloat16'})
+  model = detector.build_model(c)
+  variables = _shapes(c)
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 256, 128, 3)), train=False), variables)
+  num_anchors = 9 * sum((256 >> l) * (128 >> l) for l in range(3, 8))
+  reg = stages if enabled else 1
+  assert len(out['cls_logits']) == (num_cls if enabled else 1) and len(out['box_deltas']) == reg
+  for x in out['cls_logits']:
+    assert (x.shape, x.dtype) == ((2, num_anchors, 3), jnp.float32)
+  for x in out['box_deltas']:
+    assert (x.shape, x.dtype) == ((2, num_anchors, 4), jnp.float32)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+
+
+def test_trainable_mask():
+  c = ref.tiny_config(**{'model.backbone.freeze_at': 2})
+  params = _shapes(c)['params']
+  mask = detector.trainable_mask(params, c)
+  assert jax.tree.structure(mask) == jax.tree.structure(params)
+  flat = {'/'.join(k.key for k in path): m for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert not flat['backbone/conv1/kernel'] and not flat['backbone/layer1/block1/conv2/kernel']
+  assert flat['backbone/layer2/block0/conv1/kernel'] and flat['fpn/p6/kernel'] and flat['head/cls_pred/bias']
+  c.model.backbone.freeze_at = 0
+  assert all(jax.tree.leaves(detector.trainable_mask(params, c)))
+
+
+def np_decode(deltas, anchors, clamp=np.log(1000 / 16)):
+  w, h = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+  cx, cy = anchors[..., 0] + w / 2, anchors[..., 1] + h / 2
+  cx, cy = cx + deltas[..., 0] * w, cy + deltas[..., 1] * h
+  w, h = w * np.exp(np.minimum(deltas[..., 2], clamp)), h * np.exp(np.minimum(deltas[..., 3], clamp))
+  return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+@pytest.mark.parametrize('variant,stages,steps,cls_index', [
+    ('consistent', 2, 0, 0), ('consistent', 2, 1, 0), ('cascade', 3, 0, 2), ('cascade', 3, 2, 1)])
+def test_predict_boxes(variant, stages, steps, cls_index):
+  c = ref.tiny_config(**{'model.head.variant': variant, 'consistent.enabled': True,
+                         'consistent.num_reg_terms': stages, 'consistent.inference_reg_steps': steps})
+  rng = np.random.default_rng(0)
+  anchors = np.sort(rng.uniform(0, 100, (6, 2, 2)), axis=1).transpose(0, 2, 1).reshape(6, 4).astype(np.float32)
+  num_cls = 1 if variant == 'consistent' else stages
+  outputs = {'cls_logits': tuple(rng.standard_normal((2, 6, 3)).astype(np.float32) for _ in range(num_cls)),
+             'box_deltas': tuple(rng.normal(0, 0.3, (2, 6, 4)).astype(np.float32) for _ in range(stages))}
+  logits, boxes = detector.predict_boxes(outputs, jnp.asarray(anchors), c)
+  want = np.broadcast_to(anchors, (2, 6, 4)).astype(np.float64)
+  for s in range(steps or stages):
+    want = np_decode(outputs['box_deltas'][s], want)
+  np.testing.assert_allclose(boxes, want, rtol=1e-5, atol=1e-3)
+  np.testing.assert_array_equal(logits, outputs['cls_logits'][cls_index])
+
+
+def test_bad_settings():
+  with pytest.raises(ValueError, match='compute_dtype'):
+    detector.build_model(ref.tiny_config(**{'model.compute_dtype': 'float16'}))
+  c = ref.tiny_config(**{'consistent.enabled': True, 'consistent.inference_reg_steps': 3})
+  with pytest.raises(ValueError, match='inference_reg_steps'):
+    detector.inference_steps(c)
