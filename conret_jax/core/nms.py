@@ -47,7 +47,7 @@ def _nms_one(boxes, scores, classes, valid, iou_threshold, max_output, tile):
   s_valid = jnp.pad(valid[order], (0, pad))
   s_index = jnp.pad(order, (0, pad))
   ar = jnp.arange(tile)
-  earlier = ar[None, :] <= ar[:, None]  # [i, j]: j precedes i
+  earlier = ar[None, :] < ar[:, None]  # [i, j]: j precedes i
 
   def cond(carry):
     t, count = carry[0], carry[4]
@@ -68,11 +68,12 @@ def _nms_one(boxes, scores, classes, valid, iou_threshold, max_output, tile):
     overlaps = (pairwise_iou(tb, tb) > iou_threshold) & (tc[:, None] == tc[None, :]) & earlier
 
     def step(state):
-      keep, _ = state
+      keep, _, it = state
       new = candidate & ~jnp.any(overlaps & keep[None, :], axis=1)
-      return new, jnp.any(new != keep)
+      return new, jnp.any(new != keep), it + 1
 
-    keep, _ = jax.lax.while_loop(lambda s: s[1], step, (candidate, jnp.array(True)))
+    # Converges within `tile` steps (position i is final after i + 1 of them); the cap only guards the loop.
+    keep, _, _ = jax.lax.while_loop(lambda s: s[1] & (s[2] <= tile), step, (candidate, jnp.array(True), 0))
     slot = jnp.where(keep, count + jnp.cumsum(keep) - 1, max_output)  # slot max_output (and beyond) is dropped
     kept_boxes = kept_boxes.at[slot].set(tb, mode='drop')
     kept_classes = kept_classes.at[slot].set(tc, mode='drop')

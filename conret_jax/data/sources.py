@@ -11,12 +11,15 @@ tfds: `coco/2017` (splits 'train', 'validation') from a prepared data_dir (local
 trainval35k = 'train+validation[5000:]', minival = 'validation[:5000]' (same sizes, not the same image list;
 COCO 2017's train/val ARE the 2014 trainval35k/minival images, so prefer coco/2017).
 tfds label i (0..79, sorted COCO ids) is COCO category COCO_CATEGORY_IDS[i]; bbox is normalized ymin,xmin,ymax,xmax.
+
+Streamed sources keep training images without annotations (they only add negatives): dropping them would make the
+epoch length unknown before reading, and the step -> position rule needs it. Their rows beyond config.data.max_boxes
+are cut silently (coco_json counts them); 'tfrecord' datasets were already validated by coco_json when converted.
 """
 
 import dataclasses
 import os
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -177,6 +180,3 @@ def table_example(table: coco_json.ExampleTable, max_boxes: int):
     return raw
   return fn
 
-
-def log_source(name, source: Source):
-  logging.info('data %s: %d examples, %d categories', name, source.num_examples, source.info.num_classes)

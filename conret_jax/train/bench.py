@@ -2,7 +2,12 @@
 
 Builds exactly what `conret-train` builds (mesh, model, sharded state, jitted step) and feeds it random images with
 random ground truth already on the devices, so the number is the step alone, not the input pipeline. Times N steps
-after compilation, blocking on each result, and reports the median.
+after compilation and one warm-up step, blocking on each result, and reports the median.
+
+Besides wall-clock time it records the process's CPU time per step (all threads): on a CPU machine shared with other
+jobs, wall time grows with their load while CPU time mostly does not, so CPU seconds are the steadier measure of
+the work done. `StepRunner` keeps a compiled step and its state alive, so a comparison can alternate variants in one
+process (bench/step_compare.py) and machine load drifts affect both alike.
 """
 
 import resource
@@ -10,7 +15,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -40,6 +44,12 @@ def synthetic_batch(config: ml_collections.ConfigDict, image_hw, rng: np.random.
       valid=valid, crowd=np.zeros((b, m), bool))
 
 
+def default_image_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """The padded input the training pipeline feeds: (S, S) for 'square', the landscape bucket for 'short_side'."""
+  from conret_jax.data import preprocess  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  return tuple(next(iter(preprocess.padded_shapes(config.data).values())))
+
+
 def _peak_memory_mb() -> float:
   stats = jax.local_devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
@@ -55,42 +65,71 @@ def _peak_tflops(device) -> float | None:
   return None
 
 
-def run_step_bench(config: ml_collections.ConfigDict, steps: int, image_hw=None) -> dict:
-  """Times `steps` train steps after compilation. Returns the JSON-able result."""
-  config_checks.validate(config)
-  image_hw = tuple(image_hw or (config.data.image_size, config.data.image_size))
-  mesh = mesh_lib.make_mesh(config)
-  model = conret_jax.build_model(config)
-  state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0), (128, 128))
-  train_step = step_lib.make_train_step(model, config, mesh, shardings)
-  batch = jax.device_put(synthetic_batch(config, image_hw, np.random.default_rng(0)), mesh_lib.batch_sharding(mesh))
+class StepRunner:
+  """One compiled train step with its (donated, hence replaced every step) state and a device-resident batch."""
 
-  t0 = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
-  compile_time = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-  flops = float(cost.get('flops', 0.0))
+  def __init__(self, config: ml_collections.ConfigDict, image_hw=None, devices=None):
+    config_checks.validate(config)
+    self.config = config
+    self.image_hw = tuple(image_hw or default_image_hw(config))
+    mesh = mesh_lib.make_mesh(config, devices)
+    model = conret_jax.build_model(config)
+    stride = 2**int(config.model.fpn.max_level)  # parameters do not depend on the image size
+    self.state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0), (stride, stride))
+    train_step = step_lib.make_train_step(model, config, mesh, shardings)
+    self.batch = jax.device_put(synthetic_batch(config, self.image_hw, np.random.default_rng(0)),
+                                mesh_lib.batch_sharding(mesh))
+    t0 = time.perf_counter()
+    self.compiled = train_step.lower(self.state, self.batch).compile()
+    self.compile_time_s = time.perf_counter() - t0
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    self.flops = float(cost.get('flops', 0.0))
+    mem = self.compiled.memory_analysis()
+    self.xla_temp_mb = float(getattr(mem, 'temp_size_in_bytes', 0)) / 2**20 if mem is not None else 0.0
+    self.metrics = None
+    self.run(1)  # warm-up: first-call allocations and thread-pool start-up are not the step
 
-  state, metrics = compiled(state, batch)  # warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t)
-  step_time = statistics.median(times)
-  device = jax.devices()[0]
+  def run(self, steps: int) -> tuple[list[float], list[float]]:
+    """Runs `steps` steps, each timed alone. Returns (wall seconds, process CPU seconds) per step."""
+    wall, cpu = [], []
+    for _ in range(steps):
+      t, c = time.perf_counter(), time.process_time()
+      self.state, self.metrics = self.compiled(self.state, self.batch)
+      jax.block_until_ready((self.state, self.metrics))
+      wall.append(time.perf_counter() - t)
+      cpu.append(time.process_time() - c)
+    return wall, cpu
+
+
+def run_step_bench(config: ml_collections.ConfigDict, steps: int, image_hw=None, devices=None) -> dict:
+  """Times `steps` train steps after compilation and one warm-up step. Returns the JSON-able result.
+
+  Args:
+    config: a full config; the batch is config.train.global_batch_size split over the mesh's devices.
+    steps: timed steps (>= 1); the median is reported.
+    image_hw: input (height, width); default: the padded shape the training pipeline produces.
+    devices: the mesh's devices (default: all).
+  """
+  if steps < 1:
+    raise ValueError(f'steps={steps}: need at least one timed step')
+  devices = list(devices) if devices is not None else None
+  runner = StepRunner(config, image_hw, devices)
+  wall, cpu = runner.run(steps)
+  step_time = statistics.median(wall)
+  n_dev = len(devices) if devices else jax.device_count()
+  device = (devices or jax.devices())[0]
+  batch_size = config.train.global_batch_size
   result = dict(
-      step_time_s=step_time, step_time_min_s=min(times), compile_time_s=compile_time,
-      images_per_s=config.train.global_batch_size / step_time,
-      images_per_s_per_device=config.train.global_batch_size / step_time / jax.device_count(),
-      peak_memory_mb=_peak_memory_mb(), device=f'{jax.device_count()}x {getattr(device, "device_kind", device.platform)}',
-      global_batch_size=config.train.global_batch_size, image_hw=list(image_hw), steps=steps,
+      step_time_s=step_time, step_time_min_s=min(wall), step_time_max_s=max(wall),
+      step_cpu_s=statistics.median(cpu), compile_time_s=runner.compile_time_s,
+      images_per_s=batch_size / step_time, images_per_s_per_device=batch_size / step_time / n_dev,
+      peak_memory_mb=_peak_memory_mb(), xla_temp_mb=runner.xla_temp_mb,
+      device=f'{n_dev}x {getattr(device, "device_kind", device.platform)}',
+      global_batch_size=batch_size, image_hw=list(runner.image_hw), steps=steps,
       consistent=bool(config.consistent.enabled), compute_dtype=config.model.compute_dtype,
-      step_tflops=flops / 1e12, loss=float(metrics['loss']))
+      step_tflops=runner.flops / 1e12, loss=float(runner.metrics['loss']))
   peak = _peak_tflops(device)
-  if peak and flops:
-    result['mfu'] = flops / step_time / (peak * 1e12 * jax.device_count())
+  if peak and runner.flops:
+    result['mfu'] = runner.flops / step_time / (peak * 1e12 * n_dev)
   return result

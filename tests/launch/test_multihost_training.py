@@ -99,21 +99,34 @@ def _env(devices: int | None = None) -> dict:
 
 
 def _start(log: pathlib.Path, command: list, env: dict) -> tuple:
-  out = open(log, 'w')  # pylint: disable=consider-using-with  (closed in _finish)
+  out = open(log, 'w')  # pylint: disable=consider-using-with  (closed in _stop/_finish)
   proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                           cwd=log.parent)
   return proc, out, log
 
 
-def _finish(job) -> str:
-  proc, out, log = job
-  try:
-    proc.wait(timeout=HANG_GUARD_S)
-  finally:
-    if proc.poll() is None:
+def _stop(job) -> None:
+  """Ends a job that is still running: SIGTERM (the launcher forwards it to its processes), then SIGKILL."""
+  proc, out, _ = job
+  if proc.poll() is None:
+    proc.terminate()
+    try:
+      proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
       proc.kill()
       proc.wait()
-    out.close()
+  out.close()
+
+
+def _finish(job) -> str:
+  """Waits for a job; returns its output, or fails the test with the output's tail."""
+  proc, _, log = job
+  try:
+    proc.wait(timeout=HANG_GUARD_S)
+  except subprocess.TimeoutExpired:
+    pass
+  finally:  # also on KeyboardInterrupt: no job outlives the test
+    _stop(job)
   text = log.read_text()
   assert proc.returncode == 0, f'{log.name} failed with {proc.returncode}:\n{text[-6000:]}'
   return text
@@ -156,7 +169,10 @@ def runs(tmp_path_factory):
   # A and B are independent: run them side by side (XLA compiles mostly on one thread).
   job_a = _start(base / 'a.log', _multiprocess(*_train(config_file, a)), _env())
   job_b = _start(base / 'b.log', _train(config_file, b), _env(devices=4))
-  logs = {'a': _finish(job_a), 'b': _finish(job_b)}
+  try:
+    logs = {'a': _finish(job_a), 'b': _finish(job_b)}
+  finally:  # never leave B running when A failed
+    _stop(job_b)
   metrics_a = _metrics(a)
   logs['c'] = _finish(_start(base / 'c.log', _train(config_file, a, f'--config.train.num_steps={MORE_STEPS}'),
                              _env(devices=1)))
