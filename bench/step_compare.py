@@ -10,8 +10,9 @@ alternating the variants (A B, B A, A B, ...), so a drift in the load of a share
 step it records wall time and the process's CPU time (all threads; less sensitive to other jobs than wall time).
 The overhead is the ConRetinaNet/RetinaNet ratio of the medians within each pair, summarized over the pairs.
 
-It also times the loss alone, `consistent.loss` under jit, forward and forward+backward to the head outputs (what the
-step adds on top of the network), with RetinaNet's (1, 1) terms and the config's terms, on the step's anchors and
+It also times the loss alone under jit: the targets of every stage (`consistent.stage_targets`: matching of the
+regular and refined anchors), `consistent.loss` forward, and forward+backward to the head outputs (what the step
+adds on top of the network), with RetinaNet's (1, 1) terms and the config's terms, on the step's anchors and
 random head outputs: that isolates the extra matching of the refined anchors and the extra loss terms, and it is
 short enough to repeat many times. Prints a Markdown table and, last, one JSON line.
 """
@@ -81,9 +82,10 @@ def loss_only(configs: dict, image_hw, repeats: int) -> dict:
         'box_deltas': tuple(jnp.asarray(rng.normal(0.0, 0.1, (b, a, 4)), jnp.float32) for _ in range(n_reg))}
     fwd = jax.jit(lambda o, c=config: consistent.loss(o, anchors, batch, c)[0])
     grad = jax.jit(jax.value_and_grad(lambda o, c=config: consistent.loss(o, anchors, batch, c)[0]))
-    funcs[name] = {'forward': fwd, 'forward_backward': grad}
+    tgt = jax.jit(lambda o, c=config: consistent.stage_targets(anchors, o['box_deltas'], batch, c))
+    funcs[name] = {'targets': tgt, 'forward': fwd, 'forward_backward': grad}
     args[name] = (outputs,)
-  times = {name: {kind: ([], []) for kind in ('forward', 'forward_backward')} for name in configs}
+  times = {name: {kind: ([], []) for kind in funcs[name]} for name in configs}
   names = list(configs)
   for r in range(repeats):
     for name in names if r % 2 == 0 else names[::-1]:
@@ -149,13 +151,13 @@ def _table(steps: dict, loss: dict | None) -> str:
                f"{w['max']:.3f}); CPU {c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f}); "
                f"FLOPs {steps['flops_ratio']:.4f}")
   if loss:
-    lines += ['', '| loss alone (jit) | terms | forward wall / CPU ms | forward+backward wall / CPU ms |',
-              '|---|---|---|---|']
+    lines += ['', '| loss alone (jit), wall / CPU ms | terms | targets (matching) | loss forward | forward+backward |',
+              '|---|---|---|---|---|']
     for name in steps['variants']:
       v = loss[name]
-      f, g = v['forward'], v['forward_backward']
-      lines.append(f"| {name} | {tuple(v['terms'])} | {1e3 * f['wall_s']:.1f} / {1e3 * f['cpu_s']:.1f} | "
-                   f"{1e3 * g['wall_s']:.1f} / {1e3 * g['cpu_s']:.1f} |")
+      cells = [f"{1e3 * v[kind]['wall_s']:.1f} / {1e3 * v[kind]['cpu_s']:.1f}"
+               for kind in ('targets', 'forward', 'forward_backward')]
+      lines.append(f"| {name} | {tuple(v['terms'])} | {' | '.join(cells)} |")
   return '\n'.join(lines)
 
 

@@ -42,7 +42,9 @@ def inference_steps(config: ml_collections.ConfigDict) -> int:
   """Regressions applied at inference (Table 3's "2*" applies 1 of 2)."""
   trained = num_regression_stages(config)
   steps = int(config.consistent.inference_reg_steps) or trained
-  return min(steps, trained)
+  if not 1 <= steps <= trained:
+    raise ValueError(f'config.consistent.inference_reg_steps={steps} but the model has {trained} regression stages')
+  return steps
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -130,13 +132,17 @@ def loss(outputs: dict, anchors: jax.Array, batch: dict,
   n_cls_norm = losses.normalizer(jnp.sum(per_stage[0]['num_positives']))
   for s, t in enumerate(per_stage):
     metrics[f'num_pos_{s}'] = jnp.sum(t['num_positives'])
-  for s in range(n_cls):
-    logits = cls_logits[min(s, len(cls_logits) - 1)].astype(jnp.float32)
-    weight = 1.0 if s == 0 else config.consistent.alpha
-    term = weight * losses.classification_loss(
-        logits, per_stage[s]['cls_labels'], alpha=config.loss.focal_alpha, gamma=config.loss.focal_gamma) / n_cls_norm
-    metrics[f'cls_loss_{s}'] = term
-    total = total + term
+  # Terms that score the same classifier share one focal-loss evaluation (Figure 4(d): all of them).
+  classifier_of = [min(s, len(cls_logits) - 1) for s in range(n_cls)]
+  for c in sorted(set(classifier_of)):
+    terms = [s for s in range(n_cls) if classifier_of[s] == c]
+    sums = losses.classification_losses(
+        cls_logits[c].astype(jnp.float32), [per_stage[s]['cls_labels'] for s in terms],
+        alpha=config.loss.focal_alpha, gamma=config.loss.focal_gamma)
+    for s, term_sum in zip(terms, sums):
+      weight = 1.0 if s == 0 else config.consistent.alpha
+      metrics[f'cls_loss_{s}'] = weight * term_sum / n_cls_norm
+      total = total + metrics[f'cls_loss_{s}']
   for s in range(n_reg):
     t = per_stage[s]
     term = config.loss.box_loss_weight * losses.box_loss(

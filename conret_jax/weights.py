@@ -16,7 +16,8 @@ torch. torchvision's legacy names (checkpoints saved before torchvision 0.13, e.
 Layout written by `conret-import` (conret_jax/cli/import_weights.py): DIR is an orbax StandardCheckpointer
 checkpoint of a variables dict with the nesting of `init_variables`: {'params': {...}, 'frozen' | 'batch_stats':
 {...}}. A RetinaNet import holds the whole tree; a ResNet import holds only the 'backbone' subtree of each
-collection. `restore_imported(DIR)` reads it; `merge_imported(variables, imported)` overrides the matching leaves.
+collection. The trainer reads it through `config.init_from` (train/checkpoint.py: `load_variables`, `init_from`,
+which copy the leaves that match by path and shape).
 """
 
 import json
@@ -267,26 +268,3 @@ def save_imported(directory: str, variables: dict) -> None:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(directory), variables)
     ckptr.wait_until_finished()
-
-
-def restore_imported(directory: str) -> dict:
-  """The variables dict written by `save_imported` / `conret-import` (arrays on the default device)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(directory))
-
-
-def merge_imported(variables: dict, imported: dict) -> dict:
-  """`variables` with every leaf present in `imported` replaced (shapes checked); other leaves kept."""
-  def merge(base, new, path):
-    if not isinstance(new, dict):
-      if tuple(np.shape(base)) != tuple(np.shape(new)):
-        raise ValueError(f'{path}: imported shape {np.shape(new)} != model shape {np.shape(base)}')
-      return new
-    if not isinstance(base, dict):
-      raise ValueError(f'{path}: imported a subtree where the model has a leaf')
-    unknown = set(new) - set(base)
-    if unknown:
-      raise ValueError(f'{path}: imported entries {sorted(unknown)} are not in the model')
-    return {k: merge(base[k], new[k], f'{path}/{k}') if k in new else base[k] for k in base}
-  return merge(dict(variables), imported, '')

@@ -6,3 +6,9 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # tests run on CPU; keeps TF/JAX off any local GPU
+# One persistent compilation cache for the whole run, shared with the subprocesses the CLI and multi-host tests
+# start: their runs compile the same programs (a resumed run, a second topology), so later ones load them.
+import tempfile  # noqa: E402
+
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'conret_jax_test_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')

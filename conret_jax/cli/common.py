@@ -81,16 +81,9 @@ def setup(name: str, *, distributed_init: bool = True):
 
 
 def abstract_train_state(model, config, mesh):
-  """The TrainState's shapes and dtypes (no memory used), each leaf carrying its sharding on `mesh`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from conret_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-
-  stride = 2**int(config.model.fpn.max_level)  # parameters do not depend on the image size
-  abstract = jax.eval_shape(lambda r: state_lib.create_train_state(model, config, r, (stride, stride)),
-                            jax.random.PRNGKey(0))
-  shardings = mesh_lib.state_shardings(mesh, abstract)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  """The TrainState's shapes, dtypes and shardings on `mesh` (see train.step.abstract_state)."""
+  from conret_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  return step_lib.abstract_state(model, config, mesh)
 
 
 def restore_for_inference(config, workdir: str, step: int | None = None, devices=None):
@@ -117,8 +110,8 @@ def restore_for_inference(config, workdir: str, step: int | None = None, devices
                                 'train first (conret-train) or point --config.init_from at imported weights')
       logging.info('no checkpoint in %s: using the weights of config.init_from=%s', checkpointer.directory,
                    config.init_from)
-      shardings = jax.tree.map(lambda a: a.sharding, abstract)
-      fresh = jax.jit(lambda r: _fresh_state(model, config, r), out_shardings=shardings)(jax.random.PRNGKey(0))
+      from conret_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+      fresh, _ = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0))
       return model, ckpt_lib.init_from(fresh, config.init_from).variables(), 0, mesh
     step = checkpointer.latest_step() if step is None else int(step)
     state, _ = checkpointer.restore(step, abstract)
@@ -126,8 +119,3 @@ def restore_for_inference(config, workdir: str, step: int | None = None, devices
     checkpointer.close()
   return model, state.variables(), step, mesh
 
-
-def _fresh_state(model, config, rng):
-  from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  stride = 2**int(config.model.fpn.max_level)
-  return state_lib.create_train_state(model, config, rng, (stride, stride))

@@ -8,6 +8,7 @@ The focal loss is optax.sigmoid_focal_loss: elementwise, no reduction, alpha_t =
 and torchvision.ops.sigmoid_focal_loss, and stable for extreme logits.
 """
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -32,6 +33,39 @@ def smooth_l1(x, beta: float) -> jnp.ndarray:
   return jnp.where(ax < beta, 0.5 * x * x / safe_beta, ax - 0.5 * beta)
 
 
+def focal_loss_parts(logits, alpha: float | None = 0.25, gamma: float = 2.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Elementwise focal loss of each logit if its target were 1 (pos) and if it were 0 (neg), float32.
+
+  Same values as sigmoid_focal_loss with 0/1 targets; log-sigmoids keep it finite for extreme logits.
+  """
+  x = jnp.asarray(logits, jnp.float32)
+  log_p, log_q = jax.nn.log_sigmoid(x), jax.nn.log_sigmoid(-x)  # log p, log (1 - p)
+  a_pos, a_neg = (1.0, 1.0) if alpha is None or alpha < 0 else (alpha, 1.0 - alpha)
+  pos = -a_pos * jnp.exp(gamma * log_q) * log_p
+  neg = -a_neg * jnp.exp(gamma * log_p) * log_q
+  return pos, neg
+
+
+def classification_losses(logits, label_sets, *, alpha: float, gamma: float) -> list[jnp.ndarray]:
+  """Focal-loss sums of ONE prediction against several label sets, one scalar per set.
+
+  The consistent terms of Eq. 1 score the same logits against the labels of the regular and of the refined
+  anchors: the exponentials and logarithms are computed once and each set only selects and sums.
+
+  Args:
+    logits: [B, A, K] class logits.
+    label_sets: sequence of [B, A] int32: class index for positives, -1 background (all-zero target), -2 ignored.
+  Returns: list of scalar float32 sums over the non-ignored anchors and all classes.
+  """
+  num_classes = logits.shape[-1]
+  pos, neg = focal_loss_parts(logits, alpha, gamma)
+  sums = []
+  for cls_labels in label_sets:
+    onehot = cls_labels[..., None] == jnp.arange(num_classes, dtype=cls_labels.dtype)
+    sums.append(jnp.sum(jnp.where((cls_labels >= -1)[..., None], jnp.where(onehot, pos, neg), 0.0)))
+  return sums
+
+
 def classification_loss(logits, cls_labels, *, alpha: float, gamma: float) -> jnp.ndarray:
   """Focal loss summed over all classes of the non-ignored anchors.
 
@@ -40,10 +74,7 @@ def classification_loss(logits, cls_labels, *, alpha: float, gamma: float) -> jn
     cls_labels: [B, A] int32: class index for positives, -1 background (all-zero target), -2 ignored.
   Returns: scalar float32 sum.
   """
-  num_classes = logits.shape[-1]
-  targets = cls_labels[..., None] == jnp.arange(num_classes, dtype=cls_labels.dtype)
-  loss = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma)
-  return jnp.sum(jnp.where((cls_labels >= -1)[..., None], loss, 0.0))
+  return classification_losses(logits, [cls_labels], alpha=alpha, gamma=gamma)[0]
 
 
 def box_loss(deltas, box_targets, positive, *, beta: float) -> jnp.ndarray:

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 SHAPE_NAMES = ('circle', 'square', 'triangle', 'cross', 'ring')
 CATEGORY_IDS = (3, 7, 11, 15, 19)
 DEFAULT_NUM_EXAMPLES = {'train': 2000, 'val': 200}
-FORMAT_VERSION = 1  # bump when the drawing changes, so old caches are not reused
+FORMAT_VERSION = 2  # bump when the drawing changes, so old caches are not reused
 
 
 def _draw_shape(draw, kind, cx, cy, size, colour):
@@ -55,6 +55,13 @@ def _iou(a, b):
   return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
+def _covered(a, b):
+  """Fraction of box a's area inside box b."""
+  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  return iw * ih / ((a[2] - a[0]) * (a[3] - a[1]))
+
+
 def _random_colour(rng, bg):
   while True:
     c = tuple(int(v) for v in rng.randint(0, 256, 3))
@@ -81,8 +88,9 @@ def make_image(rng: np.random.RandomState):
       r = size / 2
       cx, cy = min(max(cx, r), width - r), min(max(cy, r), height - r)
       box = (cx - r, cy - r, cx + r, cy + r)
-      # Overlap, but keep every object mostly visible (a detector cannot find what is fully hidden).
-      if all(_iou(box, o) < 0.4 for o in objects):
+      # Overlap, but keep every earlier object mostly visible: a later shape may cover at most 30% of an earlier
+      # one's box (a detector cannot find what is hidden, and the label would be noise).
+      if all(_iou(box, o) < 0.4 and _covered(o, box) < 0.3 for o in objects):
         break
     else:
       continue

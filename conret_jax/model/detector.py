@@ -2,7 +2,6 @@
 
   build_model(config) -> RetinaNet                      the network of config.model / config.consistent
   init_variables(model, rng, image_hw, batch_size=1)    {'params', and 'frozen' | 'batch_stats' by backbone.norm}
-  num_reg_stages(config) -> int                         R = consistent.num_reg_terms if consistent.enabled else 1
   trainable_mask(params, config) -> pytree of bool      False for the backbone's frozen prefix (backbone.freeze_at)
   predict_boxes(outputs, anchors, config)               the inference regression steps (detect and evaluation)
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 
+from conret_jax import consistent
 from conret_jax.core import boxes as box_ops
 from conret_jax.core.anchors import num_anchors_per_location
 from conret_jax.model.fpn import fpn_from_config
@@ -26,11 +26,6 @@ from conret_jax.model.heads import RetinaHead
 from conret_jax.model.resnet import frozen_module_names, resnet_from_config
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def num_reg_stages(config) -> int:
-  """R, the number of regression stages the model predicts."""
-  return int(config.consistent.num_reg_terms) if config.consistent.enabled else 1
 
 
 def compute_dtype(model_config):
@@ -65,7 +60,7 @@ class RetinaNet(nn.Module):
 def build_model(config) -> RetinaNet:
   """The network of `config` (a base_config()-shaped ConfigDict)."""
   compute_dtype(config.model)  # fail early on a bad dtype name
-  return RetinaNet(model_config=ml_collections.FrozenConfigDict(config.model), num_stages=num_reg_stages(config))
+  return RetinaNet(model_config=ml_collections.FrozenConfigDict(config.model), num_stages=consistent.num_regression_stages(config))
 
 
 def init_variables(model: RetinaNet, rng, image_hw=(512, 512), batch_size: int = 1) -> dict:
@@ -93,15 +88,6 @@ def trainable_mask(params, config):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def inference_steps(config) -> int:
-  """Regressions applied at inference: consistent.inference_reg_steps, or all R trained ones when 0."""
-  r = num_reg_stages(config)
-  steps = int(config.consistent.inference_reg_steps) or r
-  if not 1 <= steps <= r:
-    raise ValueError(f'consistent.inference_reg_steps={steps} but the model has {r} regression stages')
-  return steps
-
-
 def predict_boxes(outputs, anchors, config):
   """The inference regression steps shared by detect and evaluation.
 
@@ -113,7 +99,7 @@ def predict_boxes(outputs, anchors, config):
     anchors), then decode(deltas[s], boxes) for s = 1..steps-1; logits of classifier min(steps, len) - 1.
   """
   m = config.model
-  steps = inference_steps(config)
+  steps = consistent.inference_steps(config)
   deltas = outputs['box_deltas']
   boxes = jnp.broadcast_to(anchors, deltas[0].shape)
   for s in range(steps):

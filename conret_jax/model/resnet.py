@@ -103,7 +103,7 @@ class Norm(nn.Module):
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=(0, 1, 2))
         var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
-        if not self.is_initializing():
+        if not self.is_initializing():  # running var uses the biased batch var (torch: unbiased; negligible)
           ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
           ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
       else:

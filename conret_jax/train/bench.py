@@ -74,8 +74,7 @@ class StepRunner:
     self.image_hw = tuple(image_hw or default_image_hw(config))
     mesh = mesh_lib.make_mesh(config, devices)
     model = conret_jax.build_model(config)
-    stride = 2**int(config.model.fpn.max_level)  # parameters do not depend on the image size
-    self.state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0), (stride, stride))
+    self.state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0))
     train_step = step_lib.make_train_step(model, config, mesh, shardings)
     self.batch = jax.device_put(synthetic_batch(config, self.image_hw, np.random.default_rng(0)),
                                 mesh_lib.batch_sharding(mesh))

@@ -24,10 +24,6 @@ from conret_jax.train import mesh as mesh_lib
 from conret_jax.train import step as step_lib
 from conret_jax.train.metrics_writer import MetricsWriter
 
-# Parameters do not depend on the image size, so the state is initialized on the smallest valid input.
-_INIT_HW = (128, 128)
-
-
 class NonFiniteLossError(RuntimeError):
   """The loss or the gradient became NaN/inf; the state keeps the last finite update."""
 
@@ -90,17 +86,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                train_info.num_classes)
 
   model = conret_jax.build_model(config)
-  state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(config.train.seed), _INIT_HW)
+  abstract = step_lib.abstract_state(model, config, mesh)
+  shardings = step_lib.shardings_of(abstract)
   checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
                                        keep=config.checkpoint.keep, config=config)
-  start_step = 0
   latest = checkpointer.latest_step()
   if latest is not None:
-    state, _ = checkpointer.restore(latest, state)
+    # Straight into the target shardings: a resumed run never builds (or compiles) a fresh state, and a
+    # checkpoint of another model is refused here, before anything compiles.
+    state, _ = checkpointer.restore(latest, abstract)
     start_step = int(latest)
     logging.info('resumed from %s at step %d', checkpointer.directory, start_step)
-  elif config.init_from:
-    state = ckpt_lib.init_from(state, config.init_from)
+  else:
+    state, _ = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(config.train.seed))
+    start_step = 0
+    if config.init_from:
+      state = ckpt_lib.init_from(state, config.init_from)
 
   train_step = step_lib.make_train_step(model, config, mesh, shardings)
   batches = data_lib.make_train_iterator(config, mesh, batch_sharding, start_step=start_step)

@@ -75,12 +75,30 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, mesh: M
                  donate_argnums=(0,))
 
 
-def init_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array,
-               image_hw: tuple[int, int]) -> tuple[TrainState, object]:
-  """A fresh state created directly in its shardings (no full copy on one device). Returns (state, shardings)."""
+def _create_fn(model: nn.Module, config: ml_collections.ConfigDict, image_hw=None):
   from conret_jax.train.state import create_train_state
-  create = lambda r: create_train_state(model, config, r, image_hw)
-  abstract = jax.eval_shape(create, rng)
+  # Parameters do not depend on the image size: initialize on the smallest input the anchors can tile.
+  stride = 2 ** int(config.model.fpn.max_level)
+  image_hw = tuple(image_hw or (stride, stride))
+  return lambda rng: create_train_state(model, config, rng, image_hw)
+
+
+def abstract_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh):
+  """The TrainState's shapes and dtypes (no memory, no compilation), each leaf carrying its sharding on `mesh`:
+  the target of a checkpoint restore, which then never builds a fresh state first."""
+  abstract = jax.eval_shape(_create_fn(model, config), jax.random.PRNGKey(0))
   shardings = mesh_lib.state_shardings(mesh, abstract)
-  state = jax.jit(create, out_shardings=shardings)(rng)
+  return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def shardings_of(abstract) -> object:
+  """The sharding pytree of an abstract (or concrete) state."""
+  return jax.tree_util.tree_map(lambda a: a.sharding, abstract)
+
+
+def init_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array,
+               image_hw: tuple[int, int] | None = None) -> tuple[TrainState, object]:
+  """A fresh state created directly in its shardings (no full copy on one device). Returns (state, shardings)."""
+  shardings = shardings_of(abstract_state(model, config, mesh))
+  state = jax.jit(_create_fn(model, config, image_hw), out_shardings=shardings)(rng)
   return state, shardings

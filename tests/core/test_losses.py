@@ -97,3 +97,26 @@ def test_box_loss_sum_over_positives():
 def test_normalizer():
   np.testing.assert_array_equal(np.asarray(jax.jit(losses.normalizer)(jnp.array([0.0, 0.5, 3.0]))), [1, 1, 3])
   assert float(losses.normalizer(7)) == 7.0
+
+
+def test_focal_parts_match_reference_for_both_targets():
+  rng = np.random.default_rng(3)
+  x = rng.normal(0, 4, (4, 6)).astype(np.float32)
+  x[0, :4] = [-30.0, 30.0, 0.0, 15.0]
+  for alpha, gamma in [(0.25, 2.0), (None, 2.0), (0.5, 0.0)]:
+    pos, neg = jax.jit(losses.focal_loss_parts, static_argnums=(1, 2))(x, alpha, gamma)
+    np.testing.assert_allclose(pos, np_focal(x, np.ones_like(x), alpha, gamma), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(neg, np_focal(x, np.zeros_like(x), alpha, gamma), rtol=1e-4, atol=1e-7)
+    assert np.all(np.isfinite(jax.grad(lambda v: sum(map(jnp.sum, losses.focal_loss_parts(v, alpha, gamma))))(x)))
+
+
+def test_classification_losses_equal_separate_terms():
+  """Several label sets on one prediction (Eq. 1): each sum equals its own classification_loss."""
+  rng = np.random.default_rng(4)
+  logits = rng.normal(-1, 2, (2, 30, 5)).astype(np.float32)
+  sets = [rng.integers(-2, 5, (2, 30)).astype(np.int32) for _ in range(3)]
+  sums = jax.jit(lambda l, s: losses.classification_losses(l, s, alpha=0.25, gamma=2.0))(logits, sets)
+  for labels, got in zip(sets, sums):
+    onehot = (labels[..., None] == np.arange(5)).astype(np.float32)
+    want = np.sum(np_focal(logits, onehot) * (labels >= -1)[..., None])
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)

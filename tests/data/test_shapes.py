@@ -58,7 +58,7 @@ def test_shapes_source_generates_once_into_cache(tmp_path):
   assert batch['images'].shape == (4, 128, 128, 3) and batch['valid'].any()
   info = pipeline.dataset_info(config.data.eval, config)
   assert info.category_ids == [3, 7, 11, 15, 19] and info.num_examples == 8
-  assert sorted(os.listdir(tmp_path)) == ['v1_train_n8_seed0', 'v1_val_n8_seed0']  # no temp dirs left
-  stamp = os.path.getmtime(tmp_path / 'v1_train_n8_seed0' / 'annotations' / 'instances_train.json')
+  assert sorted(os.listdir(tmp_path)) == [f'v{shapes.FORMAT_VERSION}_train_n8_seed0', f'v{shapes.FORMAT_VERSION}_val_n8_seed0']  # no temp dirs left
+  stamp = os.path.getmtime(tmp_path / f'v{shapes.FORMAT_VERSION}_train_n8_seed0' / 'annotations' / 'instances_train.json')
   shapes.ensure_shapes_split(config.data.train)
-  assert os.path.getmtime(tmp_path / 'v1_train_n8_seed0' / 'annotations' / 'instances_train.json') == stamp
+  assert os.path.getmtime(tmp_path / f'v{shapes.FORMAT_VERSION}_train_n8_seed0' / 'annotations' / 'instances_train.json') == stamp

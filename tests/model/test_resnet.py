@@ -103,7 +103,7 @@ def test_group_norm(channels, groups):
 def test_freeze_at_stops_gradients_and_mask():
   model = ResNet(depth=18, width=8, norm='gn', freeze_at=2)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
-  v = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+  v = ref.random_like(_shapes(model, x.shape))
 
   def loss(params):
     return sum(jnp.sum(o ** 2) for o in model.apply({'params': params}, x, train=True))
@@ -121,7 +121,7 @@ def test_freeze_at_stops_gradients_and_mask():
 def test_frozen_prefix_bn_keeps_running_stats_in_training():
   model = ResNet(depth=18, width=8, norm='bn', freeze_at=2)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3)) + 3, jnp.float32)
-  v = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+  v = ref.random_like(_shapes(model, x.shape))
   _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(v, x)
   same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), v['batch_stats'], updates['batch_stats'])
   assert all(jax.tree.leaves(same['layer1'])) and all(jax.tree.leaves(same['norm1']))
@@ -130,9 +130,11 @@ def test_frozen_prefix_bn_keeps_running_stats_in_training():
 
 def test_bfloat16_compute_keeps_float32_params():
   model = ResNet(depth=18, width=8, dtype=jnp.bfloat16)
-  x = jnp.ones((1, 64, 64, 3))
-  (c3, c4, c5), v = jax.jit(lambda x: model.init_with_output(jax.random.key(0), x, train=False))(x)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 64, 3)), jnp.float32)
+  shapes = _shapes(model, x.shape)
+  assert {a.dtype for a in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}  # params stay float32
+  v = ref.random_like(shapes)
+  c3, c4, c5 = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
   assert c5.dtype == jnp.bfloat16
-  assert {a.dtype for a in jax.tree.leaves(v)} == {jnp.dtype(jnp.float32)}
   f32 = jax.jit(lambda v, x: ResNet(depth=18, width=8).apply(v, x, train=False))(v, x)[2]
   np.testing.assert_allclose(np.asarray(c5, np.float32), f32, rtol=0.1, atol=0.1 * float(jnp.abs(f32).max()))

@@ -15,30 +15,41 @@ from test_detector import torchvision_config
 SIZE = 256
 
 
-def _torchvision_model():
+def _normalize(images):
+  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+  return (torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0 - mean) / std
+
+
+def _torchvision_model(images):
+  """Seeded random weights, conditioned so that detections are non-trivial: BN statistics measured on `images`
+  (then a random affine), head convs at a ReLU-preserving scale, class logits around -6.5 with unit spread (about a
+  hundred detections above 0.05 per image, below the 300 cap), box deltas of about 0.2."""
   torch.manual_seed(0)
   model = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
-  with torch.no_grad():  # make BN and the predictions non-trivial so there are detections to compare
+  with torch.no_grad():
     for m in model.modules():
       if isinstance(m, torch.nn.BatchNorm2d):
-        m.running_mean.normal_(0, 0.1)
-        m.running_var.uniform_(0.5, 1.5)
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration pass
         m.weight.uniform_(0.5, 1.5)
         m.bias.normal_(0, 0.1)
+    model.train()
+    model.backbone(_normalize(images))
     head = model.head
-    head.classification_head.cls_logits.weight.normal_(0, 0.03)
-    head.classification_head.cls_logits.bias.normal_(-3.0, 1.0)
-    head.regression_head.bbox_reg.weight.normal_(0, 0.02)
-    head.regression_head.bbox_reg.bias.normal_(0, 0.2)
+    fan_in = 9 * 256
+    for block in list(head.classification_head.conv) + list(head.regression_head.conv):
+      block[0].weight.normal_(0, (2 / fan_in) ** 0.5)
+    head.classification_head.cls_logits.weight.normal_(0, 0.4 / fan_in ** 0.5)
+    head.classification_head.cls_logits.bias.normal_(-6.5, 0.3)
+    head.regression_head.bbox_reg.weight.normal_(0, 0.08 / fan_in ** 0.5)
   return model.eval()
 
 
 def _torchvision_detect(model, images):
   """images [B, H, W, 3] float 0..255 -> list of torchvision detections, via the model's own parts."""
   from torchvision.models.detection.image_list import ImageList  # pylint: disable=g-import-not-at-top
-  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-  x = (torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0 - mean) / std
+  x = _normalize(images)
   sizes = [tuple(x.shape[-2:])] * x.shape[0]
   with torch.no_grad():
     features = list(model.backbone(x).values())
@@ -54,14 +65,15 @@ def _iou(a, b):
   lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
   inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
   area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-  return inter / (area(a)[:, None] + area(b)[None] - inter)
+  union = area(a)[:, None] + area(b)[None] - inter
+  return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 def test_detections_match_torchvision():
-  tv_model = _torchvision_model()
   rng = np.random.default_rng(0)
   # A smooth random image (upsampled noise) gives structured features rather than pure noise.
   images = np.kron(rng.uniform(0, 255, (2, SIZE // 8, SIZE // 8, 3)), np.ones((1, 8, 8, 1))).astype(np.float32)
+  tv_model = _torchvision_model(images)
   want = _torchvision_detect(tv_model, images)
 
   config = torchvision_config()
@@ -73,11 +85,17 @@ def test_detections_match_torchvision():
     w_boxes, w_scores, w_labels = (w[k].numpy() for k in ('boxes', 'scores', 'labels'))
     n = int(got['valid'][i].sum())
     g_boxes, g_scores, g_labels = (np.asarray(got[k][i, :n]) for k in ('boxes', 'scores', 'classes'))
-    assert len(w_scores) >= 20, 'weights give too few detections for a meaningful comparison'
-    # Detections within 2e-3 of the score threshold may legitimately flip; all others must be present in both.
-    assert abs(n - len(w_scores)) <= int(np.sum(np.abs(w_scores - config.eval.score_threshold) < 2e-3)) + 0
+    assert 20 <= len(w_scores) < config.eval.max_detections, 'the comparison needs non-trivial, uncapped output'
+    # Only a detection within 2e-3 of the score threshold may legitimately appear on one side only.
+    borderline = lambda scores: np.abs(scores - config.eval.score_threshold) < 2e-3
     iou = _iou(w_boxes, g_boxes)
-    for j in range(len(w_scores)):
-      same = (g_labels == w_labels[j]) & (iou[j] >= 0.99) & (np.abs(g_scores - w_scores[j]) <= 2e-3)
-      assert same.any(), f'image {i}: torchvision detection {j} (class {w_labels[j]}, score {w_scores[j]:.4f}, ' \
-                         f'box {w_boxes[j]}) has no match'
+    match = (w_labels[:, None] == g_labels[None]) & (iou >= 0.99) & (
+        np.abs(w_scores[:, None] - g_scores[None]) <= 2e-3)
+    for j in np.nonzero(~match.any(axis=1) & ~borderline(w_scores))[0]:
+      pytest.fail(f'image {i}: torchvision detection (class {w_labels[j]}, score {w_scores[j]:.4f}, box '
+                  f'{w_boxes[j]}) has no match')
+    for j in np.nonzero(~match.any(axis=0) & ~borderline(g_scores))[0]:
+      pytest.fail(f'image {i}: our detection (class {g_labels[j]}, score {g_scores[j]:.4f}, box {g_boxes[j]}) '
+                  f'has no torchvision match')
+    print(f'image {i}: {len(w_scores)} torchvision / {n} our detections, max score difference '
+          f'{np.abs(w_scores[:min(n, len(w_scores))] - g_scores[:min(n, len(w_scores))]).max():.2e}')

@@ -153,14 +153,3 @@ def test_safetensors_bf16_is_widened(tmp_path):
 def test_unknown_extension():
   with pytest.raises(ValueError, match='unknown weight file type'):
     weights.load_state_dict('weights.h5')
-
-
-def test_merge_imported():
-  base = {'params': {'a': {'w': np.zeros(2)}, 'b': np.ones(3)}}
-  merged = weights.merge_imported(base, {'params': {'a': {'w': np.full(2, 5.0)}}})
-  np.testing.assert_array_equal(merged['params']['a']['w'], [5, 5])
-  np.testing.assert_array_equal(merged['params']['b'], [1, 1, 1])
-  with pytest.raises(ValueError, match='/params/a/w'):
-    weights.merge_imported(base, {'params': {'a': {'w': np.zeros(3)}}})
-  with pytest.raises(ValueError, match='not in the model'):
-    weights.merge_imported(base, {'params': {'c': np.zeros(3)}})
