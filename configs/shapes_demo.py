@@ -13,7 +13,7 @@ from conret_jax import defaults
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg, consistent=True, steps=1500)
+  args = defaults.parse_arg(arg, consistent=True, steps=800)
   config = defaults.base_config()
   m = config.model
   m.num_classes = 5

@@ -36,10 +36,20 @@ def tiny_config(**overrides):
   return c
 
 
-def _run(config, devices, steps=3):
+@pytest.fixture(scope='module')
+def host_state():
+  """One initialization (its compile is the slow part), placed on every mesh below."""
+  config = tiny_config()
+  mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
+  state, _ = step_lib.init_state(conret_jax.build_model(config), config, mesh, jax.random.PRNGKey(0))
+  return jax.device_get(state)
+
+
+def _run(config, devices, host_state, steps=3):
   mesh = mesh_lib.make_mesh(config, devices)
   model = conret_jax.build_model(config)
-  state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0), HW)
+  shardings = step_lib.shardings_of(step_lib.abstract_state(model, config, mesh))
+  state = jax.device_put(host_state, shardings)
   train_step = step_lib.make_train_step(model, config, mesh, shardings)
   host = bench.synthetic_batch(config, HW, np.random.default_rng(0))
   losses = []
@@ -47,20 +57,20 @@ def _run(config, devices, steps=3):
     batch = jax.device_put(host, mesh_lib.batch_sharding(mesh))
     state, metrics = train_step(state, batch)
     losses.append(float(metrics['loss']))
-  return state, losses, train_step
+  return state, losses, train_step, mesh
 
 
 @pytest.fixture(scope='module')
-def one_device():
-  return _run(tiny_config(), jax.devices()[:1])
+def one_device(host_state):
+  return _run(tiny_config(), jax.devices()[:1], host_state)
 
 
 @pytest.mark.parametrize('fsdp', [1, 2])
-def test_eight_devices_match_one(one_device, fsdp):
+def test_eight_devices_match_one(host_state, one_device, fsdp):
   assert jax.device_count() == 8, 'tests/conftest.py must give 8 CPU devices'
-  state1, losses1, _ = one_device
+  state1, losses1, _, _ = one_device
   config = tiny_config(**{'train.fsdp_axis_size': fsdp})
-  state8, losses8, train_step = _run(config, jax.devices())
+  state8, losses8, train_step, _ = _run(config, jax.devices(), host_state)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
   flat1 = jax.tree_util.tree_leaves(jax.device_get(state1.params))
   flat8 = jax.tree_util.tree_leaves(jax.device_get(state8.params))
@@ -74,24 +84,22 @@ def test_eight_devices_match_one(one_device, fsdp):
 
 
 def test_loss_decreases_on_a_repeated_batch(one_device):
-  _, losses, _ = one_device
+  _, losses, _, _ = one_device
   assert losses[-1] < losses[0]
 
 
-def test_non_finite_update_is_dropped():
-  config = tiny_config()
-  mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
-  model = conret_jax.build_model(config)
-  state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0), HW)
-  before = jax.device_get(state.params)
-  train_step = step_lib.make_train_step(model, config, mesh, shardings)
-  batch = bench.synthetic_batch(config, HW, np.random.default_rng(0))
+def test_non_finite_update_is_dropped(host_state, one_device):
+  _, _, train_step, mesh = one_device  # the same compiled step, on a fresh copy of the initial state
+  state = jax.device_put(host_state, step_lib.shardings_of(
+      step_lib.abstract_state(conret_jax.build_model(tiny_config()), tiny_config(), mesh)))
+  batch = bench.synthetic_batch(tiny_config(), HW, np.random.default_rng(0))
   batch['images'][0, 0, 0, 0] = np.nan
   state, metrics = train_step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
   assert float(metrics['finite']) == 0.0
   assert int(state.step) == 1
-  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(jax.device_get(state.params))):
+  for a, b in zip(jax.tree_util.tree_leaves(host_state.params), jax.tree_util.tree_leaves(jax.device_get(state.params))):
     np.testing.assert_array_equal(a, b)
+  assert train_step._cache_size() == 1
 
 
 def test_learning_rate_schedule():
