@@ -266,5 +266,6 @@ def save_imported(directory: str, variables: dict) -> None:
   """Write `variables` as an orbax StandardCheckpointer checkpoint at `directory` (must not exist yet)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(directory), variables)
+    from conret_jax.train.checkpoint import absolute  # pylint: disable=g-import-not-at-top
+    ckptr.save(absolute(directory), variables)
     ckptr.wait_until_finished()

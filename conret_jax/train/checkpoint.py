@@ -93,7 +93,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int | None, config=None, async_save: bool = True):
-    self.directory = os.path.join(workdir, 'checkpoints')
+    self.directory = os.path.join(absolute(workdir), 'checkpoints')
     self.every_steps = int(every_steps or 0)
     self._config = config
     self._fingerprint = None
@@ -172,12 +172,18 @@ class Checkpointer:
     self._manager.close()
 
 
+def absolute(path: str) -> str:
+  """orbax wants absolute paths: a relative local path (`--workdir=runs/x`) is made absolute; gs:// is kept."""
+  return path if '://' in path else os.path.abspath(os.path.expanduser(path))
+
+
 def load_variables(path: str) -> dict:
   """Loads a variables dict ({'params': ..., 'frozen': ...}) saved with ocp.StandardCheckpointer, as numpy.
 
   Leaves come back as host numpy arrays whatever sharding they were saved with; `merge_init` places them.
   """
   checkpointer = ocp.StandardCheckpointer()
+  path = absolute(path)
   metadata = checkpointer.metadata(path)
   tree = getattr(metadata, 'item_metadata', metadata)
   tree = getattr(tree, 'tree', tree)

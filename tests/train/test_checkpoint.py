@@ -195,3 +195,18 @@ def test_init_from_merges_params_and_frozen(tmp_path):
   np.testing.assert_array_equal(merged.frozen['frozen']['bn']['mean'], imported['frozen']['bn']['mean'])
   np.testing.assert_array_equal(merged.opt_state['momentum']['conv']['kernel'],
                                 state.opt_state['momentum']['conv']['kernel'])
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+  """`--workdir=runs/x` (relative, as in the README) works: orbax itself only takes absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  state = _state(3)
+  ckpt = checkpoint.Checkpointer('runs/x', every_steps=1, keep=2, config=_config())
+  assert ckpt.save(1, state, {'step': 1})
+  ckpt.wait()
+  assert ckpt.directory == str(tmp_path / 'runs' / 'x' / 'checkpoints')
+  restored, data = ckpt.restore(None, _abstract(state, lambda x: SingleDeviceSharding(jax.devices()[0])))
+  ckpt.close()
+  _assert_trees_equal(restored, state)
+  assert data == {'step': 1}
+  assert checkpoint.absolute('gs://bucket/run') == 'gs://bucket/run'

@@ -138,3 +138,13 @@ def test_mesh_errors_name_the_key():
     mesh_lib.make_mesh(tiny_config(**{'train.global_batch_size': 6}))
   with pytest.raises(ValueError, match='fsdp_axis_size'):
     mesh_lib.make_mesh(tiny_config(**{'train.fsdp_axis_size': 3}))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss(host_state, one_device):
+  """Mixed precision: convs in bfloat16, parameters, optimizer state and losses in float32."""
+  _, losses_f32, _, _ = one_device
+  config = tiny_config(**{'model.compute_dtype': 'bfloat16'})
+  state, losses, _, _ = _run(config, jax.devices()[:1], host_state, steps=1)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype('float32')}
+  assert np.isfinite(losses[0])
+  np.testing.assert_allclose(losses[0], losses_f32[0], rtol=0.03)
