@@ -6,7 +6,6 @@ resumed run sees the same batches with the same augmentation as an uninterrupted
 a preemption notice) makes the loop save at the next step boundary and exit cleanly.
 """
 
-import os
 import signal
 import time
 
@@ -23,6 +22,7 @@ from conret_jax.train import checkpoint as ckpt_lib
 from conret_jax.train import mesh as mesh_lib
 from conret_jax.train import step as step_lib
 from conret_jax.train.metrics_writer import MetricsWriter
+
 
 class NonFiniteLossError(RuntimeError):
   """The loss or the gradient became NaN/inf; the state keeps the last finite update."""
@@ -142,7 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if lagged is not None:
           _check_finite_lagged(*lagged)
           lagged = None
-        checkpointer.save(step, state, {'step': step}, force=preempted or step == num_steps)
+        # The data item records the pipeline's position (derived from the step; kept for inspection).
+        checkpointer.save(step, state, batches.state(), force=preempted or step == num_steps)
       if preempted:
         checkpointer.wait()
         logging.warning('stopped at step %d after a %s; rerun the same command to resume', step,
