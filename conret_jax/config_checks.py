@@ -7,11 +7,12 @@ cover values that are individually valid but cannot work together.
 import ml_collections
 
 from conret_jax import consistent
+from conret_jax.data.preprocess import PAD_MULTIPLE
+from conret_jax.model.detector import COMPUTE_DTYPES as _DTYPES
+from conret_jax.model.heads import VARIANTS as _VARIANTS
+from conret_jax.model.resnet import DEPTHS, NORMS as _NORMS
 
-_DEPTHS = (18, 34, 50, 101, 152)
-_VARIANTS = ('consistent', 'cascade', 'gated_cascade')
-_NORMS = ('frozen_bn', 'bn', 'gn')
-_DTYPES = ('float32', 'bfloat16', 'float16')
+_DEPTHS = tuple(sorted(DEPTHS))
 _RESIZE = ('square', 'short_side')
 
 
@@ -28,11 +29,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(m.backbone.norm in _NORMS, f'config.model.backbone.norm={m.backbone.norm!r} must be one of {_NORMS}')
   _check(0 <= m.backbone.freeze_at <= 5, f'config.model.backbone.freeze_at={m.backbone.freeze_at} must be in [0, 5]')
   _check(m.head.variant in _VARIANTS, f'config.model.head.variant={m.head.variant!r} must be one of {_VARIANTS}')
-  _check(m.compute_dtype in _DTYPES, f'config.model.compute_dtype={m.compute_dtype!r} must be one of {_DTYPES}')
-  _check(3 <= m.fpn.min_level <= m.fpn.max_level,
-         f'config.model.fpn levels P{m.fpn.min_level}-P{m.fpn.max_level}: need 3 <= min_level <= max_level')
+  _check(m.compute_dtype in _DTYPES,
+         f'config.model.compute_dtype={m.compute_dtype!r} must be one of {sorted(_DTYPES)}')
+  _check(3 <= m.fpn.min_level <= 5 <= m.fpn.max_level,
+         f'config.model.fpn levels P{m.fpn.min_level}-P{m.fpn.max_level}: need 3 <= min_level <= 5 <= max_level '
+         '(C3-C5 feed the pyramid)')
   _check(d.resize in _RESIZE, f'config.data.resize={d.resize!r} must be one of {_RESIZE}')
   stride = 2 ** m.fpn.max_level
+  _check(PAD_MULTIPLE % stride == 0,
+         f'config.model.fpn.max_level={m.fpn.max_level}: the input pipeline pads to multiples of {PAD_MULTIPLE}, '
+         f'which the stride {stride} must divide')
   if d.resize == 'square':
     _check(d.image_size % stride == 0,
            f'config.data.image_size={d.image_size} cannot be tiled by the anchors: the padded side must be a '

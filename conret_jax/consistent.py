@@ -117,7 +117,7 @@ def loss(outputs: dict, anchors: jax.Array, batch: dict,
   Args:
     outputs: the model's {'cls_logits': tuple of [B, A, K], 'box_deltas': tuple of [B, A, 4]} (float32).
     anchors: [A, 4] regular anchors of the input size.
-    batch: the training batch (see CONTRACTS: boxes, classes, valid, crowd).
+    batch: the training batch (layout in conret_jax/data/__init__.py: boxes, classes, valid, crowd).
   Returns:
     (scalar float32 loss, metrics): cls_loss_<s>, box_loss_<s> (each already normalized and weighted as it enters
     the loss) and num_pos_<s> (global positive counts) per stage, and loss.

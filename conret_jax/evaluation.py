@@ -187,7 +187,7 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
     config: the full config (config.data.eval: the source; config.eval: post-processing, num_images, visualize).
     mesh: the device mesh; the eval batches are sharded over all its devices.
     workdir: if set, process 0 writes DIR/eval/step_N/{detections.json, metrics.json, detections.png}.
-    batches: global eval batches (CONTRACTS "Batches"); default `data.make_eval_iterator(config, mesh, ...)`.
+    batches: global eval batches (layout in conret_jax/data/__init__.py); default `data.make_eval_iterator(config, mesh, ...)`.
       Every process must iterate the same batches.
     info: `data.DatasetInfo` of the eval source; default `data.dataset_info(config.data.eval, config)`.
       Without coco_gt, the ground truth is rebuilt from the batches (box areas stand in for mask areas).
@@ -243,7 +243,9 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
     write_eval(out_dir, results, metrics)
     if vis_images:
       from conret_jax import visualize  # pylint: disable=g-import-not-at-top
-      stacked = {k: np.stack([d[k] for d in vis_dets]) for k in vis_dets[0]}
-      visualize.save_grid(np.stack(vis_images), stacked, info.class_names,
+      # short_side batches come in up to two padded shapes; the grid takes those of the first image's shape.
+      same = [i for i, im in enumerate(vis_images) if im.shape == vis_images[0].shape]
+      stacked = {k: np.stack([vis_dets[i][k] for i in same]) for k in vis_dets[0]}
+      visualize.save_grid(np.stack([vis_images[i] for i in same]), stacked, info.class_names,
                           os.path.join(out_dir, 'detections.png'), max_images=num_visualize)
   return metrics

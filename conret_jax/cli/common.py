@@ -20,7 +20,7 @@ from conret_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-
 FLAGS = flags.FLAGS
 
 if 'config' not in FLAGS:  # several tools may share one process in tests
-  config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/conretinanet_coco.py:res=512; '
+  config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/conretinanet_coco.py:depth=50,scale=500; '
                                   'override single keys with --config.train.num_steps=100.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, evaluations (local path or gs://).')
   distributed.define_flags()

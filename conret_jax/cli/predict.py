@@ -78,7 +78,8 @@ def class_metadata(config) -> tuple[list[int], list[str]]:
   """(category_ids, class_names) of the eval dataset; class indices when the dataset cannot be opened here."""
   try:
     from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    info = data_lib.dataset_info(config.data.eval, config)
+    # train=True: the categories only, without building the split's COCO ground truth.
+    info = data_lib.dataset_info(config.data.eval, config, train=True)
     return list(info.category_ids), list(info.class_names)
   except (ImportError, AttributeError, OSError, ValueError) as e:
     logging.warning('class names unavailable (%s); labelling detections by class index', e)

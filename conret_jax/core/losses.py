@@ -3,9 +3,11 @@
 Losses are SUMS; the caller divides by normalizer(number of positives), as RetinaNet does (the paper's Eq. 1-2 use
 the same normalization for every term). Everything is computed in float32 whatever the logits' dtype.
 
-The focal loss is optax.sigmoid_focal_loss: elementwise, no reduction, alpha_t = alpha for targets 1 and
-1 - alpha for targets 0, (1 - p_t)^gamma computed in log space - the same definition as the paper (Lin et al.)
-and torchvision.ops.sigmoid_focal_loss, and stable for extreme logits.
+The focal loss is the paper's (Lin et al.) and torchvision.ops.sigmoid_focal_loss's: alpha_t = alpha for
+targets 1 and 1 - alpha for targets 0, times (1 - p_t)^gamma. Training uses `focal_loss_parts` (log-sigmoids, stable
+for extreme logits), which evaluates each logit once for both targets, so the terms of Eq. 1 that score the same
+logits share it (`classification_losses`). `sigmoid_focal_loss` (optax's, for soft targets too) is the same
+function elementwise; the tests check one against the other.
 """
 
 import jax

@@ -198,7 +198,7 @@ def host_dataset(config, process_index: int = 0, process_count: int = 1, *, trai
 
 def host_batches(config, process_index: int = 0, process_count: int = 1, *, train: bool = True,
                  start_step: int = 0):
-  """Iterator of numpy batches (dict, CONTRACTS.md layout) holding this host's rows of each global batch."""
+  """Iterator of numpy batches (dict, the layout in conret_jax/data/__init__.py) holding this host's rows of each global batch."""
   return host_dataset(config, process_index, process_count, train=train, start_step=start_step).as_numpy_iterator()
 
 

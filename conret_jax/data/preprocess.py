@@ -3,7 +3,7 @@
 Input is a "raw example" (every source produces this layout; M = config.data.max_boxes):
   image_data string (encoded bytes), image_id int64, height/width int32, boxes [M, 4] float32 x1y1x2y2 in original
   pixels, classes [M] int32, crowd [M] bool, valid [M] bool, index int64 (global example index), example_valid bool.
-Output is one row of a batch in the layout of CONTRACTS.md ("Batches").
+Output is one row of a batch in the batch layout of conret_jax/data/__init__.py.
 
 Randomness is stateless, seeded by (seed, index): the same example at the same global position gets the same flip
 and jitter whichever host decodes it and however often the pipeline is restarted.

@@ -6,7 +6,7 @@
   predict_boxes(outputs, anchors, config)               the inference regression steps (detect and evaluation)
 
 `model.apply(variables, images [B, H, W, 3] float32 RGB 0..255, train=False)` returns
-dict(cls_logits=tuple of [B, A, K] float32, box_deltas=tuple of [B, A, 4] float32) (layout in CONTRACTS.md). With
+dict(cls_logits=tuple of [B, A, K] float32, box_deltas=tuple of [B, A, 4] float32) (layout in model/heads.py). With
 backbone.norm='bn' and train=True pass `mutable=['batch_stats']`.
 
 Mixed precision: params are float32; convs compute in config.model.compute_dtype ('float32' | 'bfloat16'); norm
@@ -25,13 +25,13 @@ from conret_jax.model.fpn import fpn_from_config
 from conret_jax.model.heads import RetinaHead
 from conret_jax.model.resnet import frozen_module_names, resnet_from_config
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def compute_dtype(model_config):
-  if model_config.compute_dtype not in _DTYPES:
-    raise ValueError(f'model.compute_dtype must be one of {sorted(_DTYPES)}, got {model_config.compute_dtype!r}')
-  return _DTYPES[model_config.compute_dtype]
+  if model_config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'model.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {model_config.compute_dtype!r}')
+  return COMPUTE_DTYPES[model_config.compute_dtype]
 
 
 class RetinaNet(nn.Module):

@@ -98,7 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = int(latest)
     logging.info('resumed from %s at step %d', checkpointer.directory, start_step)
   else:
-    state, _ = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(config.train.seed))
+    state, _ = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(config.train.seed), shardings=shardings)
     start_step = 0
     if config.init_from:
       state = ckpt_lib.init_from(state, config.init_from)

@@ -97,8 +97,11 @@ def shardings_of(abstract) -> object:
 
 
 def init_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array,
-               image_hw: tuple[int, int] | None = None) -> tuple[TrainState, object]:
-  """A fresh state created directly in its shardings (no full copy on one device). Returns (state, shardings)."""
-  shardings = shardings_of(abstract_state(model, config, mesh))
+               image_hw: tuple[int, int] | None = None, shardings=None) -> tuple[TrainState, object]:
+  """A fresh state created directly in its shardings (no full copy on one device). Returns (state, shardings).
+
+  `shardings` (from `shardings_of(abstract_state(...))`) saves tracing the initialization a second time."""
+  if shardings is None:
+    shardings = shardings_of(abstract_state(model, config, mesh))
   state = jax.jit(_create_fn(model, config, image_hw), out_shardings=shardings)(rng)
   return state, shardings

@@ -12,41 +12,16 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TINY_CONFIG = '''
-import sys
-sys.path.insert(0, {configs!r})
-import shapes_demo
-
-def get_config(arg=None):
-  c = shapes_demo.get_config('steps=8')
-  c.model.backbone.width = 8
-  c.model.fpn.channels = 16
-  c.model.head.channels = 16
-  c.model.head.num_convs = 1
-  c.data.image_size = 128
-  c.data.train.num_examples = 48
-  c.data.eval.num_examples = 8
-  c.data.train.cache_dir = {cache!r}
-  c.data.eval.cache_dir = {cache!r}
-  c.train.global_batch_size = 4
-  c.train.warmup_steps = 2
-  c.train.log_every_steps = 1
-  c.checkpoint.every_steps = 2
-  c.eval.global_batch_size = 4
-  c.eval.visualize = 2
-  return c
-'''
 
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('train_e2e')
-  config = root / 'tiny.py'
-  config.write_text(TINY_CONFIG.format(configs=os.path.join(REPO, 'configs'), cache=str(root / 'shapes')))
+  config = os.path.join(REPO, 'tests', 'configs', f'tiny_shapes.py:steps=8,batch=4,cache={root / "shapes"}')
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
              JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', PYTHONUNBUFFERED='1')
-  return root, str(config), env
+  return root, config, env
 
 
 def _cmd(tool, config, workdir, *extra):

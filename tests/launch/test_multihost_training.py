@@ -26,33 +26,6 @@ LAUNCHER = ROOT / 'launch' / 'local_multiprocess.py'
 HANG_GUARD_S = 900  # only so that a hung job fails the test instead of hanging it (the box may be shared)
 STEPS, MORE_STEPS = 4, 6
 
-CONFIG = """
-import importlib.util
-
-def get_config(arg=None):
-  spec = importlib.util.spec_from_file_location('shapes_demo', {demo!r})
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  c = demo.get_config('steps={steps}')
-  c.model.backbone.width = 8
-  c.model.fpn.channels = 16
-  c.model.head.channels = 16
-  c.model.head.num_convs = 1
-  c.data.image_size = 128
-  for source, n in ((c.data.train, 64), (c.data.eval, 16)):
-    source.num_examples = n
-    source.cache_dir = {cache!r}
-  c.train.global_batch_size = 8  # divides over 4 devices, 2 processes and 1 device
-  c.train.log_every_steps = 1
-  c.checkpoint.every_steps = 2
-  c.checkpoint.keep = 2
-  c.eval.global_batch_size = 8
-  c.eval.num_images = 8  # every run ends with an evaluation: keep it to one batch
-  c.eval.visualize = 0
-  c.eval.topk_per_level = 50
-  c.eval.max_detections = 5
-  return c
-"""
 
 # Restores checkpoints on the 2x2 job's mesh (replicated, and with the params sharded over an fsdp axis of 2) and
 # writes every leaf of the state, gathered from both processes, to an .npz on process 0.
@@ -68,13 +41,13 @@ import conret_jax
 from conret_jax.cli import common
 from conret_jax.train import checkpoint, mesh as mesh_lib
 
-config_file, out_dir = sys.argv[1], sys.argv[2]
+config_file, config_arg, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 spec = importlib.util.spec_from_file_location('cfg', config_file)
 cfg = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cfg)
-for name, workdir, step in (('b', sys.argv[3], int(sys.argv[4])), ('c', sys.argv[5], int(sys.argv[6]))):
+for name, workdir, step in (('b', sys.argv[4], int(sys.argv[5])), ('c', sys.argv[6], int(sys.argv[7]))):
   for fsdp in (1, 2):
-    config = cfg.get_config()
+    config = cfg.get_config(config_arg)
     config.train.fsdp_axis_size = fsdp
     mesh = mesh_lib.make_mesh(config)
     abstract = common.abstract_train_state(conret_jax.build_model(config), config, mesh)
@@ -133,19 +106,19 @@ def _finish(job) -> str:
   return text
 
 
-def _train(config_file, workdir, *extra) -> list:
-  return [sys.executable, '-m', 'conret_jax.cli.train', f'--config={config_file}', f'--workdir={workdir}', *extra]
+def _train(config_spec, workdir, *extra) -> list:
+  return [sys.executable, '-m', 'conret_jax.cli.train', f'--config={config_spec}', f'--workdir={workdir}', *extra]
 
 
 def _multiprocess(*command) -> list:
   return [sys.executable, str(LAUNCHER), '--num_processes=2', '--devices_per_process=2', '--', *command]
 
 
-def _load_config(config_file):
+def _load_config(config_file, arg):
   spec = importlib.util.spec_from_file_location('multihost_cfg', config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg)
 
 
 def _metrics(workdir) -> list[dict]:
@@ -157,10 +130,11 @@ def _metrics(workdir) -> list[dict]:
 def runs(tmp_path_factory):
   """Runs A, B, C, D (see the module docstring); returns their paths, logs and A's metrics before C."""
   base = tmp_path_factory.mktemp('multihost')
-  config_file = base / 'tiny_shapes.py'
-  config_file.write_text(CONFIG.format(demo=str(ROOT / 'configs' / 'shapes_demo.py'), steps=STEPS,
-                                       cache=str(base / 'shapes_cache')))
-  config = _load_config(config_file)
+  config_file = ROOT / 'tests' / 'configs' / 'tiny_shapes.py'
+  # Global batch 8 divides over 4 devices, 2 processes and 1 device.
+  config_arg = f'steps={STEPS},batch=8,train_images=64,eval_images=8,cache={base / "shapes_cache"}'
+  config_spec = f'{config_file}:{config_arg}'
+  config = _load_config(config_file, config_arg)
   from conret_jax.data import shapes  # generated once here, not raced by the jobs below
   shapes.ensure_shapes_split(config.data.train)
   shapes.ensure_shapes_split(config.data.eval)
@@ -168,19 +142,19 @@ def runs(tmp_path_factory):
   dumps.mkdir()
 
   # A and B are independent: run them side by side (XLA compiles mostly on one thread).
-  job_a = _start(base / 'a.log', _multiprocess(*_train(config_file, a)), _env())
-  job_b = _start(base / 'b.log', _train(config_file, b), _env(devices=4))
+  job_a = _start(base / 'a.log', _multiprocess(*_train(config_spec, a)), _env())
+  job_b = _start(base / 'b.log', _train(config_spec, b), _env(devices=4))
   try:
     logs = {'a': _finish(job_a), 'b': _finish(job_b)}
   finally:  # never leave B running when A failed
     _stop(job_b)
   metrics_a = _metrics(a)
-  logs['c'] = _finish(_start(base / 'c.log', _train(config_file, a, f'--config.train.num_steps={MORE_STEPS}'),
+  logs['c'] = _finish(_start(base / 'c.log', _train(config_spec, a, f'--config.train.num_steps={MORE_STEPS}'),
                              _env(devices=1)))
   script = base / 'restore_2x2.py'
   script.write_text(textwrap.dedent(RESTORE_2X2))
   logs['d'] = _finish(_start(base / 'd.log', _multiprocess(sys.executable, str(script), str(config_file),
-                                                           str(dumps), str(b), str(STEPS), str(a),
+                                                           config_arg, str(dumps), str(b), str(STEPS), str(a),
                                                            str(MORE_STEPS)), _env()))
   return {'config': config, 'a': a, 'b': b, 'dumps': dumps, 'logs': logs, 'metrics_a': metrics_a}
 
