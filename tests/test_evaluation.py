@@ -152,8 +152,9 @@ def test_write_eval(tmp_path):
   assert json.load(open(os.path.join(out, 'metrics.json'))) == {'AP': 0.25}
 
 
-def _eval_batches(mesh):
-  """Two global batches of 8 (the last with 3 padding examples) and a detector that returns the ground truth."""
+def _eval_batches(mesh, second_hw=(32, 32)):
+  """Two global batches of 8 (the last with 3 padding examples) and a detector that returns the ground truth.
+  second_hw: the padded size of the second batch (short_side resizing pads to one shape per orientation)."""
   rs = np.random.RandomState(3)
   sharding = NamedSharding(mesh, P('data'))
   images_gt, batches, outputs = {}, [], []
@@ -177,7 +178,8 @@ def _eval_batches(mesh):
         anns.append((CATEGORY_IDS[classes[b, m]], [box[0], box[1], box[2] - box[0], box[3] - box[1]], 0))
       images_gt[image_id] = (int(h), int(w), anns)
     image_id = np.where(np.arange(8) < n_real, 100 + first + np.arange(8), -1).astype(np.int32)
-    batch = {'images': np.full((8, 32, 32, 3), 100.0, np.float32), 'boxes': boxes, 'classes': classes,
+    hw = (32, 32) if first == 0 else second_hw
+    batch = {'images': np.full((8, *hw, 3), 100.0, np.float32), 'boxes': boxes, 'classes': classes,
              'valid': valid, 'crowd': crowd, 'image_id': image_id, 'orig_hw': orig_hw, 'scale': scale,
              'example_valid': np.arange(8) < n_real}
     batches.append({k: jax.device_put(v, sharding) for k, v in batch.items()})
@@ -206,6 +208,19 @@ def test_evaluate_end_to_end(tmp_path, with_gt):
   assert len(results) == sum(len(v[2]) for v in images_gt.values())
   assert json.load(open(os.path.join(out, 'metrics.json')))['AP'] == pytest.approx(1.0)
   assert os.path.getsize(os.path.join(out, 'detections.png')) > 0
+
+
+def test_evaluate_pictures_with_two_padded_shapes(tmp_path):
+  """Eval batches of two shapes (short_side's landscape and portrait buckets): the picture keeps one shape."""
+  mesh = jax.make_mesh((8,), ('data',))
+  images_gt, batches, detect_fn = _eval_batches(mesh, second_hw=(32, 64))
+  info = types.SimpleNamespace(category_ids=CATEGORY_IDS, class_names=['a', 'b', 'c'], coco_gt=_gt(images_gt))
+  config = defaults.base_config()
+  config.eval.visualize = 12  # more than the first batch holds: images of both shapes are collected
+  metrics = evaluation.evaluate(None, None, config, mesh, workdir=str(tmp_path), step=1, batches=batches,
+                                info=info, detect_fn=detect_fn)
+  assert metrics['AP'] == pytest.approx(1.0)
+  assert os.path.getsize(os.path.join(str(tmp_path), 'eval', 'step_1', 'detections.png')) > 0
 
 
 def test_evaluate_num_images_limit():
