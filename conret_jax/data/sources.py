@@ -29,6 +29,9 @@ from conret_jax.data import info as info_lib
 from conret_jax.data import shapes
 
 _TABLE_CACHE = {}  # (annotation_file, image_dir, train, max_boxes) -> (table, info): validate each file once
+# Streamed sources, by (source section, train, max_boxes): their metadata and, for evaluation, the COCO ground truth
+# (one pass over the split) are read once per process, not at every evaluation.
+_STREAM_CACHE = {}
 
 
 @dataclasses.dataclass
@@ -157,10 +160,12 @@ def open_source(source_config, config, *, train: bool) -> Source:
   if kind == 'shapes':
     annotation_file, image_dir = shapes.ensure_shapes_split(source_config)
     return _open_coco_json(annotation_file, image_dir, train=train, max_boxes=max_boxes)
-  if kind == 'tfds':
-    return _open_tfds(source_config, max_boxes=max_boxes, build_gt=not train)
-  if kind == 'tfrecord':
-    return _open_tfrecord(source_config, max_boxes=max_boxes, build_gt=not train)
+  if kind in ('tfds', 'tfrecord'):
+    key = (repr(sorted(source_config.to_dict().items())), train, max_boxes)
+    if key not in _STREAM_CACHE:
+      opener = _open_tfds if kind == 'tfds' else _open_tfrecord
+      _STREAM_CACHE[key] = opener(source_config, max_boxes=max_boxes, build_gt=not train)
+    return _STREAM_CACHE[key]
   raise ValueError(f"data source must be 'tfds', 'coco_json', 'tfrecord' or 'shapes', got {kind!r}")
 
 

@@ -93,3 +93,12 @@ def test_unprepared_tfds_dir_is_a_clear_start_up_error(tmp_path):
   config.data.train.source, config.data.train.data_dir = 'tfds', str(tmp_path)
   with pytest.raises(info_lib.DatasetFileNotFoundError, match='not prepared in data_dir'):
     pipeline.host_batches(config)
+
+
+def test_tfds_source_is_read_once_per_process(tfds_config):
+  """Every evaluation asks for the eval source again; its ground truth (a pass over the split) is built once."""
+  from conret_jax.data import sources
+  first = sources.open_source(tfds_config.data.eval, tfds_config, train=False)
+  again = sources.open_source(tfds_config.data.eval, tfds_config, train=False)
+  assert again is first and first.info.coco_gt is not None
+  assert sources.open_source(tfds_config.data.eval, tfds_config, train=True) is not first  # other filters
