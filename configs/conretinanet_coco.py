@@ -32,7 +32,9 @@ def get_config(arg=None):
   config = defaults.base_config()
   config.model.num_classes = 80
   config.model.backbone.depth = args.depth
-  config.model.backbone.stride_in_1x1 = True  # Detectron's ImageNet weights (the paper's setup)
+  # torchvision/timm ImageNet weights (what conret-import reads) put the stride on the 3x3 conv. The paper's
+  # Detectron weights put it on the 1x1: set backbone.stride_in_1x1=True only for weights of that layout.
+  config.model.backbone.stride_in_1x1 = False
   config.consistent.enabled = args.consistent
   config.data.resize = 'short_side'
   config.data.image_size = args.scale
