@@ -7,8 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
+from conret_jax.model import detector
 from conret_jax.train import optim
 
 
@@ -33,10 +33,10 @@ class TrainState:
     return variables
 
 
-def trainable_mask(params, config: ml_collections.ConfigDict):
-  """Pytree of bools like `params`: False for the frozen backbone prefix (`backbone.freeze_at`)."""
-  from conret_jax.model import detector  # the model owns the naming of its modules
-  return detector.trainable_mask(params, config)
+def optimizer(config: ml_collections.ConfigDict, params_tree):
+  """The run's optax transformation, with the backbone's frozen prefix (`backbone.freeze_at`) masked out.
+  `params_tree`: anything with the params' structure (arrays or shapes); the model owns its module names."""
+  return optim.make_optimizer(config, detector.trainable_mask(params_tree, config))
 
 
 def split_variables(variables: dict) -> tuple[Any, Any, dict]:
@@ -51,10 +51,9 @@ def create_train_state(model: nn.Module, config: ml_collections.ConfigDict, rng:
                        image_hw: tuple[int, int]) -> TrainState:
   """A fresh state: initialized variables, zero optimizer state, step 0. Pure, so it can run under
   `jax.jit(..., out_shardings=...)` and materialize each shard on its own device."""
-  from conret_jax.model.detector import init_variables
   init_rng, state_rng = jax.random.split(rng)
-  params, batch_stats, frozen = split_variables(init_variables(model, init_rng, image_hw))
-  tx = optim.make_optimizer(config, trainable_mask(params, config))
+  params, batch_stats, frozen = split_variables(detector.init_variables(model, init_rng, image_hw))
+  tx = optimizer(config, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, frozen=frozen,
                     opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
 

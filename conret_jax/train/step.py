@@ -20,7 +20,8 @@ from conret_jax import consistent
 from conret_jax.core import anchors as anchor_ops
 from conret_jax.train import mesh as mesh_lib
 from conret_jax.train import optim
-from conret_jax.train.state import TrainState, trainable_mask
+from conret_jax.train import state as state_lib
+from conret_jax.train.state import TrainState
 
 TRAIN_KEYS = ('images', 'boxes', 'classes', 'valid', 'crowd')
 
@@ -28,7 +29,7 @@ TRAIN_KEYS = ('images', 'boxes', 'classes', 'valid', 'crowd')
 def make_step_fn(model: nn.Module, config: ml_collections.ConfigDict, params_tree) -> Callable:
   """The un-jitted step. `params_tree` is any pytree with the params' structure (arrays or shapes)."""
   consistent.validate(config)
-  tx = optim.make_optimizer(config, trainable_mask(params_tree, config))
+  tx = state_lib.optimizer(config, params_tree)
   schedule = optim.learning_rate_schedule(config.train)
 
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
