@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from conret_jax import consistent
 from conret_jax.core import anchors as anchor_ops
+from conret_jax.model import detector
 from conret_jax.train import mesh as mesh_lib
 from conret_jax.train import optim
 from conret_jax.train import state as state_lib
@@ -104,5 +105,7 @@ def init_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, 
   `shardings` (from `shardings_of(abstract_state(...))`) saves tracing the initialization a second time."""
   if shardings is None:
     shardings = shardings_of(abstract_state(model, config, mesh))
-  state = jax.jit(_create_fn(model, config, image_hw), out_shardings=shardings)(rng)
-  return state, shardings
+  create = jax.jit(_create_fn(model, config, image_hw), out_shardings=shardings,
+                   compiler_options=detector.init_compiler_options(mesh.devices.flat))
+  return create(rng), shardings
+
