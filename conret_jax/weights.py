@@ -26,7 +26,7 @@ import numpy as np
 
 from conret_jax.model import detector
 from conret_jax.model.resnet import BN_EPS, DEPTHS
-from conret_jax.weight_files import load_state_dict, read_safetensors  # pylint: disable=unused-import
+from conret_jax.weight_files import load_state_dict, read_safetensors  # noqa: F401 (re-exported)
 
 _BN = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
 _CONV = {'kernel': 'weight', 'bias': 'bias'}
