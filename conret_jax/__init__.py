@@ -4,7 +4,7 @@ The public API:
   build_model(config) -> flax module            the RetinaNet / ConRetinaNet network of the config
   init_variables(model, rng, image_hw)          its variables ('params' and the non-trained collections)
   detect(model, variables, images, config)      jitted inference: boxes, scores, classes, valid
-  weights                                       importers for torchvision / timm weights
+  weights                                       importers for torchvision / timm / Detectron weights
 Attributes load lazily, so `import conret_jax.core...` never pulls in Flax or TensorFlow.
 """
 

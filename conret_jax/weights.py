@@ -1,17 +1,15 @@
-"""Importers for pretrained weights (torchvision RetinaNet / ResNet, timm ResNet) and state-dict file loaders.
+"""Importers for pretrained weights: torchvision RetinaNet / ResNet, timm ResNet, Detectron (Caffe2) ImageNet ResNet.
 
-Nothing is downloaded: the user points at a file. Loaders return {name: np.ndarray}:
-  .safetensors  read with the `safetensors` package when installed, else with a small NumPy reader (the format is
-                an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data)
-  .npz          numpy
-  .pth / .pt    needs torch; loaded with torch.load(weights_only=True) (no pickle code execution)
+Nothing is downloaded: the user points at a file, read by conret_jax/weight_files.py into {name: np.ndarray}
+(`load_state_dict` and `read_safetensors` are re-exported here).
 
 Importers map names mechanically (our module names follow torchvision's; see model/resnet.py) and check every entry:
 a state-dict key with no counterpart, a missing key, or a shape mismatch raises ValueError naming the key. Conv
 kernels go from torch's [O, I, kh, kw] to flax's [kh, kw, I, O]. BatchNorm weight/bias/running_mean/running_var go to
 scale/bias/mean/var in 'frozen' (backbone.norm='frozen_bn') or 'params' + 'batch_stats' ('bn'); eps is 1e-5 as in
 torch. torchvision's legacy names (checkpoints saved before torchvision 0.13, e.g. the published COCO RetinaNet:
-`head.*.conv.<2i>.weight`, `fpn.inner_blocks.<i>.weight`) are accepted too.
+`head.*.conv.<2i>.weight`, `fpn.inner_blocks.<i>.weight`) are accepted too. Detectron's blobs (`res2_0_branch2a_w`,
+`res2_0_branch2a_bn_s`, ...; Caffe2 convs are [O, I, kh, kw] like torch) are mapped in `from_detectron_resnet`.
 
 Layout written by `conret-import` (conret_jax/cli/import_weights.py): DIR is an orbax StandardCheckpointer
 checkpoint of a variables dict with the nesting of `init_variables`: {'params': {...}, 'frozen' | 'batch_stats':
@@ -20,77 +18,18 @@ collection. The trainer reads it through `config.init_from` (train/checkpoint.py
 which copy the leaves that match by path and shape).
 """
 
-import json
-import os
 import re
-import struct
 
+from absl import logging
 import jax
 import numpy as np
 
 from conret_jax.model import detector
+from conret_jax.model.resnet import BN_EPS, DEPTHS
+from conret_jax.weight_files import load_state_dict, read_safetensors  # noqa: F401 (re-exported)
 
 _BN = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
 _CONV = {'kernel': 'weight', 'bias': 'bias'}
-
-
-# ---------------------------------------------------------------------------------------------------- loaders
-
-_ST_DTYPES = {'F64': '<f8', 'F32': '<f4', 'F16': '<f2', 'I64': '<i8', 'I32': '<i4', 'I16': '<i2', 'I8': 'i1',
-              'U8': 'u1', 'BOOL': '?', 'BF16': '<u2'}
-
-
-def read_safetensors(path: str) -> dict:
-  """{name: np.ndarray} from a .safetensors file, with NumPy only (BF16 is widened to float32)."""
-  with open(path, 'rb') as f:
-    data = f.read()
-  (n,) = struct.unpack('<Q', data[:8])
-  header = json.loads(data[8:8 + n])
-  out = {}
-  for name, info in header.items():
-    if name == '__metadata__':
-      continue
-    if info['dtype'] not in _ST_DTYPES:
-      raise ValueError(f'{path}: tensor {name!r} has unsupported dtype {info["dtype"]}')
-    dtype = np.dtype(_ST_DTYPES[info['dtype']])
-    begin, end = info['data_offsets']
-    count = int(np.prod(info['shape'], dtype=np.int64))
-    if end - begin != count * dtype.itemsize:
-      raise ValueError(f'{path}: tensor {name!r} has {end - begin} bytes for shape {info["shape"]}')
-    arr = np.frombuffer(data, dtype, count, offset=8 + n + begin).reshape(info['shape'])
-    if info['dtype'] == 'BF16':
-      arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    out[name] = arr
-  return out
-
-
-def _load_torch(path: str) -> dict:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f'{path}: .pth files need torch; convert to .safetensors or .npz, or install torch') from e
-  obj = torch.load(path, map_location='cpu', weights_only=True)
-  for wrapper in ('model', 'state_dict'):  # training checkpoints nest the state dict
-    if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-      obj = obj[wrapper]
-  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items() if hasattr(v, 'numpy')}
-
-
-def load_state_dict(path: str) -> dict:
-  """{name: np.ndarray} from .safetensors, .npz or .pth/.pt/.bin (torch)."""
-  ext = os.path.splitext(path)[1].lower()
-  if ext == '.safetensors':
-    try:
-      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      return read_safetensors(path)
-    return {k: np.asarray(v) for k, v in load_file(path).items()}
-  if ext == '.npz':
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
-  if ext in ('.pth', '.pt', '.bin'):
-    return _load_torch(path)
-  raise ValueError(f'{path}: unknown weight file type {ext!r} (expected .safetensors, .npz, .pth)')
 
 
 # ---------------------------------------------------------------------------------------------------- names
@@ -164,6 +103,25 @@ def upgrade_legacy_names(state_dict: dict) -> dict:
   return out
 
 
+_DETECTRON_BRANCH = {'conv1': 'branch2a', 'conv2': 'branch2b', 'conv3': 'branch2c', 'downsample_conv': 'branch1',
+                     'norm1': 'branch2a_bn', 'norm2': 'branch2b_bn', 'norm3': 'branch2c_bn',
+                     'downsample_norm': 'branch1_bn'}
+_DETECTRON_LEAF = {'kernel': 'w', 'scale': 's', 'bias': 'b'}
+
+
+def detectron_key(path) -> str:
+  """Our path inside the backbone -> Detectron's blob name: ('conv1', 'kernel') -> 'conv1_w', ('norm1', 'scale') ->
+  'res_conv1_bn_s', ('layer1', 'block0', 'norm2', 'bias') -> 'res2_0_branch2b_bn_b' (layer<k> is res<k+1>).
+  Norm means and variances have no blob (see `from_detectron_resnet`)."""
+  *modules, leaf = path
+  if len(modules) == 1:
+    prefix = {'conv1': 'conv1', 'norm1': 'res_conv1_bn'}[modules[0]]
+  else:
+    layer, block, module = modules
+    prefix = f'res{int(layer[len("layer"):]) + 1}_{block[len("block"):]}_{_DETECTRON_BRANCH[module]}'
+  return f'{prefix}_{_DETECTRON_LEAF[leaf]}'
+
+
 # ---------------------------------------------------------------------------------------------------- importers
 
 def _target_shapes(config) -> dict:
@@ -172,38 +130,48 @@ def _target_shapes(config) -> dict:
   return jax.eval_shape(lambda: detector.init_variables(model, jax.random.key(0), (side, side)))
 
 
-def _check_config(config):
+def _check_config(config, source: str = 'torchvision/timm ResNets', stride_in_1x1: bool = False):
   b = config.model.backbone
   if b.norm not in ('frozen_bn', 'bn'):
-    raise ValueError(f"torchvision/timm ResNets use batch norm: set model.backbone.norm to 'frozen_bn' or 'bn', "
-                     f'not {b.norm!r}')
-  if b.stride_in_1x1:
-    raise ValueError('torchvision/timm ResNets put the stride on the 3x3 conv: set backbone.stride_in_1x1=False')
+    raise ValueError(f"{source} use batch norm: set model.backbone.norm to 'frozen_bn' or 'bn', not {b.norm!r}")
+  if b.stride_in_1x1 != stride_in_1x1:
+    where = 'first 1x1' if stride_in_1x1 else '3x3'
+    raise ValueError(f'{source} put the stride on the {where} conv: set backbone.stride_in_1x1={stride_in_1x1}')
 
 
-def _fill(target: dict, key_fn, state_dict: dict, ignore) -> dict:
-  """Map every leaf of `target` ({collection: tree of ShapeDtypeStruct}) to its state-dict entry, checked."""
+def _torch_to_flax(key: str, arr: np.ndarray, names: tuple, want: tuple) -> np.ndarray:
+  """`arr` (torch layout: conv kernels [O, I, kh, kw]) as the leaf at `names` of shape `want`, or ValueError."""
+  if names[-1] == 'kernel':
+    want_torch = (want[3], want[2], want[0], want[1])
+    if arr.shape != want_torch:
+      raise ValueError(f'{key}: shape {arr.shape}, expected {want_torch} (for {"/".join(names)})')
+    return arr.transpose(2, 3, 1, 0)
+  if arr.shape != want:
+    raise ValueError(f'{key}: shape {arr.shape}, expected {want} (for {"/".join(names)})')
+  return arr
+
+
+def _fill(target: dict, key_fn, state_dict: dict, ignore, derive=None) -> dict:
+  """Map every leaf of `target` ({collection: tree of ShapeDtypeStruct}) to its state-dict entry, checked.
+
+  `derive(path, leaf)`, when given, supplies the leaves a format does not store: it returns their array, or None
+  for a leaf to be looked up by `key_fn` as usual (`path` is without the collection, like key_fn's).
+  """
   sd = {k: v for k, v in state_dict.items() if not ignore(k)}
   used, missing, unmapped, out = set(), [], [], {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
     names = tuple(p.key for p in path)
-    key = key_fn(names[1:])
-    if key is None:
-      unmapped.append('/'.join(names))
-      continue
-    if key not in sd:
-      missing.append(key)
-      continue
-    arr = np.asarray(sd[key])
-    used.add(key)
-    want = tuple(leaf.shape)
-    if names[-1] == 'kernel':
-      want_torch = (want[3], want[2], want[0], want[1])
-      if arr.shape != want_torch:
-        raise ValueError(f'{key}: shape {arr.shape}, expected {want_torch} (for {"/".join(names)})')
-      arr = arr.transpose(2, 3, 1, 0)
-    elif arr.shape != want:
-      raise ValueError(f'{key}: shape {arr.shape}, expected {want} (for {"/".join(names)})')
+    arr = None if derive is None else derive(names[1:], leaf)
+    if arr is None:
+      key = key_fn(names[1:])
+      if key is None:
+        unmapped.append('/'.join(names))
+        continue
+      if key not in sd:
+        missing.append(key)
+        continue
+      arr = _torch_to_flax(key, np.asarray(sd[key]), names, tuple(leaf.shape))
+      used.add(key)
     node = out
     for name in names[:-1]:
       node = node.setdefault(name, {})
@@ -237,11 +205,15 @@ def from_torchvision_retinanet(state_dict: dict, config) -> dict:
   return _fill(target, lambda p: retinanet_key(p, config.model.fpn.min_level), state_dict, _tracked)
 
 
+def _backbone_target(config) -> dict:
+  """{collection: {'backbone': tree of ShapeDtypeStruct}}: what a ResNet import fills."""
+  return {c: {'backbone': tree['backbone']} for c, tree in _target_shapes(config).items() if 'backbone' in tree}
+
+
 def _import_resnet(state_dict: dict, config, classifier_prefix: str) -> dict:
   _check_config(config)
-  target = {c: {'backbone': tree['backbone']} for c, tree in _target_shapes(config).items() if 'backbone' in tree}
   ignore = lambda k: _tracked(k) or k.startswith(classifier_prefix)
-  return _fill(target, lambda p: resnet_key(p[1:]), state_dict, ignore)
+  return _fill(_backbone_target(config), lambda p: resnet_key(p[1:]), state_dict, ignore)
 
 
 def from_torchvision_resnet(state_dict: dict, config) -> dict:
@@ -258,6 +230,59 @@ def from_timm_resnet(state_dict: dict, config) -> dict:
   the offending keys named.
   """
   return _import_resnet(state_dict, config, 'fc.')
+
+
+# Detectron's input normalization (cfg.PIXEL_MEANS: BGR 102.9801, 115.9465, 122.7717 on the 0..255 scale; std 1) in
+# our RGB order: set model.pixel_mean / model.pixel_std to these when training from `from_detectron_resnet` weights.
+DETECTRON_PIXEL_MEAN_RGB = (122.7717, 115.9465, 102.9801)
+DETECTRON_PIXEL_STD = (1.0, 1.0, 1.0)
+
+# Biases the Caffe -> Caffe2 conversion gives every conv (zeros where the Caffe model had none); Detectron's ResNet
+# convs have no bias and its weight loader skips blobs the network lacks.
+_DETECTRON_CONV_BIAS = re.compile(r'(conv1|res\d+_\d+_branch(1|2[abc]))_b')
+
+
+def _affine_channel_stats(path, leaf):
+  """Mean 0 and var 1 - eps for every norm. In float32 var + eps rounds to exactly 1.0 (the exact sum of the two
+  float32 values is 1 - 1.36e-8, nearer 1 than the next float32 below, 1 - 5.96e-8), so Norm's multiplier
+  scale * rsqrt(var + eps) is `scale` and its shift bias - mean * multiplier is `bias`: y = s * x + b exactly."""
+  if path[-1] == 'mean':
+    return np.zeros(leaf.shape, np.float32)
+  if path[-1] == 'var':
+    return np.full(leaf.shape, 1 - BN_EPS, np.float32)
+  return None
+
+
+def from_detectron_resnet(blobs: dict, config) -> dict:
+  """Detectron (Caffe2) ImageNet ResNet blobs (R-50.pkl, R-101.pkl, R-152.pkl) -> {collection: {'backbone': ...}}.
+
+  The paper's own backbone weights. Detectron's ResNet puts the stride on each bottleneck's first 1x1 conv (the config
+  must set backbone.stride_in_1x1=True), uses affine-channel norms (backbone.norm 'frozen_bn', or 'bn') and reads BGR
+  images minus BGR means. Conversions:
+    conv1_w             input channels flipped from BGR to RGB: on an RGB image normalized with
+                        DETECTRON_PIXEL_MEAN_RGB / DETECTRON_PIXEL_STD our conv1 computes the same sums as Detectron's
+                        on that image in BGR minus its BGR means (the same terms, in another order).
+    <x>_bn_s, <x>_bn_b  the affine channel y = s * x + b (BN statistics already folded in) -> scale s, bias b, mean 0,
+                        var 1 - eps, which our Norm turns back into exactly s * x + b (`_affine_channel_stats`).
+    <conv>_b            conv biases, which the Caffe -> Caffe2 conversion gives every conv (zeros where the Caffe
+                        model had none): dropped, as Detectron's convs have no bias; a non-zero one is logged.
+    fc1000_w, fc1000_b  the ImageNet classifier, dropped; '*_momentum' blobs (SGD state) too.
+  Every other blob must map to a model variable and every variable must be found with its shape, or ValueError names
+  them (names in `detectron_key`).
+  """
+  _check_config(config, 'Detectron (Caffe2) ResNets', stride_in_1x1=True)
+  depth = config.model.backbone.depth
+  if DEPTHS.get(depth, ('',))[0] != 'bottleneck':
+    raise ValueError(f'Detectron ImageNet ResNets are bottleneck networks: set model.backbone.depth to 50, 101 or '
+                     f'152, not {depth}')
+  blobs = dict(blobs)
+  if np.ndim(blobs.get('conv1_w')) == 4:
+    blobs['conv1_w'] = np.asarray(blobs['conv1_w'])[:, ::-1]  # [O, I, kh, kw], I in BGR order -> RGB
+  biased = sorted(k for k, v in blobs.items() if _DETECTRON_CONV_BIAS.fullmatch(k) and np.any(v))
+  if biased:
+    logging.warning('Detectron import: dropping non-zero conv biases, as Detectron does: %s', biased)
+  ignore = lambda k: k.endswith('_momentum') or k.startswith('fc1000_') or _DETECTRON_CONV_BIAS.fullmatch(k)
+  return _fill(_backbone_target(config), lambda p: detectron_key(p[1:]), blobs, ignore, _affine_channel_stats)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

@@ -1,14 +1,18 @@
-"""conret-import: convert a torchvision / timm weight file into an orbax checkpoint for config.init_from.
+"""conret-import: convert a torchvision / timm / Detectron weight file into an orbax checkpoint for config.init_from.
 
   conret-import --format torchvision_retinanet --input retinanet_resnet50_fpn_coco.pth --output /ckpt/tv_retinanet
   conret-import --format torchvision_resnet --input resnet50.safetensors --output /ckpt/r50 \
       --config configs/conretinanet_coco.py
   conret-import --format timm_resnet --input model.safetensors --output /ckpt/r101 --config cfg.py:depth=101
+  conret-import --format detectron_resnet --input R-50.pkl --output /ckpt/detectron_r50
 
---input: .safetensors or .npz (no torch needed) or .pth/.pt (torch, loaded with weights_only=True).
+--input: .safetensors or .npz (no torch needed), .pth/.pt (torch, loaded with weights_only=True), or .pkl (Detectron's
+ImageNet R-50.pkl / R-101.pkl, read with an unpickler that only rebuilds NumPy arrays; see conret_jax/weight_files.py).
 --config FILE[:ARG]: a config file whose get_config(ARG) describes the target network (the backbone depth must match
 the file). Default: configs/retinanet_torchvision.py for torchvision_retinanet (when run from a source checkout),
-conret_jax.defaults.base_config() (ResNet-50) for the ResNet formats.
+conret_jax.defaults.base_config() (ResNet-50) for the ResNet formats, with backbone.stride_in_1x1=True for
+detectron_resnet. Detectron's weights expect its input normalization: train with model.pixel_mean =
+weights.DETECTRON_PIXEL_MEAN_RGB and model.pixel_std = weights.DETECTRON_PIXEL_STD (a note says so otherwise).
 --output DIR: written as an orbax StandardCheckpointer checkpoint of the variables dict; layout in conret_jax/weights.py
 (whole model for torchvision_retinanet, only the 'backbone' subtrees for the ResNet formats). DIR must not exist.
 """
@@ -27,6 +31,7 @@ IMPORTERS = {
     'torchvision_retinanet': weights.from_torchvision_retinanet,
     'torchvision_resnet': weights.from_torchvision_resnet,
     'timm_resnet': weights.from_timm_resnet,
+    'detectron_resnet': weights.from_detectron_resnet,
 }
 _REPO_TORCHVISION_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'retinanet_torchvision.py')
 
@@ -48,13 +53,26 @@ def default_config(fmt: str):
     if not os.path.isfile(_REPO_TORCHVISION_CONFIG):
       raise FileNotFoundError('pass --config configs/retinanet_torchvision.py (not found next to the package)')
     return load_config(_REPO_TORCHVISION_CONFIG)
-  return base_config()
+  config = base_config()
+  if fmt == 'detectron_resnet':
+    config.model.backbone.stride_in_1x1 = True
+  return config
+
+
+def _pixel_note(fmt: str, config) -> str:
+  """A reminder when Detectron weights are imported for a config that normalizes pixels otherwise, else ''."""
+  m = config.model
+  want = (weights.DETECTRON_PIXEL_MEAN_RGB, weights.DETECTRON_PIXEL_STD)
+  if fmt != 'detectron_resnet' or (tuple(m.pixel_mean), tuple(m.pixel_std)) == want:
+    return ''
+  return (f'conret-import: note: Detectron weights expect model.pixel_mean={want[0]} and model.pixel_std={want[1]} '
+          f'(RGB); this config has {tuple(m.pixel_mean)} and {tuple(m.pixel_std)}')
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='conret-import', description=__doc__.split('\n')[0])
   parser.add_argument('--format', required=True, choices=sorted(IMPORTERS))
-  parser.add_argument('--input', required=True, help='.safetensors, .npz or .pth weight file')
+  parser.add_argument('--input', required=True, help='.safetensors, .npz, .pth or .pkl (Detectron) weight file')
   parser.add_argument('--output', required=True, help='checkpoint directory to create')
   parser.add_argument('--config', default='', help='config file[:arg] describing the target network')
   args = parser.parse_args(argv)
@@ -62,13 +80,21 @@ def main(argv=None) -> int:
   if os.path.exists(args.output):
     parser.error(f'--output {args.output} already exists; choose a new directory')
   config = load_config(args.config) if args.config else default_config(args.format)
-  state_dict = weights.load_state_dict(args.input)
+  try:
+    state_dict = weights.load_state_dict(args.input)
+  except (OSError, ValueError, ImportError) as e:  # one line, not a traceback
+    message = str(e) if args.input in str(e) else f'{args.input}: {e}'
+    print(f'conret-import: {message}', file=sys.stderr)
+    return 1
   try:
     variables = IMPORTERS[args.format](state_dict, config)
   except ValueError as e:
     print(f'conret-import: {args.input}: {e}', file=sys.stderr)
     return 1
   weights.save_imported(args.output, variables)
+  note = _pixel_note(args.format, config)
+  if note:
+    print(note, file=sys.stderr)
   counts = ', '.join(f'{c}: {count_params(v):,}' for c, v in variables.items())
   print(f'conret-import: wrote {args.output} ({counts})')
   return 0

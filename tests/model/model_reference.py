@@ -2,6 +2,7 @@
 the model tests. Written from torchvision's documented architecture, independently of conret_jax.model."""
 
 import math
+import re
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -168,6 +169,45 @@ def resnet_state_dict(rng, depth=18, width=8, prefix='', with_fc=False):
     sd[prefix + 'fc.weight'] = rng.standard_normal((10, cin)).astype(np.float32)
     sd[prefix + 'fc.bias'] = np.zeros(10, np.float32)
   return sd, cin
+
+
+def affine_resnet_state_dict(rng, depth=50, width=8, eps=1e-5):
+  """Random torchvision ResNet state dict (with fc) whose BN statistics are mean 0 and var 1 - eps: each BN is the
+  affine map weight * x + bias, which is what Detectron's folded affine channels store."""
+  sd, _ = resnet_state_dict(rng, depth, width, with_fc=True)
+  for k in sd:
+    if k.endswith('running_mean'):
+      sd[k] = np.zeros_like(sd[k])
+    elif k.endswith('running_var'):
+      sd[k] = np.full_like(sd[k], 1 - eps)
+  return sd
+
+
+_C2_BLOCK = {'conv1': 'branch2a', 'conv2': 'branch2b', 'conv3': 'branch2c', 'downsample.0': 'branch1',
+             'bn1': 'branch2a_bn', 'bn2': 'branch2b_bn', 'bn3': 'branch2c_bn', 'downsample.1': 'branch1_bn'}
+_C2_LEAF = {'weight': ('w', 's'), 'bias': ('b', 'b')}  # (conv, affine channel)
+
+
+def detectron_blobs(sd):
+  """`affine_resnet_state_dict`'s network as Detectron's R-50.pkl names it (tools/pickle_caffe_blobs.py naming):
+  conv1_w (input channels in BGR order), res_conv1_bn_{s,b}, res<k+1>_<j>_branch2{a,b,c}_w / _bn_{s,b},
+  res<k+1>_<j>_branch1_w / _bn_{s,b}, a zero <conv>_b for every conv (the Caffe conversion adds them), fc1000_{w,b}."""
+  blobs = {}
+  for name, value in sd.items():
+    if name.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
+      continue
+    module, leaf = name.rsplit('.', 1)
+    m = re.fullmatch(r'layer(\d)\.(\d+)\.(.+)', module)
+    if m:
+      prefix = f'res{int(m.group(1)) + 1}_{m.group(2)}_{_C2_BLOCK[m.group(3)]}'
+    else:
+      prefix = {'conv1': 'conv1', 'bn1': 'res_conv1_bn', 'fc': 'fc1000'}[module]
+    affine = prefix.endswith('_bn')
+    blobs[f'{prefix}_{_C2_LEAF[leaf][affine]}'] = value
+    if value.ndim == 4:
+      blobs[prefix + '_b'] = np.zeros(value.shape[0], np.float32)
+  blobs['conv1_w'] = blobs['conv1_w'][:, ::-1].copy()  # RGB -> BGR
+  return blobs
 
 
 def retinanet_state_dict(rng, config):

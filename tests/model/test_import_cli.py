@@ -1,11 +1,14 @@
 """conret-import: state-dict file -> orbax checkpoint of the imported variables."""
 
+import pickle
+
 import jax
 import numpy as np
 import pytest
 
 from conret_jax import weights
 from conret_jax.cli import import_weights
+from conret_jax.model import detector
 from conret_jax.train import checkpoint
 import model_reference as ref
 
@@ -29,6 +32,14 @@ def get_config(arg=None):
 def config_file(tmp_path):
   path = tmp_path / 'tiny.py'
   path.write_text(TINY_CONFIG)
+  return str(path)
+
+
+@pytest.fixture()
+def detectron_config_file(tmp_path):
+  """The tiny config as Detectron's layout needs it (stride on the first 1x1); pixel means left at ImageNet's."""
+  path = tmp_path / 'tiny_detectron.py'
+  path.write_text(TINY_CONFIG.replace('  return c', '  c.model.backbone.stride_in_1x1 = True\n  return c'))
   return str(path)
 
 
@@ -69,3 +80,44 @@ def test_errors(tmp_path, config_file, capsys):
   with pytest.raises(SystemExit):
     import_weights.main(['--format', 'torchvision_resnet', '--input', str(tmp_path / 'bad.npz'),
                          '--output', str(tmp_path / 'exists'), '--config', config_file])
+
+
+def test_detectron_pickle_to_init_from(tmp_path, detectron_config_file, capsys):
+  blobs = ref.detectron_blobs(ref.affine_resnet_state_dict(np.random.default_rng(3), depth=50, width=8))
+  momentum = {k + '_momentum': np.zeros_like(v) for k, v in blobs.items()}
+  (tmp_path / 'R-50.pkl').write_bytes(pickle.dumps({'blobs': {**blobs, **momentum}}, protocol=2))
+  out = tmp_path / 'r50'
+  assert import_weights.main(['--format', 'detectron_resnet', '--input', str(tmp_path / 'R-50.pkl'),
+                              '--output', str(out), '--config', detectron_config_file + ':50']) == 0
+  assert 'Detectron weights expect model.pixel_mean=(122.7717, 115.9465, 102.9801)' in capsys.readouterr().err
+  config = import_weights.load_config(detectron_config_file + ':50')
+  restored = checkpoint.load_variables(str(out))  # what config.init_from reads
+  want = weights.from_detectron_resnet(blobs, config)
+  assert jax.tree.structure(restored) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, restored, want)
+  model = detector.build_model(config)
+  fresh = ref.random_like(jax.eval_shape(lambda: detector.init_variables(model, jax.random.key(0), (128, 128))))
+  merged = checkpoint.merge_init(fresh['frozen'], restored['frozen'])
+  jax.tree.map(np.testing.assert_array_equal, merged['backbone'], want['frozen']['backbone'])
+
+
+def test_detectron_default_config_puts_the_stride_on_the_1x1():
+  assert import_weights.default_config('detectron_resnet').model.backbone.stride_in_1x1
+  assert not import_weights.default_config('timm_resnet').model.backbone.stride_in_1x1
+
+
+@pytest.mark.parametrize('fmt, name', [('detectron_resnet', 'R-50.pkl'), ('torchvision_resnet', 'r50.npz')])
+def test_missing_input_is_one_line(tmp_path, config_file, capsys, fmt, name):
+  path = str(tmp_path / name)
+  assert import_weights.main(['--format', fmt, '--input', path, '--output', str(tmp_path / 'x'),
+                              '--config', config_file]) == 1
+  assert capsys.readouterr().err == f'conret-import: {path}: no such file\n'
+  assert not (tmp_path / 'x').exists()
+
+
+def test_code_in_a_pickle_is_refused(tmp_path, config_file, capsys):
+  (tmp_path / 'evil.pkl').write_bytes(pickle.dumps({'conv1_w': print}, protocol=2))
+  assert import_weights.main(['--format', 'detectron_resnet', '--input', str(tmp_path / 'evil.pkl'),
+                              '--output', str(tmp_path / 'x'), '--config', config_file]) == 1
+  err = capsys.readouterr().err
+  assert 'refused global __builtin__.print' in err and err.count('\n') == 1

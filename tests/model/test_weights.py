@@ -1,7 +1,5 @@
-"""Weight import: torchvision-named random state dicts -> our variables -> same forward as a NumPy reference."""
-
-import json
-import struct
+"""Weight import: torchvision- and Detectron-named random weights -> our variables -> same forward as a NumPy
+reference. The file readers are tested in test_weight_files.py."""
 
 import jax
 import numpy as np
@@ -9,7 +7,7 @@ import pytest
 
 from conret_jax import weights
 from conret_jax.model import detector
-from conret_jax.model.resnet import ResNet
+from conret_jax.model.resnet import BN_EPS, ResNet
 import model_reference as ref
 
 
@@ -114,42 +112,79 @@ def test_resnet_import_rejects_deep_stem():
     weights.from_timm_resnet(sd, ref.tiny_config())
 
 
-def _write_safetensors(path, tensors, bf16=()):
-  header, blobs, offset = {'__metadata__': {'format': 'pt'}}, [], 0
-  for name, arr in tensors.items():
-    if name in bf16:
-      raw, dtype = (arr.astype(np.float32).view(np.uint32) >> 16).astype('<u2').tobytes(), 'BF16'
-    else:
-      raw, dtype = np.ascontiguousarray(arr).tobytes(), {'float32': 'F32', 'int64': 'I64'}[arr.dtype.name]
-    header[name] = {'dtype': dtype, 'shape': list(arr.shape), 'data_offsets': [offset, offset + len(raw)]}
-    blobs.append(raw)
-    offset += len(raw)
-  head = json.dumps(header).encode()
-  with open(path, 'wb') as f:
-    f.write(struct.pack('<Q', len(head)) + head + b''.join(blobs))
+# ---------------------------------------------------------------------------------------------------- Detectron
+
+DETECTRON_MEAN_BGR = (102.9801, 115.9465, 122.7717)  # Detectron's cfg.PIXEL_MEANS, written out independently
 
 
-def test_loaders_round_trip(tmp_path, tiny):
-  _, sd = tiny
-  _write_safetensors(tmp_path / 'w.safetensors', sd)
-  np.savez(tmp_path / 'w.npz', **sd)
-  for loaded in (weights.read_safetensors(str(tmp_path / 'w.safetensors')),
-                 weights.load_state_dict(str(tmp_path / 'w.safetensors')),
-                 weights.load_state_dict(str(tmp_path / 'w.npz'))):
-    assert sorted(loaded) == sorted(sd)
-    for k in sd:
-      np.testing.assert_array_equal(loaded[k], sd[k])
+def _detectron_config(**overrides):
+  settings = {'model.backbone.depth': 50, 'model.backbone.width': 8, 'model.backbone.stride_in_1x1': True}
+  return ref.tiny_config(**{**settings, **overrides})
 
 
-def test_safetensors_bf16_is_widened(tmp_path):
-  x = np.array([1.0, -2.5, 3.140625, 1e-3], np.float32)  # exactly representable except 1e-3
-  _write_safetensors(tmp_path / 'b.safetensors', {'x': x}, bf16=('x',))
-  got = weights.read_safetensors(str(tmp_path / 'b.safetensors'))['x']
-  assert got.dtype == np.float32
-  np.testing.assert_array_equal(got[:3], x[:3])
-  assert abs(got[3] - 1e-3) < 1e-5
+@pytest.fixture(scope='module')
+def detectron():
+  sd = ref.affine_resnet_state_dict(np.random.default_rng(4), depth=50, width=8)
+  return sd, ref.detectron_blobs(sd)
 
 
-def test_unknown_extension():
-  with pytest.raises(ValueError, match='unknown weight file type'):
-    weights.load_state_dict('weights.h5')
+def test_detectron_import_equals_torchvision_layout(detectron):
+  """The same weights written both ways import to the same variables: Detectron's affine channel (s, b) becomes the
+  BN (weight s, bias b, mean 0, var 1 - eps) and conv1 goes back to RGB. Variable shapes do not depend on where the
+  stride sits, so the torchvision import uses the stride-on-3x3 config its importer requires."""
+  sd, blobs = detectron
+  got = weights.from_detectron_resnet(blobs, _detectron_config())
+  want = weights.from_torchvision_resnet(sd, _detectron_config(**{'model.backbone.stride_in_1x1': False}))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_detectron_import_computes_detectrons_network(detectron):
+  """Ours on an RGB image minus DETECTRON_PIXEL_MEAN_RGB == the NumPy trunk with Detectron's own weights (conv1 in
+  BGR order, stride on the first 1x1) on the same image in BGR minus Detectron's BGR means."""
+  sd, blobs = detectron
+  variables = weights.from_detectron_resnet(blobs, _detectron_config())
+  backbone = {c: v['backbone'] for c, v in variables.items()}
+  for path, var in jax.tree_util.tree_leaves_with_path(backbone['frozen']):
+    if path[-1].key == 'var':  # Norm's multiplier scale * rsqrt(var + eps) is exactly `scale`
+      np.testing.assert_array_equal(jax.lax.rsqrt(var + BN_EPS), 1.0)
+  rgb = np.random.default_rng(5).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
+  x = (rgb - np.asarray(weights.DETECTRON_PIXEL_MEAN_RGB, np.float32)) / np.asarray(weights.DETECTRON_PIXEL_STD)
+  got = ResNet(depth=50, width=8, norm='frozen_bn', stride_in_1x1=True).apply(backbone, x)
+  detectron_sd = dict(sd, **{'conv1.weight': blobs['conv1_w']})  # BGR input channels
+  bgr = rgb[..., ::-1].astype(np.float64) - np.asarray(DETECTRON_MEAN_BGR)
+  for g, w in zip(got, ref.resnet(detectron_sd, '', 50, bgr, stride_in_1x1=True)):
+    ref.assert_close(g, w)
+
+
+def test_detectron_blob_errors_are_named(detectron):
+  _, blobs = detectron
+  config = _detectron_config()
+  bad = dict(blobs, res3_0_branch2b_w=np.zeros((16, 16, 1, 1), np.float32))
+  with pytest.raises(ValueError, match=r'res3_0_branch2b_w: shape \(16, 16, 1, 1\), expected \(16, 16, 3, 3\)'):
+    weights.from_detectron_resnet(bad, config)
+  bad = {k: v for k, v in blobs.items() if k != 'res4_2_branch2c_bn_b'}
+  with pytest.raises(ValueError, match=r"missing keys: \['res4_2_branch2c_bn_b'\]"):
+    weights.from_detectron_resnet(bad, config)
+  bad = dict(blobs, res6_0_branch2a_w=blobs['res5_0_branch2a_w'])
+  with pytest.raises(ValueError, match=r"unexpected keys .*\['res6_0_branch2a_w'\]"):
+    weights.from_detectron_resnet(bad, config)
+
+
+@pytest.mark.parametrize('override, named', [
+    ({'model.backbone.stride_in_1x1': False}, 'stride_in_1x1=True'),
+    ({'model.backbone.norm': 'gn'}, 'model.backbone.norm'),
+    ({'model.backbone.depth': 18}, 'model.backbone.depth'),
+])
+def test_detectron_import_checks_the_config(detectron, override, named):
+  with pytest.raises(ValueError, match=named):
+    weights.from_detectron_resnet(detectron[1], _detectron_config(**override))
+
+
+def test_detectron_nonzero_conv_bias_is_dropped_and_logged(detectron, caplog):
+  _, blobs = detectron
+  biased = dict(blobs, conv1_b=np.ones_like(blobs['conv1_b']))
+  got = weights.from_detectron_resnet(biased, _detectron_config())
+  want = weights.from_detectron_resnet(blobs, _detectron_config())
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert 'conv1_b' in caplog.text
