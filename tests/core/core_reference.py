@@ -1,6 +1,12 @@
-"""Plain NumPy references (loops, float32 where exact agreement matters) for the core tests."""
+"""References for the core tests: plain NumPy (loops, float32 where exact agreement matters), and frozen copies of
+earlier jnp implementations that a faster one must reproduce exactly."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from conret_jax.core.boxes import clip_boxes
+from conret_jax.core.nms import batched_nms
 
 
 def np_iou(b1, b2):
@@ -71,3 +77,42 @@ def random_boxes(rng, n, lo=0.0, hi=100.0, min_size=1.0, max_size=50.0):
   xy = rng.uniform(lo, hi, (n, 2))
   wh = rng.uniform(min_size, max_size, (n, 2))
   return np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
+
+
+def flat_topk_candidates(logits, topk, score_threshold):
+  """One level, as core.nms.postprocess selected candidates up to commit ce92a47 (frozen, do not optimise): one
+  lax.top_k over all anchors x classes flattened. logits [B, n, K] -> (scores [B, k] float32 (-1 where invalid),
+  anchors [B, k] int32 in 0..n-1, classes [B, k] int32, valid [B, k] bool), k = min(topk, n * K)."""
+  num_classes = logits.shape[-1]
+  scores = jax.nn.sigmoid(jnp.asarray(logits, jnp.float32)).reshape(logits.shape[0], -1)  # [B, n * K]
+  above = scores > score_threshold
+  k = min(topk, scores.shape[1])
+  top, idx = jax.lax.top_k(jnp.where(above, scores, -1.0), k)
+  return top, idx // num_classes, (idx % num_classes).astype(jnp.int32), top > score_threshold
+
+
+def flat_topk_postprocess(cls_logits, boxes, level_counts, image_hw, *, score_threshold=0.05, topk_per_level=1000,
+                          nms_iou=0.5, max_detections=100):
+  """core.nms.postprocess up to commit ce92a47 (frozen): flat_topk_candidates per level, clip, class-aware NMS."""
+  boxes = jnp.asarray(boxes, jnp.float32)
+  cand_boxes, cand_scores, cand_classes, cand_valid = [], [], [], []
+  start = 0
+  for count in level_counts:
+    top, anchor, cls, ok = flat_topk_candidates(cls_logits[:, start:start + count], topk_per_level, score_threshold)
+    cand_boxes.append(jnp.take_along_axis(boxes, start + anchor[..., None], axis=1))
+    cand_scores.append(top)
+    cand_classes.append(cls)
+    cand_valid.append(ok)
+    start += count
+  cand_boxes = clip_boxes(jnp.concatenate(cand_boxes, axis=1), image_hw)
+  cand_scores = jnp.concatenate(cand_scores, axis=1)
+  cand_classes = jnp.concatenate(cand_classes, axis=1)
+  keep, valid = batched_nms(cand_boxes, cand_scores, cand_classes, jnp.concatenate(cand_valid, axis=1),
+                            iou_threshold=nms_iou, max_output=max_detections)
+  gather = lambda x: jnp.take_along_axis(x, keep, axis=1)
+  return dict(
+      boxes=jnp.where(valid[..., None], jnp.take_along_axis(cand_boxes, keep[..., None], axis=1), 0.0),
+      scores=jnp.where(valid, gather(cand_scores), 0.0),
+      classes=jnp.where(valid, gather(cand_classes), 0),
+      valid=valid,
+  )
