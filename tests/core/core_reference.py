@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conret_jax.core.boxes import clip_boxes
-from conret_jax.core.nms import batched_nms
+from conret_jax.core.nms import detections_from_candidates
 
 
 def np_iou(b1, b2):
@@ -93,26 +92,14 @@ def flat_topk_candidates(logits, topk, score_threshold):
 
 def flat_topk_postprocess(cls_logits, boxes, level_counts, image_hw, *, score_threshold=0.05, topk_per_level=1000,
                           nms_iou=0.5, max_detections=100):
-  """core.nms.postprocess up to commit ce92a47 (frozen): flat_topk_candidates per level, clip, class-aware NMS."""
+  """core.nms.postprocess up to commit ce92a47: flat_topk_candidates per level, then the (unchanged) clipping and
+  class-aware NMS of core.nms.detections_from_candidates."""
   boxes = jnp.asarray(boxes, jnp.float32)
-  cand_boxes, cand_scores, cand_classes, cand_valid = [], [], [], []
+  parts = []
   start = 0
   for count in level_counts:
     top, anchor, cls, ok = flat_topk_candidates(cls_logits[:, start:start + count], topk_per_level, score_threshold)
-    cand_boxes.append(jnp.take_along_axis(boxes, start + anchor[..., None], axis=1))
-    cand_scores.append(top)
-    cand_classes.append(cls)
-    cand_valid.append(ok)
+    parts.append((jnp.take_along_axis(boxes, start + anchor[..., None], axis=1), top, cls, ok))
     start += count
-  cand_boxes = clip_boxes(jnp.concatenate(cand_boxes, axis=1), image_hw)
-  cand_scores = jnp.concatenate(cand_scores, axis=1)
-  cand_classes = jnp.concatenate(cand_classes, axis=1)
-  keep, valid = batched_nms(cand_boxes, cand_scores, cand_classes, jnp.concatenate(cand_valid, axis=1),
-                            iou_threshold=nms_iou, max_output=max_detections)
-  gather = lambda x: jnp.take_along_axis(x, keep, axis=1)
-  return dict(
-      boxes=jnp.where(valid[..., None], jnp.take_along_axis(cand_boxes, keep[..., None], axis=1), 0.0),
-      scores=jnp.where(valid, gather(cand_scores), 0.0),
-      classes=jnp.where(valid, gather(cand_classes), 0),
-      valid=valid,
-  )
+  cand = [jnp.concatenate(p, axis=1) for p in zip(*parts)]
+  return detections_from_candidates(*cand, image_hw, nms_iou=nms_iou, max_detections=max_detections)
