@@ -123,9 +123,9 @@ def level_candidates(logits, topk: int, score_threshold: float):
      least as high with a lower flattened index on equal scores, so if topk anchors ranked before a, topk pairs
      would precede (a, c). The best masked score is taken as sigmoid(max over K of the logits), so the sigmoid
      runs on n maxima, not n * K logits; that is exact because float32 sigmoid is monotone non-decreasing
-     (bench/sigmoid_monotone.py checks every float32 input; done on XLA CPU with jax 0.10.2). Ranking by the logits themselves would not be exact:
-     sigmoid maps distinct logits to one score (all logits above about 17.3 to 1.0), and those ties are broken by
-     index, not by logit.
+     (bench/sigmoid_monotone.py checks every float32 input; done on XLA CPU with jax 0.10.2). Ranking by the
+     logits themselves would not be exact: sigmoid maps distinct logits to one score (all logits above about
+     17.3 to 1.0), and those ties are broken by index, not by logit.
   2. Sort the kept anchors by index and gather their logits, [B, topk, K]: flattened, their pairs stand in the
      same relative order as in the full level, so lax.top_k over these topk * K pairs breaks ties exactly as over
      all n * K.
