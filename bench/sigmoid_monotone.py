@@ -2,7 +2,7 @@
 
   python bench/sigmoid_monotone.py [--chunk_log2 26]
 
-core.nms.level_candidates ranks anchors by sigmoid(max logit) and relies on that being the anchor's best score,
+core.nms.select_candidates ranks anchors by sigmoid(max logit) and relies on that being the anchor's best score,
 which needs sigmoid(x) <= sigmoid(y) whenever x <= y in float32. Mathematically true, but the float32 sigmoid is
 1 / (1 + exp(-x)) with a backend's exp, so it is checked here for every non-NaN input (about 4.3e9), in
 chunks of 2**chunk_log2 consecutive bit patterns: +0 to +inf ascending and -0 to -inf descending (each chunk

@@ -16,7 +16,7 @@ precision on small boxes and move IoUs near the threshold).
 Memory per image is O(N + tile * (tile + max_output)): a 5000-candidate image never builds a 5000 x 5000 matrix,
 so the batch is simply vmapped.
 
-`postprocess` selects each level's candidates without sorting all of its anchors x classes: see `level_candidates`.
+`postprocess` selects each level's candidates without sorting all of its anchors x classes: see `select_candidates`.
 """
 
 from collections.abc import Sequence
@@ -112,53 +112,60 @@ def _masked_scores(logits, score_threshold: float):
   return jnp.where(scores > score_threshold, scores, -1.0)
 
 
-def level_candidates(logits, topk: int, score_threshold: float):
-  """One level's candidates: the first k = min(topk, n * K) (anchor, class) pairs in the order (masked score
-  descending, flattened index anchor * K + class ascending), masked score = sigmoid(logit) if above the threshold,
-  else -1. That is one lax.top_k over all n * K pairs (lax.top_k puts the lower index first among equal values);
-  this function gets the same pairs with far less work when topk < n:
+def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_threshold: float):
+  """Per level, the first k = min(topk, n * K) of its n anchors x K classes in the order (masked score descending,
+  flattened index anchor * K + class ascending), masked score = sigmoid(logit) if above the threshold, else -1.
+  That is one lax.top_k over the level's n * K pairs (lax.top_k puts the lower index first among equal values);
+  this function gets the same pairs without sorting them all:
 
-  1. Rank the anchors by their best masked score and keep the first topk (equal keys: lower anchor first). Every
-     pair of the answer is on a kept anchor: for a pair (a, c), each anchor ranked before a has a pair scoring at
-     least as high with a lower flattened index on equal scores, so if topk anchors ranked before a, topk pairs
+  1. Rank the level's anchors by their best masked score and keep the first topk (equal keys: lower anchor first).
+     Every pair of the answer is on a kept anchor: for a pair (a, c), each anchor ranked before a has a pair scoring
+     at least as high, with a lower flattened index where equal, so if topk anchors ranked before a, topk pairs
      would precede (a, c). The best masked score is taken as sigmoid(max over K of the logits), so the sigmoid
-     runs on n maxima, not n * K logits; that is exact because float32 sigmoid is monotone non-decreasing
-     (bench/sigmoid_monotone.py checks every float32 input; done on XLA CPU with jax 0.10.2). Ranking by the
-     logits themselves would not be exact: sigmoid maps distinct logits to one score (all logits above about
-     17.3 to 1.0), and those ties are broken by index, not by logit.
-  2. Sort the kept anchors by index and gather their logits, [B, topk, K]: flattened, their pairs stand in the
-     same relative order as in the full level, so lax.top_k over these topk * K pairs breaks ties exactly as over
-     all n * K.
-  The result is therefore the full top-k's, slot for slot, equal scores and invalid slots (score -1, the lowest
-  indices among invalid pairs) included. This holds given that XLA evaluates the sigmoid of a value to the same
-  float32 wherever it fuses it (tests/core/test_nms.py compares with the full top-k on CPU). Levels with
-  n <= topk take the full top-k directly.
-  Work per image: a max over K of the logits, then a top-k over n keys and over topk * K pairs; no [n * K]
-  temporary (the full top-k sorts n * K = 5.2 M pairs on P3 at 640x640 with 91 classes).
+     runs on one maximum per anchor, not K logits; that is exact because float32 sigmoid is monotone
+     non-decreasing (bench/sigmoid_monotone.py checks every float32 input; done on XLA CPU with jax 0.10.2).
+     Ranking by the logits themselves would not be exact: sigmoid maps distinct logits to one score (all logits
+     above about 17.3 to 1.0), and those ties are broken by index, not by logit.
+  2. Sort the kept anchors by index and gather their logits, [B, topk, K]: flattened, their pairs stand in the same
+     relative order as in the full level, so lax.top_k over these topk * K pairs breaks ties exactly as over all
+     n * K. A level with n <= topk keeps all its anchors.
+  The candidates are therefore the full top-k's, slot for slot: same scores, anchors, classes and valid flags,
+  equal scores and invalid slots (score -1: the lowest indices among invalid pairs) included. This holds given
+  that XLA computes the same float32 sigmoid of a value wherever it fuses it (tests/core/test_nms.py compares with
+  the full top-k, on CPU).
+  Work per image: one max over K of all logits (fused, no copy), then per level a top-k over n keys and one over
+  topk * K pairs (the full top-k sorts n * K = 5.2 M pairs on P3 at 640x640 with 91 classes); the largest
+  temporaries are the [A] keys and a level's [topk, K] gathered logits (XLA CPU also converts bfloat16 logits to
+  float32 whole, one logits-sized temporary).
 
   Args:
-    logits: [B, n, K] (any float dtype; scored in float32).
-  Returns:
-    scores [B, k] float32 (-1 where not valid), anchors [B, k] int32 in 0..n-1, classes [B, k] int32,
-    valid [B, k] bool (score > score_threshold).
+    cls_logits: [B, A, K] (any float dtype; scored in float32); level_counts: anchors per level (sum = A).
+  Returns, concatenated over the levels (sum of k = min(topk, n * K) candidates):
+    scores [B, N] float32 (-1 where not valid), anchors [B, N] int32 in 0..A-1, classes [B, N] int32,
+    valid [B, N] bool (score > score_threshold).
   """
-  logits = jnp.asarray(logits)
-  b, n, num_classes = logits.shape
-  k = min(topk, n * num_classes)
-  rows = None
-  if topk < n:
-    real = ~jnp.isnan(logits)  # a NaN logit scores -1, so it must not be an anchor's maximum
-    key = _masked_scores(jnp.max(jnp.where(real, logits, -jnp.inf), axis=-1), score_threshold)
-    if score_threshold < 0:  # sigmoid(-inf) = 0 would pass a negative threshold: an all-NaN anchor's key is -1
-      key = jnp.where(jnp.any(real, axis=-1), key, -1.0)
-    _, rows = jax.lax.top_k(key, topk)
-    rows = jnp.sort(rows, axis=-1)
-    logits = jnp.take_along_axis(logits, rows[..., None], axis=1)
-  top, idx = jax.lax.top_k(_masked_scores(logits, score_threshold).reshape(b, -1), k)
-  anchors = idx // num_classes
-  if rows is not None:
-    anchors = jnp.take_along_axis(rows, anchors, axis=1)
-  return top, anchors.astype(jnp.int32), (idx % num_classes).astype(jnp.int32), top > score_threshold
+  cls_logits = jnp.asarray(cls_logits)
+  b, _, num_classes = cls_logits.shape
+  # fmax skips NaN logits (they score -1, so they must not be an anchor's best); an all-NaN anchor gets -inf. As a
+  # reduction it reads the logits in place; a jnp.where before jnp.max is written out whole by XLA CPU (10x slower).
+  best = jax.lax.reduce(cls_logits, jnp.array(-jnp.inf, cls_logits.dtype), jnp.fmax, (2,))
+  key = _masked_scores(best, score_threshold)  # [B, A]
+  if score_threshold < 0:  # sigmoid(-inf) = 0 passes a negative threshold: an all-NaN anchor's key is -1
+    key = jnp.where(jnp.any(~jnp.isnan(cls_logits), axis=-1), key, -1.0)
+  parts = []
+  start = 0
+  for n in level_counts:
+    if topk < n:
+      _, rows = jax.lax.top_k(key[:, start:start + n], topk)
+      rows = start + jnp.sort(rows, axis=-1)
+    else:
+      rows = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (b, n))
+    pairs = _masked_scores(jnp.take_along_axis(cls_logits, rows[..., None], axis=1), score_threshold)
+    top, idx = jax.lax.top_k(pairs.reshape(b, -1), min(topk, n * num_classes))
+    parts.append((top, jnp.take_along_axis(rows, idx // num_classes, axis=1),
+                  (idx % num_classes).astype(jnp.int32), top > score_threshold))
+    start += n
+  return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
 
 
 def detections_from_candidates(boxes, scores, classes, valid, image_hw: Sequence[int], *, nms_iou: float,
@@ -182,7 +189,7 @@ def postprocess(cls_logits, boxes, level_counts: Sequence[int], image_hw: Sequen
 
   Per level: the top `topk_per_level` (anchor, class) pairs by sigmoid score among those above `score_threshold`
   become candidates; equal scores are taken in flattened order (anchor * K + class), lower first
-  (`level_candidates`: the same pairs as one top-k over all anchors x classes, without sorting them all).
+  (`select_candidates`: the same pairs as one top-k over all anchors x classes, without sorting them all).
   Candidate boxes are clipped to the image, then class-aware NMS keeps the best `max_detections`.
 
   Args:
@@ -192,19 +199,9 @@ def postprocess(cls_logits, boxes, level_counts: Sequence[int], image_hw: Sequen
   Returns dict: boxes [B, D, 4] float32, scores [B, D] float32 (the sigmoid of the logit), classes [B, D] int32,
     valid [B, D] bool, by descending score; zeros where not valid.
   """
-  boxes = jnp.asarray(boxes, jnp.float32)
   if sum(level_counts) != cls_logits.shape[1]:
     raise ValueError(f'level_counts sum to {sum(level_counts)}, logits have {cls_logits.shape[1]} anchors')
-  cand_boxes, cand_scores, cand_classes, cand_valid = [], [], [], []
-  start = 0
-  for count in level_counts:
-    scores, anchors, classes, valid = level_candidates(cls_logits[:, start:start + count], topk_per_level,
-                                                       score_threshold)
-    cand_boxes.append(jnp.take_along_axis(boxes, start + anchors[..., None], axis=1))
-    cand_scores.append(scores)
-    cand_classes.append(classes)
-    cand_valid.append(valid)
-    start += count
-  cat = lambda parts: jnp.concatenate(parts, axis=1)
-  return detections_from_candidates(cat(cand_boxes), cat(cand_scores), cat(cand_classes), cat(cand_valid),
-                                    image_hw, nms_iou=nms_iou, max_detections=max_detections)
+  scores, anchors, classes, valid = select_candidates(cls_logits, level_counts, topk_per_level, score_threshold)
+  boxes = jnp.take_along_axis(jnp.asarray(boxes, jnp.float32), anchors[..., None], axis=1)
+  return detections_from_candidates(boxes, scores, classes, valid, image_hw, nms_iou=nms_iou,
+                                    max_detections=max_detections)

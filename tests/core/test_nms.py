@@ -7,7 +7,7 @@ from core_reference import flat_topk_candidates, flat_topk_postprocess, np_greed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conret_jax.core.nms import batched_nms, level_candidates, postprocess
+from conret_jax.core.nms import batched_nms, postprocess, select_candidates
 
 _nms = jax.jit(batched_nms, static_argnames=('iou_threshold', 'max_output', 'tile_size'))
 
@@ -161,7 +161,8 @@ def test_postprocess_rejects_bad_counts():
     postprocess(np.zeros((1, 10, 2), np.float32), np.zeros((1, 10, 4), np.float32), (4, 5), (32, 32))
 
 
-# level_candidates against the full top-k over anchors x classes (flat_topk_candidates): same slots, exactly.
+# select_candidates against the full top-k over each level's anchors x classes (flat_topk_candidates): the same
+# candidates slot for slot, exactly.
 
 def hard_logits(rng, n, num_classes):
   """[4, n, K]: 0 random (some above 0.05); 1 exact ties within and across anchors and classes, including equal
@@ -175,36 +176,38 @@ def hard_logits(rng, n, num_classes):
   return x
 
 
-_level = jax.jit(level_candidates, static_argnums=(1, 2))
-_flat = jax.jit(flat_topk_candidates, static_argnums=(1, 2))
+_select = jax.jit(select_candidates, static_argnums=(1, 2, 3))
+_flat = jax.jit(flat_topk_candidates, static_argnums=(1, 2, 3))
 
 
-def assert_same_candidates(logits, topk, thr=0.05):
-  got, want = _level(logits, topk, thr), _flat(logits, topk, thr)
+def assert_same_candidates(logits, topk, thr=0.05, counts=None):
+  counts = counts or (logits.shape[1],)
+  got, want = _select(logits, counts, topk, thr), _flat(logits, counts, topk, thr)
   for g, w in zip(got, want):
     assert g.shape == w.shape and g.dtype == w.dtype
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
   return got
 
 
-@pytest.mark.parametrize('n, num_classes, topk', [
-    (60, 1, 10),  # K = 1
-    (60, 1, 60),  # topk = n: one top-k over the level
-    (40, 7, 12),
-    (25, 4, 24),  # topk just below n
-    (30, 91, 20),  # COCO's 91 classes
-    (12, 5, 100),  # topk > n * K: every pair, k = 60
+@pytest.mark.parametrize('counts, num_classes, topk', [
+    ((60,), 1, 10),  # K = 1
+    ((60,), 1, 60),  # topk = n: the level keeps every anchor
+    ((40,), 7, 12),
+    ((25,), 4, 24),  # topk just below n
+    ((30,), 91, 20),  # COCO's 91 classes
+    ((12,), 5, 100),  # topk > n * K: every pair, k = 60
+    ((40, 9, 0, 13), 3, 12),  # levels above and below topk, and an empty one
 ])
-def test_level_candidates_match_flat_topk(n, num_classes, topk):
+def test_select_candidates_match_flat_topk(counts, num_classes, topk):
+  n = sum(counts)
   logits = hard_logits(np.random.default_rng(n * num_classes + topk), n, num_classes)
-  scores, _, _, valid = assert_same_candidates(logits, topk)
-  k = min(topk, n * num_classes)
-  assert scores.shape == (4, k)
-  assert not np.asarray(valid[2]).any() and np.asarray(valid[3]).sum() == min(3, k)
+  scores, _, _, valid = assert_same_candidates(logits, topk, counts=counts)
+  assert scores.shape == (4, sum(min(topk, c * num_classes) for c in counts))
+  assert not np.asarray(valid[2]).any() and 0 < np.asarray(valid[3]).sum() <= 3
 
 
 @pytest.mark.parametrize('n, num_classes, topk', [(40, 7, 12), (30, 91, 20)])
-def test_level_candidates_bf16_logits(n, num_classes, topk):
+def test_select_candidates_bf16_logits(n, num_classes, topk):
   logits = jnp.asarray(hard_logits(np.random.default_rng(3), n, num_classes), jnp.bfloat16)
   assert_same_candidates(logits, topk)
 
@@ -231,7 +234,7 @@ def test_nan_logits_never_score(thr):
 
 
 def test_sigmoid_monotone_where_scores_change():
-  # level_candidates ranks anchors by sigmoid(max logit): exact only if float32 sigmoid never decreases.
+  # select_candidates ranks anchors by sigmoid(max logit): exact only if float32 sigmoid never decreases.
   # bench/sigmoid_monotone.py checks every float32; here, 2**16 consecutive floats around the sensitive places:
   # zero, the 0.05 threshold (logit -2.944), saturation to 1.0 (~17.3), exp overflow (-88.7), denormals (-103).
   windows = []
