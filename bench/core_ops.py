@@ -2,7 +2,7 @@
 
   python bench/core_ops.py [--batch 16] [--size 1024] [--gt 100] [--classes 80] [--repeats 5]
 
-Times (median of --repeats runs after a compile run) of
+Times (median of --repeats runs after a compile run; wall and process CPU time) of
   assign:      IoU + matching + targets for the anchors of a size x size input (anchors_from_config of the default
                config: P3-P7, 9 anchors per location) against --gt ground-truth rows per image;
   postprocess: per-level top-k, clipping and class-aware NMS of realistic logits (most anchors background, clusters
@@ -55,19 +55,23 @@ def realistic_logits(rng, anchors, batch, num_classes, size, objects=20):
   return logits
 
 
-def timed(fn, args, repeats):
+def timed(fn, args, repeats) -> dict:
+  """Compiles fn, calls it once (warm-up), then `repeats` times: median and min wall seconds, median process CPU
+  seconds (all threads; less sensitive than wall time to other jobs on a shared machine), XLA memory in MB."""
   compiled = jax.jit(fn).lower(*args).compile()
   jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
+  times, cpu = [], []
   for _ in range(repeats):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
   mem = compiled.memory_analysis()
   memory = {}
   if mem is not None:
     memory = {k: round(getattr(mem, f'{k}_size_in_bytes') / MB, 1) for k in ('argument', 'output', 'temp')}
-  return statistics.median(times), min(times), memory
+  return dict(median_s=round(statistics.median(times), 4), min_s=round(min(times), 4),
+              cpu_median_s=round(statistics.median(cpu), 4), xla_memory_mb=memory)
 
 
 def peak_rss_mb():
@@ -99,9 +103,8 @@ def main():
                   allow_low_quality_matches=loss_cfg.allow_low_quality_matches,
                   box_weights=tuple(config.model.box_weights))
 
-  med, best, mem = timed(assign_fn, (jnp.asarray(boxes), jnp.asarray(classes), jnp.asarray(valid)), args.repeats)
-  result['assign'] = dict(median_s=round(med, 4), min_s=round(best, 4), xla_memory_mb=mem,
-                          peak_rss_mb=peak_rss_mb())
+  result['assign'] = dict(**timed(assign_fn, (jnp.asarray(boxes), jnp.asarray(classes), jnp.asarray(valid)),
+                                  args.repeats), peak_rss_mb=peak_rss_mb())
 
   counts = level_anchor_counts(hw, config.model)
   logits = jnp.asarray(realistic_logits(rng, np.asarray(anchors), args.batch, args.classes, args.size))
@@ -114,10 +117,9 @@ def main():
     return postprocess(cls_logits, box, counts, hw, score_threshold=e.score_threshold,
                        topk_per_level=e.topk_per_level, nms_iou=e.nms_iou, max_detections=e.max_detections)
 
-  med, best, mem = timed(post_fn, (logits, decoded), args.repeats)
+  timing = timed(post_fn, (logits, decoded), args.repeats)
   out = jax.jit(post_fn)(logits, decoded)
-  result['postprocess'] = dict(median_s=round(med, 4), min_s=round(best, 4), xla_memory_mb=mem,
-                               peak_rss_mb=peak_rss_mb(),
+  result['postprocess'] = dict(**timing, peak_rss_mb=peak_rss_mb(),
                                mean_detections=float(np.asarray(out['valid']).sum(1).mean()))
   print(json.dumps(result))
 

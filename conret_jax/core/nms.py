@@ -14,8 +14,9 @@ iterations, usually a handful). Class awareness is by masking pairs of different
 offsets, so IoUs are computed on the original coordinates (offsets of class * image size would cost float32
 precision on small boxes and move IoUs near the threshold).
 Memory per image is O(N + tile * (tile + max_output)): a 5000-candidate image never builds a 5000 x 5000 matrix,
-so the batch is simply vmapped. In `postprocess` the largest intermediate is one level's flattened scores
-[B, A_level * K] for the top-k (about the size of the logits; measured in bench/core_ops.py).
+so the batch is simply vmapped.
+
+`postprocess` selects each level's candidates without sorting all of its anchors x classes: see `select_candidates`.
 """
 
 from collections.abc import Sequence
@@ -105,48 +106,102 @@ def batched_nms(boxes, scores, classes, valid, *, iou_threshold: float, max_outp
   return jax.vmap(fn)(boxes, scores, classes, valid)
 
 
+def _masked_scores(logits, score_threshold: float):
+  """float32 sigmoid scores, -1 where not above the threshold (NaN included): what candidates are ranked by."""
+  scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+  return jnp.where(scores > score_threshold, scores, -1.0)
+
+
+def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_threshold: float):
+  """Per level, the first k = min(topk, n * K) of its n anchors x K classes in the order (masked score descending,
+  flattened index anchor * K + class ascending), masked score = sigmoid(logit) if above the threshold, else -1.
+  That is one lax.top_k over the level's n * K pairs (lax.top_k puts the lower index first among equal values);
+  this function gets the same pairs without sorting them all:
+
+  1. Rank the level's anchors by their best masked score and keep the first topk (equal keys: lower anchor first).
+     Every pair of the answer is on a kept anchor: for a pair (a, c), each anchor ranked before a has a pair scoring
+     at least as high, with a lower flattened index where equal, so if topk anchors ranked before a, topk pairs
+     would precede (a, c). The best masked score is taken as sigmoid(max over K of the logits), so the sigmoid
+     runs on one maximum per anchor, not K logits; that is exact because float32 sigmoid is monotone
+     non-decreasing (bench/sigmoid_monotone.py checks every float32 input; done on XLA CPU with jax 0.10.2).
+     Ranking by the logits themselves would not be exact: sigmoid maps distinct logits to one score (all logits
+     above about 17.3 to 1.0), and those ties are broken by index, not by logit.
+  2. Sort the kept anchors by index and gather their logits, [B, topk, K]: flattened, their pairs stand in the same
+     relative order as in the full level, so lax.top_k over these topk * K pairs breaks ties exactly as over all
+     n * K. A level with n <= topk keeps all its anchors.
+  The candidates are therefore the full top-k's, slot for slot: same scores, anchors, classes and valid flags,
+  equal scores and invalid slots (score -1: the lowest indices among invalid pairs) included. This holds given
+  that XLA computes the same float32 sigmoid of a value wherever it fuses it (tests/core/test_nms.py compares with
+  the full top-k, on CPU).
+  Work per image: one max over K of all logits (fused, no copy), then per level a top-k over n keys and one over
+  topk * K pairs (the full top-k sorts n * K = 5.2 M pairs on P3 at 640x640 with 91 classes); the largest
+  temporaries are the [A] keys and a level's [topk, K] gathered logits (XLA CPU also converts bfloat16 logits to
+  float32 whole, one logits-sized temporary).
+
+  Args:
+    cls_logits: [B, A, K] (any float dtype; scored in float32); level_counts: anchors per level (sum = A).
+  Returns, concatenated over the levels (sum of k = min(topk, n * K) candidates):
+    scores [B, N] float32 (-1 where not valid), anchors [B, N] int32 in 0..A-1, classes [B, N] int32,
+    valid [B, N] bool (score > score_threshold).
+  """
+  cls_logits = jnp.asarray(cls_logits)
+  b, _, num_classes = cls_logits.shape
+  # fmax skips NaN logits (they score -1, so they must not be an anchor's best); an all-NaN anchor gets -inf. As a
+  # reduction it reads the logits in place; a jnp.where before jnp.max is written out whole by XLA CPU (10x slower).
+  best = jax.lax.reduce(cls_logits, jnp.array(-jnp.inf, cls_logits.dtype), jnp.fmax, (2,))
+  key = _masked_scores(best, score_threshold)  # [B, A]
+  if score_threshold < 0:  # sigmoid(-inf) = 0 passes a negative threshold: an all-NaN anchor's key is -1
+    key = jnp.where(jnp.any(~jnp.isnan(cls_logits), axis=-1), key, -1.0)
+  parts = []
+  start = 0
+  for n in level_counts:
+    if topk < n:
+      _, rows = jax.lax.top_k(key[:, start:start + n], topk)
+      rows = start + jnp.sort(rows, axis=-1)
+    else:
+      rows = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (b, n))
+    pairs = _masked_scores(jnp.take_along_axis(cls_logits, rows[..., None], axis=1), score_threshold)
+    top, idx = jax.lax.top_k(pairs.reshape(b, -1), min(topk, n * num_classes))
+    parts.append((top, jnp.take_along_axis(rows, idx // num_classes, axis=1),
+                  (idx % num_classes).astype(jnp.int32), top > score_threshold))
+    start += n
+  return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
+
+
+def detections_from_candidates(boxes, scores, classes, valid, image_hw: Sequence[int], *, nms_iou: float,
+                               max_detections: int) -> dict:
+  """Clip candidate boxes [B, N, 4] to the image, then class-aware NMS: postprocess's outputs (see there)."""
+  boxes = clip_boxes(boxes, image_hw)
+  keep, kept = batched_nms(boxes, scores, classes, valid, iou_threshold=nms_iou, max_output=max_detections)
+  gather = lambda x: jnp.take_along_axis(x, keep, axis=1)
+  return dict(
+      boxes=jnp.where(kept[..., None], jnp.take_along_axis(boxes, keep[..., None], axis=1), 0.0),
+      scores=jnp.where(kept, gather(scores), 0.0),
+      classes=jnp.where(kept, gather(classes), 0),
+      valid=kept,
+  )
+
+
 def postprocess(cls_logits, boxes, level_counts: Sequence[int], image_hw: Sequence[int], *,
                 score_threshold: float = 0.05, topk_per_level: int = 1000, nms_iou: float = 0.5,
                 max_detections: int = 100) -> dict:
   """Detections from decoded boxes and class logits (torchvision's RetinaNet postprocess_detections).
 
-  Per level: sigmoid scores of all anchors x classes of that level, flattened; the top `topk_per_level` of those
-  above `score_threshold` become candidates (anchor = index // K, class = index % K). Candidate boxes are clipped
-  to the image, then class-aware NMS keeps the best `max_detections`.
+  Per level: the top `topk_per_level` (anchor, class) pairs by sigmoid score among those above `score_threshold`
+  become candidates; equal scores are taken in flattened order (anchor * K + class), lower first
+  (`select_candidates`: the same pairs as one top-k over all anchors x classes, without sorting them all).
+  Candidate boxes are clipped to the image, then class-aware NMS keeps the best `max_detections`.
 
   Args:
-    cls_logits: [B, A, K]; boxes: [B, A, 4] decoded x1y1x2y2; level_counts: anchors per level (sum = A).
+    cls_logits: [B, A, K] (float32 or bfloat16); boxes: [B, A, 4] decoded x1y1x2y2; level_counts: anchors per
+      level (sum = A).
     image_hw: the (static) model input size boxes are clipped to.
-  Returns dict: boxes [B, D, 4] float32, scores [B, D] float32, classes [B, D] int32, valid [B, D] bool, by
-    descending score; zeros where not valid.
+  Returns dict: boxes [B, D, 4] float32, scores [B, D] float32 (the sigmoid of the logit), classes [B, D] int32,
+    valid [B, D] bool, by descending score; zeros where not valid.
   """
-  num_classes = cls_logits.shape[-1]
-  boxes = jnp.asarray(boxes, jnp.float32)
   if sum(level_counts) != cls_logits.shape[1]:
     raise ValueError(f'level_counts sum to {sum(level_counts)}, logits have {cls_logits.shape[1]} anchors')
-  cand_boxes, cand_scores, cand_classes, cand_valid = [], [], [], []
-  start = 0
-  for count in level_counts:
-    logits = jnp.asarray(cls_logits[:, start:start + count], jnp.float32)
-    scores = jax.nn.sigmoid(logits).reshape(logits.shape[0], -1)  # [B, count * K]
-    above = scores > score_threshold
-    k = min(topk_per_level, scores.shape[1])
-    top, idx = jax.lax.top_k(jnp.where(above, scores, -1.0), k)
-    anchor = start + idx // num_classes
-    cand_boxes.append(jnp.take_along_axis(boxes, anchor[..., None], axis=1))
-    cand_scores.append(top)
-    cand_classes.append((idx % num_classes).astype(jnp.int32))
-    cand_valid.append(top > score_threshold)
-    start += count
-  cand_boxes = clip_boxes(jnp.concatenate(cand_boxes, axis=1), image_hw)
-  cand_scores = jnp.concatenate(cand_scores, axis=1)
-  cand_classes = jnp.concatenate(cand_classes, axis=1)
-  keep, valid = batched_nms(cand_boxes, cand_scores, cand_classes, jnp.concatenate(cand_valid, axis=1),
-                            iou_threshold=nms_iou, max_output=max_detections)
-  gather = lambda x: jnp.take_along_axis(x, keep, axis=1)
-  return dict(
-      boxes=jnp.where(valid[..., None], jnp.take_along_axis(cand_boxes, keep[..., None], axis=1), 0.0),
-      scores=jnp.where(valid, gather(cand_scores), 0.0),
-      classes=jnp.where(valid, gather(cand_classes), 0),
-      valid=valid,
-  )
+  scores, anchors, classes, valid = select_candidates(cls_logits, level_counts, topk_per_level, score_threshold)
+  boxes = jnp.take_along_axis(jnp.asarray(boxes, jnp.float32), anchors[..., None], axis=1)
+  return detections_from_candidates(boxes, scores, classes, valid, image_hw, nms_iou=nms_iou,
+                                    max_detections=max_detections)

@@ -1,6 +1,11 @@
-"""Plain NumPy references (loops, float32 where exact agreement matters) for the core tests."""
+"""References for the core tests: plain NumPy (loops, float32 where exact agreement matters), and frozen copies of
+earlier jnp implementations that a faster one must reproduce exactly."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from conret_jax.core.nms import detections_from_candidates
 
 
 def np_iou(b1, b2):
@@ -71,3 +76,30 @@ def random_boxes(rng, n, lo=0.0, hi=100.0, min_size=1.0, max_size=50.0):
   xy = rng.uniform(lo, hi, (n, 2))
   wh = rng.uniform(min_size, max_size, (n, 2))
   return np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
+
+
+def flat_topk_candidates(cls_logits, level_counts, topk, score_threshold):
+  """core.nms.postprocess's candidates up to commit ce92a47 (frozen, do not optimise): per level, one lax.top_k
+  over all its anchors x classes flattened. Same arguments and outputs as core.nms.select_candidates."""
+  num_classes = cls_logits.shape[-1]
+  parts = []
+  start = 0
+  for count in level_counts:
+    logits = jnp.asarray(cls_logits[:, start:start + count], jnp.float32)
+    scores = jax.nn.sigmoid(logits).reshape(logits.shape[0], -1)  # [B, count * K]
+    above = scores > score_threshold
+    k = min(topk, scores.shape[1])
+    top, idx = jax.lax.top_k(jnp.where(above, scores, -1.0), k)
+    parts.append((top, start + idx // num_classes, (idx % num_classes).astype(jnp.int32), top > score_threshold))
+    start += count
+  return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
+
+
+def flat_topk_postprocess(cls_logits, boxes, level_counts, image_hw, *, score_threshold=0.05, topk_per_level=1000,
+                          nms_iou=0.5, max_detections=100):
+  """core.nms.postprocess up to commit ce92a47: flat_topk_candidates, then the (unchanged) clipping and
+  class-aware NMS of core.nms.detections_from_candidates."""
+  scores, anchors, classes, valid = flat_topk_candidates(cls_logits, level_counts, topk_per_level, score_threshold)
+  boxes = jnp.take_along_axis(jnp.asarray(boxes, jnp.float32), anchors[..., None], axis=1)
+  return detections_from_candidates(boxes, scores, classes, valid, image_hw, nms_iou=nms_iou,
+                                    max_detections=max_detections)

@@ -3,11 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from core_reference import np_greedy_nms
+from core_reference import flat_topk_candidates, flat_topk_postprocess, np_greedy_nms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conret_jax.core.nms import batched_nms, postprocess
+from conret_jax.core.nms import batched_nms, postprocess, select_candidates
 
 _nms = jax.jit(batched_nms, static_argnames=('iou_threshold', 'max_output', 'tile_size'))
 
@@ -159,3 +159,114 @@ def test_postprocess_matches_reference():
 def test_postprocess_rejects_bad_counts():
   with pytest.raises(ValueError):
     postprocess(np.zeros((1, 10, 2), np.float32), np.zeros((1, 10, 4), np.float32), (4, 5), (32, 32))
+
+
+# select_candidates against the full top-k over each level's anchors x classes (flat_topk_candidates): the same
+# candidates slot for slot, exactly.
+
+def hard_logits(rng, n, num_classes):
+  """[4, n, K]: 0 random (some above 0.05); 1 exact ties within and across anchors and classes, including equal
+  scores from different logits (sigmoid of 20, 25 and 30 is 1.0 in float32); 2 all below the threshold
+  (background); 3 only three pairs above it."""
+  x = rng.normal(-3, 2, (4, n, num_classes)).astype(np.float32)
+  x[1] = rng.choice(np.array([-9, -2, 0, 1, 20, 25, 30], np.float32), (n, num_classes))
+  x[2] = rng.uniform(-12, -3, (n, num_classes))  # sigmoid(-3) = 0.047
+  x[3] = -9.0
+  x[3].flat[rng.choice(n * num_classes, 3, replace=False)] = [0.5, 0.5, 2.0]
+  return x
+
+
+_select = jax.jit(select_candidates, static_argnums=(1, 2, 3))
+_flat = jax.jit(flat_topk_candidates, static_argnums=(1, 2, 3))
+
+
+def assert_same_candidates(logits, topk, thr=0.05, counts=None):
+  counts = counts or (logits.shape[1],)
+  got, want = _select(logits, counts, topk, thr), _flat(logits, counts, topk, thr)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  return got
+
+
+@pytest.mark.parametrize('counts, num_classes, topk', [
+    ((60,), 1, 10),  # K = 1
+    ((60,), 1, 60),  # topk = n: the level keeps every anchor
+    ((40,), 7, 12),
+    ((25,), 4, 24),  # topk just below n
+    ((30,), 91, 20),  # COCO's 91 classes
+    ((12,), 5, 100),  # topk > n * K: every pair, k = 60
+    ((40, 9, 0, 13), 3, 12),  # levels above and below topk, and an empty one
+])
+def test_select_candidates_match_flat_topk(counts, num_classes, topk):
+  n = sum(counts)
+  logits = hard_logits(np.random.default_rng(n * num_classes + topk), n, num_classes)
+  scores, _, _, valid = assert_same_candidates(logits, topk, counts=counts)
+  assert scores.shape == (4, sum(min(topk, c * num_classes) for c in counts))
+  assert not np.asarray(valid[2]).any() and 0 < np.asarray(valid[3]).sum() <= 3
+
+
+@pytest.mark.parametrize('n, num_classes, topk', [(40, 7, 12), (30, 91, 20)])
+def test_select_candidates_bf16_logits(n, num_classes, topk):
+  logits = jnp.asarray(hard_logits(np.random.default_rng(3), n, num_classes), jnp.bfloat16)
+  assert_same_candidates(logits, topk)
+
+
+def test_equal_scores_from_different_logits():
+  # Scores of 1.0 from logits 20, 30, 40: the tie goes to the lower flattened index, not the larger logit, so the
+  # anchors 2 (best logit) and 1 must not push out anchor 0.
+  logits = np.array([[[20, -9], [-9, 30], [40, 40], [-9, -9]]], np.float32)
+  scores, anchors, classes, valid = assert_same_candidates(logits, 2)
+  assert anchors.tolist() == [[0, 1]] and classes.tolist() == [[0, 1]] and scores.tolist() == [[1.0, 1.0]]
+  assert np.asarray(valid).all()
+
+
+@pytest.mark.parametrize('thr', [0.05, 0.0, -1.0])
+def test_nan_logits_never_score(thr):
+  # A NaN logit scores -1 (invalid) as in the full top-k; with a negative threshold every other pair is valid,
+  # even at score 0 (logits -200, -inf), and an all-NaN anchor (0, 3) still ranks last.
+  nan, inf = np.nan, np.inf
+  logits = np.array([[[nan, nan], [-200, nan], [-inf, -300], [nan, nan], [nan, -250]]], np.float32)
+  scores, anchors, classes, valid = assert_same_candidates(logits, 2, thr)
+  if thr < 0:
+    assert anchors.tolist() == [[1, 2]] and classes.tolist() == [[0, 0]] and scores.tolist() == [[0.0, 0.0]]
+  assert np.asarray(valid).all() == (thr < 0)
+
+
+def test_sigmoid_monotone_where_scores_change():
+  # select_candidates ranks anchors by sigmoid(max logit): exact only if float32 sigmoid never decreases.
+  # bench/sigmoid_monotone.py checks every float32; here, 2**16 consecutive floats around the sensitive places:
+  # zero, the 0.05 threshold (logit -2.944), saturation to 1.0 (~17.3), exp overflow (-88.7), denormals (-103).
+  windows = []
+  for centre in (0.0, -0.0, -2.944, 8.0, 17.3, -88.7, -103.0):
+    bits = np.float32(centre).view(np.uint32).astype(np.int64)
+    low = max(bits - 2**15, bits & 0x80000000)  # stay on the centre's side of zero (both sides for +-0)
+    windows.append(np.arange(low, low + 2**16).astype(np.uint32).view(np.float32))
+  x = np.sort(np.concatenate(windows))
+  y = np.asarray(jax.jit(jax.nn.sigmoid)(x))
+  assert not np.isnan(x).any() and np.all(np.diff(y) >= 0)
+
+
+def batch_boxes(rng, b, a):
+  centres = rng.uniform(0, 100, (b, a, 2))
+  wh = rng.uniform(2, 60, (b, a, 2))
+  return np.concatenate([centres - wh / 2, centres + wh / 2], -1).astype(np.float32)  # many leave the image
+
+
+@pytest.mark.parametrize('counts, num_classes, topk, dtype', [
+    ((150, 40, 9), 6, 20, jnp.float32),  # P3, P4 preselect anchors; P5 (9 <= 20) takes every pair
+    ((150, 40, 9), 6, 20, jnp.bfloat16),
+    ((40, 10), 91, 25, jnp.float32),
+])
+def test_postprocess_matches_flat_topk_reference(counts, num_classes, topk, dtype):
+  rng = np.random.default_rng(4)
+  logits = np.concatenate([hard_logits(rng, n, num_classes) for n in counts], axis=1)
+  logits = jnp.asarray(logits, dtype)
+  boxes = batch_boxes(rng, 4, sum(counts))
+  kw = dict(topk_per_level=topk, max_detections=15)
+  got = jax.jit(lambda l, b: postprocess(l, b, counts, (64, 96), **kw))(logits, boxes)
+  want = jax.jit(lambda l, b: flat_topk_postprocess(l, b, counts, (64, 96), **kw))(logits, boxes)
+  for key in want:
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+  kept = np.asarray(got['valid']).sum(1)
+  assert kept[2] == 0 and 0 < kept[3] <= 3 * len(counts)  # background; three candidates per level
