@@ -7,18 +7,24 @@ cover values that are individually valid but cannot work together.
 import ml_collections
 
 from conret_jax import consistent
-from conret_jax.data.preprocess import PAD_MULTIPLE
+from conret_jax.defaults import schedule_steps
+from conret_jax.data import sizes
 from conret_jax.model.detector import COMPUTE_DTYPES as _DTYPES
 from conret_jax.model.heads import VARIANTS as _VARIANTS
 from conret_jax.model.resnet import DEPTHS, NORMS as _NORMS
 
 _DEPTHS = tuple(sorted(DEPTHS))
-_RESIZE = ('square', 'short_side')
+_RESIZE = sizes.RESIZE_MODES
+_CLASS_LAYOUTS = ('contiguous', 'category_id')
+
+
+class ConfigError(ValueError):
+  """A config that cannot work: the message names the key. The command-line tools print it as one line."""
 
 
 def _check(condition: bool, message: str) -> None:
   if not condition:
-    raise ValueError(message)
+    raise ConfigError(message)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -36,23 +42,73 @@ def validate(config: ml_collections.ConfigDict) -> None:
          '(C3-C5 feed the pyramid)')
   _check(d.resize in _RESIZE, f'config.data.resize={d.resize!r} must be one of {_RESIZE}')
   stride = 2 ** m.fpn.max_level
-  _check(PAD_MULTIPLE % stride == 0,
-         f'config.model.fpn.max_level={m.fpn.max_level}: the input pipeline pads to multiples of {PAD_MULTIPLE}, '
+  _check(sizes.PAD_MULTIPLE % stride == 0,
+         f'config.model.fpn.max_level={m.fpn.max_level}: the input pipeline pads to multiples of {sizes.PAD_MULTIPLE}, '
          f'which the stride {stride} must divide')
   if d.resize == 'square':
     _check(d.image_size % stride == 0,
            f'config.data.image_size={d.image_size} cannot be tiled by the anchors: the padded side must be a '
            f'multiple of the largest stride {stride} (P{m.fpn.max_level}); try {max(stride, d.image_size // stride * stride)}')
+  _check(m.class_layout in _CLASS_LAYOUTS,
+         f'config.model.class_layout={m.class_layout!r} must be one of {_CLASS_LAYOUTS}')
+  _check(len(d.scale_jitter) == 2, f'config.data.scale_jitter={tuple(d.scale_jitter)} must be (low, high)')
   lo, hi = d.scale_jitter
   _check(0 < lo <= hi, f'config.data.scale_jitter={tuple(d.scale_jitter)} must satisfy 0 < low <= high')
+  if d.resize == 'short_side' and (lo, hi) != (1.0, 1.0):
+    _check(hi <= 1.0, f'config.data.scale_jitter={tuple(d.scale_jitter)}: with resize=short_side the short side is '
+           f'drawn below image_size={d.image_size} (high <= 1); raise image_size for larger scales')
+    scales = sizes.short_side_scales(d)
+    _check(len(scales) > 1, f'config.data.scale_jitter={tuple(d.scale_jitter)} would do nothing: no short side '
+           f'other than {scales[0]} lies in steps of {sizes.SCALE_STEP} from image_size={d.image_size} within the range')
   _check(d.max_boxes >= 1, f'config.data.max_boxes={d.max_boxes} must be >= 1')
   t = config.train
   _check(t.global_batch_size >= 1, f'config.train.global_batch_size={t.global_batch_size} must be >= 1')
   _check(t.num_steps >= 1, f'config.train.num_steps={t.num_steps} must be >= 1')
   _check(t.learning_rate > 0, f'config.train.learning_rate={t.learning_rate} must be > 0')
+  _check_schedule(t)
   _check(t.log_every_steps >= 1, f'config.train.log_every_steps={t.log_every_steps} must be >= 1')
   _check(config.checkpoint.every_steps >= 1,
          f'config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1')
   _check(config.checkpoint.keep >= 1, f'config.checkpoint.keep={config.checkpoint.keep} must be >= 1')
   _check(config.eval.every_steps >= 0, f'config.eval.every_steps={config.eval.every_steps} must be >= 0')
   consistent.validate(config)
+
+
+def _check_schedule(t) -> None:
+  """Absolute warm-up and decay steps inside the run: one outside it would silently do nothing."""
+  _check(t.warmup_steps >= -1, f'config.train.warmup_steps={t.warmup_steps} must be >= 0, or -1 for warmup_fraction')
+  _check(0 <= t.warmup_fraction < 1, f'config.train.warmup_fraction={t.warmup_fraction} must be in [0, 1)')
+  _check(all(0 < f < 1 for f in t.decay_fractions),
+         f'config.train.decay_fractions={tuple(t.decay_fractions)} must lie in (0, 1)')
+  _, decays = schedule_steps(t)
+  _check(t.warmup_steps < t.num_steps, f'config.train.warmup_steps={t.warmup_steps} does not end within '
+         f'config.train.num_steps={t.num_steps}; leave it at -1 to warm up for warmup_fraction of the run')
+  _check(list(decays) == sorted(decays), f'decay steps {decays} must be increasing')
+  late = [b for b in t.decay_steps if not 0 < b < t.num_steps]
+  _check(not late, f'config.train.decay_steps={tuple(t.decay_steps)}: {late} lie outside (0, num_steps='
+         f'{t.num_steps}) and would never apply; leave decay_steps empty to decay at decay_fractions of the run')
+
+
+def frozen_layers(config: ml_collections.ConfigDict) -> str:
+  """What the backbone keeps frozen, in words ('' if nothing): frozen_bn statistics, and layers below freeze_at."""
+  b = config.model.backbone
+  parts = []
+  if b.norm == 'frozen_bn':
+    parts.append("norm='frozen_bn'")
+  if b.freeze_at > 0:
+    parts.append(f'freeze_at={b.freeze_at}')
+  return ', '.join(parts)
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+  """Start-up checks of a training run, on top of `validate`: no silently random frozen backbone."""
+  validate(config)
+  frozen = frozen_layers(config)
+  if frozen and not config.init_from and not config.model.backbone.allow_random_frozen:
+    depth = config.model.backbone.depth
+    raise ConfigError(
+        f'config.model.backbone has frozen layers ({frozen}) but config.init_from is empty: they would keep '
+        f'their random initial values for the whole run. Import ImageNet weights first, e.g. '
+        f'`conret-import --format=torchvision_resnet --input=resnet{depth}.pth --output=weights/r{depth}` '
+        f'(or --format=detectron_resnet --input=R-{depth}.pkl, the paper\'s weights), then pass '
+        f'--config.init_from=weights/r{depth}. To train anyway, set --config.model.backbone.allow_random_frozen=true.')

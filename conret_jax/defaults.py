@@ -12,6 +12,14 @@ import ml_collections
 # Detectron's clamp on dw/dh before exp(), so a wild prediction cannot overflow the decoded box.
 BOX_DELTA_CLAMP = math.log(1000.0 / 16)
 
+# Input normalization of the pretrained weights `conret-import` reads, on the 0..255 RGB scale.
+IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)  # torchvision / timm: ImageNet mean and std
+IMAGENET_PIXEL_STD = (58.395, 57.12, 57.375)
+# Detectron's (Caffe2) ResNets: BGR means (102.9801, 115.9465, 122.7717), std 1. The importer turns their first
+# conv to RGB input, so the means are given here in RGB order.
+DETECTRON_PIXEL_MEAN_RGB = (122.7717, 115.9465, 102.9801)
+DETECTRON_PIXEL_STD = (1.0, 1.0, 1.0)
+
 
 def data_source_config(**overrides) -> ml_collections.ConfigDict:
   """One dataset source; every source carries all fields so any config can point at any dataset."""
@@ -31,14 +39,17 @@ def data_source_config(**overrides) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.init_from = ''  # checkpoint written by `conret-import` to start from
+  config.init_from = ''  # weights written by `conret-import` to start from (ImageNet backbone or a whole detector)
 
   # ---- model ----
   m = config.model = ml_collections.ConfigDict()
   m.num_classes = 80
+  # How class index k maps to the dataset's categories: 'contiguous' (k is the k-th smallest category id) or
+  # 'category_id' (k IS the category id; torchvision's 91-way COCO head, num_classes > the largest id).
+  m.class_layout = 'contiguous'
   m.compute_dtype = 'float32'  # 'bfloat16' on TPU/GPU; params and losses stay float32
-  m.pixel_mean = (123.675, 116.28, 103.53)  # RGB, ImageNet, on the [0, 255] scale
-  m.pixel_std = (58.395, 57.12, 57.375)
+  m.pixel_mean = IMAGENET_PIXEL_MEAN  # RGB on the [0, 255] scale; must match the pretrained weights
+  m.pixel_std = IMAGENET_PIXEL_STD
 
   b = m.backbone = ml_collections.ConfigDict()
   b.depth = 50  # 18 | 34 | 50 | 101 | 152
@@ -46,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   b.norm = 'frozen_bn'  # 'frozen_bn' | 'bn' (cross-replica under jit: statistics over the global batch) | 'gn'
   b.freeze_at = 2  # 0: train all; 1: freeze stem; 2: stem + res2 (Detectron FREEZE_AT=2); up to 5
   b.stride_in_1x1 = False  # False: torchvision (stride on 3x3); True: Caffe2/Detectron (stride on 1x1)
+  # Frozen layers (frozen_bn, or freeze_at > 0) never leave their initial values, so training refuses to start
+  # without config.init_from (ImageNet weights). True trains them from their random init all the same.
+  b.allow_random_frozen = False
 
   f = m.fpn = ml_collections.ConfigDict()
   f.channels = 256
@@ -94,7 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.image_size = 512  # square: the padded side; short_side: the short side
   d.resize = 'square'  # 'square' (long side to image_size, pad to square) | 'short_side' (Detectron)
   d.max_size = 1333  # short_side: cap on the long side
-  d.scale_jitter = (1.0, 1.0)  # square: random scale range (Table 6 uses jitter)
+  # Training scale jitter (Table 6), (low, high): square: the scale times a random factor in [low, high]; short_side
+  # (high <= 1): the short side drawn from image_size - k * 32 within [low, high] * image_size (Detectron).
+  d.scale_jitter = (1.0, 1.0)
   d.random_flip = True
   d.max_boxes = 100
   d.shuffle_buffer = 1024
@@ -110,10 +126,16 @@ def base_config() -> ml_collections.ConfigDict:
   t.learning_rate = 0.01  # at reference_batch_size; scaled linearly with global_batch_size
   t.reference_batch_size = 16
   t.momentum = 0.9
-  t.weight_decay = 1e-4
-  t.warmup_steps = 500
+  t.weight_decay = 1e-4  # coupled L2 on conv kernels; normalization scales and offsets get none
+  t.bias_lr_factor = 2.0  # conv biases: learning rate x this (Detectron's BIAS_DOUBLE_LR; torchvision: 1)
+  t.bias_weight_decay = 0.0  # conv biases: weight decay (Detectron: none; torchvision: weight_decay)
+  # The schedule follows num_steps: warm-up and decays at fractions of it (Detectron 1x: 500 of 90k steps, decays
+  # at 60k and 80k = 2/3 and 8/9). Absolute steps, when given (warmup_steps >= 0, decay_steps non-empty), win.
+  t.warmup_fraction = 500 / 90_000
+  t.warmup_steps = -1  # -1: round(warmup_fraction * num_steps)
   t.warmup_factor = 1.0 / 3
-  t.decay_steps = (60_000, 80_000)
+  t.decay_fractions = (2 / 3, 8 / 9)
+  t.decay_steps = ()  # (): round(decay_fractions * num_steps)
   t.decay_factor = 0.1
   t.grad_clip_norm = 0.0  # 0 disables
   t.seed = 0
@@ -128,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- evaluation and post-processing ----
   e = config.eval = ml_collections.ConfigDict()
   e.every_steps = 0  # 0: only at the end of training
+  e.at_end = True  # evaluate when training finishes; False leaves it to `conret-eval` (e.g. a separate eval job)
   e.global_batch_size = 8
   e.score_threshold = 0.05
   e.topk_per_level = 1000
@@ -136,6 +159,20 @@ def base_config() -> ml_collections.ConfigDict:
   e.num_images = 0  # evaluate only the first N images (0 = all)
   e.visualize = 8  # validation images drawn with their detections after each evaluation (0 = none)
   return config
+
+
+def schedule_steps(train_config: ml_collections.ConfigDict) -> tuple[int, tuple[int, ...]]:
+  """(warm-up steps, decay steps) of the run: the absolute values when given, else fractions of num_steps,
+  rounded and kept inside the run (a tiny run's last decay lands on its last step rather than after it)."""
+  t = train_config
+  n = int(t.num_steps)
+  inside = lambda f, low: min(max(int(round(float(f) * n)), low), max(n - 1, low))
+  warmup = int(t.warmup_steps) if int(t.warmup_steps) >= 0 else inside(t.warmup_fraction, 0)
+  if len(t.decay_steps):
+    decays = tuple(int(b) for b in t.decay_steps)
+  else:
+    decays = tuple(inside(f, 1) for f in t.decay_fractions)
+  return warmup, decays
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -24,6 +24,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from conret_jax.defaults import DETECTRON_PIXEL_MEAN_RGB, DETECTRON_PIXEL_STD
 from conret_jax.model import detector
 from conret_jax.model.resnet import BN_EPS, DEPTHS
 from conret_jax.weight_files import load_state_dict, read_safetensors  # noqa: F401 (re-exported)
@@ -232,10 +233,6 @@ def from_timm_resnet(state_dict: dict, config) -> dict:
   return _import_resnet(state_dict, config, 'fc.')
 
 
-# Detectron's input normalization (cfg.PIXEL_MEANS: BGR 102.9801, 115.9465, 122.7717 on the 0..255 scale; std 1) in
-# our RGB order: set model.pixel_mean / model.pixel_std to these when training from `from_detectron_resnet` weights.
-DETECTRON_PIXEL_MEAN_RGB = (122.7717, 115.9465, 102.9801)
-DETECTRON_PIXEL_STD = (1.0, 1.0, 1.0)
 
 # Biases the Caffe -> Caffe2 conversion gives every conv (zeros where the Caffe model had none); Detectron's ResNet
 # convs have no bias and its weight loader skips blobs the network lacks.

@@ -43,6 +43,10 @@ def child_env(base: dict, process_id: int, num_processes: int, devices_per_proce
   env['CONRET_NUM_PROCESSES'] = str(num_processes)
   env['CONRET_PROCESS_ID'] = str(process_id)
   env['PYTHONUNBUFFERED'] = '1'  # so the prefixed lines arrive as they are printed
+  # JAX's persistent compilation cache is written by process 0 only and, on CPU, keyed per process: with a warm
+  # cache process 0 loads a program that process 1 still compiles, and gloo gives up on the first collective after
+  # 30 s. Every process compiles for itself instead.
+  env['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
   return env
 
 

@@ -12,7 +12,7 @@ ImageNet R-50.pkl / R-101.pkl, read with an unpickler that only rebuilds NumPy a
 the file). Default: configs/retinanet_torchvision.py for torchvision_retinanet (when run from a source checkout),
 conret_jax.defaults.base_config() (ResNet-50) for the ResNet formats, with backbone.stride_in_1x1=True for
 detectron_resnet. Detectron's weights expect its input normalization: train with model.pixel_mean =
-weights.DETECTRON_PIXEL_MEAN_RGB and model.pixel_std = weights.DETECTRON_PIXEL_STD (a note says so otherwise).
+defaults.DETECTRON_PIXEL_MEAN_RGB and model.pixel_std = defaults.DETECTRON_PIXEL_STD (a note says so otherwise).
 --output DIR: written as an orbax StandardCheckpointer checkpoint of the variables dict; layout in conret_jax/weights.py
 (whole model for torchvision_retinanet, only the 'backbone' subtrees for the ResNet formats). DIR must not exist.
 """
@@ -23,6 +23,7 @@ import inspect
 import os
 import sys
 
+from conret_jax import defaults
 from conret_jax import weights
 from conret_jax.defaults import base_config
 from conret_jax.model.resnet import count_params
@@ -56,13 +57,14 @@ def default_config(fmt: str):
   config = base_config()
   if fmt == 'detectron_resnet':
     config.model.backbone.stride_in_1x1 = True
+    config.model.pixel_mean, config.model.pixel_std = defaults.DETECTRON_PIXEL_MEAN_RGB, defaults.DETECTRON_PIXEL_STD
   return config
 
 
 def _pixel_note(fmt: str, config) -> str:
   """A reminder when Detectron weights are imported for a config that normalizes pixels otherwise, else ''."""
   m = config.model
-  want = (weights.DETECTRON_PIXEL_MEAN_RGB, weights.DETECTRON_PIXEL_STD)
+  want = (defaults.DETECTRON_PIXEL_MEAN_RGB, defaults.DETECTRON_PIXEL_STD)
   if fmt != 'detectron_resnet' or (tuple(m.pixel_mean), tuple(m.pixel_std)) == want:
     return ''
   return (f'conret-import: note: Detectron weights expect model.pixel_mean={want[0]} and model.pixel_std={want[1]} '

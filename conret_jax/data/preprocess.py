@@ -9,27 +9,10 @@ Randomness is stateless, seeded by (seed, index): the same example at the same g
 and jitter whichever host decodes it and however often the pipeline is restarted.
 """
 
-import math
-
 import tensorflow as tf
 
 from conret_jax.data import decode
-
-PAD_MULTIPLE = 128  # padded sides are multiples of the largest FPN stride (2**7)
-
-
-def _round_up(x: int, m: int = PAD_MULTIPLE) -> int:
-  return int(math.ceil(x / m) * m)
-
-
-def padded_shapes(data_config) -> dict:
-  """The static input shapes this config produces: {'square': (S, S)} or {'landscape': .., 'portrait': ..}."""
-  if data_config.resize == 'square':
-    return {'square': (int(data_config.image_size), int(data_config.image_size))}
-  if data_config.resize == 'short_side':
-    short, long = _round_up(int(data_config.image_size)), _round_up(int(data_config.max_size))
-    return {'landscape': (short, long), 'portrait': (long, short)}
-  raise ValueError(f"config.data.resize must be 'square' or 'short_side', got {data_config.resize!r}")
+from conret_jax.data.sizes import padded_shapes, short_side_scales
 
 
 def orientation(height, width) -> tf.Tensor:
@@ -88,7 +71,12 @@ def preprocess_example(raw: dict, data_config, *, train: bool, seed: int) -> dic
     boxes = tf.clip_by_value(boxes - off, 0.0, limit)
     pad_hw = tf.constant(shapes['square'], tf.int32)
   else:
-    scale = tf.minimum(size / tf.minimum(h, w), float(data_config.max_size) / tf.maximum(h, w))
+    short = size
+    scales = short_side_scales(data_config)
+    if train and len(scales) > 1:  # Detectron's multi-scale training: one short side per image
+      pick = tf.random.stateless_uniform([], seed=scale_seed, maxval=len(scales), dtype=tf.int32)
+      short = tf.cast(tf.gather(tf.constant(scales), pick), tf.float32)
+    scale = tf.minimum(short / tf.minimum(h, w), float(data_config.max_size) / tf.maximum(h, w))
     image, new_hw = _resize(image, scale)
     boxes = boxes * scale
     pad_hw = tf.where(w >= h, tf.constant(shapes['landscape'], tf.int32), tf.constant(shapes['portrait'], tf.int32))

@@ -154,7 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if eval_every and step % eval_every == 0 and step != num_steps:
         run_eval(step)
   checkpointer.wait()
-  run_eval(step)
+  if config.eval.at_end:
+    run_eval(step)
   writer.close()
   checkpointer.close()
   return eval_metrics

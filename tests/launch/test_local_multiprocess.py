@@ -39,6 +39,9 @@ def test_child_env_replaces_device_count_and_sets_layout():
   assert (env['JAX_PLATFORMS'], env['CONRET_COORDINATOR'], env['CONRET_NUM_PROCESSES'],
           env['CONRET_PROCESS_ID'], env['HOME']) == ('cpu', '127.0.0.1:999', '3', '1', '/h')
   assert lm.child_env({}, 0, 1, 4, 'h:1')['XLA_FLAGS'] == '--xla_force_host_platform_device_count=4'
+  # Process 0 alone writes JAX's persistent cache: a warm cache would let it skip a compile that process 1 still
+  # runs, past gloo's 30 s rendezvous.
+  assert env['JAX_ENABLE_COMPILATION_CACHE'] == 'false'
   assert base['XLA_FLAGS'].endswith('=8')  # the launcher's own environment is left alone
 
 
