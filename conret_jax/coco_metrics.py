@@ -21,6 +21,7 @@ Undefined values (no ground truth in that class or area range) are -1.0, pycocot
 
 import contextlib
 import dataclasses
+import gc
 import importlib
 import io
 from typing import Iterable
@@ -107,24 +108,49 @@ def _mean_valid(values: np.ndarray) -> float:
   return float(np.mean(values)) if values.size else -1.0
 
 
+def _coco(coco_cls, dataset: dict):
+  api = coco_cls()
+  api.dataset = dataset
+  _quiet(api.createIndex)
+  return api
+
+
+def _detections(coco_cls, gt, results: list[dict]):
+  """The results as a COCO object, as the backends' loadRes makes them for boxes (id, area = w * h, iscrowd 0)
+  without the unused segmentation polygons it adds: a third of the Python time of a 500,000-detection run.
+  Built here also because pycocotools' loadRes cannot take an empty list."""
+  unknown = {r['image_id'] for r in results} - set(gt.imgs)
+  if unknown:
+    raise ValueError(f'results for {len(unknown)} image ids missing from the ground truth, e.g. {min(unknown)}')
+  anns = [{**r, 'id': i, 'area': r['bbox'][2] * r['bbox'][3], 'iscrowd': 0} for i, r in enumerate(results, 1)]
+  return _coco(coco_cls, {'images': gt.dataset['images'], 'categories': gt.dataset['categories'],
+                          'annotations': anns})
+
+
+@contextlib.contextmanager
+def _gc_paused():
+  """Pauses the cyclic garbage collector: scoring allocates several objects per detection and none in cycles, and
+  every collection walks them all (about 3 of the 14 CPU seconds of faster-coco-eval on 500,000 detections)."""
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if enabled:
+      gc.enable()
+
+
 def _run(coco_gt: dict, results: list[dict], image_ids, backend: str):
   """Runs one backend's evaluate + accumulate; returns (precision, recall, params)."""
   coco_cls, eval_cls = _api(backend)
-  gt = coco_cls()
-  gt.dataset = _gt_copy(coco_gt)
-  _quiet(gt.createIndex)
-  if results:
-    dt = _quiet(gt.loadRes, [dict(r) for r in results])  # loadRes writes into the dicts it gets
-  else:  # pycocotools' loadRes cannot take an empty list: an empty detection set, built directly.
-    dt = coco_cls()
-    dt.dataset = {'images': gt.dataset['images'], 'categories': gt.dataset['categories'], 'annotations': []}
-    _quiet(dt.createIndex)
-  evaluator = eval_cls(gt, dt, 'bbox')
-  if image_ids is not None:
-    evaluator.params.imgIds = sorted({int(i) for i in image_ids})
-  _quiet(evaluator.evaluate)
-  _quiet(evaluator.accumulate)
-  return np.asarray(evaluator.eval['precision']), np.asarray(evaluator.eval['recall']), evaluator.params
+  with _gc_paused():
+    gt = _coco(coco_cls, _gt_copy(coco_gt))
+    evaluator = eval_cls(gt, _detections(coco_cls, gt, results), 'bbox')
+    if image_ids is not None:
+      evaluator.params.imgIds = sorted({int(i) for i in image_ids})
+    _quiet(evaluator.evaluate)
+    _quiet(evaluator.accumulate)
+    return np.asarray(evaluator.eval['precision']), np.asarray(evaluator.eval['recall']), evaluator.params
 
 
 def _ap(precision: np.ndarray, params, iou: float | None, area: str, k=slice(None)) -> float:

@@ -258,6 +258,12 @@ def test_backends_agree_on_every_metric(case):
     assert faster.per_class[name] == pytest.approx(values, abs=1e-4), name
 
 
+def test_results_for_unknown_images_are_an_error():
+  gt, results, _ = _perfect_case()
+  with pytest.raises(ValueError, match='missing from the ground truth, e.g. 99'):
+    coco_metrics.score(gt, results + [_result(99, 1, [0, 0, 5, 5], 0.5)], backend='pycocotools')
+
+
 def test_repeated_category_names_stay_apart():
   gt, results, _ = _perfect_case()
   for category in gt['categories']:
