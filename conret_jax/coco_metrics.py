@@ -1,12 +1,13 @@
 """Scoring COCO box results against COCO ground truth: the summary metrics and per-class AP, with two backends.
 
-Both backends run the same COCOeval algorithm: per image and category, detections (at most 100, best first) are
-matched greedily to ground truth at each IoU threshold .50:.05:.95; a detection matched to a crowd region, or to an
-object outside the area range, is ignored rather than counted false; precision is interpolated at 101 recall points.
-Area ranges are all, small (< 32^2), medium (32^2 .. 96^2), large (>= 96^2) of the ground truth's 'area'.
+Both backends run the same COCOeval algorithm: per image and class, the best-scored detections (at most 1, 10 or
+100) are matched greedily to ground truth at each IoU threshold .50:.05:.95; a detection matched to a crowd region or
+to an object outside the area range, or unmatched and itself outside it, is ignored rather than counted false;
+precision is interpolated at 101 recall points. Area ranges (of the ground truth's 'area', the detections' w * h):
+all, small (up to 32^2), medium (32^2 to 96^2), large (above 96^2).
 
-  'faster_coco_eval'  faster-coco-eval's C++ evaluate + accumulate: 7.6 s instead of 66 s for 5,000 images x 100
-                      detections on the 2-core dev CPU (bench/RESULTS.md, "COCO evaluation").
+  'faster_coco_eval'  faster-coco-eval's C++ evaluate + accumulate: 7-11 s for 5,000 images x 100 detections on
+                      the 2-core dev CPU, where pycocotools took 145 s (bench/RESULTS.md, "COCO scoring").
   'pycocotools'       the reference implementation.
   'auto'              faster_coco_eval if it imports, else pycocotools.
 
@@ -65,7 +66,7 @@ def resolve_backend(backend: str = 'auto') -> str:
     except ImportError:
       continue
     return name
-  raise ImportError(f'COCO evaluation backend {backend!r} needs {" or ".join(candidates)}, which is not installed; '
+  raise ImportError(f'COCO evaluation backend {backend!r} needs {" or ".join(candidates)}, not installed here; '
                     f'pip install {candidates[0].replace("_", "-")} or choose another of {("auto",) + BACKENDS}')
 
 
@@ -130,7 +131,7 @@ def _detections(coco_cls, gt, results: list[dict]):
 @contextlib.contextmanager
 def _gc_paused():
   """Pauses the cyclic garbage collector: scoring allocates several objects per detection and none in cycles, and
-  every collection walks them all (about 3 of the 14 CPU seconds of faster-coco-eval on 500,000 detections)."""
+  every collection walks them all (2.5-3 of 12-14 CPU seconds with faster-coco-eval on 500,000 detections)."""
   enabled = gc.isenabled()
   gc.disable()
   try:
