@@ -158,6 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.max_detections = 100
   e.num_images = 0  # evaluate only the first N images (0 = all)
   e.visualize = 8  # validation images drawn with their detections after each evaluation (0 = none)
+  e.coco_backend = 'auto'  # COCO scoring: 'faster_coco_eval' (C++), 'pycocotools', or 'auto' (the first installed)
   return config
 
 

@@ -1,14 +1,10 @@
-"""COCO box evaluation: detections to COCO results json, pycocotools metrics, and the evaluation pass.
+"""COCO box evaluation: detections to COCO results json, the evaluation pass, and its files.
 
 One job (big_vision's evaluators): the trainer and `conret-eval` both call `evaluate`, so a number in a training log
-and a number from `conret-eval` on the same checkpoint come from the same code.
-
-Metrics are the paper's columns (Tables 2-3): AP (IoU .50:.95), AP50, AP75, APs/APm/APl, and AP60/AP70/AP80/AP90
-read off COCOeval's precision array at a single IoU threshold; AR1/AR10/AR100 as in pycocotools' summary.
+and a number from `conret-eval` on the same checkpoint come from the same code. The scoring itself (summary metrics,
+per-class AP, the faster-coco-eval and pycocotools backends) is `conret_jax.coco_metrics`.
 """
 
-import contextlib
-import io
 import json
 import os
 from typing import Iterable, Sequence
@@ -16,15 +12,9 @@ from typing import Iterable, Sequence
 from absl import logging
 import numpy as np
 
-METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AP60', 'AP70', 'AP80', 'AP90', 'AR1', 'AR10', 'AR100')
+from conret_jax import coco_metrics as metrics_lib
 
-# (name, IoU threshold or None for the .50:.95 mean, area range label) read from precision [T, R, K, A, M].
-_AP_SPECS = (
-    ('AP', None, 'all'), ('AP50', 0.5, 'all'), ('AP75', 0.75, 'all'),
-    ('APs', None, 'small'), ('APm', None, 'medium'), ('APl', None, 'large'),
-    ('AP60', 0.6, 'all'), ('AP70', 0.7, 'all'), ('AP80', 0.8, 'all'), ('AP90', 0.9, 'all'),
-)
-_AR_SPECS = (('AR1', 1), ('AR10', 10), ('AR100', 100))
+METRIC_NAMES = metrics_lib.METRIC_NAMES
 
 
 def detections_to_coco(dets: dict, batch: dict, category_ids: Sequence[int]) -> list[dict]:
@@ -63,73 +53,10 @@ def detections_to_coco(dets: dict, batch: dict, category_ids: Sequence[int]) -> 
   return results
 
 
-def _quiet(fn, *args):
-  """Runs a pycocotools call with its prints sent to the debug log."""
-  buffer = io.StringIO()
-  with contextlib.redirect_stdout(buffer):
-    out = fn(*args)
-  if buffer.getvalue().strip():
-    logging.debug('pycocotools: %s', buffer.getvalue().strip())
-  return out
-
-
-def _gt_copy(coco_gt: dict) -> dict:
-  """A copy pycocotools may mutate (COCOeval writes 'ignore' into gt annotations), with defaults filled in."""
-  annotations = []
-  for ann in coco_gt['annotations']:
-    ann = dict(ann)
-    ann.setdefault('iscrowd', 0)
-    ann.setdefault('area', float(ann['bbox'][2] * ann['bbox'][3]))
-    annotations.append(ann)
-  return {**coco_gt, 'annotations': annotations}
-
-
-def _mean_valid(values: np.ndarray) -> float:
-  """Mean over entries > -1 (pycocotools' convention for undefined), -1 if none is defined."""
-  values = values[values > -1]
-  return float(np.mean(values)) if values.size else -1.0
-
-
-def coco_metrics(coco_gt: dict, results: list[dict], image_ids: Iterable[int] | None = None) -> dict[str, float]:
-  """COCO box metrics of `results` against the ground-truth dict `coco_gt`.
-
-  Args:
-    coco_gt: a COCO instances dict ('images', 'annotations', 'categories').
-    results: COCO result dicts as made by `detections_to_coco`.
-    image_ids: the images to evaluate (those the eval pass covered); None = every image in coco_gt.
-  Returns:
-    {name: float} for METRIC_NAMES; -1 where a metric is undefined (e.g. no small objects), as pycocotools.
-  """
-  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
-  from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
-
-  if not results:  # loadRes cannot take an empty list; no detections means zero precision and recall.
-    return {name: 0.0 for name in METRIC_NAMES}
-  gt = COCO()
-  gt.dataset = _gt_copy(coco_gt)
-  _quiet(gt.createIndex)
-  dt = _quiet(gt.loadRes, [dict(r) for r in results])  # loadRes writes into the dicts it gets
-  evaluator = COCOeval(gt, dt, 'bbox')
-  if image_ids is not None:
-    evaluator.params.imgIds = sorted({int(i) for i in image_ids})
-  _quiet(evaluator.evaluate)
-  _quiet(evaluator.accumulate)
-
-  params = evaluator.params
-  precision = evaluator.eval['precision']  # [T iou, R recall points, K classes, A areas, M max-dets]
-  recall = evaluator.eval['recall']  # [T, K, A, M]
-  m100 = list(params.maxDets).index(100)
-  metrics = {}
-  for name, iou, area in _AP_SPECS:
-    a = list(params.areaRngLbl).index(area)
-    p = precision[:, :, :, a, m100]
-    if iou is not None:
-      p = p[np.flatnonzero(np.isclose(params.iouThrs, iou))]
-    metrics[name] = _mean_valid(p)
-  a_all = list(params.areaRngLbl).index('all')
-  for name, max_dets in _AR_SPECS:
-    metrics[name] = _mean_valid(recall[:, :, a_all, list(params.maxDets).index(max_dets)])
-  return metrics
+def coco_metrics(coco_gt: dict, results: list[dict], image_ids: Iterable[int] | None = None,
+                 backend: str = 'auto') -> dict[str, float]:
+  """The summary metrics of `coco_metrics.score`: {name: float} for METRIC_NAMES, -1 where undefined."""
+  return metrics_lib.score(coco_gt, results, image_ids, backend).summary
 
 
 def eval_dir(workdir: str, step: int) -> str:
@@ -137,13 +64,20 @@ def eval_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, 'eval', f'step_{int(step)}')
 
 
-def write_eval(out_dir: str, results: list[dict], metrics: dict) -> None:
-  """Writes OUT_DIR/detections.json (COCO results format) and OUT_DIR/metrics.json."""
+def write_eval(out_dir: str, results: list[dict], metrics: dict, per_class: dict | None = None) -> None:
+  """Writes OUT_DIR/detections.json (COCO results format) and OUT_DIR/metrics.json.
+
+  metrics.json: {name: float} for the summary metrics and, if per_class is given,
+  "per_class": {category name: {"category_id": int, "AP": float, "AP50": float, "AP75": float}} (-1.0: undefined).
+  """
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'detections.json'), 'w') as f:
     json.dump(results, f)
+  content = {k: float(v) for k, v in metrics.items()}
+  if per_class is not None:
+    content['per_class'] = per_class
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-    json.dump({k: float(v) for k, v in metrics.items()}, f, indent=2, sort_keys=True)
+    json.dump(content, f, indent=2, sort_keys=True)
 
 
 def coco_gt_from_batches(gt_rows: list[dict], category_ids: Sequence[int], class_names: Sequence[str]) -> dict:
@@ -180,13 +114,15 @@ _GT_KEYS = ('boxes', 'classes', 'valid', 'crowd')
 
 def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None, step: int = 0,
              batches: Iterable[dict] | None = None, info=None, detect_fn=None) -> dict[str, float]:
-  """Runs detection over the eval set, gathers across processes, scores with pycocotools, writes files.
+  """Runs detection over the eval set, gathers across processes, scores it (`coco_metrics.score`), writes files.
 
   Args:
     model, variables: the detector and its flax variables (e.g. `state.variables()`).
-    config: the full config (config.data.eval: the source; config.eval: post-processing, num_images, visualize).
+    config: the full config (config.data.eval: the source; config.eval: post-processing, num_images, visualize,
+      coco_backend).
     mesh: the device mesh; the eval batches are sharded over all its devices.
-    workdir: if set, process 0 writes DIR/eval/step_N/{detections.json, metrics.json, detections.png}.
+    workdir: if set, process 0 writes DIR/eval/step_N/{detections.json, metrics.json, detections.png};
+      metrics.json also holds per-class AP (`write_eval`).
     batches: global eval batches (layout in conret_jax/data/__init__.py); default `data.make_eval_iterator(config, mesh, ...)`.
       Every process must iterate the same batches.
     info: `data.DatasetInfo` of the eval source; default `data.dataset_info(config.data.eval, config)`.
@@ -235,12 +171,13 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
   logging.info('Evaluated %d images, %d detections.', len(image_ids), len(results))
 
   # Every process holds the same gathered results and scores them itself: identical metrics everywhere, and no
-  # process sits in a collective for the minute pycocotools takes on COCO val.
+  # process sits in a collective while COCO val is scored (seconds with faster-coco-eval, a minute with pycocotools).
   coco_gt = info.coco_gt if not need_gt else coco_gt_from_batches(gt_rows, info.category_ids, info.class_names)
-  metrics = coco_metrics(coco_gt, results, image_ids)
+  scores = metrics_lib.score(coco_gt, results, image_ids, backend=config.eval.coco_backend)
+  metrics = scores.summary
   if workdir and jax.process_index() == 0:
     out_dir = eval_dir(workdir, step)
-    write_eval(out_dir, results, metrics)
+    write_eval(out_dir, results, metrics, scores.per_class)
     if vis_images:
       from conret_jax import visualize  # pylint: disable=g-import-not-at-top
       # short_side batches come in up to two padded shapes; the grid takes those of the first image's shape.

@@ -1,4 +1,4 @@
-"""COCO evaluation: coordinate conversion, pycocotools metrics against a NumPy AP reference, the evaluate pass."""
+"""COCO evaluation: coordinate conversion, the evaluate pass and its files (scoring: tests/test_coco_metrics.py)."""
 
 import json
 import os
@@ -12,25 +12,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conret_jax import coco_metrics
 from conret_jax import defaults
 from conret_jax import evaluation
-
-CATEGORY_IDS = [1, 7, 42]
-
-
-def _gt(images: dict, categories=CATEGORY_IDS) -> dict:
-  """images: {image_id: (height, width, [(category_id, [x, y, w, h], iscrowd), ...])}."""
-  anns = []
-  for image_id, (_, _, boxes) in images.items():
-    for cat, bbox, crowd in boxes:
-      anns.append({'id': len(anns) + 1, 'image_id': image_id, 'category_id': cat, 'bbox': list(bbox),
-                   'area': float(bbox[2] * bbox[3]), 'iscrowd': crowd})
-  return {'images': [{'id': i, 'height': h, 'width': w} for i, (h, w, _) in images.items()],
-          'annotations': anns, 'categories': [{'id': c, 'name': f'c{c}'} for c in categories]}
-
-
-def _result(image_id, cat, bbox, score):
-  return {'image_id': image_id, 'category_id': cat, 'bbox': list(bbox), 'score': score}
+from tests.test_coco_metrics import CATEGORY_IDS, _gt, _result
 
 
 def test_detections_to_coco_converts_coordinates_and_drops_padding():
@@ -55,93 +40,13 @@ def test_detections_to_coco_converts_coordinates_and_drops_padding():
   json.dumps(results)  # plain python types only
 
 
-def test_perfect_detections_score_one_and_undefined_areas_are_minus_one():
-  # Medium (32^2..96^2) and large objects only: APs is undefined.
-  gt = _gt({1: (200, 300, [(1, [10, 10, 50, 40], 0), (7, [100, 50, 150, 120], 0)]),
-            2: (100, 100, [(42, [0, 0, 60, 60], 0), (1, [30, 30, 40, 40], 0)])})
-  results = [_result(a['image_id'], a['category_id'], a['bbox'], 0.9) for a in gt['annotations']]
-  metrics = evaluation.coco_metrics(gt, results)
-  assert set(metrics) == set(evaluation.METRIC_NAMES)
-  for name in ('AP', 'AP50', 'AP75', 'AP60', 'AP70', 'AP80', 'AP90', 'APm', 'APl', 'AR10', 'AR100'):
-    assert metrics[name] == pytest.approx(1.0), name
-  assert metrics['APs'] == -1.0
-  assert 'ignore' not in gt['annotations'][0]  # pycocotools worked on a copy
-
-
-def test_one_box_at_iou_067():
-  gt = _gt({1: (200, 200, [(7, [0, 0, 100, 100], 0)])})
-  metrics = evaluation.coco_metrics(gt, [_result(1, 7, [0, 0, 100, 67], 0.8)])  # IoU 0.67
-  assert metrics['AP50'] == pytest.approx(1.0) and metrics['AP60'] == pytest.approx(1.0)
-  assert metrics['AP70'] == 0.0 and metrics['AP75'] == 0.0 and metrics['AP90'] == 0.0
-  assert metrics['AP'] == pytest.approx(0.4)  # matched at 0.50, 0.55, 0.60, 0.65 of the ten thresholds
-  assert metrics['AR1'] == pytest.approx(0.4)
-
-
-def _iou(a, b):
-  """xywh boxes a [N,4], b [M,4] -> [N,M]."""
-  ax2, ay2, bx2, by2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-  iw = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-  ih = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-  inter = iw * ih
-  return inter / (a[:, 2:].prod(1)[:, None] + b[:, 2:].prod(1)[None] - inter)
-
-
-def _reference_ap(gt_boxes: dict, dets: list, threshold: float) -> float:
-  """Single-class COCO AP at one IoU threshold: greedy matching by score, 101-point interpolated precision."""
-  tp = []
-  for image_id, boxes in gt_boxes.items():
-    mine = sorted([d for d in dets if d[0] == image_id], key=lambda d: -d[2])
-    taken = np.zeros(len(boxes), bool)
-    ious = _iou(np.array([d[1] for d in mine]).reshape(-1, 4), np.array(boxes).reshape(-1, 4))
-    for k, det in enumerate(mine):
-      candidates = np.where(~taken & (ious[k] >= threshold))[0]
-      if len(candidates):
-        taken[candidates[np.argmax(ious[k, candidates])]] = True
-      tp.append((det[2], bool(len(candidates))))
-  tp.sort(key=lambda t: -t[0])
-  hits = np.array([t[1] for t in tp], float)
-  num_gt = sum(len(b) for b in gt_boxes.values())
-  recall = np.cumsum(hits) / num_gt
-  precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-  precision = np.maximum.accumulate(precision[::-1])[::-1]  # the envelope
-  points = np.linspace(0, 1, 101)
-  idx = np.searchsorted(recall, points, side='left')
-  return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
-
-
-def test_matches_numpy_reference_ap_single_class():
-  rs = np.random.RandomState(0)
-  gt_boxes, dets = {}, []
-  for image_id in range(1, 5):
-    n = rs.randint(2, 5)
-    xy = rs.uniform(0, 300, (n, 2))
-    wh = rs.uniform(40, 150, (n, 2))
-    gt_boxes[image_id] = [list(b) for b in np.concatenate([xy, wh], 1)]
-    for box in gt_boxes[image_id]:
-      if rs.rand() < 0.85:  # a jittered true positive, IoU spread over the thresholds
-        jitter = rs.uniform(-0.25, 0.25, 4) * np.array([box[2], box[3], box[2], box[3]]) * [0.3, 0.3, 1, 1]
-        dets.append((image_id, list(np.array(box) + jitter)))
-    for _ in range(rs.randint(1, 3)):  # false positives
-      dets.append((image_id, list(np.concatenate([rs.uniform(0, 300, 2), rs.uniform(40, 150, 2)]))))
-  scores = rs.permutation(len(dets)) / len(dets) + 0.01  # distinct scores, no ties
-  dets = [(i, [round(v, 2) for v in b], round(float(s), 5)) for (i, b), s in zip(dets, scores)]
-  gt = _gt({i: (500, 500, [(7, b, 0) for b in boxes]) for i, boxes in gt_boxes.items()}, categories=[7])
-  metrics = evaluation.coco_metrics(gt, [_result(i, 7, b, s) for i, b, s in dets])
-
-  thresholds = np.linspace(0.5, 0.95, 10)
-  per_threshold = [_reference_ap(gt_boxes, dets, t) for t in thresholds]
-  assert 0.05 < metrics['AP'] < 0.95  # a non-trivial case
-  assert metrics['AP'] == pytest.approx(np.mean(per_threshold), abs=1e-9)
-  for name, index in (('AP50', 0), ('AP60', 2), ('AP70', 4), ('AP75', 5), ('AP80', 6), ('AP90', 8)):
-    assert metrics[name] == pytest.approx(per_threshold[index], abs=1e-9), name
-
-
-def test_empty_results_and_image_subset():
+def test_coco_metrics_is_the_summary_of_score():
   gt = _gt({1: (100, 100, [(1, [10, 10, 50, 50], 0)]), 2: (100, 100, [(1, [20, 20, 50, 50], 0)])})
-  assert evaluation.coco_metrics(gt, []) == {name: 0.0 for name in evaluation.METRIC_NAMES}
   results = [_result(1, 1, [10, 10, 50, 50], 0.9)]
+  assert evaluation.coco_metrics(gt, []) == {name: 0.0 for name in evaluation.METRIC_NAMES}
   assert evaluation.coco_metrics(gt, results, image_ids=[1])['AP'] == pytest.approx(1.0)
-  assert evaluation.coco_metrics(gt, results)['AR100'] == pytest.approx(0.5)  # image 2's object is missed
+  for backend in ('auto', 'pycocotools'):
+    assert evaluation.coco_metrics(gt, results, backend=backend) == coco_metrics.score(gt, results, None, backend).summary
 
 
 def test_write_eval(tmp_path):
@@ -150,6 +55,9 @@ def test_write_eval(tmp_path):
   evaluation.write_eval(out, [_result(1, 1, [1, 2, 3, 4], 0.5)], {'AP': np.float32(0.25)})
   assert json.load(open(os.path.join(out, 'detections.json')))[0]['bbox'] == [1, 2, 3, 4]
   assert json.load(open(os.path.join(out, 'metrics.json'))) == {'AP': 0.25}
+  per_class = {'person': {'category_id': 1, 'AP': 0.5, 'AP50': 0.75, 'AP75': -1.0}}
+  evaluation.write_eval(out, [], {'AP': 0.25}, per_class)
+  assert json.load(open(os.path.join(out, 'metrics.json'))) == {'AP': 0.25, 'per_class': per_class}
 
 
 def _eval_batches(mesh, second_hw=(32, 32)):
@@ -206,7 +114,11 @@ def test_evaluate_end_to_end(tmp_path, with_gt):
   results = json.load(open(os.path.join(out, 'detections.json')))
   assert sorted({r['image_id'] for r in results}) == sorted(images_gt)  # padding examples dropped
   assert len(results) == sum(len(v[2]) for v in images_gt.values())
-  assert json.load(open(os.path.join(out, 'metrics.json')))['AP'] == pytest.approx(1.0)
+  written = json.load(open(os.path.join(out, 'metrics.json')))
+  assert written['AP'] == pytest.approx(1.0)
+  names = [f'c{c}' for c in CATEGORY_IDS] if with_gt else info.class_names  # the gt's categories, or the source's
+  assert [(n, written['per_class'][n]['category_id']) for n in names] == list(zip(names, CATEGORY_IDS))
+  assert all(written['per_class'][n]['AP'] == pytest.approx(1.0) for n in names)
   assert os.path.getsize(os.path.join(out, 'detections.png')) > 0
 
 

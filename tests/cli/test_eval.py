@@ -37,6 +37,8 @@ def test_eval_run_on_shapes(trained_workdir, make_tiny_config, tmp_path):
   # Score threshold 0 and 5 detections per image: every one of the 10 images (8 + 2 in a padded batch) is covered,
   # no padding example leaks in.
   assert sorted({r['image_id'] for r in results}) == sorted(gt_ids) and len(results) == 50
-  assert json.load(open(os.path.join(out, 'metrics.json'))) == pytest.approx(metrics)
+  written = json.load(open(os.path.join(out, 'metrics.json')))
+  assert written.pop('per_class').keys() == set(info.class_names)
+  assert written == pytest.approx(metrics)
   assert evaluation.coco_metrics(info.coco_gt, results, gt_ids) == pytest.approx(metrics)
   assert os.path.getsize(os.path.join(out, 'detections.png')) > 0

@@ -95,6 +95,10 @@ def test_conret_eval_matches_the_trainers_evaluation(setup, uninterrupted):
   proc = subprocess.run(_cmd('eval', config, workdir), env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   again = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'metrics.json')))
+  per_class = again.pop('per_class')
+  assert per_class.keys() == trained['per_class'].keys()
+  for name, values in trained.pop('per_class').items():
+    assert per_class[name] == pytest.approx(values), name
   assert again == pytest.approx(trained)
 
 
