@@ -17,22 +17,26 @@ from conret_jax import coco_metrics as metrics_lib
 METRIC_NAMES = metrics_lib.METRIC_NAMES
 
 
-def detections_to_coco(dets: dict, batch: dict, category_ids: Sequence[int]) -> list[dict]:
+def detections_to_coco(dets: dict, batch: dict, category_of: Sequence[int]) -> list[dict]:
   """Turns one batch of detections into COCO result dicts in ORIGINAL image coordinates.
 
   Args:
     dets: numpy dict: boxes [B, D, 4] float x1y1x2y2 in model-input pixels, scores [B, D], classes [B, D] int
-      contiguous class index, valid [B, D] bool.
+      model class index, valid [B, D] bool.
     batch: numpy dict with image_id [B], scale [B] (resized / original), orig_hw [B, 2] (height, width),
       example_valid [B] bool (False for padding examples).
-    category_ids: the dataset's category id for each contiguous class index.
+    category_of: [K] the dataset's category id of each model class, -1 for a class that is none of them
+      (`data.info.ClassLayout.category_of`; for the contiguous layout simply the sorted category ids).
   Returns:
-    [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}], padded examples and invalid detections dropped.
+    [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}]: padded examples, invalid detections and
+    detections of classes that are not dataset categories (torchvision's background 0, unused COCO ids) dropped.
   """
   boxes = np.asarray(dets['boxes'], np.float64)
   scores = np.asarray(dets['scores'], np.float64)
   classes = np.asarray(dets['classes'])
-  keep = np.asarray(dets['valid'], bool) & np.asarray(batch['example_valid'], bool)[:, None]
+  cat_ids = np.asarray(category_of, np.int64)
+  keep = (np.asarray(dets['valid'], bool) & np.asarray(batch['example_valid'], bool)[:, None]
+          & (cat_ids[classes] >= 0))
   scale = np.asarray(batch['scale'], np.float64)
   orig_hw = np.asarray(batch['orig_hw'], np.float64)
   # Back to original pixels, clipped to the original image (padding lies outside it).
@@ -40,7 +44,6 @@ def detections_to_coco(dets: dict, batch: dict, category_ids: Sequence[int]) -> 
   limits = np.stack([orig_hw[:, 1], orig_hw[:, 0], orig_hw[:, 1], orig_hw[:, 0]], axis=-1)[:, None, :]
   boxes = np.clip(boxes, 0.0, limits)
   xywh = np.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
-  cat_ids = np.asarray(category_ids)
   image_ids = np.asarray(batch['image_id'])
   results = []
   for b, d in zip(*np.nonzero(keep)):
@@ -80,14 +83,16 @@ def write_eval(out_dir: str, results: list[dict], metrics: dict, per_class: dict
     json.dump(content, f, indent=2, sort_keys=True)
 
 
-def coco_gt_from_batches(gt_rows: list[dict], category_ids: Sequence[int], class_names: Sequence[str]) -> dict:
+def coco_gt_from_batches(gt_rows: list[dict], layout) -> dict:
   """Builds a COCO gt dict from the batches' own annotations, for sources that carry no instances json.
 
   Args:
-    gt_rows: host batches holding boxes [B, M, 4] (model-input pixels), classes [B, M], valid [B, M], crowd [B, M],
-      image_id [B], scale [B], orig_hw [B, 2], example_valid [B].
+    gt_rows: host batches holding boxes [B, M, 4] (model-input pixels), classes [B, M] (model classes), valid
+      [B, M], crowd [B, M], image_id [B], scale [B], orig_hw [B, 2], example_valid [B].
+    layout: the model's `data.info.ClassLayout` over the dataset.
   Areas are box areas (COCO's are mask areas), so APs/APm/APl can differ slightly from an official evaluation.
   """
+  category_of = layout.category_of
   images, annotations = [], []
   for rows in gt_rows:
     for b in np.flatnonzero(np.asarray(rows['example_valid'], bool)):
@@ -100,11 +105,11 @@ def coco_gt_from_batches(gt_rows: list[dict], category_ids: Sequence[int], class
         x1, y1, x2, y2 = (float(v) for v in boxes[m])
         annotations.append({
             'id': len(annotations) + 1, 'image_id': image_id,
-            'category_id': int(category_ids[int(rows['classes'][b, m])]),
+            'category_id': int(category_of[int(rows['classes'][b, m])]),
             'bbox': [x1, y1, x2 - x1, y2 - y1], 'area': (x2 - x1) * (y2 - y1),
             'iscrowd': int(bool(rows['crowd'][b, m])),
         })
-  categories = [{'id': int(c), 'name': str(n)} for c, n in zip(category_ids, class_names)]
+  categories = [{'id': c, 'name': n} for c, n in zip(layout.category_ids, layout.names)]
   return {'images': images, 'annotations': annotations, 'categories': categories}
 
 
@@ -148,6 +153,8 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
   num_images = int(config.eval.num_images)
   num_visualize = int(config.eval.visualize) if workdir else 0
   need_gt = info.coco_gt is None
+  from conret_jax.data.info import ClassLayout  # pylint: disable=g-import-not-at-top
+  layout = ClassLayout.of(info, config)
   results, image_ids, gt_rows, vis_images, vis_dets = [], [], [], [], []
   for batch in batches:
     dets = gather(detect_fn(model, variables, batch['images'], config))
@@ -157,7 +164,7 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
     if num_images:
       valid &= np.cumsum(valid) <= num_images - len(image_ids)
     host['example_valid'] = valid
-    results += detections_to_coco(dets, host, info.category_ids)
+    results += detections_to_coco(dets, host, layout.category_of)
     image_ids += [int(i) for i in host['image_id'][valid]]
     if need_gt:
       gt_rows.append(host)
@@ -172,7 +179,7 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
 
   # Every process holds the same gathered results and scores them itself: identical metrics everywhere, and no
   # process sits in a collective while COCO val is scored (seconds with faster-coco-eval, a minute with pycocotools).
-  coco_gt = info.coco_gt if not need_gt else coco_gt_from_batches(gt_rows, info.category_ids, info.class_names)
+  coco_gt = info.coco_gt if not need_gt else coco_gt_from_batches(gt_rows, layout)
   scores = metrics_lib.score(coco_gt, results, image_ids, backend=config.eval.coco_backend)
   metrics = scores.summary
   if workdir and jax.process_index() == 0:
@@ -183,6 +190,6 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
       # short_side batches come in up to two padded shapes; the grid takes those of the first image's shape.
       same = [i for i, im in enumerate(vis_images) if im.shape == vis_images[0].shape]
       stacked = {k: np.stack([vis_dets[i][k] for i in same]) for k in vis_dets[0]}
-      visualize.save_grid(np.stack([vis_images[i] for i in same]), stacked, info.class_names,
+      visualize.save_grid(np.stack([vis_images[i] for i in same]), stacked, layout.class_names,
                           os.path.join(out_dir, 'detections.png'), max_images=num_visualize)
   return metrics

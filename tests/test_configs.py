@@ -49,3 +49,69 @@ def test_paper_tables_set_what_they_name():
 def test_unknown_argument_is_an_error():
   with pytest.raises(ValueError, match='depht'):
     _load('conretinanet_coco.py', 'depht=50')
+
+
+def test_a_frozen_backbone_needs_init_from():
+  """frozen_bn or freeze_at > 0 without config.init_from would train on random frozen layers: refused, with the
+  command that makes the weights; the documented key allows it; from-scratch configs are unaffected."""
+  _, config = _load('conretinanet_coco.py', 'depth=101,scale=800')
+  with pytest.raises(config_checks.ConfigError) as e:
+    config_checks.validate_training(config)
+  message = str(e.value)
+  assert 'config.init_from' in message and 'conret-import --format=torchvision_resnet' in message
+  assert 'resnet101' in message and 'allow_random_frozen' in message
+  config.model.backbone.allow_random_frozen = True
+  config_checks.validate_training(config)
+  config.model.backbone.allow_random_frozen = False
+  config.init_from = '/weights/r101'
+  config_checks.validate_training(config)
+  _, demo = _load('shapes_demo.py', None)  # GroupNorm, freeze_at=0: from scratch
+  config_checks.validate_training(demo)
+  demo.model.backbone.freeze_at = 1
+  with pytest.raises(config_checks.ConfigError, match='freeze_at=1'):
+    config_checks.validate_training(demo)
+
+
+def test_detectron_weights_argument_sets_their_layout():
+  from conret_jax import defaults
+  _, c = _load('conretinanet_coco.py', 'weights=detectron')
+  assert c.model.backbone.stride_in_1x1
+  assert (tuple(c.model.pixel_mean), tuple(c.model.pixel_std)) == (defaults.DETECTRON_PIXEL_MEAN_RGB, (1.0,) * 3)
+  _, c = _load('conretinanet_coco.py', None)
+  assert not c.model.backbone.stride_in_1x1 and tuple(c.model.pixel_mean) == defaults.IMAGENET_PIXEL_MEAN
+  assert (c.train.bias_lr_factor, c.train.bias_weight_decay) == (2.0, 0.0)  # Detectron's biases
+  _, tv = _load('retinanet_torchvision.py', None)
+  assert (tv.train.bias_lr_factor, tv.train.bias_weight_decay) == (1.0, tv.train.weight_decay)
+  assert (tv.model.class_layout, tv.model.num_classes) == ('category_id', 91)
+
+
+def test_settings_that_would_do_nothing_are_errors():
+  _, c = _load('conretinanet_coco.py', 'depth=50,scale=500')
+  c.train.num_steps, c.train.decay_steps = 40, (60_000, 80_000)
+  with pytest.raises(config_checks.ConfigError, match='would never apply'):
+    config_checks.validate(c)
+  _, c = _load('conretinanet_coco.py', 'depth=50,scale=500')
+  c.train.num_steps, c.train.warmup_steps = 40, 500
+  with pytest.raises(config_checks.ConfigError, match='warmup_steps=500'):
+    config_checks.validate(c)
+  _, c = _load('conretinanet_coco.py', 'depth=50,scale=800')
+  c.data.scale_jitter = (0.99, 1.0)  # no step of 32 below 800 within 792..800
+  with pytest.raises(config_checks.ConfigError, match='would do nothing'):
+    config_checks.validate(c)
+  c.data.scale_jitter = (0.8, 1.2)
+  with pytest.raises(config_checks.ConfigError, match='high <= 1'):
+    config_checks.validate(c)
+  c.data.scale_jitter = (0.8, 1.0)
+  config_checks.validate(c)
+  c.model.class_layout = 'by_name'
+  with pytest.raises(config_checks.ConfigError, match='class_layout'):
+    config_checks.validate(c)
+
+
+def test_short_side_jitter_of_table6_is_detectrons_scales():
+  from conret_jax.data import sizes
+  _, c = _load('conretinanet_coco.py', 'depth=101,scale=800,schedule=1.5x')
+  assert sizes.short_side_scales(c.data) == (640, 672, 704, 736, 768, 800)
+  assert c.train.num_steps == 135_000
+  from conret_jax import defaults
+  assert defaults.schedule_steps(c.train) == (500, (90_000, 120_000))

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conret_jax import coco_metrics
 from conret_jax import defaults
 from conret_jax import evaluation
+from conret_jax.data import info as data_info
 from tests.test_coco_metrics import CATEGORY_IDS, _gt, _result
 
 
@@ -38,6 +39,24 @@ def test_detections_to_coco_converts_coordinates_and_drops_padding():
   assert results[0]['score'] == pytest.approx(0.9, abs=1e-6)
   assert results[1]['score'] == round(float(np.float32(0.123456789)), 5)
   json.dumps(results)  # plain python types only
+
+
+def test_torchvision_class_layout_scores_person_as_category_1():
+  """The 91-way torchvision head: class k is COCO category k. Class 1 is a person (id 1), class 85 a clock (id 85);
+  class 0 (background) and 12 (an id COCO does not use) are no category and are dropped."""
+  config = defaults.base_config()
+  config.model.num_classes, config.model.class_layout = 91, 'category_id'
+  info = data_info.DatasetInfo(category_ids=list(data_info.COCO_CATEGORY_IDS),
+                               class_names=list(data_info.COCO_CLASS_NAMES), num_examples=1)
+  layout = data_info.ClassLayout.of(info, config)
+  dets = {'boxes': np.tile(np.array([10, 10, 50, 50], np.float32), (1, 4, 1)),
+          'scores': np.array([[0.9, 0.8, 0.7, 0.6]], np.float32), 'classes': np.array([[1, 85, 0, 12]], np.int32),
+          'valid': np.ones((1, 4), bool)}
+  batch = {'image_id': np.array([7]), 'scale': np.array([1.0], np.float32), 'orig_hw': np.array([[100, 100]]),
+           'example_valid': np.array([True])}
+  results = evaluation.detections_to_coco(dets, batch, layout.category_of)
+  assert [r['category_id'] for r in results] == [1, 85]
+  assert layout.class_names[1] == 'person' and layout.class_names[85] == 'clock'
 
 
 def test_coco_metrics_is_the_summary_of_score():

@@ -74,17 +74,17 @@ def prepare_image(image: np.ndarray, data_config) -> tuple[np.ndarray, float]:
   return padded, float(scale)
 
 
-def class_metadata(config) -> tuple[list[int], list[str]]:
-  """(category_ids, class_names) of the eval dataset; class indices when the dataset cannot be opened here."""
+def class_metadata(config):
+  """The model's `data.info.ClassLayout` over the eval dataset; class indices when it cannot be opened here."""
+  from conret_jax.data import info as info_lib  # pylint: disable=g-import-not-at-top
   try:
     from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     # train=True: the categories only, without building the split's COCO ground truth.
-    info = data_lib.dataset_info(config.data.eval, config, train=True)
-    return list(info.category_ids), list(info.class_names)
+    return info_lib.ClassLayout.of(data_lib.dataset_info(config.data.eval, config, train=True), config)
   except (ImportError, AttributeError, OSError, ValueError) as e:
     logging.warning('class names unavailable (%s); labelling detections by class index', e)
     n = int(config.model.num_classes)
-    return list(range(n)), [str(i) for i in range(n)]
+    return info_lib.ClassLayout('category_id', n, tuple(range(n)), tuple(str(i) for i in range(n)))
 
 
 def _output_name(path: str, taken: set) -> str:
@@ -97,7 +97,7 @@ def _output_name(path: str, taken: set) -> str:
 
 
 def run(config, workdir: str, image_paths: list[str], output: str, *, score_threshold: float = 0.3,
-        step: int | None = None, class_info: tuple[list[int], list[str]] | None = None) -> list[dict]:
+        step: int | None = None, class_layout=None) -> list[dict]:
   """Detects on each image, writes OUTPUT/<name>.png and OUTPUT/detections.json; returns the json's entries."""
   import jax  # pylint: disable=g-import-not-at-top
   import conret_jax  # pylint: disable=g-import-not-at-top
@@ -108,7 +108,9 @@ def run(config, workdir: str, image_paths: list[str], output: str, *, score_thre
   config = config.copy_and_resolve_references()
   config.train.fsdp_axis_size = 1  # one device: nothing to shard
   model, variables, step, _ = common.restore_for_inference(config, workdir, step, devices=jax.local_devices()[:1])
-  category_ids, class_names = class_info or class_metadata(config)
+  layout = class_layout or class_metadata(config)
+  names = layout.class_names
+  class_of = {int(c): k for k, c in enumerate(layout.category_of) if c >= 0}
   os.makedirs(output, exist_ok=True)
   entries, taken = [], set()
   for index, path in enumerate(image_paths):
@@ -117,18 +119,17 @@ def run(config, workdir: str, image_paths: list[str], output: str, *, score_thre
     dets = jax.tree.map(np.asarray, conret_jax.detect(model, variables, padded[None], config))
     meta = {'image_id': np.array([index]), 'scale': np.array([scale], np.float32),
             'orig_hw': np.array([image.shape[:2]]), 'example_valid': np.array([True])}
-    results = [r for r in evaluation.detections_to_coco(dets, meta, category_ids) if r['score'] >= score_threshold]
-    names = {c: n for c, n in zip(category_ids, class_names)}
+    results = [r for r in evaluation.detections_to_coco(dets, meta, layout.category_of)
+               if r['score'] >= score_threshold]
     boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r['bbox'] for r in results)], np.float32)
     drawn = visualize.draw_detections(image, boxes, np.array([r['score'] for r in results]),
-                                      np.array([category_ids.index(r['category_id']) for r in results], int),
-                                      class_names)
+                                      np.array([class_of[r['category_id']] for r in results], int), names)
     out_path = os.path.join(output, _output_name(path, taken))
     drawn.save(out_path, format='PNG')
     entries.append({
         'image': path, 'output': out_path, 'height': int(image.shape[0]), 'width': int(image.shape[1]),
         'detections': [{'bbox': r['bbox'], 'score': r['score'], 'category_id': r['category_id'],
-                        'class_name': names[r['category_id']]} for r in results],
+                        'class_name': names[class_of[r['category_id']]]} for r in results],
     })
     logging.info('%s: %d detections >= %.2f', path, len(results), score_threshold)
   with open(os.path.join(output, 'detections.json'), 'w') as f:

@@ -13,6 +13,7 @@ import json
 import sys
 
 from absl import app
+from absl import flags
 from absl import logging
 
 from conret_jax.cli import common
@@ -21,6 +22,8 @@ from conret_jax.cli import common
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from conret_jax import config_checks  # pylint: disable=g-import-not-at-top
+  config_checks.validate_training(flags.FLAGS.config)  # in seconds, before TensorFlow, devices or compilation
   config, workdir = common.setup('train')
   import jax  # pylint: disable=g-import-not-at-top  (after distributed initialization)
   from conret_jax.train import loop  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""Dataset metadata shared by every source: DatasetInfo, the category <-> class mapping, and DatasetError.
+"""Dataset metadata shared by every source: DatasetInfo, the model's ClassLayout over it, and DatasetError.
 
 Class index i <-> category_ids[i] with category_ids sorted ascending, so a dataset with non-contiguous COCO ids
 (1..90 with gaps) trains on contiguous indices 0..K-1 and its detections are written back with the dataset's ids.
@@ -58,28 +58,63 @@ def category_to_class_table(category_ids) -> dict:
   return {c: i for i, c in enumerate(ids)}
 
 
-def classes_to_category_ids(classes, category_ids) -> np.ndarray:
-  """classes: int array of class indices 0..K-1 -> the dataset's category ids (same shape)."""
-  table = np.asarray(sorted(category_ids), np.int64)
-  return table[np.asarray(classes, np.int64)]
+@dataclasses.dataclass(frozen=True)
+class ClassLayout:
+  """How the model's class indices stand for a dataset's categories (config.model.class_layout).
 
+    'contiguous'   class k is the k-th smallest category id: K = the number of categories (the default)
+    'category_id'  class k IS category id k (torchvision's COCO head: 91 classes for ids 1..90, 0 and the unused ids
+                   never occur in the data); K must exceed the largest id
+  The data sources number categories contiguously (DatasetInfo); `model_class` turns those numbers into the model's
+  classes for training, `category_of` turns predicted classes back into category ids for evaluation.
+  """
+  kind: str
+  num_classes: int
+  category_ids: tuple  # the dataset's, ascending
+  names: tuple  # names[i] of category_ids[i]
 
-def category_ids_to_classes(ids, category_ids) -> np.ndarray:
-  """Inverse of classes_to_category_ids; raises DatasetError on an id the dataset does not have."""
-  table = np.asarray(sorted(category_ids), np.int64)
-  ids = np.asarray(ids, np.int64)
-  idx = np.searchsorted(table, ids)
-  ok = (idx < len(table)) & (table[np.minimum(idx, len(table) - 1)] == ids)
-  if not np.all(ok):
-    raise DatasetError(f'unknown category ids {sorted(set(ids[~ok].tolist()))}; dataset has {table.tolist()}')
-  return idx.astype(np.int32)
+  @classmethod
+  def of(cls, info: DatasetInfo, config) -> 'ClassLayout':
+    return cls(str(config.model.class_layout), int(config.model.num_classes), tuple(int(c) for c in
+                                                                                   info.category_ids),
+               tuple(str(n) for n in info.class_names))
+
+  @property
+  def model_class(self) -> np.ndarray:
+    """[num categories] int32: the model's class of each contiguous category number."""
+    ids = np.asarray(self.category_ids, np.int32)
+    return ids if self.kind == 'category_id' else np.arange(len(ids), dtype=np.int32)
+
+  @property
+  def category_of(self) -> np.ndarray:
+    """[num_classes] int64: the category id each model class stands for, -1 for classes the dataset has not."""
+    table = np.full(self.num_classes, -1, np.int64)
+    table[self.model_class] = self.category_ids
+    return table
+
+  @property
+  def class_names(self) -> list[str]:
+    """[num_classes] names for drawing; a class the dataset has not is named by its number."""
+    names = [str(k) for k in range(self.num_classes)]
+    for k, name in zip(self.model_class, self.names):
+      names[int(k)] = name
+    return names
+
+  def check(self) -> None:
+    """DatasetError unless config.model.num_classes fits the dataset under this layout."""
+    n, k = len(self.category_ids), self.num_classes
+    if self.kind == 'category_id':
+      if k <= max(self.category_ids):
+        raise DatasetError(
+            f'config.model.num_classes={k} with class_layout=category_id must exceed the largest category id '
+            f'{max(self.category_ids)}; set --config.model.num_classes={max(self.category_ids) + 1}')
+    elif k != n:
+      raise DatasetError(
+          f'config.model.num_classes={k} but the dataset has {n} categories '
+          f'(ids {list(self.category_ids[:10])}{"..." if n > 10 else ""}); set --config.model.num_classes={n}'
+          f'{" (or class_layout=category_id, whose class k is category id k)" if k > max(self.category_ids) else ""}')
 
 
 def check_num_classes(info: DatasetInfo, config) -> None:
-  """Stops at start-up when config.model.num_classes disagrees with the dataset's number of categories."""
-  want = int(config.model.num_classes)
-  if want != info.num_classes:
-    raise DatasetError(
-        f'config.model.num_classes={want} but the dataset has {info.num_classes} categories '
-        f'(ids {info.category_ids[:10]}{"..." if info.num_classes > 10 else ""}); '
-        f'set --config.model.num_classes={info.num_classes}')
+  """Stops at start-up when config.model.num_classes does not fit the dataset's categories (see ClassLayout)."""
+  ClassLayout.of(info, config).check()

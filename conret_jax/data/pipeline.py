@@ -99,12 +99,14 @@ def _options(ds):
   return ds.with_options(options)
 
 
-def _finish(refs, load, config, *, train, local_batch):
+def _finish(refs, load, config, source, *, train, local_batch):
   """refs: per-example references -> decoded, preprocessed, locally batched examples."""
   seed = int(config.train.seed)
   data_config = config.data
+  class_table = info_lib.ClassLayout.of(source.info, config).model_class
   calls = tf.data.AUTOTUNE if int(data_config.num_parallel_calls) < 0 else int(data_config.num_parallel_calls)
-  ds = refs.map(lambda *r: preprocess.preprocess_example(load(*r), data_config, train=train, seed=seed),
+  ds = refs.map(lambda *r: preprocess.preprocess_example(load(*r), data_config, train=train, seed=seed,
+                                                         class_table=class_table),
                 num_parallel_calls=calls, deterministic=True)
   return _options(ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
@@ -141,7 +143,7 @@ def _indexed_dataset(source, config, *, train, process_index, process_count, sta
     raw = read(row)
     raw.update(index=index, example_valid=example_valid)
     return raw
-  return _finish(refs, load, config, train=train, local_batch=sl.stop - sl.start)
+  return _finish(refs, load, config, source, train=train, local_batch=sl.stop - sl.start)
 
 
 def _streamed_dataset(source, config, *, train, process_index, process_count, start_step, limit):
@@ -182,7 +184,7 @@ def _streamed_dataset(source, config, *, train, process_index, process_count, st
     global_batches = base.enumerate().map(with_index(0)).group_by_window(
         key, lambda _, w: w.batch(batch), window_size=batch).map(pad)
   refs = global_batches.map(lambda b: {k: v[sl] for k, v in b.items()}).unbatch()
-  return _finish(refs, lambda raw: raw, config, train=train, local_batch=sl.stop - sl.start)
+  return _finish(refs, lambda raw: raw, config, source, train=train, local_batch=sl.stop - sl.start)
 
 
 def host_dataset(config, process_index: int = 0, process_count: int = 1, *, train: bool = True,

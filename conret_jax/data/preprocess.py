@@ -37,8 +37,9 @@ def _resize(image, scale):
   return tf.image.resize(image, new_hw, method='bilinear'), new_hw
 
 
-def preprocess_example(raw: dict, data_config, *, train: bool, seed: int) -> dict:
-  """raw example (layout above) -> one batch row; train enables flip and scale jitter."""
+def preprocess_example(raw: dict, data_config, *, train: bool, seed: int, class_table=None) -> dict:
+  """raw example (layout above) -> one batch row; train enables flip and scale jitter. `class_table` [C] int32 maps
+  the source's contiguous category numbers to the model's classes (data.info.ClassLayout.model_class; None: as is)."""
   image = decode.decode_image(raw['image_data'])
   hw = tf.shape(image)[:2]
   h, w = tf.cast(hw[0], tf.float32), tf.cast(hw[1], tf.float32)
@@ -85,13 +86,14 @@ def preprocess_example(raw: dict, data_config, *, train: bool, seed: int) -> dic
   if data_config.resize == 'square':
     image.set_shape(list(shapes['square']) + [3])
 
+  classes = raw['classes'] if class_table is None else tf.gather(tf.constant(class_table, tf.int32), raw['classes'])
   # Boxes cropped away entirely (zero area) stop being ground truth; padding rows stay zero.
   valid = valid & ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
   boxes = tf.where(valid[:, None], boxes, 0.0)
   return {
       'images': image,
       'boxes': boxes,
-      'classes': tf.where(valid, raw['classes'], 0),
+      'classes': tf.where(valid, classes, 0),
       'valid': valid,
       'crowd': raw['crowd'] & valid,
       'image_id': tf.where(raw['example_valid'], tf.cast(raw['image_id'], tf.int32), -1),

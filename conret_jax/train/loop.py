@@ -75,7 +75,7 @@ def _host_metrics(metrics) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), evaluates, returns the last eval metrics."""
-  config_checks.validate(config)
+  config_checks.validate_training(config)
   main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config)
   batch_sharding = mesh_lib.batch_sharding(mesh)

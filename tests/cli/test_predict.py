@@ -15,6 +15,7 @@ for _module in ('conret_jax.model.detector', 'conret_jax.inference', 'conret_jax
   pytest.importorskip(_module)
 
 from conret_jax.cli import common, predict  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conret_jax.data.info import ClassLayout  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def test_restore_for_inference_on_one_device(trained_workdir, make_tiny_config):
   workdir, saved = trained_workdir
@@ -68,7 +69,8 @@ def test_predict_run_maps_boxes_to_original_pixels(trained_workdir, tmp_path, ma
   config = make_tiny_config()
   paths = _write_images(str(tmp_path / 'in'))
   out = str(tmp_path / 'out')
-  entries = predict.run(config, workdir, paths, out, score_threshold=0.0, class_info=([3, 5, 9], ['a', 'b', 'c']))
+  entries = predict.run(config, workdir, paths, out, score_threshold=0.0, 
+                       class_layout=ClassLayout('contiguous', 3, (3, 5, 9), ('a', 'b', 'c')))
   assert json.load(open(os.path.join(out, 'detections.json'))) == json.loads(json.dumps(entries))
 
   model = conret_jax.build_model(config)

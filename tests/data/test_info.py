@@ -5,16 +5,36 @@ from conret_jax import defaults
 from conret_jax.data import info as info_lib
 
 
-def test_category_ids_round_trip():
-  ids = [90, 3, 7, 11, 1]
-  table = info_lib.category_to_class_table(ids)
-  assert table == {1: 0, 3: 1, 7: 2, 11: 3, 90: 4}
-  classes = np.array([[4, 0], [2, 3]])
-  back = info_lib.classes_to_category_ids(classes, ids)
-  np.testing.assert_array_equal(back, [[90, 1], [7, 11]])
-  np.testing.assert_array_equal(info_lib.category_ids_to_classes(back, ids), classes)
-  with pytest.raises(info_lib.DatasetError, match='unknown category ids'):
-    info_lib.category_ids_to_classes([2], ids)
+def test_category_table_sorts_ids():
+  assert info_lib.category_to_class_table([90, 3, 7, 11, 1]) == {1: 0, 3: 1, 7: 2, 11: 3, 90: 4}
+  with pytest.raises(info_lib.DatasetError, match='duplicate'):
+    info_lib.category_to_class_table([3, 3])
+
+
+def _info():
+  return info_lib.DatasetInfo(category_ids=[1, 3, 90], class_names=['person', 'car', 'toothbrush'], num_examples=5)
+
+
+def test_contiguous_layout_numbers_categories_in_order():
+  layout = info_lib.ClassLayout('contiguous', 3, (1, 3, 90), ('person', 'car', 'toothbrush'))
+  np.testing.assert_array_equal(layout.model_class, [0, 1, 2])
+  np.testing.assert_array_equal(layout.category_of, [1, 3, 90])
+  assert layout.class_names == ['person', 'car', 'toothbrush']
+
+
+def test_category_id_layout_uses_the_ids_themselves():
+  """torchvision's 91-way COCO head: class 1 is person (COCO id 1), class 0 and unused ids are no category."""
+  config = defaults.base_config()
+  config.model.num_classes, config.model.class_layout = 91, 'category_id'
+  layout = info_lib.ClassLayout.of(_info(), config)
+  np.testing.assert_array_equal(layout.model_class, [1, 3, 90])
+  assert layout.category_of[1] == 1 and layout.category_of[90] == 90
+  assert layout.category_of[0] == -1 and layout.category_of[2] == -1 and len(layout.category_of) == 91
+  assert layout.class_names[1] == 'person' and layout.class_names[0] == '0'
+  layout.check()
+  config.model.num_classes = 90  # id 90 needs 91 classes
+  with pytest.raises(info_lib.DatasetError, match='must exceed the largest category id 90'):
+    info_lib.ClassLayout.of(_info(), config).check()
 
 
 def test_coco_table_has_80_sorted_ids():

@@ -10,6 +10,7 @@ from PIL import Image
 from conret_jax.data import decode
 from conret_jax.data import pipeline
 from conret_jax.data import preprocess
+from conret_jax.data import sizes
 from tests.data.conftest import COLOURS, small_config
 
 
@@ -69,6 +70,38 @@ def test_flip_horizontal_matches_numpy():
   out_image, out_boxes = preprocess.flip_horizontal(tf.constant(image), tf.constant(boxes), 5.0)
   np.testing.assert_array_equal(out_image.numpy(), image[:, ::-1])
   np.testing.assert_allclose(out_boxes.numpy(), [[3, 0, 4.5, 1], [0, 1, 2, 2]])
+
+
+def test_short_side_jitter_draws_several_scales_within_the_range(rect_dataset):
+  """Detectron's multi-scale training: each image's short side is one of image_size - k * 32 within the range,
+  while the padded shapes stay the two buckets of image_size; evaluation keeps image_size."""
+  config = small_config(*rect_dataset[:2], image_size=128, batch=4)
+  config.data.resize, config.data.max_size, config.data.scale_jitter = 'short_side', 1000, (0.5, 1.0)
+  assert sizes.short_side_scales(config.data) == (64, 96, 128)
+  buckets = set(sizes.padded_shapes(config.data).values())
+  shorts = set()
+  it = pipeline.host_batches(config, train=True)
+  for _ in range(6):
+    batch = next(it)
+    assert batch['images'].shape[1:3] in buckets
+    shorts |= {round(float(min(hw)) * float(s)) for hw, s in zip(batch['orig_hw'], batch['scale'])}
+  assert len(shorts) >= 2 and shorts <= {64, 96, 128}, shorts
+  for batch in pipeline.host_batches(config, train=False):
+    for hw, s, ok in zip(batch['orig_hw'], batch['scale'], batch['example_valid']):
+      assert not ok or round(float(min(hw)) * float(s)) == 128
+
+
+def test_class_layout_numbers_the_boxes(rect_dataset):
+  """class_layout=category_id labels each box with its category id itself (here 2, 5, 9), contiguous with its
+  rank among the dataset's ids; the two describe the same boxes."""
+  config = small_config(*rect_dataset[:2], image_size=128, batch=4)
+  contiguous = next(pipeline.host_batches(config, train=False))
+  config.model.class_layout, config.model.num_classes = 'category_id', 10
+  by_id = next(pipeline.host_batches(config, train=False))
+  valid = contiguous['valid']
+  assert set(contiguous['classes'][valid].tolist()) <= {0, 1, 2}
+  assert set(by_id['classes'][valid].tolist()) <= {2, 5, 9}
+  np.testing.assert_array_equal(np.array([2, 5, 9])[contiguous['classes'][valid]], by_id['classes'][valid])
 
 
 def test_padded_shapes_are_multiples_of_128():

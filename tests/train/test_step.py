@@ -10,7 +10,7 @@ import float_noise
 
 import conret_jax
 from conret_jax import defaults
-from conret_jax.train import bench, optim
+from conret_jax.train import bench
 from conret_jax.train import mesh as mesh_lib
 from conret_jax.train import step as step_lib
 
@@ -101,37 +101,6 @@ def test_non_finite_update_is_dropped(host_state, one_device):
   for a, b in zip(jax.tree_util.tree_leaves(host_state.params), jax.tree_util.tree_leaves(jax.device_get(state.params))):
     np.testing.assert_array_equal(a, b)
   assert train_step._cache_size() == 1
-
-
-def test_learning_rate_schedule():
-  t = tiny_config().train
-  t.learning_rate, t.global_batch_size, t.reference_batch_size = 0.01, 32, 16
-  t.warmup_steps, t.warmup_factor, t.decay_steps, t.decay_factor = 100, 1 / 3, (1000, 2000), 0.1
-  lr = optim.learning_rate_schedule(t)
-  np.testing.assert_allclose(float(lr(0)), 0.02 / 3, rtol=1e-6)
-  np.testing.assert_allclose(float(lr(50)), 0.02 * (1 / 3 * 0.5 + 0.5), rtol=1e-6)
-  np.testing.assert_allclose(float(lr(100)), 0.02, rtol=1e-6)
-  np.testing.assert_allclose(float(lr(999)), 0.02, rtol=1e-6)
-  np.testing.assert_allclose(float(lr(1000)), 0.002, rtol=1e-6)
-  np.testing.assert_allclose(float(lr(2500)), 0.0002, rtol=1e-5)
-
-
-def test_frozen_parameters_get_no_update_and_no_decay():
-  params = {'backbone': {'stem': {'kernel': jnp.ones((2,))}}, 'head': {'kernel': jnp.ones((2,))}}
-  trainable = {'backbone': {'stem': {'kernel': False}}, 'head': {'kernel': True}}
-  config = tiny_config(**{'train.weight_decay': 0.1, 'train.warmup_steps': 0})
-  tx = optim.make_optimizer(config, trainable)
-  grads = jax.tree_util.tree_map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_array_equal(updates['backbone']['stem']['kernel'], 0.0)
-  lr = config.train.learning_rate * config.train.global_batch_size / config.train.reference_batch_size
-  np.testing.assert_allclose(updates['head']['kernel'], -lr * 1.1, rtol=1e-6)
-
-
-def test_weight_decay_skips_normalization_parameters():
-  params = {'conv': {'kernel': 1.0, 'bias': 1.0}, 'gn1': {'scale': 1.0, 'bias': 1.0}}
-  assert optim.weight_decay_mask(params) == {'conv': {'kernel': True, 'bias': True},
-                                             'gn1': {'scale': False, 'bias': False}}
 
 
 def test_mesh_errors_name_the_key():
