@@ -6,7 +6,10 @@ cover values that are individually valid but cannot work together.
 
 import ml_collections
 
+from conret_jax.errors import ConfigError
+
 from conret_jax import consistent
+from conret_jax.coco_metrics import BACKENDS
 from conret_jax.defaults import schedule_steps
 from conret_jax.data import sizes
 from conret_jax.model.detector import COMPUTE_DTYPES as _DTYPES
@@ -16,10 +19,8 @@ from conret_jax.model.resnet import DEPTHS, NORMS as _NORMS
 _DEPTHS = tuple(sorted(DEPTHS))
 _RESIZE = sizes.RESIZE_MODES
 _CLASS_LAYOUTS = ('contiguous', 'category_id')
-
-
-class ConfigError(ValueError):
-  """A config that cannot work: the message names the key. The command-line tools print it as one line."""
+_SOURCES = ('tfds', 'coco_json', 'tfrecord', 'shapes')  # data/sources.py (which imports TensorFlow)
+_COCO_BACKENDS = ('auto',) + BACKENDS
 
 
 def _check(condition: bool, message: str) -> None:
@@ -41,6 +42,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'config.model.fpn levels P{m.fpn.min_level}-P{m.fpn.max_level}: need 3 <= min_level <= 5 <= max_level '
          '(C3-C5 feed the pyramid)')
   _check(d.resize in _RESIZE, f'config.data.resize={d.resize!r} must be one of {_RESIZE}')
+  for split in ('train', 'eval'):
+    _check(d[split].source in _SOURCES, f'config.data.{split}.source={d[split].source!r} must be one of {_SOURCES}')
   stride = 2 ** m.fpn.max_level
   _check(sizes.PAD_MULTIPLE % stride == 0,
          f'config.model.fpn.max_level={m.fpn.max_level}: the input pipeline pads to multiples of {sizes.PAD_MULTIPLE}, '
@@ -71,6 +74,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1')
   _check(config.checkpoint.keep >= 1, f'config.checkpoint.keep={config.checkpoint.keep} must be >= 1')
   _check(config.eval.every_steps >= 0, f'config.eval.every_steps={config.eval.every_steps} must be >= 0')
+  _check(t.skip_nonfinite_steps >= 0, f'config.train.skip_nonfinite_steps={t.skip_nonfinite_steps} must be >= 0')
+  e = config.eval
+  _check(e.visualize >= 0, f'config.eval.visualize={e.visualize} must be >= 0')
+  _check(0.0 <= e.visualize_score_threshold <= 1.0,
+         f'config.eval.visualize_score_threshold={e.visualize_score_threshold} must be in [0, 1]')
+  _check(e.coco_backend in _COCO_BACKENDS, f'config.eval.coco_backend={e.coco_backend!r} must be one of {_COCO_BACKENDS}')
   consistent.validate(config)
 
 

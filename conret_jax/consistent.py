@@ -23,6 +23,7 @@ import ml_collections
 
 from conret_jax.core import boxes as box_ops
 from conret_jax.core import losses, targets
+from conret_jax.errors import ConfigError
 
 
 def num_terms(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -43,7 +44,7 @@ def inference_steps(config: ml_collections.ConfigDict) -> int:
   trained = num_regression_stages(config)
   steps = int(config.consistent.inference_reg_steps) or trained
   if not 1 <= steps <= trained:
-    raise ValueError(f'config.consistent.inference_reg_steps={steps} but the model has {trained} regression stages')
+    raise ConfigError(f'config.consistent.inference_reg_steps={steps} but the model has {trained} regression stages')
   return steps
 
 
@@ -52,22 +53,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   c = config.consistent
   n_cls, n_reg = num_terms(config)
   if n_cls < 1 or n_reg < 1:
-    raise ValueError(f'config.consistent.num_cls_terms={n_cls} and num_reg_terms={n_reg} must be >= 1')
+    raise ConfigError(f'config.consistent.num_cls_terms={n_cls} and num_reg_terms={n_reg} must be >= 1')
   if n_cls > n_reg + 1:
-    raise ValueError(f'config.consistent.num_cls_terms={n_cls} needs at least {n_cls - 1} regression terms to '
+    raise ConfigError(f'config.consistent.num_cls_terms={n_cls} needs at least {n_cls - 1} regression terms to '
                      f'refine its anchors, but num_reg_terms={n_reg}')
   stages = max(n_cls, n_reg)
   for key in ('pos_iou_thresholds', 'neg_iou_thresholds'):
     if len(c[key]) < stages:
-      raise ValueError(f'config.consistent.{key} has {len(c[key])} entries; {stages} stages need one each')
+      raise ConfigError(f'config.consistent.{key} has {len(c[key])} entries; {stages} stages need one each')
   for s in range(stages):
     pos, neg = c.pos_iou_thresholds[s], c.neg_iou_thresholds[s]
     if not 0.0 < neg <= pos <= 1.0:
-      raise ValueError(f'stage {s + 1}: need 0 < neg_iou ({neg}) <= pos_iou ({pos}) <= 1 in config.consistent')
+      raise ConfigError(f'stage {s + 1}: need 0 < neg_iou ({neg}) <= pos_iou ({pos}) <= 1 in config.consistent')
   if c.alpha < 0:
-    raise ValueError(f'config.consistent.alpha={c.alpha} must be >= 0')
+    raise ConfigError(f'config.consistent.alpha={c.alpha} must be >= 0')
   if not 0 <= c.inference_reg_steps <= n_reg:
-    raise ValueError(f'config.consistent.inference_reg_steps={c.inference_reg_steps} must be in [0, {n_reg}]')
+    raise ConfigError(f'config.consistent.inference_reg_steps={c.inference_reg_steps} must be in [0, {n_reg}]')
 
 
 def refine(anchors: jax.Array, deltas: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:

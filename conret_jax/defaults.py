@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_clip_norm = 0.0  # 0 disables
   t.seed = 0
   t.log_every_steps = 20
+  # Non-finite loss or gradient: the step's update is dropped on device; up to this many such steps in a row are
+  # skipped (each logged with its step and terms) before training stops. 0: stop at the first.
+  t.skip_nonfinite_steps = 0
   t.fsdp_axis_size = 1  # >1 shards params and optimizer state over an 'fsdp' mesh axis
 
   # ---- checkpoints ----
@@ -157,7 +160,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.nms_iou = 0.5
   e.max_detections = 100
   e.num_images = 0  # evaluate only the first N images (0 = all)
-  e.visualize = 8  # validation images drawn with their detections after each evaluation (0 = none)
+  e.visualize = 8  # validation images drawn with their ground truth and detections after each evaluation (0: none)
+  e.visualize_score_threshold = 0.3  # detections.png draws detections scoring at least this
   e.coco_backend = 'auto'  # COCO scoring: 'faster_coco_eval' (C++), 'pycocotools', or 'auto' (the first installed)
   return config
 
@@ -193,5 +197,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         raise ValueError(f'config argument {key}={value!r}: expected true or false')
       result[key] = value.lower() in ('true', '1')
     else:
-      result[key] = kind(value)
+      try:
+        result[key] = kind(value)
+      except ValueError:
+        raise ValueError(f'config argument {key}={value!r}: expected {kind.__name__}') from None
   return ml_collections.ConfigDict(result)

@@ -62,6 +62,31 @@ def coco_metrics(coco_gt: dict, results: list[dict], image_ids: Iterable[int] | 
   return metrics_lib.score(coco_gt, results, image_ids, backend).summary
 
 
+def format_metrics(metrics: dict, per_class: dict | None = None, *, title: str = '') -> str:
+  """The console table of an evaluation, AP in percent (COCO's usual presentation; the json files keep fractions):
+  the summary metrics in one row, then one row per class if `per_class` is given (-1, undefined, shows as '-')."""
+  pct = lambda v, width: f'{100 * v:>{width}.1f}' if v >= 0 else f'{"-":>{width}}'
+  names = [n for n in METRIC_NAMES if n in metrics]
+  lines = [f'{title} (AP in percent)' if title else '(AP in percent)',
+           ' '.join(f'{n:>6}' for n in names), ' '.join(pct(metrics[n], 6) for n in names)]
+  if per_class:
+    width = max(8, *(len(n) for n in per_class))
+    lines += ['', f'{"class":<{width}} {"id":>5} {"AP":>6} {"AP50":>6} {"AP75":>6}']
+    for name, row in per_class.items():
+      lines.append(f'{name:<{width}} {row["category_id"]:>5} ' + ' '.join(pct(row[k], 6) for k in ('AP', 'AP50',
+                                                                                                 'AP75')))
+  return '\n'.join(lines)
+
+
+def read_per_class(workdir: str, step: int) -> dict | None:
+  """The per-class AP that `evaluate` wrote to DIR/eval/step_N/metrics.json, or None if there is none."""
+  path = os.path.join(eval_dir(workdir, step), 'metrics.json')
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f).get('per_class')
+
+
 def eval_dir(workdir: str, step: int) -> str:
   """DIR/eval/step_N: where one evaluation's files go."""
   return os.path.join(workdir, 'eval', f'step_{int(step)}')
@@ -155,7 +180,8 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
   need_gt = info.coco_gt is None
   from conret_jax.data.info import ClassLayout  # pylint: disable=g-import-not-at-top
   layout = ClassLayout.of(info, config)
-  results, image_ids, gt_rows, vis_images, vis_dets = [], [], [], [], []
+  layout.check()  # a model of other classes than the eval set's would be scored under the wrong names
+  results, image_ids, gt_rows, vis_images, vis_dets, vis_gt = [], [], [], [], [], []
   for batch in batches:
     dets = gather(detect_fn(model, variables, batch['images'], config))
     host = gather({k: batch[k] for k in _META_KEYS + (_GT_KEYS if need_gt else ())})
@@ -169,10 +195,11 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
     if need_gt:
       gt_rows.append(host)
     if len(vis_images) < num_visualize:
-      images = gather(batch['images'])
+      pictured = gather({k: batch[k] for k in ('images',) + _GT_KEYS})
       for b in np.flatnonzero(valid)[:num_visualize - len(vis_images)]:
-        vis_images.append(images[b])
+        vis_images.append(pictured['images'][b])
         vis_dets.append({k: v[b] for k, v in dets.items()})
+        vis_gt.append({k: pictured[k][b] for k in _GT_KEYS})
     if num_images and len(image_ids) >= num_images:
       break
   logging.info('Evaluated %d images, %d detections.', len(image_ids), len(results))
@@ -189,7 +216,10 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
       from conret_jax import visualize  # pylint: disable=g-import-not-at-top
       # short_side batches come in up to two padded shapes; the grid takes those of the first image's shape.
       same = [i for i, im in enumerate(vis_images) if im.shape == vis_images[0].shape]
-      stacked = {k: np.stack([vis_dets[i][k] for i in same]) for k in vis_dets[0]}
-      visualize.save_grid(np.stack([vis_images[i] for i in same]), stacked, layout.class_names,
-                          os.path.join(out_dir, 'detections.png'), max_images=num_visualize)
+      stack = lambda rows: {k: np.stack([rows[i][k] for i in same]) for k in rows[0]}
+      threshold = float(config.eval.visualize_score_threshold)
+      visualize.save_grid(np.stack([vis_images[i] for i in same]), stack(vis_dets), layout.class_names,
+                          os.path.join(out_dir, 'detections.png'), max_images=num_visualize,
+                          score_threshold=threshold, ground_truth=stack(vis_gt),
+                          title=f'{workdir}, step {step}: ground truth | detections scoring >= {threshold:.2f}')
   return metrics

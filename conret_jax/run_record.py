@@ -154,5 +154,5 @@ def check_config_matches(workdir: str, config) -> None:
   if diffs:
     listed = '; '.join(diffs[:8]) + (f'; and {len(diffs) - 8} more' if len(diffs) > 8 else '')
     raise CheckpointMismatchError(
-        f'--config describes another model than the one trained in {workdir} ({listed}). Leave out --config to '
+        f'--config describes a different model than the one trained in {workdir} ({listed}). Leave out --config to '
         f'use the run\'s own {CONFIG_FILE}.')

@@ -1,6 +1,7 @@
 """Drawing detections: boxes with class names and scores on images, and a PNG grid of several images.
 
-Used after each evaluation (DIR/eval/step_N/detections.png) and by `conret-predict`. PIL only, default font.
+Used after each evaluation (DIR/eval/step_N/detections.png: ground truth beside detections) and by `conret-predict`.
+PIL only, default font.
 """
 
 import math
@@ -26,7 +27,7 @@ def to_pil(image) -> Image.Image:
 
 def draw_detections(image, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
                     class_names: Sequence[str], *, valid: np.ndarray | None = None,
-                    score_threshold: float = 0.0, line_width: int = 2) -> Image.Image:
+                    score_threshold: float = 0.0, line_width: int = 2, with_scores: bool = True) -> Image.Image:
   """Draws boxes labelled 'name score' on a copy of `image`.
 
   Args:
@@ -51,7 +52,7 @@ def draw_detections(image, boxes: np.ndarray, scores: np.ndarray, classes: np.nd
     x1, y1, x2, y2 = (float(v) for v in boxes[d])
     draw.rectangle([x1, y1, x2, y2], outline=colour, width=line_width)
     name = class_names[classes[d]] if 0 <= classes[d] < len(class_names) else str(classes[d])
-    label = f'{name} {scores[d]:.2f}'
+    label = f'{name} {scores[d]:.2f}' if with_scores else name
     left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
     text_w, text_h = right - left, bottom - top
     ty = y1 - text_h - 2 if y1 - text_h - 2 >= 0 else y1  # above the box, or inside it at the image top
@@ -60,14 +61,48 @@ def draw_detections(image, boxes: np.ndarray, scores: np.ndarray, classes: np.nd
   return out
 
 
+def draw_ground_truth(image, boxes: np.ndarray, classes: np.ndarray, class_names: Sequence[str], *,
+                      valid: np.ndarray | None = None, line_width: int = 2) -> Image.Image:
+  """Ground-truth boxes labelled with their class name only (no score), in the class colours."""
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  return draw_detections(image, boxes, np.ones(len(boxes), np.float32), classes, class_names, valid=valid,
+                         line_width=line_width, with_scores=False)
+
+
+def _caption(tile: Image.Image, text: str) -> Image.Image:
+  """`tile` with a one-line caption strip above it."""
+  font = ImageFont.load_default()
+  left, top, right, bottom = ImageDraw.Draw(tile).textbbox((0, 0), text, font=font)
+  strip = bottom - top + 6
+  out = Image.new('RGB', (max(tile.width, right - left + 6), tile.height + strip), (255, 255, 255))
+  ImageDraw.Draw(out).text((3 - left, 3 - top), text, fill=(0, 0, 0), font=font)
+  out.paste(tile, (0, strip))
+  return out
+
+
+def _side_by_side(*tiles: Image.Image) -> Image.Image:
+  out = Image.new('RGB', (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)),
+                  (255, 255, 255))
+  x = 0
+  for tile in tiles:
+    out.paste(tile, (x, 0))
+    x += tile.width + 4
+  return out
+
+
 def save_grid(images, detections: dict, class_names: Sequence[str], path: str, max_images: int = 8,
-              score_threshold: float = 0.3) -> Image.Image:
+              score_threshold: float = 0.3, ground_truth: dict | None = None, title: str = '') -> Image.Image:
   """Draws each image's detections and writes them as one PNG grid (near-square layout).
 
   Args:
     images: [N, H, W, 3] (float 0..255 or uint8), all the same size.
     detections: numpy dict boxes [N, D, 4], scores [N, D], classes [N, D], optional valid [N, D].
     path: the .png to write.
+    score_threshold: detections below it are not drawn.
+    ground_truth: optional numpy dict boxes [N, M, 4], classes [N, M], valid [N, M]: each cell then shows the
+      ground truth (left) beside the detections (right), both captioned, the right one with the threshold and,
+      when nothing reaches it, the best score there was.
+    title: optional line above the grid (e.g. the run and step).
   Returns:
     The grid image.
   """
@@ -77,14 +112,25 @@ def save_grid(images, detections: dict, class_names: Sequence[str], path: str, m
   tiles = []
   for i in range(n):
     valid = detections['valid'][i] if 'valid' in detections else None
-    tiles.append(draw_detections(images[i], detections['boxes'][i], detections['scores'][i],
-                                 detections['classes'][i], class_names, valid=valid,
-                                 score_threshold=score_threshold))
+    tile = draw_detections(images[i], detections['boxes'][i], detections['scores'][i], detections['classes'][i],
+                           class_names, valid=valid, score_threshold=score_threshold)
+    if ground_truth is not None:
+      scores = np.asarray(detections['scores'][i], np.float32)
+      scores = scores[np.asarray(valid, bool)] if valid is not None else scores
+      shown = int((scores >= score_threshold).sum())
+      caption = (f'detections >= {score_threshold:.2f}: {shown}' if shown or not len(scores) else
+                 f'none >= {score_threshold:.2f} (best {scores.max():.2f})')
+      gt = draw_ground_truth(images[i], ground_truth['boxes'][i], ground_truth['classes'][i], class_names,
+                             valid=ground_truth['valid'][i])
+      tile = _side_by_side(_caption(gt, 'ground truth'), _caption(tile, caption))
+    tiles.append(tile)
   cols = math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
   tile_w, tile_h = tiles[0].size
   grid = Image.new('RGB', (cols * tile_w, rows * tile_h), (255, 255, 255))
   for i, tile in enumerate(tiles):
     grid.paste(tile, ((i % cols) * tile_w, (i // cols) * tile_h))
+  if title:
+    grid = _caption(grid, title)
   grid.save(path, format='PNG')
   return grid

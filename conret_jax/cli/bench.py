@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 
 from conret_jax.cli import common
+from conret_jax.errors import ConfigError
 
 _STEPS = flags.DEFINE_integer('steps', 10, '`step`: timed steps after compilation (median reported).')
 _BATCHES = flags.DEFINE_integer('batches', 50, '`input`: batches timed after a warm-up batch.')
@@ -22,22 +23,22 @@ _MODES = ('step', 'input')
 
 def _main(argv):
   if len(argv) != 2 or argv[1] not in _MODES:
-    raise app.UsageError(f'usage: conret-bench {{{"|".join(_MODES)}}} --config=FILE [--config.key=value ...]')
-  if flags.FLAGS.config is None:
-    raise app.UsageError('--config is required')
-  common.hide_accelerators_from_tf()
+    raise app.UsageError(f'name what to time: conret-bench {{{"|".join(_MODES)}}} --config=FILE [--config.key=value ...]')
   config = flags.FLAGS.config
-  if argv[1] == 'step':
+  if config is None:
+    raise ConfigError('--config is required, e.g. --config=configs/conretinanet_coco.py')
+  if argv[1] == 'step':  # imports no TensorFlow: the GPU image has none
     from conret_jax.train import bench  # pylint: disable=g-import-not-at-top
     result = bench.run_step_bench(config, _STEPS.value)
   else:
+    common.hide_accelerators_from_tf()
     from conret_jax.data import bench  # pylint: disable=g-import-not-at-top
     result = bench.run_input_bench(config, _BATCHES.value)
   print(json.dumps(result), flush=True)
 
 
 def main():
-  app.run(_main)
+  common.run(_main, tool='conret-bench', doc=__doc__, flag_names=('config', 'steps', 'batches', 'debug'))
 
 
 if __name__ == '__main__':

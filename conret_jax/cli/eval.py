@@ -1,11 +1,13 @@
 """`conret-eval`: COCO evaluation of a checkpoint, with the same code the trainer uses.
 
-  conret-eval --config=configs/conretinanet_coco.py --workdir=DIR [--step=N]
+  conret-eval --workdir=DIR [--step=N] [--config.eval.num_images=500]
+  conret-eval --config=configs/retinanet_torchvision.py --config.init_from=weights/tv_retinanet --workdir=DIR
 
-Restores DIR/checkpoints/<N> (default: the latest; without a checkpoint, the weights of --config.init_from), runs
+Restores DIR/checkpoints/<N> (default: the latest; without a checkpoint, the weights of config.init_from), runs
 `evaluation.evaluate` over config.data.eval, writes DIR/eval/step_N/{detections.json, metrics.json,
-detections.png} and prints the metrics. Inference-only settings may differ from training, e.g.
-`--config.consistent.inference_reg_steps=1` (Table 3's "2*") or `--config.eval.num_images=500`.
+detections.png} and prints the metrics, per class too. Without --config it uses the config the run saved
+(DIR/config.json). Inference-only settings may differ from training, e.g. `--config.consistent.inference_reg_steps=1`
+(Table 3's "2*") or `--config.eval.num_images=500`.
 """
 
 from absl import app
@@ -14,15 +16,6 @@ from absl import flags
 from conret_jax.cli import common
 
 common.define_step_flag()
-
-
-def format_metrics(metrics: dict, step: int) -> str:
-  """Two aligned rows: metric names, and values in percent (COCO's usual presentation)."""
-  names = list(metrics)
-  width = max(6, *(len(n) for n in names))
-  header = ' '.join(f'{n:>{width}}' for n in names)
-  values = ' '.join(f'{100 * metrics[n]:>{width}.2f}' if metrics[n] >= 0 else f'{"-":>{width}}' for n in names)
-  return f'step {step}\n{header}\n{values}'
 
 
 def run(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
@@ -39,15 +32,19 @@ def run(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config, workdir = common.setup('eval')
+  common.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
+  config, workdir = common.setup('eval', writes_workdir=False)
   import jax  # pylint: disable=g-import-not-at-top
+  from conret_jax import evaluation  # pylint: disable=g-import-not-at-top
   step, metrics = run(config, workdir, flags.FLAGS.step)
   if jax.process_index() == 0:
-    print(format_metrics(metrics, step), flush=True)
+    print(evaluation.format_metrics(metrics, evaluation.read_per_class(workdir, step), title=f'{workdir}, step {step}'),
+          flush=True)
 
 
 def main():
-  app.run(_main)
+  common.run(_main, tool='conret-eval', doc=__doc__,
+             flag_names=common.COMMON_FLAGS + ('step',) + common.DISTRIBUTED_FLAGS)
 
 
 if __name__ == '__main__':

@@ -71,6 +71,11 @@ def _pixel_note(fmt: str, config) -> str:
           f'(RGB); this config has {tuple(m.pixel_mean)} and {tuple(m.pixel_std)}')
 
 
+def _error(message: str) -> int:
+  print(f'conret-import: error: {message}', file=sys.stderr)
+  return 1
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='conret-import', description=__doc__.split('\n')[0])
   parser.add_argument('--format', required=True, choices=sorted(IMPORTERS))
@@ -81,18 +86,18 @@ def main(argv=None) -> int:
 
   if os.path.exists(args.output):
     parser.error(f'--output {args.output} already exists; choose a new directory')
-  config = load_config(args.config) if args.config else default_config(args.format)
+  try:  # every mistake is one line naming the file, not a traceback
+    config = load_config(args.config) if args.config else default_config(args.format)
+  except (OSError, ValueError, TypeError) as e:
+    return _error(f'--config={args.config}: {e}')
   try:
     state_dict = weights.load_state_dict(args.input)
-  except (OSError, ValueError, ImportError) as e:  # one line, not a traceback
-    message = str(e) if args.input in str(e) else f'{args.input}: {e}'
-    print(f'conret-import: {message}', file=sys.stderr)
-    return 1
+  except (OSError, ValueError, ImportError) as e:
+    return _error(str(e) if args.input in str(e) else f'{args.input}: {e}')
   try:
     variables = IMPORTERS[args.format](state_dict, config)
   except ValueError as e:
-    print(f'conret-import: {args.input}: {e}', file=sys.stderr)
-    return 1
+    return _error(f'{args.input}: {e}')
   weights.save_imported(args.output, variables)
   note = _pixel_note(args.format, config)
   if note:

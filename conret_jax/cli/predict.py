@@ -1,11 +1,12 @@
 """`conret-predict`: detections on image files, drawn on the original images and written as json.
 
-  conret-predict --config=configs/conretinanet_coco.py --workdir=DIR --images='photos/*.jpg' --output=OUT
-                 [--score-threshold=0.3] [--step=N]
+  conret-predict --workdir=DIR --images='photos/*.jpg' --output=OUT [--score_threshold=0.3] [--step=N]
 
 Each image is resized and padded exactly as the eval pipeline does (same scale rule, same TF bilinear resize, zero
 padding at the bottom/right), run through `conret_jax.detect` on one device, and its boxes are mapped back to the
-original pixels. Writes OUT/<image name>.png (boxes, class names, scores) and OUT/detections.json:
+original pixels. Class names are those the run recorded at training time (DIR/run.json); without --config the
+run's own config (DIR/config.json) is used. Writes OUT/<image name>.png (boxes, class names, scores) and
+OUT/detections.json:
   [{'image': path, 'output': png path, 'height', 'width',
     'detections': [{'bbox': [x, y, w, h], 'score', 'category_id', 'class_name'}]}]
 """
@@ -20,6 +21,7 @@ from absl import logging
 import numpy as np
 
 from conret_jax.cli import common
+from conret_jax.errors import UserError
 
 _IMAGES = flags.DEFINE_string('images', None, 'Glob of input images; several globs separated by commas.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output folder for the drawn images and detections.json.')
@@ -74,15 +76,25 @@ def prepare_image(image: np.ndarray, data_config) -> tuple[np.ndarray, float]:
   return padded, float(scale)
 
 
-def class_metadata(config):
-  """The model's `data.info.ClassLayout` over the eval dataset; class indices when it cannot be opened here."""
+def class_metadata(config, workdir: str):
+  """The model's classes (a data.info.ClassLayout): as the run recorded them at training time (W/run.json); without
+  a record, the eval dataset's categories where reading them generates nothing; else class indices, with a warning."""
+  from conret_jax import run_record  # pylint: disable=g-import-not-at-top
   from conret_jax.data import info as info_lib  # pylint: disable=g-import-not-at-top
+  classes = (run_record.load_run(workdir) or {}).get('classes')
+  if classes:
+    return info_lib.ClassLayout(classes['layout'], int(classes['num_classes']), tuple(classes['category_ids']),
+                                tuple(classes['names']))
   try:
-    from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    # train=True: the categories only, without building the split's COCO ground truth.
-    return info_lib.ClassLayout.of(data_lib.dataset_info(config.data.eval, config, train=True), config)
-  except (ImportError, AttributeError, OSError, ValueError) as e:
-    logging.warning('class names unavailable (%s); labelling detections by class index', e)
+    if config.data.eval.source == 'shapes':  # its fixed categories, without generating the dataset
+      from conret_jax.data import shapes  # pylint: disable=g-import-not-at-top
+      info = info_lib.DatasetInfo(list(shapes.CATEGORY_IDS), list(shapes.SHAPE_NAMES), 0)
+    else:
+      from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+      info = data_lib.dataset_info(config.data.eval, config, train=True)  # the categories only
+    return info_lib.ClassLayout.of(info, config)
+  except (UserError, OSError, ImportError) as e:
+    logging.warning('no class names (%s): %s has no run.json; labelling detections by class index', e, workdir)
     n = int(config.model.num_classes)
     return info_lib.ClassLayout('category_id', n, tuple(range(n)), tuple(str(i) for i in range(n)))
 
@@ -108,7 +120,7 @@ def run(config, workdir: str, image_paths: list[str], output: str, *, score_thre
   config = config.copy_and_resolve_references()
   config.train.fsdp_axis_size = 1  # one device: nothing to shard
   model, variables, step, _ = common.restore_for_inference(config, workdir, step, devices=jax.local_devices()[:1])
-  layout = class_layout or class_metadata(config)
+  layout = class_layout or class_metadata(config, workdir)
   names = layout.class_names
   class_of = {int(c): k for k, c in enumerate(layout.category_of) if c >= 0}
   os.makedirs(output, exist_ok=True)
@@ -143,7 +155,9 @@ def _main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _IMAGES.value or not _OUTPUT.value:
     raise app.UsageError('--images and --output are required')
-  config, workdir = common.setup('predict', distributed_init=False)
+  common.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
+  config, workdir = common.setup('predict', writes_workdir=False, distributed_init=False)
+  common.check_workdir(_OUTPUT.value, create=True, flag='output')
   paths = list_images(_IMAGES.value)
   if not paths:
     raise app.UsageError(f'--images={_IMAGES.value!r} matches no image files')
@@ -152,7 +166,8 @@ def _main(argv):
 
 
 def main():
-  app.run(_main)
+  common.run(_main, tool='conret-predict', doc=__doc__,
+             flag_names=common.COMMON_FLAGS + ('images', 'output', 'score_threshold', 'step'))
 
 
 if __name__ == '__main__':

@@ -1,15 +1,17 @@
 """`conret-train`: trains a config in a workdir, resuming from its latest checkpoint, and evaluates it.
 
   conret-train --config=configs/shapes_demo.py --workdir=runs/shapes_demo
-  conret-train --config=configs/conretinanet_coco.py:depth=50,scale=500 --workdir=gs://bucket/run \
-      --config.train.global_batch_size=64 --config.consistent.enabled=False
+  conret-train --config=configs/conretinanet_coco.py:depth=50,scale=500 --config.init_from=weights/r50 \
+      --workdir=gs://bucket/run --config.train.global_batch_size=64 --config.consistent.enabled=False
+  conret-train --workdir=runs/shapes_demo --config.train.num_steps=1600   # resume a run with its saved config
 
 Running the same command again after an interruption (SIGTERM, preemption, a crash) resumes where the last
-checkpoint left off. Multi-process jobs add --coordinator_address/--num_processes/--process_id, or rely on the
-auto-detection of Cloud TPU, Slurm and Open MPI (see README, "Cloud TPU pod" and "Multi-GPU").
+checkpoint left off. The workdir records the run: config.json (the resolved config, which later tools use when
+--config is absent) and run.json (the dataset's classes, every command that started the run). Multi-process jobs add
+--coordinator_address/--num_processes/--process_id, or rely on the auto-detection of Cloud TPU, Slurm and Open MPI
+(see README, "Cloud TPU pod" and "Multi-GPU").
 """
 
-import json
 import sys
 
 from absl import app
@@ -23,27 +25,29 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from conret_jax import config_checks  # pylint: disable=g-import-not-at-top
-  config_checks.validate_training(flags.FLAGS.config)  # in seconds, before TensorFlow, devices or compilation
-  config, workdir = common.setup('train')
+  if flags.FLAGS.config is not None:  # in seconds, before TensorFlow, devices or compilation
+    config_checks.validate_training(flags.FLAGS.config)
+  config, workdir = common.setup('train', writes_workdir=True)
   import jax  # pylint: disable=g-import-not-at-top  (after distributed initialization)
+  from conret_jax import distributed, evaluation  # pylint: disable=g-import-not-at-top
   from conret_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from conret_jax import distributed  # pylint: disable=g-import-not-at-top
-  from conret_jax.data.info import DatasetError  # pylint: disable=g-import-not-at-top
 
   logging.info('%s', distributed.process_info())
   try:
     metrics = loop.train_and_evaluate(config, workdir)
-  except (ValueError, DatasetError, FileNotFoundError, loop.NonFiniteLossError) as e:
-    # Configuration, data and divergence errors are the user's to fix: one clear line, no traceback.
+  except loop.NonFiniteLossError as e:  # divergence: the last good checkpoint stays; one clear line
     logging.error('%s', e)
     print(f'conret-train: error: {e}', file=sys.stderr, flush=True)
-    sys.exit(2 if not isinstance(e, loop.NonFiniteLossError) else 3)
+    sys.exit(3)
   if metrics and jax.process_index() == 0:
-    print(json.dumps({'eval': metrics}), flush=True)
+    step = int(config.train.num_steps)
+    print(evaluation.format_metrics(metrics, evaluation.read_per_class(workdir, step),
+                                    title=f'{workdir}, step {step}'), flush=True)
 
 
 def main():
-  app.run(_main)
+  common.run(_main, tool='conret-train', doc=__doc__,
+             flag_names=common.COMMON_FLAGS + common.DISTRIBUTED_FLAGS)
 
 
 if __name__ == '__main__':

@@ -8,6 +8,8 @@ import dataclasses
 
 import numpy as np
 
+from conret_jax.errors import DatasetError, DatasetFileNotFoundError  # noqa: F401 (their home for data code)
+
 # COCO's 80 category ids (1..90 with gaps), in the order of tfds' `objects/label` (0..79). tfds builds its label
 # names from the sorted COCO categories, so tfds label i is COCO category COCO_CATEGORY_IDS[i].
 COCO_CATEGORY_IDS = (
@@ -26,14 +28,6 @@ COCO_CLASS_NAMES = (
     'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch', 'potted plant', 'bed', 'dining table', 'toilet',
     'tv', 'laptop', 'mouse', 'remote', 'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink',
     'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush')
-
-
-class DatasetError(ValueError):
-  """A dataset that cannot be used at all (malformed json, no images, wrong class count): stops at start-up."""
-
-
-class DatasetFileNotFoundError(DatasetError, FileNotFoundError):
-  """A file the dataset needs (annotation json, TFRecord shards, tfds data_dir) does not exist."""
 
 
 @dataclasses.dataclass

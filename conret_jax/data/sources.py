@@ -27,6 +27,9 @@ from conret_jax.data import coco_json
 from conret_jax.data import decode
 from conret_jax.data import info as info_lib
 from conret_jax.data import shapes
+from conret_jax.errors import ConfigError
+
+SOURCES = ('tfds', 'coco_json', 'tfrecord', 'shapes')
 
 _TABLE_CACHE = {}  # (annotation_file, image_dir, train, max_boxes) -> (table, info): validate each file once
 # Streamed sources, by (source section, train, max_boxes): their metadata and, for evaluation, the COCO ground truth
@@ -166,7 +169,7 @@ def open_source(source_config, config, *, train: bool) -> Source:
       opener = _open_tfds if kind == 'tfds' else _open_tfrecord
       _STREAM_CACHE[key] = opener(source_config, max_boxes=max_boxes, build_gt=not train)
     return _STREAM_CACHE[key]
-  raise ValueError(f"data source must be 'tfds', 'coco_json', 'tfrecord' or 'shapes', got {kind!r}")
+  raise ConfigError(f'data source {kind!r} must be one of {SOURCES}')
 
 
 def table_example(table: coco_json.ExampleTable, max_boxes: int):

@@ -20,9 +20,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-# Keys that may differ between the run that wrote a checkpoint and the one reading it: they change numerics or
-# inference only (Table 3's "2*" evaluates a 2-regression model with one regression step).
-_RUNTIME_KEYS = ('model.compute_dtype', 'consistent.inference_reg_steps')
+from conret_jax import run_record
+from conret_jax.errors import CheckpointMismatchError, CheckpointNotFoundError, WeightFileError
+
 _MAX_LISTED = 12
 
 
@@ -35,33 +35,11 @@ def tree_shapes(tree) -> dict[str, list[int]]:
   return {_path_str(p): [int(d) for d in np.shape(x)] for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def model_fingerprint(config, params) -> dict:
-  """What must match for a checkpoint to belong to this model: json-ready config slices and param shapes."""
-  settings = None  # None: not compared (a reader without a config)
-  if config is not None:
-    settings = _flatten({'model': config.model.to_dict(), 'consistent': config.consistent.to_dict()})
-    settings = {k: v for k, v in settings.items() if k not in _RUNTIME_KEYS}
-  # A json round trip turns tuples into lists, so a fresh fingerprint compares equal to a stored one.
-  return _json_normalize({'config': settings, 'params': tree_shapes(params)})
-
-
-def _json_normalize(obj):
-  """Tuples to lists, recursively (what json does), so fingerprints compare equal before and after storage."""
-  if isinstance(obj, dict):
-    return {str(k): _json_normalize(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_json_normalize(v) for v in obj]
-  return obj
+  """What must match for a checkpoint to belong to this model: the model settings (run_record.model_settings,
+  None for a reader without a config) and the param shapes, json-ready."""
+  settings = None if config is None else run_record.model_settings(config)
+  return {'config': settings, 'params': tree_shapes(params)}
 
 
 def fingerprint_differences(stored: dict, current: dict) -> list[str]:
@@ -145,15 +123,15 @@ class Checkpointer:
     if step is None:
       step = self.latest_step()
     if step is None or step not in self._manager.all_steps():
-      raise FileNotFoundError(f'no checkpoint {"" if step is None else step} in {self.directory} '
-                              f'(steps there: {self.all_steps()})')
+      raise CheckpointNotFoundError(f'no checkpoint {"" if step is None else step} in {self.directory} '
+                                    f'(steps there: {self.all_steps()})')
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     diffs = fingerprint_differences(meta, self._fingerprint_of(getattr(abstract_state, 'params', abstract_state)))
     if diffs:
-      listed = '\n  '.join(diffs[:_MAX_LISTED])
-      more = f'\n  ... and {len(diffs) - _MAX_LISTED} more' if len(diffs) > _MAX_LISTED else ''
-      raise ValueError(f'workdir {os.path.dirname(self.directory)} holds a checkpoint of a different model '
-                       f'(step {step}):\n  {listed}{more}')
+      listed = '; '.join(diffs[:_MAX_LISTED])
+      more = f'; and {len(diffs) - _MAX_LISTED} more' if len(diffs) > _MAX_LISTED else ''
+      raise CheckpointMismatchError(f'workdir {os.path.dirname(self.directory)} holds a checkpoint of a different '
+                                    f'model (step {step}): {listed}{more}')
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     logging.info('Restored checkpoint at step %d from %s', step, self.directory)
@@ -181,10 +159,16 @@ def load_variables(path: str) -> dict:
   """Loads a variables dict ({'params': ..., 'frozen': ...}) saved with ocp.StandardCheckpointer, as numpy.
 
   Leaves come back as host numpy arrays whatever sharding they were saved with; `merge_init` places them.
+  Raises WeightFileError naming the path when it is missing or not such a checkpoint.
   """
-  checkpointer = ocp.StandardCheckpointer()
   path = absolute(path)
-  metadata = checkpointer.metadata(path)
+  if '://' not in path and not os.path.isdir(path):
+    raise WeightFileError(f'config.init_from={path} does not exist: write it with conret-import')
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    metadata = checkpointer.metadata(path)
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises assorted errors for a foreign folder)
+    raise WeightFileError(f'config.init_from={path} is not a checkpoint written by conret-import: {e}') from None
   tree = getattr(metadata, 'item_metadata', metadata)
   tree = getattr(tree, 'tree', tree)
   target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
@@ -219,7 +203,7 @@ def merge_init(state_params, loaded_params):
   """
   report = match_leaves(state_params, loaded_params)
   if not report['copied']:
-    raise ValueError(f'init_from: no parameter matched by path and shape (first wanted: '
+    raise WeightFileError(f'init_from: no parameter matched by path and shape (first wanted: '
                      f'{list(tree_shapes(state_params))[:3]}, first found: {list(tree_shapes(loaded_params))[:3]})')
   logging.info('init_from: copied %d leaves, %d missing (kept fresh), %d shape-mismatched (kept fresh), '
                '%d unused', *(len(report[k]) for k in ('copied', 'missing', 'mismatched', 'unused')))
@@ -235,18 +219,32 @@ def merge_init(state_params, loaded_params):
   return jax.tree_util.tree_map_with_path(pick, state_params)
 
 
-def init_from(state, path: str):
+def init_from(state, path: str, trainable=None):
   """`state` with its params (and frozen / batch_stats collections) overwritten from the variables at `path`.
 
   Args:
     state: a TrainState (params, batch_stats, frozen = {collection: tree}) with its final shardings.
     path: a variables checkpoint written by `conret-import` ({'params': ..., 'frozen': ..., ...}).
+    trainable: optional pytree of bools like params (model.detector.trainable_mask; all False for inference).
+      Parameters it marks False, and every leaf of the non-trained collections (frozen BN statistics), never
+      change: if the file lacks any of them, WeightFileError instead of a silently random frozen layer.
   Collections that the state and the file share are merged leaf by leaf (`merge_init`); the others are logged.
   """
   loaded = load_variables(path)
   logging.info('init_from %s: collections %s', path, sorted(loaded))
   if 'params' not in loaded:
-    raise ValueError(f'init_from {path}: no "params" collection (found {sorted(loaded)})')
+    raise WeightFileError(f'init_from {path}: no "params" collection (found {sorted(loaded)})')
+  fixed = []  # frozen leaves the file does not provide
+  if trainable is not None:
+    frozen_params = jax.tree.map(lambda keep, p: None if keep else p, trainable, state.params)
+    report = match_leaves(frozen_params, loaded['params'])
+    fixed += report['missing'] + report['mismatched']
+    for name in state.frozen:
+      report = match_leaves(state.frozen[name], loaded.get(name, {}))
+      fixed += [f'{name}/{k}' for k in report['missing'] + report['mismatched']]
+  if fixed:
+    raise WeightFileError(f'config.init_from={path} lacks {len(fixed)} frozen leaves, which would stay at their '
+                          f'random initial values (e.g. {fixed[:3]}): weights of another network or layout?')
   params = merge_init(state.params, loaded['params'])
   batch_stats = state.batch_stats
   if batch_stats and 'batch_stats' in loaded:

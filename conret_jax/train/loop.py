@@ -3,9 +3,12 @@
 Resumption is exact: the state (parameters, optimizer, step, RNG) comes back from the latest checkpoint in
 `workdir/checkpoints`, and the input pipeline's position is a pure function of the step and the seed, so the
 resumed run sees the same batches with the same augmentation as an uninterrupted one. SIGTERM (and, on Cloud TPU,
-a preemption notice) makes the loop save at the next step boundary and exit cleanly.
+a preemption notice) makes the loop save at the next step boundary and exit cleanly. The run records its config and
+classes in the workdir (conret_jax/run_record.py). The checkpointer, the metric writers and the signal handlers
+are closed by one ExitStack whatever ends the run (the last step, a signal, divergence or an error).
 """
 
+import contextlib
 import signal
 import time
 
@@ -15,9 +18,10 @@ import numpy as np
 from absl import logging
 
 import conret_jax
-from conret_jax import config_checks, evaluation
+from conret_jax import config_checks, evaluation, run_record
 from conret_jax.data import info as info_lib
 from conret_jax.data import pipeline as data_lib
+from conret_jax.model import detector
 from conret_jax.train import checkpoint as ckpt_lib
 from conret_jax.train import mesh as mesh_lib
 from conret_jax.train import step as step_lib
@@ -25,7 +29,8 @@ from conret_jax.train.metrics_writer import MetricsWriter
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss or the gradient became NaN/inf; the state keeps the last finite update."""
+  """The loss or the gradient became NaN/inf (more often in a row than config.train.skip_nonfinite_steps allows);
+  the state keeps the last finite update."""
 
 
 class _StopFlag:
@@ -53,24 +58,56 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
-def _check_finite(step: int, metrics: dict) -> None:
-  if metrics['finite'] > 0:
-    return
-  bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
-  raise NonFiniteLossError(
-      f'non-finite training values at step {step}: {", ".join(bad) or "gradient"} '
-      f'(loss={metrics["loss"]}, grad_norm={metrics["grad_norm"]}). The update of that step was dropped and no '
-      f'checkpoint was written after it; the last good checkpoint stays in the workdir.')
-
-
-def _check_finite_lagged(step: int, metrics) -> None:
-  """Fetches only the finite flag; the full metrics only when something went wrong."""
-  if float(metrics['finite']) == 0:
-    _check_finite(step, _host_metrics(metrics))
-
-
 def _host_metrics(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+class FiniteGuard:
+  """Watches every step's `finite` flag. The step already dropped a non-finite update on device; this allows
+  `max_skips` such steps in a row, each logged with its step and terms, and raises NonFiniteLossError beyond that
+  (max_skips=0, the default: at the first one)."""
+
+  def __init__(self, max_skips: int):
+    self.max_skips = int(max_skips)
+    self.in_a_row = 0
+    self.skipped = []
+
+  def check(self, step: int, metrics) -> None:
+    """`metrics` of `step` (device arrays or host floats); fetches only the flag unless something went wrong."""
+    if float(metrics['finite']) > 0:
+      self.in_a_row = 0
+      return
+    host = _host_metrics(metrics)
+    bad = sorted(k for k, v in host.items() if not np.isfinite(v)) or ['gradient']
+    self.in_a_row += 1
+    if self.in_a_row > self.max_skips:
+      allowed = f' ({self.in_a_row} in a row; config.train.skip_nonfinite_steps={self.max_skips})' \
+          if self.max_skips else ''
+      raise NonFiniteLossError(
+          f'non-finite training values at step {step}: {", ".join(bad)} (loss={host["loss"]}, '
+          f'grad_norm={host["grad_norm"]}){allowed}. The update of that step was dropped and no checkpoint was '
+          f'written after it; the last good checkpoint stays in the workdir.')
+    self.skipped.append(step)
+    logging.warning('step %d: non-finite %s (loss=%s, grad_norm=%s): update skipped, %d of %d allowed in a row',
+                    step, ', '.join(bad), host['loss'], host['grad_norm'], self.in_a_row, self.max_skips)
+
+
+def _initial_state(model, config, mesh, abstract, checkpointer):
+  """(state, start step): the latest checkpoint, restored straight into its shardings (a resumed run never builds
+  or compiles a fresh state, and a checkpoint of another model is refused before anything compiles); else a fresh
+  state, with config.init_from's weights."""
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, _ = checkpointer.restore(latest, abstract)
+    logging.info('resumed from %s at step %d', checkpointer.directory, latest)
+    return state, int(latest)
+  if config.init_from:  # a missing or foreign file fails here, before the initialization compiles
+    ckpt_lib.load_variables(config.init_from)
+  state, _ = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(config.train.seed),
+                                 shardings=step_lib.shardings_of(abstract))
+  if config.init_from:
+    state = ckpt_lib.init_from(state, config.init_from, detector.trainable_mask(state.params, config))
+  return state, 0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -78,37 +115,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.validate_training(config)
   main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
   train_info = data_lib.dataset_info(config.data.train, config)
-  info_lib.check_num_classes(train_info, config)
+  layout = info_lib.ClassLayout.of(train_info, config)
+  layout.check()
   logging.info('mesh %s over %d devices (%d processes); train set: %d images, %d classes',
                dict(mesh.shape), jax.device_count(), jax.process_count(), train_info.num_examples,
                train_info.num_classes)
-
   model = conret_jax.build_model(config)
   abstract = step_lib.abstract_state(model, config, mesh)
-  shardings = step_lib.shardings_of(abstract)
-  checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
-                                       keep=config.checkpoint.keep, config=config)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    # Straight into the target shardings: a resumed run never builds (or compiles) a fresh state, and a
-    # checkpoint of another model is refused here, before anything compiles.
-    state, _ = checkpointer.restore(latest, abstract)
-    start_step = int(latest)
-    logging.info('resumed from %s at step %d', checkpointer.directory, start_step)
-  else:
-    state, _ = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(config.train.seed), shardings=shardings)
-    start_step = 0
-    if config.init_from:
-      state = ckpt_lib.init_from(state, config.init_from)
+  with contextlib.ExitStack() as resources:
+    checkpointer = resources.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
+        workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep, config=config)))
+    state, start_step = _initial_state(model, config, mesh, abstract, checkpointer)
+    if main:
+      run_record.save(workdir, config, layout, step=start_step, processes=jax.process_count(),
+                      devices=jax.device_count())
+    writer = resources.enter_context(contextlib.closing(MetricsWriter(
+        workdir, start_step=start_step, num_steps=config.train.num_steps, enabled=main)))
+    stop = resources.enter_context(_StopFlag())
+    return _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop)
 
-  train_step = step_lib.make_train_step(model, config, mesh, shardings)
-  batches = data_lib.make_train_iterator(config, mesh, batch_sharding, start_step=start_step)
-  writer = MetricsWriter(workdir, start_step=start_step, num_steps=config.train.num_steps, enabled=main)
-  images_per_step = config.train.global_batch_size
-  num_steps = int(config.train.num_steps)
-  eval_every = int(config.eval.every_steps)
+
+def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop) -> dict:
+  """The loop itself: steps, logs, checks, checkpoints and evaluations, until num_steps or a stop signal."""
+  train_step = step_lib.make_train_step(model, config, mesh, step_lib.shardings_of(state))
+  batches = data_lib.make_train_iterator(config, mesh, mesh_lib.batch_sharding(mesh), start_step=start_step)
+  guard = FiniteGuard(config.train.skip_nonfinite_steps)
+  num_steps, eval_every = int(config.train.num_steps), int(config.eval.every_steps)
   log_every = max(int(config.train.log_every_steps), 1)
   eval_metrics = {}
 
@@ -118,44 +151,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_eval(step, eval_metrics)
     writer.reset_clock(step)
 
-  step = start_step
-  lagged = None  # (step, device metrics) checked one step late, so the host never stalls the device
+  step, lagged = start_step, None  # (step, device metrics) checked one step late: the host never stalls the device
   t_compile = time.monotonic()
-  with _StopFlag() as stop:
-    while step < num_steps:
-      batch = next(batches)
-      state, metrics = train_step(state, batch)
+  while step < num_steps:
+    state, metrics = train_step(state, next(batches))
+    if lagged is not None:
+      guard.check(*lagged)
+    step += 1
+    lagged = (step, metrics)
+    if step == start_step + 1:
+      logging.info('first step (compilation included) took %.1f s', time.monotonic() - t_compile)
+      writer.reset_clock(step)
+    if step % log_every == 0 or step == num_steps:
+      host = _host_metrics(metrics)
+      guard.check(step, host)
+      writer.write(step, host, images_per_step=config.train.global_batch_size)
+      lagged = None
+    preempted = stop.signal is not None or checkpointer.reached_preemption(step)
+    if checkpointer.should_save(step) or preempted or step == num_steps:
       if lagged is not None:
-        _check_finite_lagged(*lagged)
-      step += 1
-      lagged = (step, metrics)
-      if step == start_step + 1:
-        logging.info('first step (compilation included) took %.1f s', time.monotonic() - t_compile)
-        writer.reset_clock(step)
-      if step % log_every == 0 or step == num_steps:
-        host = _host_metrics(metrics)
-        _check_finite(step, host)
-        writer.write(step, host, images_per_step=images_per_step)
+        guard.check(*lagged)
         lagged = None
-      preempted = stop.signal is not None or checkpointer.reached_preemption(step)
-      if checkpointer.should_save(step) or preempted or step == num_steps:
-        if lagged is not None:
-          _check_finite_lagged(*lagged)
-          lagged = None
-        # The data item records the pipeline's position (derived from the step; kept for inspection).
-        checkpointer.save(step, state, batches.state(), force=preempted or step == num_steps)
-      if preempted:
-        checkpointer.wait()
-        logging.warning('stopped at step %d after a %s; rerun the same command to resume', step,
-                        'signal' if stop.signal is not None else 'preemption notice')
-        writer.close()
-        checkpointer.close()
-        return {}
-      if eval_every and step % eval_every == 0 and step != num_steps:
-        run_eval(step)
+      # The data item records the pipeline's position (derived from the step; kept for inspection).
+      checkpointer.save(step, state, batches.state(), force=preempted or step == num_steps)
+    if preempted:
+      logging.warning('stopped at step %d after a %s; rerun the same command to resume', step,
+                      'signal' if stop.signal is not None else 'preemption notice')
+      return {}
+    if eval_every and step % eval_every == 0 and step != num_steps:
+      run_eval(step)
   checkpointer.wait()
+  if guard.skipped:
+    logging.warning('%d non-finite steps were skipped: %s', len(guard.skipped), guard.skipped[:20])
   if config.eval.at_end:
     run_eval(step)
-  writer.close()
-  checkpointer.close()
   return eval_metrics

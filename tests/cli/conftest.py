@@ -9,7 +9,7 @@ from conret_jax import defaults
 
 def tiny_config_overrides() -> dict:
   return {
-      'model.num_classes': 3, 'model.backbone.depth': 18, 'model.backbone.width': 8, 'model.fpn.channels': 16,
+      'model.num_classes': 5, 'model.backbone.depth': 18, 'model.backbone.width': 8, 'model.fpn.channels': 16,
       'model.head.channels': 16, 'model.head.num_convs': 1, 'data.image_size': 128,
       'train.global_batch_size': 8, 'eval.global_batch_size': 8,
       'eval.score_threshold': 0.0,  # an untrained model scores about prior_prob: keep everything

@@ -13,11 +13,14 @@ from conret_jax import defaults, evaluation  # pylint: disable=g-import-not-at-t
 from conret_jax.cli import eval as eval_cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def test_format_metrics():
-  text = eval_cli.format_metrics({'AP': 0.3651, 'APs': -1.0}, 12)
-  lines = text.splitlines()
-  assert lines[0] == 'step 12'
-  assert lines[1].split() == ['AP', 'APs'] and lines[2].split() == ['36.51', '-']
+def test_format_metrics_in_percent_with_a_row_per_class():
+  """conret-train and conret-eval print this one table: AP in percent, '-' where undefined."""
+  per_class = {'circle': {'category_id': 3, 'AP': 0.5, 'AP50': 0.75, 'AP75': -1.0}}
+  lines = evaluation.format_metrics({'AP': 0.3651, 'APs': -1.0}, per_class, title='run, step 12').splitlines()
+  assert lines[0] == 'run, step 12 (AP in percent)'
+  assert lines[1].split() == ['AP', 'APs'] and lines[2].split() == ['36.5', '-']
+  assert lines[4].split() == ['class', 'id', 'AP', 'AP50', 'AP75']
+  assert lines[5].split() == ['circle', '3', '50.0', '75.0', '-']
 
 
 def test_eval_run_on_shapes(trained_workdir, make_tiny_config, tmp_path):

@@ -69,8 +69,8 @@ def test_predict_run_maps_boxes_to_original_pixels(trained_workdir, tmp_path, ma
   config = make_tiny_config()
   paths = _write_images(str(tmp_path / 'in'))
   out = str(tmp_path / 'out')
-  entries = predict.run(config, workdir, paths, out, score_threshold=0.0, 
-                       class_layout=ClassLayout('contiguous', 3, (3, 5, 9), ('a', 'b', 'c')))
+  layout = ClassLayout('contiguous', 5, (3, 5, 9, 12, 20), ('a', 'b', 'c', 'd', 'e'))
+  entries = predict.run(config, workdir, paths, out, score_threshold=0.0, class_layout=layout)
   assert json.load(open(os.path.join(out, 'detections.json'))) == json.loads(json.dumps(entries))
 
   model = conret_jax.build_model(config)
@@ -91,8 +91,8 @@ def test_predict_run_maps_boxes_to_original_pixels(trained_workdir, tmp_path, ma
     np.testing.assert_allclose(got[:, 2:], ref_boxes[:, 2:] - ref_boxes[:, :2], atol=0.021)
     np.testing.assert_allclose([d['score'] for d in entry['detections']], ref['scores'][0][keep], atol=1e-5)
     classes = ref['classes'][0][keep]
-    assert [d['category_id'] for d in entry['detections']] == [[3, 5, 9][c] for c in classes]
-    assert [d['class_name'] for d in entry['detections']] == [['a', 'b', 'c'][c] for c in classes]
+    assert [d['category_id'] for d in entry['detections']] == [layout.category_ids[c] for c in classes]
+    assert [d['class_name'] for d in entry['detections']] == [layout.names[c] for c in classes]
 
 
 def test_predict_command_line(trained_workdir, tmp_path, tiny_overrides):
@@ -108,7 +108,8 @@ def test_predict_command_line(trained_workdir, tmp_path, tiny_overrides):
   proc = subprocess.run(
       [sys.executable, '-m', 'conret_jax.cli.predict', f'--config={config_file}', f'--workdir={workdir}',
        f'--images={tmp_path / "in"}/*.png', f'--output={out}', '--score-threshold=0.0',
-       '--config.eval.max_detections=3', '--config.data.eval.source=nonexistent'],
+       '--config.eval.max_detections=3', '--config.data.eval.source=coco_json',
+       '--config.data.eval.annotation_file=/nonexistent.json'],
       env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '6 detections on 2 images' in proc.stdout

@@ -87,12 +87,14 @@ def test_sigterm_then_resume_gives_the_same_losses(setup, uninterrupted):
     assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
 
 
-def test_conret_eval_matches_the_trainers_evaluation(setup, uninterrupted):
-  _, config, env = setup
-  workdir = uninterrupted[0]
+def test_conret_eval_of_the_workdir_alone_matches_the_trainers_evaluation(setup, uninterrupted):
+  """Without --config, conret-eval takes the run's saved config.json; both tools print the same table."""
+  _, _, env = setup
+  workdir, train_proc = uninterrupted
   trained = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'metrics.json')))
   os.remove(os.path.join(workdir, 'eval', 'step_8', 'metrics.json'))
-  proc = subprocess.run(_cmd('eval', config, workdir), env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={workdir}'], env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   again = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'metrics.json')))
   per_class = again.pop('per_class')
@@ -100,6 +102,11 @@ def test_conret_eval_matches_the_trainers_evaluation(setup, uninterrupted):
   for name, values in trained.pop('per_class').items():
     assert per_class[name] == pytest.approx(values), name
   assert again == pytest.approx(trained)
+  for out in (proc.stdout, train_proc.stdout):  # AP in percent, then one row per class
+    assert f'{workdir}, step 8 (AP in percent)' in out and '\nring ' in out, out
+  # The run recorded its command line and its classes.
+  run = json.load(open(os.path.join(workdir, 'run.json')))
+  assert run['starts'][0]['argv'][1].startswith('--config=') and run['classes']['names'][0] == 'circle'
 
 
 @pytest.mark.parametrize('flag,message', [
@@ -122,19 +129,3 @@ def test_checkpoint_of_a_different_model_fails_clearly(setup, uninterrupted):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert 'different model' in proc.stderr
-
-
-
-def test_divergence_stops_with_the_step_and_the_term():
-  """The step drops a non-finite update (tests/train/test_step.py); the loop then stops, naming step and terms,
-  before any later checkpoint is written (it checks each step's flag before saving)."""
-  from conret_jax.train import loop
-  good = {'finite': 1.0, 'loss': 1.0, 'grad_norm': 1.0, 'cls_loss_0': 0.5, 'box_loss_0': 0.5}
-  loop._check_finite(7, good)  # no error
-  bad = dict(good, finite=0.0, loss=float('nan'), box_loss_0=float('inf'))
-  with pytest.raises(loop.NonFiniteLossError, match=r'at step 7: box_loss_0, loss') as e:
-    loop._check_finite(7, bad)
-  assert 'last good checkpoint' in str(e.value)
-  exploded = dict(good, finite=0.0, grad_norm=float('inf'))
-  with pytest.raises(loop.NonFiniteLossError, match='grad_norm'):
-    loop._check_finite(3, exploded)

@@ -111,7 +111,7 @@ def test_missing_input_is_one_line(tmp_path, config_file, capsys, fmt, name):
   path = str(tmp_path / name)
   assert import_weights.main(['--format', fmt, '--input', path, '--output', str(tmp_path / 'x'),
                               '--config', config_file]) == 1
-  assert capsys.readouterr().err == f'conret-import: {path}: no such file\n'
+  assert capsys.readouterr().err == f'conret-import: error: {path}: no such file\n'
   assert not (tmp_path / 'x').exists()
 
 
