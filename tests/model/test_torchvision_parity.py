@@ -99,3 +99,53 @@ def test_detections_match_torchvision():
                   f'has no torchvision match')
     print(f'image {i}: {len(w_scores)} torchvision / {n} our detections, max score difference '
           f'{np.abs(w_scores[:min(n, len(w_scores))] - g_scores[:min(n, len(w_scores))]).max():.2e}')
+
+
+def test_imported_weights_score_ap_one_against_their_own_detections(tmp_path):
+  """conret-import of a torchvision RetinaNet .pth, then conret-eval's path with configs/retinanet_torchvision.py
+  (class k = COCO category k) on a COCO-format folder whose ground truth is torchvision's own detections: every
+  detection is found again under the same category id, so AP is about 1 (a detection within rounding of the 0.05
+  score threshold may appear on one side only)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from conret_jax.cli import eval as eval_cli, import_weights  # pylint: disable=g-import-not-at-top
+  from conret_jax.data import info as info_lib  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(1)
+  images = np.kron(rng.uniform(0, 255, (2, SIZE // 8, SIZE // 8, 3)), np.ones((1, 8, 8, 1))).round().astype(
+      np.float32)
+  tv_model = _torchvision_model(images)
+  want = _torchvision_detect(tv_model, images)
+  image_dir = tmp_path / 'images'
+  image_dir.mkdir()
+  coco_ids = set(info_lib.COCO_CATEGORY_IDS)
+  gt = {'images': [], 'annotations': [],
+        'categories': [{'id': c, 'name': n} for c, n in zip(info_lib.COCO_CATEGORY_IDS, info_lib.COCO_CLASS_NAMES)]}
+  for i, w in enumerate(want):
+    Image.fromarray(images[i].astype(np.uint8)).save(image_dir / f'{i}.png')
+    gt['images'].append({'id': i + 1, 'file_name': f'{i}.png', 'height': SIZE, 'width': SIZE})
+    for box, label in zip(w['boxes'].numpy(), w['labels'].numpy()):
+      if int(label) in coco_ids:  # label 0 and COCO's unused ids are no category
+        x1, y1, x2, y2 = (float(v) for v in box)
+        gt['annotations'].append({'id': len(gt['annotations']) + 1, 'image_id': i + 1, 'category_id': int(label),
+                                  'bbox': [x1, y1, x2 - x1, y2 - y1], 'area': (x2 - x1) * (y2 - y1), 'iscrowd': 0})
+  (tmp_path / 'gt.json').write_text(json.dumps(gt))
+  torch.save(tv_model.state_dict(), tmp_path / 'retinanet.pth')
+  weights_dir = tmp_path / 'imported'
+  assert import_weights.main(['--format', 'torchvision_retinanet', '--input', str(tmp_path / 'retinanet.pth'),
+                              '--output', str(weights_dir)]) == 0
+
+  config = torchvision_config()
+  config.init_from = str(weights_dir)
+  config.data.resize, config.data.image_size = 'square', SIZE  # the images are SIZE x SIZE: no resampling
+  config.data.eval.source = 'coco_json'
+  config.data.eval.annotation_file, config.data.eval.image_dir = str(tmp_path / 'gt.json'), str(image_dir)
+  config.eval.global_batch_size = 8
+  step, metrics = eval_cli.run(config, str(tmp_path / 'run'))
+  assert step == 0 and len(gt['annotations']) >= 40
+  print(f'{len(gt["annotations"])} ground-truth boxes: AP {metrics["AP"]:.4f}, AP50 {metrics["AP50"]:.4f}, '
+        f'AP75 {metrics["AP75"]:.4f}')
+  assert metrics['AP'] > 0.97 and metrics['AP50'] > 0.97, metrics
+  ours = json.loads((tmp_path / 'run' / 'eval' / 'step_0' / 'detections.json').read_text())
+  assert {r['category_id'] for r in ours} <= coco_ids
+  assert {a['category_id'] for a in gt['annotations']} <= {r['category_id'] for r in ours}
