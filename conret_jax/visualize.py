@@ -119,7 +119,7 @@ def save_grid(images, detections: dict, class_names: Sequence[str], path: str, m
       scores = scores[np.asarray(valid, bool)] if valid is not None else scores
       shown = int((scores >= score_threshold).sum())
       caption = (f'detections >= {score_threshold:.2f}: {shown}' if shown or not len(scores) else
-                 f'none >= {score_threshold:.2f} (best {scores.max():.2f})')
+                 f'none >= {score_threshold:.2f} (best {scores.max():.3f})')
       gt = draw_ground_truth(images[i], ground_truth['boxes'][i], ground_truth['classes'][i], class_names,
                              valid=ground_truth['valid'][i])
       tile = _side_by_side(_caption(gt, 'ground truth'), _caption(tile, caption))
