@@ -23,9 +23,12 @@ def run(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
   from conret_jax import config_checks  # pylint: disable=g-import-not-at-top
   from conret_jax import evaluation  # pylint: disable=g-import-not-at-top
 
+  from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   config_checks.validate(config)
+  info = data_lib.dataset_info(config.data.eval, config)
+  data_lib.check_num_classes(info, config)  # a model of other classes would be scored under the wrong names
   model, variables, step, mesh = common.restore_for_inference(config, workdir, step)
-  metrics = evaluation.evaluate(model, variables, config, mesh, workdir=workdir, step=step)
+  metrics = evaluation.evaluate(model, variables, config, mesh, workdir=workdir, step=step, info=info)
   return step, metrics
 
 

@@ -83,7 +83,8 @@ class ClassLayout:
   def category_of(self) -> np.ndarray:
     """[num_classes] int64: the category id each model class stands for, -1 for classes the dataset has not."""
     table = np.full(self.num_classes, -1, np.int64)
-    table[self.model_class] = self.category_ids
+    fits = self.model_class < self.num_classes  # with too few classes, the others cannot be predicted (`check`)
+    table[self.model_class[fits]] = np.asarray(self.category_ids)[fits]
     return table
 
   @property
@@ -91,7 +92,8 @@ class ClassLayout:
     """[num_classes] names for drawing; a class the dataset has not is named by its number."""
     names = [str(k) for k in range(self.num_classes)]
     for k, name in zip(self.model_class, self.names):
-      names[int(k)] = name
+      if k < self.num_classes:
+        names[int(k)] = name
     return names
 
   def check(self) -> None:
