@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conret_jax.core.anchors import anchors_from_config, level_anchor_counts
+from conret_jax.model.anchor_spec import anchors_from_config, level_anchor_counts
 from conret_jax.core.boxes import decode, pairwise_iou
 from conret_jax.core.nms import postprocess
 from conret_jax.core.targets import assign

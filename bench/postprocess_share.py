@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conret_jax.cli.import_weights import load_config
-from conret_jax.core.anchors import anchors_from_config, level_anchor_counts
+from conret_jax.model.anchor_spec import anchors_from_config, level_anchor_counts
 from conret_jax.core.boxes import decode
 from conret_jax.core.nms import postprocess, select_candidates
 from conret_jax.model.detector import build_model, init_variables

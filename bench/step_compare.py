@@ -35,7 +35,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from conret_jax import consistent
-from conret_jax.core import anchors as anchor_ops
+from conret_jax.model import anchor_spec as anchor_ops
 from conret_jax.train import bench
 
 config_flags.DEFINE_config_file('config', None, 'ConRetinaNet config; the baseline disables consistent.',

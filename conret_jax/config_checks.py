@@ -8,9 +8,10 @@ import ml_collections
 
 from conret_jax.errors import ConfigError
 
-from conret_jax import consistent
+from conret_jax import stages
 from conret_jax.coco_metrics import BACKENDS
 from conret_jax.defaults import schedule_steps
+from conret_jax.detectors import FAMILIES
 from conret_jax.data import sizes
 from conret_jax.model.detector import COMPUTE_DTYPES as _DTYPES
 from conret_jax.model.heads import VARIANTS as _VARIANTS
@@ -19,6 +20,7 @@ from conret_jax.model.resnet import DEPTHS, NORMS as _NORMS
 _DEPTHS = tuple(sorted(DEPTHS))
 _RESIZE = sizes.RESIZE_MODES
 _CLASS_LAYOUTS = ('contiguous', 'category_id')
+_FAMILIES = tuple(sorted(FAMILIES))
 _SOURCES = ('tfds', 'coco_json', 'tfrecord', 'shapes')  # data/sources.py (which imports TensorFlow)
 _COCO_BACKENDS = ('auto',) + BACKENDS
 
@@ -31,6 +33,7 @@ def _check(condition: bool, message: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the offending config key."""
   m, d = config.model, config.data
+  _check(m.family in _FAMILIES, f'config.model.family={m.family!r} must be one of {_FAMILIES}')
   _check(m.num_classes >= 1, f'config.model.num_classes={m.num_classes} must be >= 1')
   _check(m.backbone.depth in _DEPTHS, f'config.model.backbone.depth={m.backbone.depth} must be one of {_DEPTHS}')
   _check(m.backbone.norm in _NORMS, f'config.model.backbone.norm={m.backbone.norm!r} must be one of {_NORMS}')
@@ -80,7 +83,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(0.0 <= e.visualize_score_threshold <= 1.0,
          f'config.eval.visualize_score_threshold={e.visualize_score_threshold} must be in [0, 1]')
   _check(e.coco_backend in _COCO_BACKENDS, f'config.eval.coco_backend={e.coco_backend!r} must be one of {_COCO_BACKENDS}')
-  consistent.validate(config)
+  stages.validate(config)
 
 
 def _check_schedule(t) -> None:

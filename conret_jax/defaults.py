@@ -5,12 +5,9 @@ carries every key: a typo on the command line (`--config.trian.seed=1`) is an er
 Defaults follow Detectron's RetinaNet R50-FPN 1x and the paper (Section 6.1: alpha=1, mu_pos=0.6, mu_neg=0.5).
 """
 
-import math
-
 import ml_collections
 
-# Detectron's clamp on dw/dh before exp(), so a wild prediction cannot overflow the decoded box.
-BOX_DELTA_CLAMP = math.log(1000.0 / 16)
+from conret_jax.core.constants import BOX_DELTA_CLAMP
 
 # Input normalization of the pretrained weights `conret-import` reads, on the 0..255 RGB scale.
 IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)  # torchvision / timm: ImageNet mean and std
@@ -43,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- model ----
   m = config.model = ml_collections.ConfigDict()
+  m.family = 'retinanet'  # the detector family (conret_jax/detectors.py): RetinaNet / ConRetinaNet
   m.num_classes = 80
   # How class index k maps to the dataset's categories: 'contiguous' (k is the k-th smallest category id) or
   # 'category_id' (k IS the category id; torchvision's 91-way COCO head, num_classes > the largest id).

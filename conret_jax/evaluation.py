@@ -142,8 +142,48 @@ _META_KEYS = ('image_id', 'scale', 'orig_hw', 'example_valid')
 _GT_KEYS = ('boxes', 'classes', 'valid', 'crowd')
 
 
+class _Collected:
+  """What one pass over the eval batches keeps: COCO results, the images covered, the ground truth rows (for sources
+  without a COCO json) and the first images for the picture."""
+
+  def __init__(self, num_images: int, num_pictured: int, keep_gt: bool):
+    self.num_images, self.num_pictured, self.keep_gt = num_images, num_pictured, keep_gt
+    self.results, self.image_ids, self.gt_rows, self.pictured = [], [], [], []
+
+  @property
+  def done(self) -> bool:
+    return bool(self.num_images) and len(self.image_ids) >= self.num_images
+
+  def add(self, dets: dict, host: dict, category_of, pictured) -> None:
+    """One gathered batch: detections `dets`, metadata (and ground truth) `host`; `pictured()` gathers images."""
+    # Keep only the first num_images real examples (every process decides the same from the gathered ids).
+    valid = host['example_valid'].astype(bool)
+    if self.num_images:
+      valid &= np.cumsum(valid) <= self.num_images - len(self.image_ids)
+    host['example_valid'] = valid
+    self.results += detections_to_coco(dets, host, category_of)
+    self.image_ids += [int(i) for i in host['image_id'][valid]]
+    if self.keep_gt:
+      self.gt_rows.append(host)
+    if len(self.pictured) < self.num_pictured:
+      rows = pictured()
+      for b in np.flatnonzero(valid)[:self.num_pictured - len(self.pictured)]:
+        self.pictured.append((rows['images'][b], {k: v[b] for k, v in dets.items()},
+                              {k: rows[k][b] for k in _GT_KEYS}))
+
+
+def _save_picture(collected: _Collected, class_names, path: str, *, threshold: float, title: str) -> None:
+  """detections.png: the pictured images, ground truth beside detections. short_side batches come in up to two
+  padded shapes; the grid takes those of the first image's shape."""
+  from conret_jax import visualize  # pylint: disable=g-import-not-at-top
+  rows = [r for r in collected.pictured if r[0].shape == collected.pictured[0][0].shape]
+  stack = lambda i: {k: np.stack([r[i][k] for r in rows]) for k in rows[0][i]}
+  visualize.save_grid(np.stack([r[0] for r in rows]), stack(1), class_names, path, max_images=len(rows),
+                      score_threshold=threshold, ground_truth=stack(2), title=title)
+
+
 def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None, step: int = 0,
-             batches: Iterable[dict] | None = None, info=None, detect_fn=None) -> dict[str, float]:
+             batches: Iterable | None = None, info=None, detect_fn=None, cache=None) -> dict[str, float]:
   """Runs detection over the eval set, gathers across processes, scores it (`coco_metrics.score`), writes files.
 
   Args:
@@ -153,72 +193,49 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
     mesh: the device mesh; the eval batches are sharded over all its devices.
     workdir: if set, process 0 writes DIR/eval/step_N/{detections.json, metrics.json, detections.png};
       metrics.json also holds per-class AP (`write_eval`).
-    batches: global eval batches (layout in conret_jax/data/__init__.py); default `data.make_eval_iterator(config, mesh, ...)`.
-      Every process must iterate the same batches.
+    batches: global eval batches (conret_jax.batch.Batch, or mappings of its fields); default
+      `data.make_eval_iterator(config, mesh, ...)`. Every process must iterate the same batches.
     info: `data.DatasetInfo` of the eval source; default `data.dataset_info(config.data.eval, config)`.
       Without coco_gt, the ground truth is rebuilt from the batches (box areas stand in for mask areas).
     detect_fn: (model, variables, images, config) -> detections dict; default `conret_jax.detect`.
+    cache: a data.SourceCache to open the eval source through (the trainer passes its own).
   Returns:
     {name: float} for METRIC_NAMES, identical on every process.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from conret_jax.data.info import ClassLayout  # pylint: disable=g-import-not-at-top
 
   if batches is None or info is None:
     from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    if info is None:
-      info = data_lib.dataset_info(config.data.eval, config)
+    info = info or data_lib.dataset_info(config.data.eval, config, cache=cache)
     if batches is None:
-      from conret_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-      batches = data_lib.make_eval_iterator(config, mesh, mesh_lib.batch_sharding(mesh))
+      from conret_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+      batches = data_lib.make_eval_iterator(config, mesh, mesh_lib.batch_sharding(mesh), cache=cache)
   if detect_fn is None:
     import conret_jax  # pylint: disable=g-import-not-at-top
     detect_fn = conret_jax.detect
   gather = lambda tree: jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-  num_images = int(config.eval.num_images)
-  num_visualize = int(config.eval.visualize) if workdir else 0
-  need_gt = info.coco_gt is None
-  from conret_jax.data.info import ClassLayout  # pylint: disable=g-import-not-at-top
   layout = ClassLayout.of(info, config)
-  results, image_ids, gt_rows, vis_images, vis_dets, vis_gt = [], [], [], [], [], []
+  collected = _Collected(int(config.eval.num_images), int(config.eval.visualize) if workdir else 0,
+                         keep_gt=info.coco_gt is None)
   for batch in batches:
     dets = gather(detect_fn(model, variables, batch['images'], config))
-    host = gather({k: batch[k] for k in _META_KEYS + (_GT_KEYS if need_gt else ())})
-    # Keep only the first num_images real examples (every process decides the same from the gathered ids).
-    valid = host['example_valid'].astype(bool)
-    if num_images:
-      valid &= np.cumsum(valid) <= num_images - len(image_ids)
-    host['example_valid'] = valid
-    results += detections_to_coco(dets, host, layout.category_of)
-    image_ids += [int(i) for i in host['image_id'][valid]]
-    if need_gt:
-      gt_rows.append(host)
-    if len(vis_images) < num_visualize:
-      pictured = gather({k: batch[k] for k in ('images',) + _GT_KEYS})
-      for b in np.flatnonzero(valid)[:num_visualize - len(vis_images)]:
-        vis_images.append(pictured['images'][b])
-        vis_dets.append({k: v[b] for k, v in dets.items()})
-        vis_gt.append({k: pictured[k][b] for k in _GT_KEYS})
-    if num_images and len(image_ids) >= num_images:
+    host = gather({k: batch[k] for k in _META_KEYS + (_GT_KEYS if collected.keep_gt else ())})
+    collected.add(dets, host, layout.category_of, lambda b=batch: gather({k: b[k] for k in ('images',) + _GT_KEYS}))
+    if collected.done:
       break
-  logging.info('Evaluated %d images, %d detections.', len(image_ids), len(results))
+  logging.info('Evaluated %d images, %d detections.', len(collected.image_ids), len(collected.results))
 
   # Every process holds the same gathered results and scores them itself: identical metrics everywhere, and no
   # process sits in a collective while COCO val is scored (seconds with faster-coco-eval, a minute with pycocotools).
-  coco_gt = info.coco_gt if not need_gt else coco_gt_from_batches(gt_rows, layout)
-  scores = metrics_lib.score(coco_gt, results, image_ids, backend=config.eval.coco_backend)
-  metrics = scores.summary
+  coco_gt = info.coco_gt if not collected.keep_gt else coco_gt_from_batches(collected.gt_rows, layout)
+  scores = metrics_lib.score(coco_gt, collected.results, collected.image_ids, backend=config.eval.coco_backend)
   if workdir and jax.process_index() == 0:
     out_dir = eval_dir(workdir, step)
-    write_eval(out_dir, results, metrics, scores.per_class)
-    if vis_images:
-      from conret_jax import visualize  # pylint: disable=g-import-not-at-top
-      # short_side batches come in up to two padded shapes; the grid takes those of the first image's shape.
-      same = [i for i, im in enumerate(vis_images) if im.shape == vis_images[0].shape]
-      stack = lambda rows: {k: np.stack([rows[i][k] for i in same]) for k in rows[0]}
+    write_eval(out_dir, collected.results, scores.summary, scores.per_class)
+    if collected.pictured:
       threshold = float(config.eval.visualize_score_threshold)
-      visualize.save_grid(np.stack([vis_images[i] for i in same]), stack(vis_dets), layout.class_names,
-                          os.path.join(out_dir, 'detections.png'), max_images=num_visualize,
-                          score_threshold=threshold, ground_truth=stack(vis_gt),
-                          title=f'{workdir}, step {step}: ground truth | detections scoring >= {threshold:.2f}')
-  return metrics
+      _save_picture(collected, layout.class_names, os.path.join(out_dir, 'detections.png'), threshold=threshold,
+                    title=f'{workdir}, step {step}: ground truth | detections scoring >= {threshold:.2f}')
+  return scores.summary

@@ -6,7 +6,7 @@
 
 H and W may be anything divisible by 2**fpn.max_level (128 for P3-P7); anchors follow the input's static shape. The
 jitted function is cached per (model, config), so repeated calls with the same image shape do not retrace.
-Decoding is `detector.predict_boxes` (shared with evaluation), then core.nms.postprocess with config.eval.*.
+Decoding is the detector's (conret_jax/detectors.py), then core.nms.postprocess with config.eval.*.
 """
 
 import functools
@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from conret_jax.core import anchors as anchor_ops
+from conret_jax import detectors
 from conret_jax.core import nms
-from conret_jax.model import detector
 
 
 def check_image_shape(shape, config) -> None:
@@ -32,16 +31,15 @@ def check_image_shape(shape, config) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _detect_fn(model, config: ml_collections.FrozenConfigDict):
+  detector = detectors.from_config(config, model)
   e = config.eval
 
   def run(variables, images):
     hw = images.shape[1:3]
-    outputs = model.apply(variables, images.astype(jnp.float32), train=False)
-    anchors = anchor_ops.anchors_from_config(hw, config.model)
-    logits, boxes = detector.predict_boxes(outputs, anchors, config)
-    return nms.postprocess(logits, boxes, anchor_ops.level_anchor_counts(hw, config.model), hw,
-                           score_threshold=e.score_threshold, topk_per_level=e.topk_per_level, nms_iou=e.nms_iou,
-                           max_detections=e.max_detections)
+    outputs = detector.module.apply(variables, images.astype(jnp.float32), train=False)
+    logits, boxes = detector.decode(outputs, detector.anchors(hw))
+    return nms.postprocess(logits, boxes, detector.level_counts(hw), hw, score_threshold=e.score_threshold,
+                           topk_per_level=e.topk_per_level, nms_iou=e.nms_iou, max_detections=e.max_detections)
 
   return jax.jit(run)
 

@@ -17,7 +17,7 @@ import sys
 
 import ml_collections
 
-from conret_jax import defaults
+from conret_jax import defaults, fileio
 from conret_jax.errors import CheckpointMismatchError, ConfigError
 
 CONFIG_FILE = 'config.json'
@@ -65,33 +65,19 @@ def settings_differences(stored: dict, current: dict, what: str = 'config') -> l
   return diffs
 
 
-def _open(path: str, mode: str = 'r'):
-  if '://' in path:  # gs:// and other remote workdirs
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf.io.gfile.GFile(path, mode)
-  return open(path, mode, encoding='utf-8')
-
-
-def _exists(path: str) -> bool:
-  if '://' in path:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf.io.gfile.exists(path)
-  return os.path.exists(path)
-
-
 def has_record(workdir: str) -> bool:
   """Whether `workdir` holds a config written by conret-train."""
-  return _exists(os.path.join(workdir, CONFIG_FILE))
+  return fileio.exists(os.path.join(workdir, CONFIG_FILE))
 
 
 def save(workdir: str, config, layout, *, step: int, processes: int, devices: int, argv=None) -> None:
   """Writes W/config.json and adds this start to W/run.json (call on one process). `layout`: the run's
   data.info.ClassLayout."""
-  with _open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+  with fileio.open_file(os.path.join(workdir, CONFIG_FILE), 'w') as f:
     f.write(config.to_json_best_effort(indent=1, sort_keys=True) + '\n')
   run = {'starts': []}
-  if _exists(os.path.join(workdir, RUN_FILE)):
-    with _open(os.path.join(workdir, RUN_FILE)) as f:
+  if fileio.exists(os.path.join(workdir, RUN_FILE)):
+    with fileio.open_file(os.path.join(workdir, RUN_FILE)) as f:
       run = json.load(f)
   from conret_jax import __version__  # pylint: disable=g-import-not-at-top
   run['classes'] = {'layout': layout.kind, 'num_classes': layout.num_classes,
@@ -100,7 +86,7 @@ def save(workdir: str, config, layout, *, step: int, processes: int, devices: in
       'argv': list(sys.argv if argv is None else argv), 'step': int(step), 'processes': int(processes),
       'devices': int(devices), 'version': __version__,
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})
-  with _open(os.path.join(workdir, RUN_FILE), 'w') as f:
+  with fileio.open_file(os.path.join(workdir, RUN_FILE), 'w') as f:
     json.dump(run, f, indent=1)
 
 
@@ -127,10 +113,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config W/config.json recorded, as a full ConfigDict typed by the schema (keys added to the schema since
   keep their defaults)."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if not _exists(path):
+  if not fileio.exists(path):
     raise ConfigError(f'no --config given and {path} does not exist: pass --config, or a --workdir that '
                       'conret-train wrote')
-  with _open(path) as f:
+  with fileio.open_file(path) as f:
     saved = json.load(f)
   config = defaults.base_config()
   _update(config, saved, '', path)
@@ -140,9 +126,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def load_run(workdir: str) -> dict | None:
   """W/run.json as a dict, or None if the workdir has none."""
   path = os.path.join(workdir, RUN_FILE)
-  if not _exists(path):
+  if not fileio.exists(path):
     return None
-  with _open(path) as f:
+  with fileio.open_file(path) as f:
     return json.load(f)
 
 

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from conret_jax.defaults import DETECTRON_PIXEL_MEAN_RGB, DETECTRON_PIXEL_STD
+from conret_jax.fileio import absolute
 from conret_jax.model import detector
 from conret_jax.model.resnet import BN_EPS, DEPTHS
 from conret_jax.weight_files import load_state_dict, read_safetensors  # noqa: F401 (re-exported)
@@ -288,6 +289,5 @@ def save_imported(directory: str, variables: dict) -> None:
   """Write `variables` as an orbax StandardCheckpointer checkpoint at `directory` (must not exist yet)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.StandardCheckpointer() as ckptr:
-    from conret_jax.train.checkpoint import absolute  # pylint: disable=g-import-not-at-top
     ckptr.save(absolute(directory), variables)
     ckptr.wait_until_finished()

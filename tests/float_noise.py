@@ -163,13 +163,15 @@ def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
   import conret_jax  # pylint: disable=g-import-not-at-top
   from conret_jax import consistent  # pylint: disable=g-import-not-at-top
   from conret_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from conret_jax.train import mesh as mesh_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax import mesh as mesh_lib
+  from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = _config(cache_dir, steps)
   batches = [b for _, b in zip(range(steps), pipeline.host_batches(config, train=True))]
   model = conret_jax.build_model(config)
   one = mesh_lib.make_mesh(config, jax.devices()[:1])
-  init, _ = step_lib.init_state(model, config, one, jax.random.PRNGKey(config.train.seed))
+  init, _ = state_lib.init_state(model, config, one, jax.random.PRNGKey(config.train.seed))
   init = jax.device_get(init)
 
   def ulp(x):
@@ -195,7 +197,7 @@ def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
     if only and name not in only and name != 'reference':
       continue
     mesh = mesh_lib.make_mesh(config, devices)
-    shardings = step_lib.shardings_of(step_lib.abstract_state(model, config, mesh))
+    shardings = state_lib.shardings_of(state_lib.abstract_state(model, config, mesh))
     consistent.loss = wrong_norm_loss if bug == 'wrong_norm' else real_loss
     try:
       train_step = step_lib.make_train_step(model, config, mesh, shardings)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conret_jax import consistent, defaults
+from conret_jax import consistent, defaults, stages
 
 K = 3  # classes
 
@@ -211,12 +211,12 @@ def test_validate_names_the_key(key, value, match):
     config.consistent.num_reg_terms = 1
   config.consistent[key] = value
   with pytest.raises(ValueError, match=match):
-    consistent.validate(config)
+    stages.validate(config)
 
 
 def test_inference_steps():
   config = _config(True, 2, 2)
-  assert consistent.inference_steps(config) == 2
+  assert stages.inference_steps(config) == 2
   config.consistent.inference_reg_steps = 1
-  assert consistent.inference_steps(config) == 1
-  assert consistent.inference_steps(_config(False)) == 1
+  assert stages.inference_steps(config) == 1
+  assert stages.inference_steps(_config(False)) == 1

@@ -242,8 +242,8 @@ def setup(name: str, *, writes_workdir: bool, distributed_init: bool = True):
 
 def abstract_train_state(model, config, mesh):
   """The TrainState's shapes, dtypes and shardings on `mesh` (see train.step.abstract_state)."""
-  from conret_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  return step_lib.abstract_state(model, config, mesh)
+  from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  return state_lib.abstract_state(model, config, mesh)
 
 
 def restore_for_inference(config, workdir: str, step: int | None = None, devices=None):
@@ -257,7 +257,7 @@ def restore_for_inference(config, workdir: str, step: int | None = None, devices
   import jax  # pylint: disable=g-import-not-at-top
   import conret_jax  # pylint: disable=g-import-not-at-top
   from conret_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from conret_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 
   model = conret_jax.build_model(config)
   mesh = mesh_lib.make_mesh(config, devices)
@@ -272,8 +272,8 @@ def restore_for_inference(config, workdir: str, step: int | None = None, devices
     return model, state.variables(), step, mesh
   check_weights_available(config, workdir, step)
   logging.info('no checkpoint in %s: using the weights of config.init_from=%s', directory, config.init_from)
-  from conret_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  fresh, _ = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0))
+  from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  fresh, _ = state_lib.init_state(model, config, mesh, jax.random.PRNGKey(0))
   # Inference needs every weight from the file: nothing may stay at its random initial value.
   every_leaf = jax.tree.map(lambda _: False, fresh.params)
   return model, ckpt_lib.init_from(fresh, config.init_from, every_leaf).variables(), 0, mesh

@@ -25,10 +25,11 @@ def run(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
 
   from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   config_checks.validate(config)
-  info = data_lib.dataset_info(config.data.eval, config)
+  cache = data_lib.SourceCache()
+  info = data_lib.dataset_info(config.data.eval, config, cache=cache)
   data_lib.check_num_classes(info, config)  # a model of other classes would be scored under the wrong names
   model, variables, step, mesh = common.restore_for_inference(config, workdir, step)
-  metrics = evaluation.evaluate(model, variables, config, mesh, workdir=workdir, step=step, info=info)
+  metrics = evaluation.evaluate(model, variables, config, mesh, workdir=workdir, step=step, info=info, cache=cache)
   return step, metrics
 
 

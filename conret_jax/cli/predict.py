@@ -58,10 +58,10 @@ def prepare_image(image: np.ndarray, data_config) -> tuple[np.ndarray, float]:
     (float32 [Hp, Wp, 3] on the 0..255 scale, scale = resized / original).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from conret_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from conret_jax.data import sizes  # pylint: disable=g-import-not-at-top
 
   h, w = image.shape[:2]
-  shapes = preprocess.padded_shapes(data_config)
+  shapes = sizes.padded_shapes(data_config)
   size = float(data_config.image_size)
   if data_config.resize == 'square':
     scale = np.float32(size) / np.float32(max(h, w))

@@ -94,38 +94,13 @@ def _anchors_np(image_hw, min_level, max_level, base_scale, scales_per_octave, a
   return np.concatenate(out, axis=0).astype(np.float32)
 
 
-def _anchor_kwargs(model_config) -> dict:
-  # Accept config.model or the whole config.
-  if 'anchors' not in model_config and 'model' in model_config:
-    model_config = model_config.model
-  a, f = model_config.anchors, model_config.fpn
-  return dict(
-      min_level=f.min_level,
-      max_level=f.max_level,
-      base_scale=a.base_scale,
-      scales_per_octave=a.scales_per_octave,
-      aspect_ratios=tuple(a.aspect_ratios),
-      sizes=tuple(tuple(s) for s in a.sizes),
-      offset=a.offset,
-      round_base=a.round_base,
-  )
-
-
-def anchors_from_config(image_hw: Sequence[int], model_config) -> jnp.ndarray:
-  """Anchors [A_total, 4] for `config.model` (fpn levels and the `anchors` block)."""
-  return generate_anchors(image_hw, **_anchor_kwargs(model_config))
-
-
-def num_anchors_per_location(model_config) -> int:
+def anchors_per_location(min_level: int, max_level: int, base_scale: float = 4.0, scales_per_octave: int = 3,
+                         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+                         sizes: Sequence[Sequence[float]] = ()) -> int:
   """Anchors per feature-map cell: len(aspect_ratios) * (scales_per_octave, or the sizes given per level)."""
-  kw = _anchor_kwargs(model_config)
-  level_sizes = _level_sizes(kw['min_level'], kw['max_level'], kw['base_scale'], kw['scales_per_octave'],
-                             kw['sizes'])
-  return len(kw['aspect_ratios']) * len(level_sizes[0])
+  return len(aspect_ratios) * len(_level_sizes(min_level, max_level, base_scale, scales_per_octave, sizes)[0])
 
 
-def level_anchor_counts(image_hw: Sequence[int], model_config) -> tuple[int, ...]:
+def level_counts(image_hw: Sequence[int], min_level: int, max_level: int, per_location: int) -> tuple[int, ...]:
   """Static number of anchors of each level (h * w * anchors per location), in level order."""
-  kw = _anchor_kwargs(model_config)
-  per_loc = num_anchors_per_location(model_config)
-  return tuple(h * w * per_loc for h, w in level_shapes(image_hw, kw['min_level'], kw['max_level']))
+  return tuple(h * w * per_location for h, w in level_shapes(image_hw, min_level, max_level))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
-from conret_jax.defaults import BOX_DELTA_CLAMP
+from conret_jax.core.constants import BOX_DELTA_CLAMP
 
 
 def _f32(x):

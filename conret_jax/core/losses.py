@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from conret_jax.core.constants import IGNORE
+
 
 def sigmoid_focal_loss(logits, targets, alpha: float | None = 0.25, gamma: float = 2.0) -> jnp.ndarray:
   """Elementwise focal loss: logits and targets (0/1, or soft in [0, 1]) of the same shape -> float32 loss.
@@ -56,7 +58,7 @@ def classification_losses(logits, label_sets, *, alpha: float, gamma: float) -> 
 
   Args:
     logits: [B, A, K] class logits.
-    label_sets: sequence of [B, A] int32: class index for positives, -1 background (all-zero target), -2 ignored.
+    label_sets: sequence of [B, A] int32: class index for positives, BACKGROUND (all-zero target) or IGNORE.
   Returns: list of scalar float32 sums over the non-ignored anchors and all classes.
   """
   num_classes = logits.shape[-1]
@@ -64,7 +66,7 @@ def classification_losses(logits, label_sets, *, alpha: float, gamma: float) -> 
   sums = []
   for cls_labels in label_sets:
     onehot = cls_labels[..., None] == jnp.arange(num_classes, dtype=cls_labels.dtype)
-    sums.append(jnp.sum(jnp.where((cls_labels >= -1)[..., None], jnp.where(onehot, pos, neg), 0.0)))
+    sums.append(jnp.sum(jnp.where((cls_labels != IGNORE)[..., None], jnp.where(onehot, pos, neg), 0.0)))
   return sums
 
 
@@ -73,7 +75,7 @@ def classification_loss(logits, cls_labels, *, alpha: float, gamma: float) -> jn
 
   Args:
     logits: [B, A, K] class logits.
-    cls_labels: [B, A] int32: class index for positives, -1 background (all-zero target), -2 ignored.
+    cls_labels: [B, A] int32: class index for positives, BACKGROUND (all-zero target) or IGNORE.
   Returns: scalar float32 sum.
   """
   return classification_losses(logits, [cls_labels], alpha=alpha, gamma=gamma)[0]

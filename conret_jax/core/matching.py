@@ -1,9 +1,10 @@
 """Anchor-to-ground-truth matching by IoU (torchvision's / detectron2's Matcher semantics, vectorized).
 
-For each anchor, the matched ground truth is the valid gt of highest IoU (first index on ties). With that IoU q:
-  q >= pos_iou            -> 1  (positive)
-  q <  neg_iou            -> 0  (negative)
-  neg_iou <= q < pos_iou  -> -1 (ignored)
+For each anchor, the matched ground truth is the valid gt of highest IoU (first index on ties). With that IoU q, its
+verdict (core.constants) is:
+  q >= pos_iou            -> MATCH_POSITIVE (1)
+  q <  neg_iou            -> MATCH_NEGATIVE (0)
+  neg_iou <= q < pos_iou  -> MATCH_IGNORED (-1)
 An anchor exactly at pos_iou is positive and one exactly at neg_iou is ignored (Detectron's convention).
 
 Low-quality matches (allow_low_quality_matches): for every valid gt, all anchors whose IoU with it equals that gt's
@@ -20,10 +21,31 @@ a batch of 16 would hold 1.25 GB of it, so images are processed one at a time wi
 image's matrix, and each image's work is itself a large parallel op that keeps the device busy.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from conret_jax.core.boxes import pairwise_iou
+from conret_jax.core.constants import MATCH_IGNORED, MATCH_NEGATIVE, MATCH_POSITIVE
+
+
+class MatchResult(NamedTuple):
+  """What matching says of each anchor; unpacks as (matched_gt, labels).
+
+  matched_gt: [B, A] int32 index into the G ground-truth rows (meaningful where positive).
+  labels: [B, A] int32 verdicts, MATCH_POSITIVE / MATCH_NEGATIVE / MATCH_IGNORED.
+  """
+  matched_gt: jax.Array
+  labels: jax.Array
+
+  @property
+  def positive(self) -> jax.Array:
+    return self.labels == MATCH_POSITIVE
+
+  @property
+  def negative(self) -> jax.Array:
+    return self.labels == MATCH_NEGATIVE
 
 
 def match_image(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float,
@@ -31,7 +53,7 @@ def match_image(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float,
   """One image: anchors [A, 4], gt_boxes [G, 4], gt_valid [G] -> (matched_gt [A] int32, labels [A] int32)."""
   num_anchors = anchors.shape[0]
   if gt_boxes.shape[0] == 0:
-    return jnp.zeros((num_anchors,), jnp.int32), jnp.zeros((num_anchors,), jnp.int32)
+    return jnp.zeros((num_anchors,), jnp.int32), jnp.full((num_anchors,), MATCH_NEGATIVE, jnp.int32)
   valid = gt_valid.astype(bool)
   # Laid out [G, A] (anchors on the fast axis: measured faster than [A, G] for both reductions on CPU).
   # Invalid rows get IoU -1: they are never the best gt and never reach a threshold.
@@ -44,16 +66,18 @@ def match_image(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float,
   num_gt = gt_boxes.shape[0]
   rows = jnp.arange(num_gt, dtype=jnp.int32)[:, None]
   matched_gt = jnp.min(jnp.where(iou == best[None, :], rows, num_gt - 1), axis=0).astype(jnp.int32)
-  labels = jnp.where(best >= pos_iou, 1, jnp.where(best < neg_iou, 0, -1)).astype(jnp.int32)
+  labels = jnp.where(best >= pos_iou, MATCH_POSITIVE,
+                     jnp.where(best < neg_iou, MATCH_NEGATIVE, MATCH_IGNORED)).astype(jnp.int32)
   if allow_low_quality_matches:
     best_per_gt = jnp.max(iou, axis=1)  # [G]
     promotes = valid & (best_per_gt > 0.0)
     low_quality = jnp.any((iou == best_per_gt[:, None]) & promotes[:, None], axis=0)
-    labels = jnp.where(low_quality, 1, labels)
+    labels = jnp.where(low_quality, MATCH_POSITIVE, labels)
   return matched_gt, labels
 
 
-def match(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float, allow_low_quality_matches: bool):
+def match(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float,
+          allow_low_quality_matches: bool) -> MatchResult:
   """Match a batch of images.
 
   Args:
@@ -61,8 +85,7 @@ def match(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float, allow_
     gt_boxes: [B, G, 4] float32 x1y1x2y2.
     gt_valid: [B, G] bool; False for padding and crowd rows.
   Returns:
-    matched_gt: [B, A] int32 index into G (meaningful where labels == 1).
-    labels: [B, A] int32: 1 positive, 0 negative, -1 ignored.
+    MatchResult: matched_gt [B, A] int32 index into G (meaningful where positive), labels [B, A] int32 verdicts.
   """
   if neg_iou > pos_iou:
     raise ValueError(f'neg_iou {neg_iou} > pos_iou {pos_iou}')
@@ -71,7 +94,7 @@ def match(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float, allow_
   gt_valid = jnp.asarray(gt_valid, bool)
   anchors = jnp.asarray(anchors, jnp.float32)
   if anchors.ndim == 2:
-    return jax.lax.map(lambda x: match_image(anchors, x[0], x[1], **kw), (gt_boxes, gt_valid))
+    return MatchResult(*jax.lax.map(lambda x: match_image(anchors, x[0], x[1], **kw), (gt_boxes, gt_valid)))
   if anchors.ndim != 3 or anchors.shape[0] != gt_boxes.shape[0]:
     raise ValueError(f'anchors must be [A, 4] or [B, A, 4] with B = {gt_boxes.shape[0]}, got {anchors.shape}')
-  return jax.lax.map(lambda x: match_image(x[0], x[1], x[2], **kw), (anchors, gt_boxes, gt_valid))
+  return MatchResult(*jax.lax.map(lambda x: match_image(x[0], x[1], x[2], **kw), (anchors, gt_boxes, gt_valid)))

@@ -10,10 +10,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 from conret_jax.core.boxes import encode
+from conret_jax.core.constants import BACKGROUND, IGNORE
 from conret_jax.core.matching import match
-
-BACKGROUND = -1
-IGNORE = -2
 
 
 def assign(anchors, gt_boxes, gt_classes, gt_valid, *, pos_iou: float, neg_iou: float,
@@ -26,18 +24,18 @@ def assign(anchors, gt_boxes, gt_classes, gt_valid, *, pos_iou: float, neg_iou: 
     gt_classes: [B, G] int32 class index 0..K-1.
     gt_valid: [B, G] bool; False for padding and crowd rows.
   Returns dict:
-    cls_labels: [B, A] int32: class index (>= 0) for positives, -1 background, -2 ignored.
+    cls_labels: [B, A] int32: class index (>= 0) for positives, BACKGROUND (-1) or IGNORE (-2).
     positive: [B, A] bool.
     box_targets: [B, A, 4] float32 encoded offsets anchor -> matched gt; zero where not positive.
     num_positives: [B] float32.
   """
   anchors = jnp.asarray(anchors, jnp.float32)
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
-  matched_gt, labels = match(anchors, gt_boxes, gt_valid, pos_iou=pos_iou, neg_iou=neg_iou,
-                             allow_low_quality_matches=allow_low_quality_matches)
-  positive = labels == 1
+  matches = match(anchors, gt_boxes, gt_valid, pos_iou=pos_iou, neg_iou=neg_iou,
+                  allow_low_quality_matches=allow_low_quality_matches)
+  positive, matched_gt = matches.positive, matches.matched_gt
   classes = jnp.take_along_axis(jnp.asarray(gt_classes, jnp.int32), matched_gt, axis=1)
-  cls_labels = jnp.where(positive, classes, jnp.where(labels == 0, BACKGROUND, IGNORE)).astype(jnp.int32)
+  cls_labels = jnp.where(positive, classes, jnp.where(matches.negative, BACKGROUND, IGNORE)).astype(jnp.int32)
 
   anchors_b = jnp.broadcast_to(anchors, positive.shape + (4,))
   matched_boxes = jnp.take_along_axis(gt_boxes, matched_gt[..., None], axis=1)  # [B, A, 4]

@@ -1,4 +1,5 @@
-"""Image decoding inside tf.data: JPEG, PNG, GIF, BMP whatever the file extension says.
+"""Decoding inside tf.data, shared by every source: images (JPEG, PNG, GIF, BMP whatever the file extension says) and
+ground truth padded to a fixed number of rows.
 
 Facts checked on tf 2.21: decode_jpeg(channels=3) converts CMYK/YCCK JPEGs to RGB (within ~1 level of PIL's
 conversion) and grayscale to 3 channels; decode_image(channels=3, expand_animations=False) does the same for PNG
@@ -26,3 +27,15 @@ def image_shape(data: tf.Tensor) -> tf.Tensor:
       tf.io.is_jpeg(data),
       lambda: tf.image.extract_jpeg_shape(data, tf.int32)[:2],
       lambda: tf.shape(decode_image(data), tf.int32)[:2])
+
+
+def pad_ground_truth(boxes, classes, crowd, max_boxes):
+  """Ragged gt [k, ...] -> fixed [M, ...] rows plus the valid mask (rows beyond M are dropped)."""
+  k = tf.minimum(tf.shape(classes)[0], max_boxes)
+  pad = max_boxes - k
+  return {
+      'boxes': tf.pad(boxes[:k], [[0, pad], [0, 0]]),
+      'classes': tf.pad(tf.cast(classes[:k], tf.int32), [[0, pad]]),
+      'crowd': tf.pad(tf.cast(crowd[:k], tf.bool), [[0, pad]]),
+      'valid': tf.range(max_boxes) < k,
+  }

@@ -21,16 +21,12 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from conret_jax.batch import FIELDS, Batch
 from conret_jax.data import info as info_lib
 from conret_jax.data import preprocess
 from conret_jax.data import sources
 
-try:  # TF only feeds the host; it must never take accelerator memory from JAX
-  tf.config.set_visible_devices([], 'GPU')
-except (RuntimeError, ValueError):  # already initialized by the caller: its choice stands
-  pass
-
-BATCH_KEYS = ('images', 'boxes', 'classes', 'valid', 'crowd', 'image_id', 'orig_hw', 'scale', 'example_valid')
+BATCH_KEYS = FIELDS
 
 
 def num_buckets(data_config) -> int:
@@ -188,10 +184,10 @@ def _streamed_dataset(source, config, *, train, process_index, process_count, st
 
 
 def host_dataset(config, process_index: int = 0, process_count: int = 1, *, train: bool = True,
-                 start_step: int = 0) -> tf.data.Dataset:
-  """This host's part of every global batch as a tf.data.Dataset (train: endless; eval: one pass)."""
+                 start_step: int = 0, cache: sources.SourceCache | None = None) -> tf.data.Dataset:
+  """This host's part of every global batch as a tf.data.Dataset of dicts (train: endless; eval: one pass)."""
   source_config = config.data.train if train else config.data.eval
-  source = sources.open_source(source_config, config, train=train)
+  source = sources.open_source(source_config, config, train=train, cache=cache)
   limit = 0 if train else int(config.eval.num_images)
   build = _indexed_dataset if source.table is not None else _streamed_dataset
   return build(source, config, train=train, process_index=process_index, process_count=process_count,
@@ -199,19 +195,21 @@ def host_dataset(config, process_index: int = 0, process_count: int = 1, *, trai
 
 
 def host_batches(config, process_index: int = 0, process_count: int = 1, *, train: bool = True,
-                 start_step: int = 0):
-  """Iterator of numpy batches (dict, the layout in conret_jax/data/__init__.py) holding this host's rows of each global batch."""
-  return host_dataset(config, process_index, process_count, train=train, start_step=start_step).as_numpy_iterator()
+                 start_step: int = 0, cache: sources.SourceCache | None = None):
+  """Iterator of this host's rows of each global batch: conret_jax.batch.Batch of numpy arrays."""
+  dataset = host_dataset(config, process_index, process_count, train=train, start_step=start_step, cache=cache)
+  return map(Batch.of, dataset.as_numpy_iterator())
 
 
-def dataset_info(source_config, config, *, train: bool | None = None) -> info_lib.DatasetInfo:
+def dataset_info(source_config, config, *, train: bool | None = None,
+                 cache: sources.SourceCache | None = None) -> info_lib.DatasetInfo:
   """DatasetInfo of a source (train: the training filters, no coco_gt needed). For evaluation the
   coco_gt is restricted to the images the eval iterator visits (config.eval.num_images)."""
   if train is None:  # identity first; a copy of the train section that differs from the eval one counts too
     as_dict = source_config.to_dict()
     train = source_config is config.data.train or (
         as_dict == config.data.train.to_dict() and as_dict != config.data.eval.to_dict())
-  info = sources.open_source(source_config, config, train=train).info
+  info = sources.open_source(source_config, config, train=train, cache=cache).info
   limit = int(config.eval.num_images)
   if not train and limit and info.coco_gt is not None and limit < len(info.coco_gt['images']):
     images = info.coco_gt['images'][:limit]
@@ -232,13 +230,13 @@ class DeviceIterator:
     self.step = int(step)
     self._meta = dict(meta or {})
 
-  def _to_global(self, local: dict) -> dict:
+  def _to_global(self, local: Batch) -> Batch:
     import jax  # pylint: disable=g-import-not-at-top  (keeps this module importable without jax for tools)
     out = {}
     for k, x in local.items():
       sharding = self._sharding[k] if isinstance(self._sharding, dict) else self._sharding
       out[k] = jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * self._count,) + x.shape[1:])
-    return out
+    return Batch.of(out)
 
   def _fill(self):
     while len(self._queue) < self._prefetch:
@@ -270,24 +268,25 @@ def _process():
   return jax.process_index(), jax.process_count()
 
 
-def make_train_iterator(config, mesh, data_sharding, *, start_step: int = 0) -> DeviceIterator:
+def make_train_iterator(config, mesh, data_sharding, *, start_step: int = 0,
+                        cache: sources.SourceCache | None = None) -> DeviceIterator:
   """Endless iterator of global training batches, resumable at `start_step` (its .state() is JSON-able).
 
   mesh is accepted for symmetry with the trainer; the layout comes from data_sharding (one sharding for every
   leaf, or a dict per batch key), normally NamedSharding(mesh, PartitionSpec('data'))."""
   del mesh
   index, count = _process()
-  info = dataset_info(config.data.train, config, train=True)
+  info = dataset_info(config.data.train, config, train=True, cache=cache)
   bpe = batches_per_epoch(info.num_examples, int(config.train.global_batch_size), config.data)
-  it = host_batches(config, index, count, train=True, start_step=start_step)
+  it = host_batches(config, index, count, train=True, start_step=start_step, cache=cache)
   meta = {'seed': int(config.train.seed), 'batches_per_epoch': bpe, 'num_examples': info.num_examples,
           'global_batch_size': int(config.train.global_batch_size)}
   return DeviceIterator(it, data_sharding, config.data.prefetch, count, step=start_step, meta=meta)
 
 
-def make_eval_iterator(config, mesh, data_sharding) -> DeviceIterator:
+def make_eval_iterator(config, mesh, data_sharding, *, cache: sources.SourceCache | None = None) -> DeviceIterator:
   """One pass over the eval split: every image exactly once across hosts, padded rows have example_valid=False."""
   del mesh
   index, count = _process()
-  it = host_batches(config, index, count, train=False)
+  it = host_batches(config, index, count, train=False, cache=cache)
   return DeviceIterator(it, data_sharding, config.data.prefetch, count)

@@ -27,14 +27,25 @@ from conret_jax.data import coco_json
 from conret_jax.data import decode
 from conret_jax.data import info as info_lib
 from conret_jax.data import shapes
+from conret_jax.data import tfrecord
 from conret_jax.errors import ConfigError
 
 SOURCES = ('tfds', 'coco_json', 'tfrecord', 'shapes')
 
-_TABLE_CACHE = {}  # (annotation_file, image_dir, train, max_boxes) -> (table, info): validate each file once
-# Streamed sources, by (source section, train, max_boxes): their metadata and, for evaluation, the COCO ground truth
-# (one pass over the split) are read once per process, not at every evaluation.
-_STREAM_CACHE = {}
+
+
+class SourceCache:
+  """Opened sources, kept by whoever passes it around (the trainer: one for its whole run), so a COCO json is
+  validated once and a streamed split's metadata and COCO ground truth (one pass over the split) are read once,
+  not at every evaluation. Without one, every call opens its source anew."""
+
+  def __init__(self):
+    self._sources = {}
+
+  def get(self, key, open_fn):
+    if key not in self._sources:
+      self._sources[key] = open_fn()
+    return self._sources[key]
 
 
 @dataclasses.dataclass
@@ -50,25 +61,12 @@ class Source:
     return self.info.num_examples
 
 
-def pad_ground_truth(boxes, classes, crowd, max_boxes):
-  """Ragged gt [k, ...] -> fixed [M, ...] rows plus the valid mask (rows beyond M are dropped)."""
-  k = tf.minimum(tf.shape(classes)[0], max_boxes)
-  pad = max_boxes - k
-  return {
-      'boxes': tf.pad(boxes[:k], [[0, pad], [0, 0]]),
-      'classes': tf.pad(tf.cast(classes[:k], tf.int32), [[0, pad]]),
-      'crowd': tf.pad(tf.cast(crowd[:k], tf.bool), [[0, pad]]),
-      'valid': tf.range(max_boxes) < k,
-  }
-
-
-def _open_coco_json(annotation_file, image_dir, *, train, max_boxes):
-  key = (os.path.abspath(annotation_file), os.path.abspath(image_dir), train, max_boxes)
-  if key not in _TABLE_CACHE:
+def _open_coco_json(annotation_file, image_dir, *, train, max_boxes, cache):
+  def load():
     table, info, _ = coco_json.load_coco(annotation_file, image_dir, train=train, max_boxes=max_boxes)
-    _TABLE_CACHE[key] = (table, info)
-  table, info = _TABLE_CACHE[key]
-  return Source(info=info, table=table)
+    return Source(info=info, table=table)
+  key = ('coco_json', os.path.abspath(annotation_file), os.path.abspath(image_dir), train, max_boxes)
+  return cache.get(key, load) if cache is not None else load()
 
 
 def _open_tfds(source_config, *, max_boxes, build_gt):
@@ -98,7 +96,7 @@ def _open_tfds(source_config, *, max_boxes, build_gt):
     ymin, xmin, ymax, xmax = tf.unstack(tf.reshape(ex['objects']['bbox'], [-1, 4]), axis=-1)
     boxes = tf.stack([xmin * w, ymin * h, xmax * w, ymax * h], axis=-1)
     raw = {'image_data': ex['image'], 'image_id': ex['image/id'], 'height': hw[0], 'width': hw[1]}
-    raw.update(pad_ground_truth(boxes, ex['objects']['label'], ex['objects']['is_crowd'], max_boxes))
+    raw.update(decode.pad_ground_truth(boxes, ex['objects']['label'], ex['objects']['is_crowd'], max_boxes))
     return raw
 
   def stream():
@@ -136,7 +134,6 @@ def _tfds_coco_gt(builder, split, names) -> dict:
 
 
 def _open_tfrecord(source_config, *, max_boxes, build_gt):
-  from conret_jax.data import tfrecord  # pylint: disable=g-import-not-at-top  (tfrecord imports this module)
   files = sorted(tf.io.gfile.glob(source_config.tfrecord_pattern)) if source_config.tfrecord_pattern else []
   if not files:
     raise info_lib.DatasetFileNotFoundError(
@@ -154,21 +151,21 @@ def _open_tfrecord(source_config, *, max_boxes, build_gt):
   return Source(info=info, stream=stream)
 
 
-def open_source(source_config, config, *, train: bool) -> Source:
+def open_source(source_config, config, *, train: bool, cache: SourceCache | None = None) -> Source:
   """Opens the dataset one config section describes; train=True applies the training-only filters."""
   max_boxes = int(config.data.max_boxes)
   kind = source_config.source
   if kind == 'coco_json':
-    return _open_coco_json(source_config.annotation_file, source_config.image_dir, train=train, max_boxes=max_boxes)
+    return _open_coco_json(source_config.annotation_file, source_config.image_dir, train=train, max_boxes=max_boxes,
+                           cache=cache)
   if kind == 'shapes':
     annotation_file, image_dir = shapes.ensure_shapes_split(source_config)
-    return _open_coco_json(annotation_file, image_dir, train=train, max_boxes=max_boxes)
+    return _open_coco_json(annotation_file, image_dir, train=train, max_boxes=max_boxes, cache=cache)
   if kind in ('tfds', 'tfrecord'):
-    key = (repr(sorted(source_config.to_dict().items())), train, max_boxes)
-    if key not in _STREAM_CACHE:
-      opener = _open_tfds if kind == 'tfds' else _open_tfrecord
-      _STREAM_CACHE[key] = opener(source_config, max_boxes=max_boxes, build_gt=not train)
-    return _STREAM_CACHE[key]
+    opener = _open_tfds if kind == 'tfds' else _open_tfrecord
+    load = lambda: opener(source_config, max_boxes=max_boxes, build_gt=not train)
+    key = (kind, repr(sorted(source_config.to_dict().items())), train, max_boxes)
+    return cache.get(key, load) if cache is not None else load()
   raise ConfigError(f'data source {kind!r} must be one of {SOURCES}')
 
 
@@ -184,7 +181,7 @@ def table_example(table: coco_json.ExampleTable, max_boxes: int):
     lo, hi = starts[row], starts[row + 1]
     raw = {'image_data': tf.io.read_file(paths[row]), 'image_id': ids[row], 'height': heights[row],
            'width': widths[row]}
-    raw.update(pad_ground_truth(boxes[lo:hi], classes[lo:hi], crowd[lo:hi], max_boxes))
+    raw.update(decode.pad_ground_truth(boxes[lo:hi], classes[lo:hi], crowd[lo:hi], max_boxes))
     return raw
   return fn
 

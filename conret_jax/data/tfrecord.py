@@ -21,7 +21,8 @@ import os
 import tensorflow as tf
 
 from conret_jax.data import coco_json
-from conret_jax.data import sources
+from conret_jax.data import decode
+from conret_jax.errors import DatasetFileNotFoundError
 
 
 def info_path(pattern_or_prefix: str) -> str:
@@ -78,7 +79,7 @@ def convert(annotation_file: str, image_dir: str, output_prefix: str, num_shards
 def read_info(pattern: str) -> dict:
   path = info_path(pattern)
   if not tf.io.gfile.exists(path):
-    raise sources.info_lib.DatasetFileNotFoundError(
+    raise DatasetFileNotFoundError(
         f'TFRecord info file {path!r} (written by conret_jax.data.tfrecord next to the shards) not found')
   with tf.io.gfile.GFile(path) as f:
     return json.load(f)
@@ -101,7 +102,7 @@ def parse_example(serialized, max_boxes: int) -> dict:
   boxes = tf.reshape(tf.sparse.to_dense(ex['objects/bbox']), [-1, 4])
   raw = {'image_data': ex['image/encoded'], 'image_id': ex['image/id'],
          'height': tf.cast(ex['image/height'], tf.int32), 'width': tf.cast(ex['image/width'], tf.int32)}
-  raw.update(sources.pad_ground_truth(boxes, tf.sparse.to_dense(ex["objects/class"]),
+  raw.update(decode.pad_ground_truth(boxes, tf.sparse.to_dense(ex["objects/class"]),
                              tf.sparse.to_dense(ex['objects/crowd']) > 0, max_boxes))
   return raw
 

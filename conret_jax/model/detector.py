@@ -1,9 +1,11 @@
 """The detector: pixel normalization -> ResNet -> FPN -> RetinaNet head, and the helpers every caller shares.
 
-  build_model(config) -> RetinaNet                      the network of config.model / config.consistent
+  RetinaNet.from_config(config) = build_model(config)  the network of config.model / config.consistent (the only
+                                                        code here that reads the config, besides the two adapters
+                                                        marked below)
   init_variables(model, rng, image_hw, batch_size=1)    {'params', and 'frozen' | 'batch_stats' by backbone.norm}
-  trainable_mask(params, config) -> pytree of bool      False for the backbone's frozen prefix (backbone.freeze_at)
-  predict_boxes(outputs, anchors, config)               the inference regression steps (detect and evaluation)
+  trainable_mask(params, config) -> pytree of bool      False for the backbone's frozen prefix (adapter: freeze_at)
+  decode_stages(outputs, anchors, steps, ...)           the inference regressions (predict_boxes: the config's)
 
 `model.apply(variables, images [B, H, W, 3] float32 RGB 0..255, train=False)` returns
 dict(cls_logits=tuple of [B, A, K] float32, box_deltas=tuple of [B, A, 4] float32) (layout in model/heads.py). With
@@ -13,17 +15,19 @@ Mixed precision: params are float32; convs compute in config.model.compute_dtype
 statistics are computed in float32 and head outputs are cast to float32.
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-import ml_collections
 
-from conret_jax import consistent
+from conret_jax import stages
 from conret_jax.core import boxes as box_ops
-from conret_jax.core.anchors import num_anchors_per_location
-from conret_jax.model.fpn import fpn_from_config
+from conret_jax.defaults import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
+from conret_jax.model.anchor_spec import AnchorSpec
+from conret_jax.model.fpn import FPN, fpn_from_config
 from conret_jax.model.heads import RetinaHead
-from conret_jax.model.resnet import frozen_module_names, resnet_from_config
+from conret_jax.model.resnet import ResNet, frozen_module_names, resnet_from_config
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -35,32 +39,41 @@ def compute_dtype(model_config):
 
 
 class RetinaNet(nn.Module):
-  """RetinaNet / ConRetinaNet. `model_config` is config.model (frozen, so the module is hashable and jit-cacheable)."""
-  model_config: ml_collections.FrozenConfigDict
-  num_stages: int = 1
+  """RetinaNet / ConRetinaNet: normalize pixels, then backbone -> FPN -> head. `from_config` builds it from a config;
+  the module itself holds only its parts and plain values (hashable, so jitted callers cache by it)."""
+  backbone: ResNet
+  fpn: FPN
+  head: RetinaHead
+  pixel_mean: tuple = IMAGENET_PIXEL_MEAN
+  pixel_std: tuple = IMAGENET_PIXEL_STD
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    m = self.model_config
+    mean = jnp.asarray(self.pixel_mean, jnp.float32)
+    std = jnp.asarray(self.pixel_std, jnp.float32)
+    x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
+    return self.head(self.fpn(self.backbone(x, train)))
+
+  @classmethod
+  def from_config(cls, config) -> 'RetinaNet':
+    """The network of config.model, with one box conv per regression stage of config.consistent."""
+    m = config.model
     dtype = compute_dtype(m)
-    mean = jnp.asarray(m.pixel_mean, jnp.float32)
-    std = jnp.asarray(m.pixel_std, jnp.float32)
-    x = ((images.astype(jnp.float32) - mean) / std).astype(dtype)
-    features = resnet_from_config(m.backbone, dtype)(x, train)
-    pyramid = fpn_from_config(m.fpn, dtype)(features)
     h = m.head
     if h.variant == 'gated_cascade' and h.channels != m.fpn.channels:
       raise ValueError('gated_cascade adds tower features to FPN features: head.channels must equal fpn.channels')
-    head = RetinaHead(num_classes=m.num_classes, num_anchors=num_anchors_per_location(m), num_convs=h.num_convs,
-                      channels=h.channels, norm=h.norm, prior_prob=h.prior_prob, variant=h.variant,
-                      num_stages=self.num_stages, dtype=dtype, name='head')
-    return head(pyramid)
+    head = RetinaHead(num_classes=m.num_classes, num_anchors=AnchorSpec.from_config(m).per_location,
+                      num_convs=h.num_convs, channels=h.channels, norm=h.norm, prior_prob=h.prior_prob,
+                      variant=h.variant, num_stages=stages.num_regression_stages(config), dtype=dtype)
+    return cls(backbone=resnet_from_config(m.backbone, dtype), fpn=fpn_from_config(m.fpn, dtype), head=head,
+               pixel_mean=tuple(float(v) for v in m.pixel_mean), pixel_std=tuple(float(v) for v in m.pixel_std),
+               dtype=dtype)
 
 
 def build_model(config) -> RetinaNet:
   """The network of `config` (a base_config()-shaped ConfigDict)."""
-  compute_dtype(config.model)  # fail early on a bad dtype name
-  return RetinaNet(model_config=ml_collections.FrozenConfigDict(config.model), num_stages=consistent.num_regression_stages(config))
+  return RetinaNet.from_config(config)
 
 
 def init_variables(model: RetinaNet, rng, image_hw=(512, 512), batch_size: int = 1) -> dict:
@@ -102,21 +115,26 @@ def trainable_mask(params, config):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def predict_boxes(outputs, anchors, config):
-  """The inference regression steps shared by detect and evaluation.
+def decode_stages(outputs, anchors, *, steps: int, box_weights, clamp: float):
+  """The first `steps` regressions applied in turn, and the scores of the classifier that goes with them.
 
   Args:
     outputs: the model's dict(cls_logits=tuple of [B, A, K], box_deltas=tuple of [B, A, 4]).
-    anchors: [A, 4] float32 x1y1x2y2 (core.anchors.anchors_from_config for the input's shape).
+    anchors: [A, 4] float32 x1y1x2y2 (AnchorSpec.anchors for the input's shape).
   Returns:
-    (scores_logits [B, A, K] float32, boxes [B, A, 4] float32 x1y1x2y2, unclipped): boxes = decode(deltas[0],
-    anchors), then decode(deltas[s], boxes) for s = 1..steps-1; logits of classifier min(steps, len) - 1.
+    (logits [B, A, K] float32, boxes [B, A, 4] float32 x1y1x2y2, unclipped): boxes = decode(deltas[0], anchors),
+    then decode(deltas[s], boxes) for s = 1..steps-1; logits of classifier min(steps, len) - 1.
   """
-  m = config.model
-  steps = consistent.inference_steps(config)
   deltas = outputs['box_deltas']
   boxes = jnp.broadcast_to(anchors, deltas[0].shape)
   for s in range(steps):
-    boxes = box_ops.decode(deltas[s], boxes, m.box_weights, clamp=m.box_clamp)
+    boxes = box_ops.decode(deltas[s], boxes, box_weights, clamp=clamp)
   logits = outputs['cls_logits'][min(steps, len(outputs['cls_logits'])) - 1]
   return logits, boxes
+
+
+def predict_boxes(outputs, anchors, config):
+  """`decode_stages` with the inference regressions of `config` (stages.inference_steps, model.box_weights)."""
+  m = config.model
+  return decode_stages(outputs, anchors, steps=stages.inference_steps(config), box_weights=tuple(m.box_weights),
+                       clamp=m.box_clamp)

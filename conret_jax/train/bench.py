@@ -20,7 +20,9 @@ import numpy as np
 
 import conret_jax
 from conret_jax import config_checks
-from conret_jax.train import mesh as mesh_lib
+from conret_jax.data import sizes
+from conret_jax import mesh as mesh_lib
+from conret_jax.train import state as state_lib
 from conret_jax.train import step as step_lib
 
 # Peak dense bf16 matrix throughput per chip, for model-FLOPs utilization (vendor datasheets).
@@ -46,8 +48,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, image_hw, rng: np.random.
 
 def default_image_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """The padded input the training pipeline feeds: (S, S) for 'square', the landscape bucket for 'short_side'."""
-  from conret_jax.data import preprocess  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-  return tuple(next(iter(preprocess.padded_shapes(config.data).values())))
+  return tuple(next(iter(sizes.padded_shapes(config.data).values())))
 
 
 def _peak_memory_mb() -> float:
@@ -74,7 +75,7 @@ class StepRunner:
     self.image_hw = tuple(image_hw or default_image_hw(config))
     mesh = mesh_lib.make_mesh(config, devices)
     model = conret_jax.build_model(config)
-    self.state, shardings = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(0))
+    self.state, shardings = state_lib.init_state(model, config, mesh, jax.random.PRNGKey(0))
     train_step = step_lib.make_train_step(model, config, mesh, shardings)
     self.batch = jax.device_put(synthetic_batch(config, self.image_hw, np.random.default_rng(0)),
                                 mesh_lib.batch_sharding(mesh))

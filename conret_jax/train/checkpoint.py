@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from conret_jax import run_record
+from conret_jax.fileio import absolute
 from conret_jax.errors import CheckpointMismatchError, CheckpointNotFoundError, WeightFileError
 
 _MAX_LISTED = 12
@@ -148,11 +149,6 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def absolute(path: str) -> str:
-  """orbax wants absolute paths: a relative local path (`--workdir=runs/x`) is made absolute; gs:// is kept."""
-  return path if '://' in path else os.path.abspath(os.path.expanduser(path))
 
 
 def load_variables(path: str) -> dict:

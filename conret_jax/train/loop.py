@@ -21,9 +21,11 @@ import conret_jax
 from conret_jax import config_checks, evaluation, run_record
 from conret_jax.data import info as info_lib
 from conret_jax.data import pipeline as data_lib
+from conret_jax.data import sources
 from conret_jax.model import detector
 from conret_jax.train import checkpoint as ckpt_lib
-from conret_jax.train import mesh as mesh_lib
+from conret_jax import mesh as mesh_lib
+from conret_jax.train import state as state_lib
 from conret_jax.train import step as step_lib
 from conret_jax.train.metrics_writer import MetricsWriter
 
@@ -103,8 +105,8 @@ def _initial_state(model, config, mesh, abstract, checkpointer):
     return state, int(latest)
   if config.init_from:  # a missing or foreign file fails here, before the initialization compiles
     ckpt_lib.load_variables(config.init_from)
-  state, _ = step_lib.init_state(model, config, mesh, jax.random.PRNGKey(config.train.seed),
-                                 shardings=step_lib.shardings_of(abstract))
+  state, _ = state_lib.init_state(model, config, mesh, jax.random.PRNGKey(config.train.seed),
+                                 shardings=state_lib.shardings_of(abstract))
   if config.init_from:
     state = ckpt_lib.init_from(state, config.init_from, detector.trainable_mask(state.params, config))
   return state, 0
@@ -115,14 +117,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.validate_training(config)
   main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config)
-  train_info = data_lib.dataset_info(config.data.train, config)
+  cache = sources.SourceCache()  # each dataset is opened once for the run: training and every evaluation
+  train_info = data_lib.dataset_info(config.data.train, config, cache=cache)
   layout = info_lib.ClassLayout.of(train_info, config)
   layout.check()
   logging.info('mesh %s over %d devices (%d processes); train set: %d images, %d classes',
                dict(mesh.shape), jax.device_count(), jax.process_count(), train_info.num_examples,
                train_info.num_classes)
   model = conret_jax.build_model(config)
-  abstract = step_lib.abstract_state(model, config, mesh)
+  abstract = state_lib.abstract_state(model, config, mesh)
   with contextlib.ExitStack() as resources:
     checkpointer = resources.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
         workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep, config=config)))
@@ -133,13 +136,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = resources.enter_context(contextlib.closing(MetricsWriter(
         workdir, start_step=start_step, num_steps=config.train.num_steps, enabled=main)))
     stop = resources.enter_context(_StopFlag())
-    return _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop)
+    return _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop, cache)
 
 
-def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop) -> dict:
+def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop, cache) -> dict:
   """The loop itself: steps, logs, checks, checkpoints and evaluations, until num_steps or a stop signal."""
-  train_step = step_lib.make_train_step(model, config, mesh, step_lib.shardings_of(state))
-  batches = data_lib.make_train_iterator(config, mesh, mesh_lib.batch_sharding(mesh), start_step=start_step)
+  train_step = step_lib.make_train_step(model, config, mesh, state_lib.shardings_of(state))
+  batches = data_lib.make_train_iterator(config, mesh, mesh_lib.batch_sharding(mesh), start_step=start_step,
+                                         cache=cache)
   guard = FiniteGuard(config.train.skip_nonfinite_steps)
   num_steps, eval_every = int(config.train.num_steps), int(config.eval.every_steps)
   log_every = max(int(config.train.log_every_steps), 1)
@@ -147,7 +151,8 @@ def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer
 
   def run_eval(step):
     nonlocal eval_metrics
-    eval_metrics = evaluation.evaluate(model, state.variables(), config, mesh, workdir=workdir, step=step)
+    eval_metrics = evaluation.evaluate(model, state.variables(), config, mesh, workdir=workdir, step=step,
+                                       cache=cache)
     writer.write_eval(step, eval_metrics)
     writer.reset_clock(step)
 

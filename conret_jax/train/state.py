@@ -1,4 +1,5 @@
-"""The training state: one pytree holding everything a resumed run needs."""
+"""The training state: its type (one pytree holding everything a resumed run needs), its optimizer, and its creation,
+fresh or abstract (shapes and shardings only, the target of a checkpoint restore)."""
 
 from typing import Any
 
@@ -7,7 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
+from conret_jax import mesh as mesh_lib
 from conret_jax.model import detector
 from conret_jax.train import optim
 
@@ -56,4 +59,36 @@ def create_train_state(model: nn.Module, config: ml_collections.ConfigDict, rng:
   tx = optimizer(config, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, frozen=frozen,
                     opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
+
+
+def _create_fn(model: nn.Module, config: ml_collections.ConfigDict, image_hw=None):
+  # Parameters do not depend on the image size: initialize on the smallest input the anchors can tile.
+  stride = 2 ** int(config.model.fpn.max_level)
+  image_hw = tuple(image_hw or (stride, stride))
+  return lambda rng: create_train_state(model, config, rng, image_hw)
+
+
+def abstract_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh):
+  """The TrainState's shapes and dtypes (no memory, no compilation), each leaf carrying its sharding on `mesh`:
+  the target of a checkpoint restore, which then never builds a fresh state first."""
+  abstract = jax.eval_shape(_create_fn(model, config), jax.random.PRNGKey(0))
+  shardings = mesh_lib.state_shardings(mesh, abstract)
+  return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def shardings_of(abstract) -> object:
+  """The sharding pytree of an abstract (or concrete) state."""
+  return jax.tree_util.tree_map(lambda a: a.sharding, abstract)
+
+
+def init_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array,
+               image_hw: tuple[int, int] | None = None, shardings=None) -> tuple[TrainState, object]:
+  """A fresh state created directly in its shardings (no full copy on one device). Returns (state, shardings).
+
+  `shardings` (from `shardings_of(abstract_state(...))`) saves tracing the initialization a second time."""
+  if shardings is None:
+    shardings = shardings_of(abstract_state(model, config, mesh))
+  create = jax.jit(_create_fn(model, config, image_hw), out_shardings=shardings,
+                   compiler_options=detector.init_compiler_options(mesh.devices.flat))
+  return create(rng), shardings
 

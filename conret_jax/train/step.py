@@ -1,6 +1,7 @@
 """The train step: a pure `(state, batch) -> (state, metrics)`, jitted once with explicit shardings.
 
-Everything the paper adds runs inside it on the devices: decoding the first regression into refined anchors,
+It talks to a detector (conret_jax/detectors.py): the network's outputs, its anchors and its loss. For ConRetinaNet
+everything the paper adds runs inside it on the devices: decoding the first regression into refined anchors,
 matching them at the stage's thresholds, and the losses of Eq. 1 and 2 (`conret_jax.consistent`). The state is
 donated, so parameters and optimizer state are updated in place. A non-finite loss or gradient leaves the state
 unchanged (the update is dropped on device) and is reported in `metrics['finite']`, so the loop can stop with the
@@ -16,39 +17,37 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from conret_jax import consistent
-from conret_jax.core import anchors as anchor_ops
-from conret_jax.model import detector
-from conret_jax.train import mesh as mesh_lib
+from conret_jax import detectors, stages
+from conret_jax import mesh as mesh_lib
+from conret_jax.batch import Batch
 from conret_jax.train import optim
 from conret_jax.train import state as state_lib
 from conret_jax.train.state import TrainState
 
-TRAIN_KEYS = ('images', 'boxes', 'classes', 'valid', 'crowd')
-
 
 def make_step_fn(model: nn.Module, config: ml_collections.ConfigDict, params_tree) -> Callable:
-  """The un-jitted step. `params_tree` is any pytree with the params' structure (arrays or shapes)."""
-  consistent.validate(config)
+  """The un-jitted step. `params_tree` is any pytree with the params' structure (arrays or shapes); the batch is a
+  Batch or a mapping of its training fields (conret_jax/batch.py)."""
+  stages.validate(config)
+  detector = detectors.from_config(config, model)
   tx = state_lib.optimizer(config, params_tree)
   schedule = optim.learning_rate_schedule(config.train)
 
-  def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    batch = {k: batch[k] for k in TRAIN_KEYS}
-    images = batch['images']
-    anchors = anchor_ops.anchors_from_config(tuple(images.shape[1:3]), config.model)
+  def step_fn(state: TrainState, batch) -> tuple[TrainState, dict]:
+    batch = Batch.of(batch).train_view()
+    anchors = detector.anchors(tuple(batch.images.shape[1:3]))
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
       variables = state.replace(params=params).variables()
       if state.batch_stats:
-        outputs, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
-                                       rngs={'dropout': step_rng})
+        outputs, updates = detector.module.apply(variables, batch.images, train=True, mutable=['batch_stats'],
+                                                 rngs={'dropout': step_rng})
         batch_stats = updates['batch_stats']
       else:
-        outputs = model.apply(variables, images, train=True, rngs={'dropout': step_rng})
+        outputs = detector.module.apply(variables, batch.images, train=True, rngs={'dropout': step_rng})
         batch_stats = state.batch_stats
-      loss, metrics = consistent.loss(outputs, anchors, batch, config)
+      loss, metrics = detector.loss(outputs, anchors, batch)
       return loss, (metrics, batch_stats)
 
     (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -75,37 +74,3 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, mesh: M
                  in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
                  out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
                  donate_argnums=(0,))
-
-
-def _create_fn(model: nn.Module, config: ml_collections.ConfigDict, image_hw=None):
-  from conret_jax.train.state import create_train_state
-  # Parameters do not depend on the image size: initialize on the smallest input the anchors can tile.
-  stride = 2 ** int(config.model.fpn.max_level)
-  image_hw = tuple(image_hw or (stride, stride))
-  return lambda rng: create_train_state(model, config, rng, image_hw)
-
-
-def abstract_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh):
-  """The TrainState's shapes and dtypes (no memory, no compilation), each leaf carrying its sharding on `mesh`:
-  the target of a checkpoint restore, which then never builds a fresh state first."""
-  abstract = jax.eval_shape(_create_fn(model, config), jax.random.PRNGKey(0))
-  shardings = mesh_lib.state_shardings(mesh, abstract)
-  return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def shardings_of(abstract) -> object:
-  """The sharding pytree of an abstract (or concrete) state."""
-  return jax.tree_util.tree_map(lambda a: a.sharding, abstract)
-
-
-def init_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array,
-               image_hw: tuple[int, int] | None = None, shardings=None) -> tuple[TrainState, object]:
-  """A fresh state created directly in its shardings (no full copy on one device). Returns (state, shardings).
-
-  `shardings` (from `shardings_of(abstract_state(...))`) saves tracing the initialization a second time."""
-  if shardings is None:
-    shardings = shardings_of(abstract_state(model, config, mesh))
-  create = jax.jit(_create_fn(model, config, image_hw), out_shardings=shardings,
-                   compiler_options=detector.init_compiler_options(mesh.devices.flat))
-  return create(rng), shardings
-

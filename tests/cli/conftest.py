@@ -52,7 +52,8 @@ def trained_workdir(tmp_path_factory):
   """A workdir holding a step-7 checkpoint of the tiny model, saved from an 8-device mesh."""
   import conret_jax
   from conret_jax.cli import common
-  from conret_jax.train import checkpoint, mesh as mesh_lib
+  from conret_jax import mesh as mesh_lib
+  from conret_jax.train import checkpoint
   config = tiny_config()
   workdir = str(tmp_path_factory.mktemp('run'))
   state = _filled_state(conret_jax.build_model(config), config, mesh_lib.make_mesh(config))

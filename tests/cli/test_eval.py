@@ -6,7 +6,7 @@ import os
 import pytest
 
 for _module in ('conret_jax.model.detector', 'conret_jax.inference', 'conret_jax.train.state',
-                'conret_jax.train.mesh', 'conret_jax.data.pipeline'):
+                'conret_jax.mesh', 'conret_jax.data.pipeline'):
   pytest.importorskip(_module)
 
 from conret_jax import defaults, evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position

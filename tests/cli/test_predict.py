@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 for _module in ('conret_jax.model.detector', 'conret_jax.inference', 'conret_jax.train.state',
-                'conret_jax.train.mesh', 'conret_jax.train.step', 'conret_jax.data.preprocess'):
+                'conret_jax.mesh', 'conret_jax.train.step', 'conret_jax.data.preprocess'):
   pytest.importorskip(_module)
 
 from conret_jax.cli import common, predict  # pylint: disable=g-import-not-at-top,wrong-import-position

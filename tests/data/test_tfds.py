@@ -95,10 +95,13 @@ def test_unprepared_tfds_dir_is_a_clear_start_up_error(tmp_path):
     pipeline.host_batches(config)
 
 
-def test_tfds_source_is_read_once_per_process(tfds_config):
-  """Every evaluation asks for the eval source again; its ground truth (a pass over the split) is built once."""
+def test_tfds_source_is_read_once_per_cache(tfds_config):
+  """Every evaluation asks for the eval source again; through the trainer's SourceCache its ground truth (a pass
+  over the split) is built once. Without a cache each call opens the source anew."""
   from conret_jax.data import sources
-  first = sources.open_source(tfds_config.data.eval, tfds_config, train=False)
-  again = sources.open_source(tfds_config.data.eval, tfds_config, train=False)
+  cache = sources.SourceCache()
+  first = sources.open_source(tfds_config.data.eval, tfds_config, train=False, cache=cache)
+  again = sources.open_source(tfds_config.data.eval, tfds_config, train=False, cache=cache)
   assert again is first and first.info.coco_gt is not None
-  assert sources.open_source(tfds_config.data.eval, tfds_config, train=True) is not first  # other filters
+  assert sources.open_source(tfds_config.data.eval, tfds_config, train=True, cache=cache) is not first  # filters
+  assert sources.open_source(tfds_config.data.eval, tfds_config, train=False) is not first

@@ -47,7 +47,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 import conret_jax
 from conret_jax.cli import common
-from conret_jax.train import checkpoint, mesh as mesh_lib
+from conret_jax import mesh as mesh_lib
+  from conret_jax.train import checkpoint
 
 config_file, config_arg, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 spec = importlib.util.spec_from_file_location('cfg', config_file)
@@ -173,7 +174,8 @@ def _restore(config, workdir, step, devices, fsdp=1):
   """The full TrainState of workdir's checkpoint `step`, restored onto a mesh over `devices`, as numpy leaves."""
   import conret_jax
   from conret_jax.cli import common
-  from conret_jax.train import checkpoint, mesh as mesh_lib
+  from conret_jax import mesh as mesh_lib
+  from conret_jax.train import checkpoint
   config = config.copy_and_resolve_references()
   config.train.fsdp_axis_size = fsdp
   mesh = mesh_lib.make_mesh(config, devices)
@@ -200,10 +202,12 @@ def _assert_same_tree(got: dict, want: dict):
 def initial_state(runs):
   """The state every run started from (same config and seed) on the host: (pytree, flattened)."""
   import conret_jax
-  from conret_jax.train import mesh as mesh_lib, step as step_lib
+  from conret_jax import mesh as mesh_lib
+  from conret_jax.train import state as state_lib
+  from conret_jax.train import step as step_lib
   config = runs['config']
   mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
-  state, _ = step_lib.init_state(conret_jax.build_model(config), config, mesh, jax.random.PRNGKey(config.train.seed))
+  state, _ = state_lib.init_state(conret_jax.build_model(config), config, mesh, jax.random.PRNGKey(config.train.seed))
   state = jax.device_get(state)
   return state, float_noise.flatten(state)
 
@@ -245,12 +249,14 @@ def test_the_comparison_catches_real_bugs(runs, initial_state):
   normalizer, the third bug of tests/float_noise.py, fails them by far more: 3.0 in the loss.)"""
   import conret_jax
   from conret_jax.data import pipeline
-  from conret_jax.train import mesh as mesh_lib, step as step_lib
+  from conret_jax import mesh as mesh_lib
+  from conret_jax.train import state as state_lib
+  from conret_jax.train import step as step_lib
   config = runs['config']
   initial_tree, start = initial_state
   mesh = mesh_lib.make_mesh(config, jax.devices()[:4])
   model = conret_jax.build_model(config)
-  shardings = step_lib.shardings_of(step_lib.abstract_state(model, config, mesh))
+  shardings = state_lib.shardings_of(state_lib.abstract_state(model, config, mesh))
   batches = [b for _, b in zip(range(2), pipeline.host_batches(config, train=True))]
   want_metrics = _metrics(runs['b'])[:2]
   want_state, _ = _restore(config, runs['b'], 2, jax.devices()[:1])

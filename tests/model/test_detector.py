@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conret_jax import consistent
+from conret_jax import stages as stage_lib
 from conret_jax.model import detector
 from conret_jax.model.resnet import count_params
 import model_reference as ref
@@ -124,4 +124,4 @@ def test_bad_settings():
     detector.build_model(ref.tiny_config(**{'model.compute_dtype': 'float16'}))
   c = ref.tiny_config(**{'consistent.enabled': True, 'consistent.inference_reg_steps': 3})
   with pytest.raises(ValueError, match='inference_reg_steps'):
-    consistent.inference_steps(c)
+    stage_lib.inference_steps(c)

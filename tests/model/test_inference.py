@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conret_jax import inference
-from conret_jax.core import anchors as anchor_ops
+from conret_jax.model import anchor_spec as anchor_ops
 from conret_jax.model import detector
 import model_reference as ref
 from test_detector import np_decode

@@ -11,7 +11,8 @@ import float_noise
 import conret_jax
 from conret_jax import defaults
 from conret_jax.train import bench
-from conret_jax.train import mesh as mesh_lib
+from conret_jax import mesh as mesh_lib
+from conret_jax.train import state as state_lib
 from conret_jax.train import step as step_lib
 
 HW = (128, 128)
@@ -43,14 +44,14 @@ def host_state():
   """One initialization (its compile is the slow part), placed on every mesh below."""
   config = tiny_config()
   mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
-  state, _ = step_lib.init_state(conret_jax.build_model(config), config, mesh, jax.random.PRNGKey(0))
+  state, _ = state_lib.init_state(conret_jax.build_model(config), config, mesh, jax.random.PRNGKey(0))
   return jax.device_get(state)
 
 
 def _run(config, devices, host_state, steps=3):
   mesh = mesh_lib.make_mesh(config, devices)
   model = conret_jax.build_model(config)
-  shardings = step_lib.shardings_of(step_lib.abstract_state(model, config, mesh))
+  shardings = state_lib.shardings_of(state_lib.abstract_state(model, config, mesh))
   state = jax.device_put(host_state, shardings)
   train_step = step_lib.make_train_step(model, config, mesh, shardings)
   host = bench.synthetic_batch(config, HW, np.random.default_rng(0))
@@ -91,8 +92,8 @@ def test_loss_decreases_on_a_repeated_batch(one_device):
 
 def test_non_finite_update_is_dropped(host_state, one_device):
   _, _, train_step, mesh = one_device  # the same compiled step, on a fresh copy of the initial state
-  state = jax.device_put(host_state, step_lib.shardings_of(
-      step_lib.abstract_state(conret_jax.build_model(tiny_config()), tiny_config(), mesh)))
+  state = jax.device_put(host_state, state_lib.shardings_of(
+      state_lib.abstract_state(conret_jax.build_model(tiny_config()), tiny_config(), mesh)))
   batch = bench.synthetic_batch(tiny_config(), HW, np.random.default_rng(0))
   batch['images'][0, 0, 0, 0] = np.nan
   state, metrics = train_step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))

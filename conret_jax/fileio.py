@@ -1,0 +1,30 @@
+"""Paths and small files, the same for local and remote (gs://) workdirs.
+
+Remote paths go through TensorFlow's gfile, imported only when one is used, so code that reads local files needs no
+TensorFlow (the GPU image has none).
+"""
+
+import os
+
+
+def is_remote(path: str) -> bool:
+  return '://' in path
+
+
+def absolute(path: str) -> str:
+  """orbax wants absolute paths: a relative local path (`--workdir=runs/x`) is made absolute; gs:// is kept."""
+  return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def open_file(path: str, mode: str = 'r'):
+  if is_remote(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.io.gfile.GFile(path, mode)
+  return open(path, mode, encoding=None if 'b' in mode else 'utf-8')
+
+
+def exists(path: str) -> bool:
+  if is_remote(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.io.gfile.exists(path)
+  return os.path.exists(path)
