@@ -35,11 +35,22 @@ def data_source_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every key of every config, with its default (one builder per section, below)."""
   config = ml_collections.ConfigDict()
   config.init_from = ''  # weights written by `conret-import` to start from (ImageNet backbone or a whole detector)
+  config.model = _model()
+  config.loss = _loss()
+  config.consistent = _consistent()
+  config.data = _data()
+  config.train = _train()
+  config.checkpoint = _checkpoint()
+  config.eval = _eval()
+  return config
 
-  # ---- model ----
-  m = config.model = ml_collections.ConfigDict()
+
+def _model() -> ml_collections.ConfigDict:
+  """config.model: the network, its anchors and box coding."""
+  m = ml_collections.ConfigDict()
   m.family = 'retinanet'  # the detector family (conret_jax/detectors.py): RetinaNet / ConRetinaNet
   m.num_classes = 80
   # How class index k maps to the dataset's categories: 'contiguous' (k is the k-th smallest category id) or
@@ -82,17 +93,21 @@ def base_config() -> ml_collections.ConfigDict:
 
   m.box_weights = (1.0, 1.0, 1.0, 1.0)  # encode/decode weights (wx, wy, ww, wh)
   m.box_clamp = BOX_DELTA_CLAMP
+  return m
 
-  # ---- losses and matching (stage 1 = RetinaNet) ----
-  l = config.loss = ml_collections.ConfigDict()
+def _loss() -> ml_collections.ConfigDict:
+  """config.loss: the losses and the matching of stage 1 (RetinaNet's)."""
+  l = ml_collections.ConfigDict()
   l.focal_alpha = 0.25
   l.focal_gamma = 2.0
   l.smooth_l1_beta = 0.11  # Detectron's RetinaNet; 0.0 gives L1 (torchvision)
   l.box_loss_weight = 1.0
   l.allow_low_quality_matches = True  # stage 1 only; refined stages match on quality alone
+  return l
 
-  # ---- consistent optimization (the paper, Section 4) ----
-  c = config.consistent = ml_collections.ConfigDict()
+def _consistent() -> ml_collections.ConfigDict:
+  """config.consistent: consistent optimization (the paper, Section 4)."""
+  c = ml_collections.ConfigDict()
   c.enabled = True  # False: plain RetinaNet, i.e. one classification and one regression term
   c.num_cls_terms = 2  # Eq. 1 terms: labels of the original anchors, then of each refined stage
   c.num_reg_terms = 2  # Eq. 2 terms; each term beyond the first adds one box conv (footnote 2)
@@ -100,9 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.pos_iou_thresholds = (0.5, 0.6, 0.7)  # per stage: stage 1 is RetinaNet's 0.5/0.4 (Table 3)
   c.neg_iou_thresholds = (0.4, 0.5, 0.6)
   c.inference_reg_steps = 0  # regressions applied at inference; 0 = all trained ones (Table 3 "2*" = 1)
+  return c
 
-  # ---- data ----
-  d = config.data = ml_collections.ConfigDict()
+def _data() -> ml_collections.ConfigDict:
+  """config.data: the input pipeline and its two sources."""
+  d = ml_collections.ConfigDict()
   d.image_size = 512  # square: the padded side; short_side: the short side
   d.resize = 'square'  # 'square' (long side to image_size, pad to square) | 'short_side' (Detectron)
   d.max_size = 1333  # short_side: cap on the long side
@@ -116,9 +133,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.prefetch = 2  # batches prefetched to the devices
   d.train = data_source_config(split='train')
   d.eval = data_source_config(split='val')
+  return d
 
-  # ---- training ----
-  t = config.train = ml_collections.ConfigDict()
+def _train() -> ml_collections.ConfigDict:
+  """config.train: the optimizer, its schedule and the loop."""
+  t = ml_collections.ConfigDict()
   t.global_batch_size = 16
   t.num_steps = 90_000
   t.learning_rate = 0.01  # at reference_batch_size; scaled linearly with global_batch_size
@@ -142,14 +161,18 @@ def base_config() -> ml_collections.ConfigDict:
   # skipped (each logged with its step and terms) before training stops. 0: stop at the first.
   t.skip_nonfinite_steps = 0
   t.fsdp_axis_size = 1  # >1 shards params and optimizer state over an 'fsdp' mesh axis
+  return t
 
-  # ---- checkpoints ----
-  k = config.checkpoint = ml_collections.ConfigDict()
+def _checkpoint() -> ml_collections.ConfigDict:
+  """config.checkpoint: when checkpoints are written and how many are kept."""
+  k = ml_collections.ConfigDict()
   k.every_steps = 5000
   k.keep = 3
+  return k
 
-  # ---- evaluation and post-processing ----
-  e = config.eval = ml_collections.ConfigDict()
+def _eval() -> ml_collections.ConfigDict:
+  """config.eval: evaluation and post-processing."""
+  e = ml_collections.ConfigDict()
   e.every_steps = 0  # 0: only at the end of training
   e.at_end = True  # evaluate when training finishes; False leaves it to `conret-eval` (e.g. a separate eval job)
   e.global_batch_size = 8
@@ -161,8 +184,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.visualize = 8  # validation images drawn with their ground truth and detections after each evaluation (0: none)
   e.visualize_score_threshold = 0.3  # detections.png draws detections scoring at least this
   e.coco_backend = 'auto'  # COCO scoring: 'faster_coco_eval' (C++), 'pycocotools', or 'auto' (the first installed)
-  return config
-
+  return e
 
 def schedule_steps(train_config: ml_collections.ConfigDict) -> tuple[int, tuple[int, ...]]:
   """(warm-up steps, decay steps) of the run: the absolute values when given, else fractions of num_steps,

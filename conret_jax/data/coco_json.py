@@ -103,72 +103,76 @@ def _clean_bbox(bbox, height, width):
   return c, c != [x1, y1, x2, y2], None
 
 
-def load_coco(annotation_file: str, image_dir: str, *, train: bool, max_boxes: int, check_images: bool = True,
-              num_threads: int = 16):
-  """Parses, validates and repairs one COCO split.
+class _Counts:
+  """What was dropped and repaired, by reason: counted as the phases go, reported once."""
 
-  Returns (ExampleTable, DatasetInfo with coco_gt, {'dropped': {reason: n}, 'repaired': {reason: n}}).
-  """
-  data = _read_json(annotation_file)
-  if not os.path.isdir(image_dir):
-    raise info_lib.DatasetFileNotFoundError(f'image_dir not found: {image_dir!r} (for {annotation_file})')
-  dropped, repaired = collections.Counter(), collections.Counter()
+  def __init__(self):
+    self.dropped, self.repaired = collections.Counter(), collections.Counter()
 
+
+def _categories(data: dict, annotation_file: str) -> list[tuple[int, str]]:
+  """[(category id, name)] sorted by id."""
   try:
-    cats = sorted({int(c['id']): str(c.get('name', c['id'])) for c in data['categories']}.items())
+    return sorted({int(c['id']): str(c.get('name', c['id'])) for c in data['categories']}.items())
   except (KeyError, TypeError, ValueError):
     raise info_lib.DatasetError(f'malformed "categories" in {annotation_file}') from None
-  category_ids = [c for c, _ in cats]
-  cat_to_class = info_lib.category_to_class_table(category_ids)
 
+
+def _usable_images(data: dict, image_dir: str, counts: _Counts, *, check_images: bool, num_threads: int):
+  """(OrderedDict image_id -> (path, height, width, json entry), every id the json names). Malformed, duplicate and
+  unusable files are dropped; a size the file contradicts is repaired (the file wins)."""
   entries, seen = [], set()
   for im in data['images']:
     try:
       image_id, file_name = int(im['id']), str(im['file_name'])
     except (KeyError, TypeError, ValueError):
-      dropped['malformed image entry'] += 1
+      counts.dropped['malformed image entry'] += 1
       continue
     if image_id in seen:
-      dropped['duplicate image id'] += 1
+      counts.dropped['duplicate image id'] += 1
       continue
     seen.add(image_id)
     entries.append((image_id, os.path.join(image_dir, file_name), im))
-
   if check_images:
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
       checks = list(pool.map(check_image_file, [p for _, p, _ in entries]))
   else:
     checks = [(im.get('height', 0), im.get('width', 0), None) for _, _, im in entries]
-  images = collections.OrderedDict()  # image_id -> (path, height, width, json entry)
+  images = collections.OrderedDict()
   for (image_id, path, im), (height, width, reason) in zip(entries, checks):
     if reason:
-      dropped[reason] += 1
+      counts.dropped[reason] += 1
       continue
     if (im.get('height'), im.get('width')) != (height, width):
-      repaired['json size != file size'] += 1
+      counts.repaired['json size != file size'] += 1
     images[image_id] = (path, int(height), int(width), im)
+  return images, seen
 
-  per_image = collections.defaultdict(list)  # image_id -> [(box, class, crowd)]
+
+def _usable_annotations(data: dict, images: dict, seen: set, cat_to_class: dict, counts: _Counts):
+  """(image_id -> [(box x1y1x2y2, class, crowd)], COCO gt annotations). Annotations of unknown images or categories,
+  malformed or empty boxes are dropped; boxes partly outside their image are clipped."""
+  per_image = collections.defaultdict(list)
   gt_annotations, next_id = [], 1 + max([int(a.get('id', 0) or 0) for a in data.get('annotations', [])] + [0])
   for a in data.get('annotations', []) or []:
     if not isinstance(a, dict):
-      dropped['malformed annotation'] += 1
+      counts.dropped['malformed annotation'] += 1
       continue
     image_id, cat = a.get('image_id'), a.get('category_id')
     if image_id not in images:
       if image_id not in seen:
-        dropped['annotation with unknown image id'] += 1
+        counts.dropped['annotation with unknown image id'] += 1
       continue  # annotations of dropped images go with them
     if cat not in cat_to_class:
-      dropped['annotation with unknown category id'] += 1
+      counts.dropped['annotation with unknown category id'] += 1
       continue
     _, height, width, _ = images[image_id]
     box, clipped, reason = _clean_bbox(a.get('bbox'), height, width)
     if reason:
-      dropped[reason] += 1
+      counts.dropped[reason] += 1
       continue
     if clipped:
-      repaired['box clipped to image'] += 1
+      counts.repaired['box clipped to image'] += 1
     crowd = bool(a.get('iscrowd', 0))
     per_image[image_id].append((box, cat_to_class[cat], crowd))
     xywh = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
@@ -178,32 +182,52 @@ def load_coco(annotation_file: str, image_dir: str, *, train: bool, max_boxes: i
       ann_id, next_id = next_id, next_id + 1
     gt_annotations.append({'id': ann_id, 'image_id': image_id, 'category_id': cat, 'bbox': xywh, 'area': area,
                            'iscrowd': int(crowd)})
+  return per_image, gt_annotations
 
+
+def _table(images: dict, per_image: dict, counts: _Counts, *, train: bool, max_boxes: int) -> ExampleTable:
+  """The ExampleTable of the kept images (training drops images without a usable non-crowd box)."""
   rows = {'paths': [], 'image_ids': [], 'heights': [], 'widths': [], 'row_lengths': []}
   boxes, classes, crowds = [], [], []
   for image_id, (path, height, width, _) in images.items():
     anns = per_image.get(image_id, [])
     if train and not any(not crowd for _, _, crowd in anns):
-      dropped['train image without usable annotations'] += 1
+      counts.dropped['train image without usable annotations'] += 1
       continue
     if len(anns) > max_boxes:
-      dropped[f'annotations beyond max_boxes={max_boxes}'] += len(anns) - max_boxes
+      counts.dropped[f'annotations beyond max_boxes={max_boxes}'] += len(anns) - max_boxes
       anns = anns[:max_boxes]
     for key, value in zip(rows, (path, image_id, height, width, len(anns))):
       rows[key].append(value)
     boxes += [b for b, _, _ in anns]
     classes += [c for _, c, _ in anns]
     crowds += [c for _, _, c in anns]
-  if not rows['paths']:
-    raise info_lib.DatasetError(
-        f'no usable image in {annotation_file} (image_dir {image_dir}); dropped: {dict(dropped)}')
-
-  table = ExampleTable(
+  return ExampleTable(
       paths=np.asarray(rows['paths'], dtype=object), image_ids=np.asarray(rows['image_ids'], np.int64),
       heights=np.asarray(rows['heights'], np.int32), widths=np.asarray(rows['widths'], np.int32),
       boxes=np.asarray(boxes, np.float32).reshape(-1, 4), classes=np.asarray(classes, np.int32),
       crowd=np.asarray(crowds, bool), row_lengths=np.asarray(rows['row_lengths'], np.int64))
-  kept_ids = set(rows['image_ids'])
+
+
+def load_coco(annotation_file: str, image_dir: str, *, train: bool, max_boxes: int, check_images: bool = True,
+              num_threads: int = 16):
+  """Parses, validates and repairs one COCO split.
+
+  Returns (ExampleTable, DatasetInfo with coco_gt, {'dropped': {reason: n}, 'repaired': {reason: n}}).
+  """
+  data = _read_json(annotation_file)
+  if not os.path.isdir(image_dir):
+    raise info_lib.DatasetFileNotFoundError(f'image_dir not found: {image_dir!r} (for {annotation_file})')
+  counts = _Counts()
+  cats = _categories(data, annotation_file)
+  cat_to_class = info_lib.category_to_class_table([c for c, _ in cats])
+  images, seen = _usable_images(data, image_dir, counts, check_images=check_images, num_threads=num_threads)
+  per_image, gt_annotations = _usable_annotations(data, images, seen, cat_to_class, counts)
+  table = _table(images, per_image, counts, train=train, max_boxes=max_boxes)
+  if not len(table):
+    raise info_lib.DatasetError(
+        f'no usable image in {annotation_file} (image_dir {image_dir}); dropped: {dict(counts.dropped)}')
+  kept_ids = set(table.image_ids.tolist())
   coco_gt = {
       'images': [{'id': i, 'file_name': os.path.basename(p), 'height': h, 'width': w}
                  for i, (p, h, w, _) in images.items() if i in kept_ids],
@@ -211,11 +235,11 @@ def load_coco(annotation_file: str, image_dir: str, *, train: bool, max_boxes: i
       'categories': [{'id': c, 'name': n} for c, n in cats],
   }
   logging.info('%s', summary_line(annotation_file, len(data['images']), len(table),
-                                  len(data.get('annotations', []) or []), len(table.classes), dropped, repaired))
-  info = info_lib.DatasetInfo(category_ids=category_ids, class_names=[n for _, n in cats],
+                                  len(data.get('annotations', []) or []), len(table.classes), counts.dropped,
+                                  counts.repaired))
+  info = info_lib.DatasetInfo(category_ids=[c for c, _ in cats], class_names=[n for _, n in cats],
                               num_examples=len(table), coco_gt=coco_gt)
-  table_counts = {'dropped': dict(dropped), 'repaired': dict(repaired)}
-  return table, info, table_counts
+  return table, info, {'dropped': dict(counts.dropped), 'repaired': dict(counts.repaired)}
 
 
 def summary_line(name, n_images, n_kept, n_anns, n_kept_anns, dropped, repaired) -> str:

@@ -37,54 +37,65 @@ def _resize(image, scale):
   return tf.image.resize(image, new_hw, method='bilinear'), new_hw
 
 
+def _square(image, boxes, data_config, *, train, scale_seed, crop_seed):
+  """Long side to S (times the jitter), a random S x S window when jitter makes it larger, padded to S x S.
+  Returns (image [S, S, 3], boxes, scale)."""
+  size = int(data_config.image_size)
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = size / tf.maximum(hw[0], hw[1])
+  lo, hi = (float(v) for v in data_config.scale_jitter)
+  if train and (lo, hi) != (1.0, 1.0):
+    scale = scale * _uniform(scale_seed, lo, hi)
+  image, new_hw = _resize(image, scale)
+  boxes = boxes * scale
+  # Scale jitter above 1 makes the image larger than S: take a random S x S window and clip boxes to it.
+  excess = tf.maximum(new_hw - size, 0)
+  offset = tf.cast(tf.floor(tf.random.stateless_uniform([2], seed=crop_seed) * tf.cast(excess + 1, tf.float32)),
+                   tf.int32)
+  offset = tf.minimum(offset, excess)
+  crop_hw = tf.minimum(new_hw, size)
+  image = image[offset[0]:offset[0] + crop_hw[0], offset[1]:offset[1] + crop_hw[1]]
+  off = tf.cast(tf.stack([offset[1], offset[0], offset[1], offset[0]]), tf.float32)
+  limit = tf.cast(tf.stack([crop_hw[1], crop_hw[0], crop_hw[1], crop_hw[0]]), tf.float32)
+  boxes = tf.clip_by_value(boxes - off, 0.0, limit)
+  image = tf.pad(image, [[0, size - tf.shape(image)[0]], [0, size - tf.shape(image)[1]], [0, 0]])
+  image.set_shape([size, size, 3])
+  return image, boxes, scale
+
+
+def _short_side(image, boxes, data_config, *, train, scale_seed):
+  """Short side to S (one of short_side_scales in training), long side at most max_size, padded to the landscape
+  or portrait bucket. Returns (image, boxes, scale)."""
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  h, w = hw[0], hw[1]
+  short = float(data_config.image_size)
+  scales = short_side_scales(data_config)
+  if train and len(scales) > 1:  # Detectron's multi-scale training: one short side per image
+    pick = tf.random.stateless_uniform([], seed=scale_seed, maxval=len(scales), dtype=tf.int32)
+    short = tf.cast(tf.gather(tf.constant(scales), pick), tf.float32)
+  scale = tf.minimum(short / tf.minimum(h, w), float(data_config.max_size) / tf.maximum(h, w))
+  image, _ = _resize(image, scale)
+  shapes = padded_shapes(data_config)
+  pad_hw = tf.where(w >= h, tf.constant(shapes['landscape'], tf.int32), tf.constant(shapes['portrait'], tf.int32))
+  image = tf.pad(image, [[0, pad_hw[0] - tf.shape(image)[0]], [0, pad_hw[1] - tf.shape(image)[1]], [0, 0]])
+  return image, boxes * scale, scale
+
+
 def preprocess_example(raw: dict, data_config, *, train: bool, seed: int, class_table=None) -> dict:
   """raw example (layout above) -> one batch row; train enables flip and scale jitter. `class_table` [C] int32 maps
   the source's contiguous category numbers to the model's classes (data.info.ClassLayout.model_class; None: as is)."""
   image = decode.decode_image(raw['image_data'])
   hw = tf.shape(image)[:2]
-  h, w = tf.cast(hw[0], tf.float32), tf.cast(hw[1], tf.float32)
   boxes, valid = raw['boxes'], raw['valid']
   key = tf.stack([tf.cast(seed, tf.int64), raw['index']])
   flip_seed, scale_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(key, 3))
-
   if train and data_config.random_flip:
-    image, boxes = tf.cond(_uniform(flip_seed) < 0.5, lambda: flip_horizontal(image, boxes, w),
+    image, boxes = tf.cond(_uniform(flip_seed) < 0.5, lambda: flip_horizontal(image, boxes, tf.cast(hw[1], tf.float32)),
                            lambda: (image, boxes))
-
-  shapes = padded_shapes(data_config)
-  size = float(data_config.image_size)
   if data_config.resize == 'square':
-    scale = size / tf.maximum(h, w)
-    lo, hi = (float(v) for v in data_config.scale_jitter)
-    if train and (lo, hi) != (1.0, 1.0):
-      scale = scale * _uniform(scale_seed, lo, hi)
-    image, new_hw = _resize(image, scale)
-    boxes = boxes * scale
-    # Scale jitter above 1 makes the image larger than S: take a random S x S window and clip boxes to it.
-    excess = tf.maximum(new_hw - int(size), 0)
-    offset = tf.cast(tf.floor(tf.random.stateless_uniform([2], seed=crop_seed) * tf.cast(excess + 1, tf.float32)),
-                     tf.int32)
-    offset = tf.minimum(offset, excess)
-    crop_hw = tf.minimum(new_hw, int(size))
-    image = image[offset[0]:offset[0] + crop_hw[0], offset[1]:offset[1] + crop_hw[1]]
-    off = tf.cast(tf.stack([offset[1], offset[0], offset[1], offset[0]]), tf.float32)
-    limit = tf.cast(tf.stack([crop_hw[1], crop_hw[0], crop_hw[1], crop_hw[0]]), tf.float32)
-    boxes = tf.clip_by_value(boxes - off, 0.0, limit)
-    pad_hw = tf.constant(shapes['square'], tf.int32)
+    image, boxes, scale = _square(image, boxes, data_config, train=train, scale_seed=scale_seed, crop_seed=crop_seed)
   else:
-    short = size
-    scales = short_side_scales(data_config)
-    if train and len(scales) > 1:  # Detectron's multi-scale training: one short side per image
-      pick = tf.random.stateless_uniform([], seed=scale_seed, maxval=len(scales), dtype=tf.int32)
-      short = tf.cast(tf.gather(tf.constant(scales), pick), tf.float32)
-    scale = tf.minimum(short / tf.minimum(h, w), float(data_config.max_size) / tf.maximum(h, w))
-    image, new_hw = _resize(image, scale)
-    boxes = boxes * scale
-    pad_hw = tf.where(w >= h, tf.constant(shapes['landscape'], tf.int32), tf.constant(shapes['portrait'], tf.int32))
-
-  image = tf.pad(image, [[0, pad_hw[0] - tf.shape(image)[0]], [0, pad_hw[1] - tf.shape(image)[1]], [0, 0]])
-  if data_config.resize == 'square':
-    image.set_shape(list(shapes['square']) + [3])
+    image, boxes, scale = _short_side(image, boxes, data_config, train=train, scale_seed=scale_seed)
 
   classes = raw['classes'] if class_table is None else tf.gather(tf.constant(class_table, tf.int32), raw['classes'])
   # Boxes cropped away entirely (zero area) stop being ground truth; padding rows stay zero.
