@@ -132,12 +132,12 @@ def lose_last_shard(batch: dict, num_devices: int) -> dict:
   return {k: np.concatenate([v[:-per_device], v[:per_device]]) for k, v in batch.items()}
 
 
-def scaled_loss(loss_fn, factor: float):
-  """`consistent.loss` with the bug of a per-device normalizer: each device divides by its own positives, about
-  1/factor of the global count, so the loss and every term come out `factor` times too large."""
+def scaled_loss(loss_call, factor: float):
+  """`ConsistentLoss.__call__` with the bug of a per-device normalizer: each device divides by its own positives,
+  about 1/factor of the global count, so the loss and every term come out `factor` times too large."""
 
-  def broken(outputs, anchors, batch, config):
-    total, metrics = loss_fn(outputs, anchors, batch, config)
+  def broken(self, outputs, anchors, batch):
+    total, metrics = loss_call(self, outputs, anchors, batch)
     scaled = {k: v * factor if k == 'loss' or k.startswith(('cls_loss', 'box_loss')) else v for k, v in metrics.items()}
     return total * factor, scaled
   return broken
@@ -180,7 +180,7 @@ def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
     sign = np.sign(np.random.RandomState(x.size).standard_normal(x.shape)).astype(np.float32)
     return (x * (1 + sign * np.float32(2.0**-24))).astype(np.float32)
 
-  real_loss = consistent.loss
+  real_loss = consistent.ConsistentLoss.__call__
   wrong_norm_loss = scaled_loss(real_loss, 4.0)
 
   variants = {
@@ -198,7 +198,7 @@ def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
       continue
     mesh = mesh_lib.make_mesh(config, devices)
     shardings = state_lib.shardings_of(state_lib.abstract_state(model, config, mesh))
-    consistent.loss = wrong_norm_loss if bug == 'wrong_norm' else real_loss
+    consistent.ConsistentLoss.__call__ = wrong_norm_loss if bug == 'wrong_norm' else real_loss
     try:
       train_step = step_lib.make_train_step(model, config, mesh, shardings)
       state = jax.device_put(start, shardings)
@@ -211,7 +211,7 @@ def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
         metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
         states.append(flatten(state))
     finally:
-      consistent.loss = real_loss
+      consistent.ConsistentLoss.__call__ = real_loss
     out[name] = {'metrics': metrics, 'states': states, 'init': flatten(start)}
   return out
 

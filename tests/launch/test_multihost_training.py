@@ -48,7 +48,7 @@ from jax.experimental import multihost_utils
 import conret_jax
 from conret_jax.cli import common
 from conret_jax import mesh as mesh_lib
-  from conret_jax.train import checkpoint
+from conret_jax.train import checkpoint
 
 config_file, config_arg, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 spec = importlib.util.spec_from_file_location('cfg', config_file)
