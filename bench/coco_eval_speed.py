@@ -35,13 +35,20 @@ def synthetic_eval(num_images: int, num_classes: int, dets_per_image: int, seed:
     gt = np.concatenate([rng.uniform(0, [w, h] - side), side], 1)
     classes = rng.integers(1, num_classes + 1, n)
     for box, cat in zip(gt, classes):
-      annotations.append({'id': len(annotations) + 1, 'image_id': image_id, 'category_id': int(cat),
-                          'bbox': [float(v) for v in box], 'area': float(box[2] * box[3]),
-                          'iscrowd': int(rng.random() < 0.01)})
+      annotations.append(
+        {
+          'id': len(annotations) + 1,
+          'image_id': image_id,
+          'category_id': int(cat),
+          'bbox': [float(v) for v in box],
+          'area': float(box[2] * box[3]),
+          'iscrowd': int(rng.random() < 0.01),
+        }
+      )
     copies = rng.integers(0, 4, n)
     matched = np.repeat(gt, copies, axis=0)[:dets_per_image]
     matched = matched + rng.normal(0, 0.1, matched.shape) * matched[:, [2, 3, 2, 3]]
-    matched_cls = np.repeat(classes, copies)[:len(matched)]
+    matched_cls = np.repeat(classes, copies)[: len(matched)]
     m = dets_per_image - len(matched)
     side = np.exp(rng.uniform(np.log(6), np.log(400), (m, 2)))
     noise = np.concatenate([rng.uniform(0, [w, h] - side), side], 1)
@@ -50,8 +57,14 @@ def synthetic_eval(num_images: int, num_classes: int, dets_per_image: int, seed:
     cats = np.concatenate([matched_cls, rng.integers(1, num_classes + 1, m)])
     scores = np.concatenate([rng.uniform(0.3, 1.0, len(matched)), rng.uniform(0.05, 0.6, m)])
     for box, cat, score in zip(boxes, cats, scores):
-      results.append({'image_id': image_id, 'category_id': int(cat), 'bbox': [round(float(v), 2) for v in box],
-                      'score': round(float(score), 5)})
+      results.append(
+        {
+          'image_id': image_id,
+          'category_id': int(cat),
+          'bbox': [round(float(v), 2) for v in box],
+          'score': round(float(score), 5),
+        }
+      )
   categories = [{'id': c, 'name': f'class{c}'} for c in range(1, num_classes + 1)]
   return {'images': images, 'annotations': annotations, 'categories': categories}, results
 
@@ -74,21 +87,31 @@ def main():
   args = parser.parse_args()
 
   coco_gt, results = synthetic_eval(args.images, args.classes, args.dets, args.seed)
-  report = {'images': args.images, 'classes': args.classes, 'gt': len(coco_gt['annotations']),
-            'detections': len(results), 'cpu': _cpu_model(), 'cpus': os.cpu_count(),
-            'load_before': os.getloadavg()[0]}
+  report = {
+    'images': args.images,
+    'classes': args.classes,
+    'gt': len(coco_gt['annotations']),
+    'detections': len(results),
+    'cpu': _cpu_model(),
+    'cpus': os.cpu_count(),
+    'load_before': os.getloadavg()[0],
+  }
   scores = {}
   for backend in args.backends.split(','):
     wall, cpu = time.perf_counter(), time.process_time()
     scores[backend] = coco_metrics.score(coco_gt, results, backend=backend)
-    report[backend] = {'wall_s': round(time.perf_counter() - wall, 2), 'cpu_s': round(time.process_time() - cpu, 2),
-                       'load_after': os.getloadavg()[0]}
+    report[backend] = {
+      'wall_s': round(time.perf_counter() - wall, 2),
+      'cpu_s': round(time.process_time() - cpu, 2),
+      'load_after': os.getloadavg()[0],
+    }
   report['summary'] = {b: {k: round(v, 6) for k, v in s.summary.items()} for b, s in scores.items()}
   if len(scores) == 2:
     first, second = scores.values()
     report['max_abs_diff_summary'] = max(abs(first.summary[k] - second.summary[k]) for k in first.summary)
-    report['max_abs_diff_per_class'] = max(abs(first.per_class[c][k] - second.per_class[c][k])
-                                           for c in first.per_class for k in ('AP', 'AP50', 'AP75'))
+    report['max_abs_diff_per_class'] = max(
+      abs(first.per_class[c][k] - second.per_class[c][k]) for c in first.per_class for k in ('AP', 'AP50', 'AP75')
+    )
   print(json.dumps(report))
 
 

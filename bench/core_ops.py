@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conret_jax.model.anchor_spec import anchors_from_config, level_anchor_counts
 from conret_jax.core.boxes import decode, pairwise_iou
 from conret_jax.core.nms import postprocess
 from conret_jax.core.targets import assign
 from conret_jax.defaults import base_config
+from conret_jax.model.anchor_spec import anchors_from_config, level_anchor_counts
 
 MB = 2.0**20
 
@@ -70,8 +70,12 @@ def timed(fn, args, repeats) -> dict:
   memory = {}
   if mem is not None:
     memory = {k: round(getattr(mem, f'{k}_size_in_bytes') / MB, 1) for k in ('argument', 'output', 'temp')}
-  return dict(median_s=round(statistics.median(times), 4), min_s=round(min(times), 4),
-              cpu_median_s=round(statistics.median(cpu), 4), xla_memory_mb=memory)
+  return dict(
+    median_s=round(statistics.median(times), 4),
+    min_s=round(min(times), 4),
+    cpu_median_s=round(statistics.median(cpu), 4),
+    xla_memory_mb=memory,
+  )
 
 
 def peak_rss_mb():
@@ -91,20 +95,38 @@ def main():
   hw = (args.size, args.size)
   anchors = anchors_from_config(hw, config.model)
   rng = np.random.default_rng(0)
-  result = dict(bench='core_ops', backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-                cpu=platform.processor() or platform.machine(), batch=args.batch, image=args.size,
-                anchors=int(anchors.shape[0]), gt_rows=args.gt, classes=args.classes, repeats=args.repeats)
+  result = dict(
+    bench='core_ops',
+    backend=jax.default_backend(),
+    device=str(jax.devices()[0].device_kind),
+    cpu=platform.processor() or platform.machine(),
+    batch=args.batch,
+    image=args.size,
+    anchors=int(anchors.shape[0]),
+    gt_rows=args.gt,
+    classes=args.classes,
+    repeats=args.repeats,
+  )
 
   boxes, classes, valid = random_gt(rng, args.batch, args.gt, args.size)
   loss_cfg = config.loss
 
   def assign_fn(gt_boxes, gt_classes, gt_valid):
-    return assign(anchors, gt_boxes, gt_classes, gt_valid, pos_iou=0.5, neg_iou=0.4,
-                  allow_low_quality_matches=loss_cfg.allow_low_quality_matches,
-                  box_weights=tuple(config.model.box_weights))
+    return assign(
+      anchors,
+      gt_boxes,
+      gt_classes,
+      gt_valid,
+      pos_iou=0.5,
+      neg_iou=0.4,
+      allow_low_quality_matches=loss_cfg.allow_low_quality_matches,
+      box_weights=tuple(config.model.box_weights),
+    )
 
-  result['assign'] = dict(**timed(assign_fn, (jnp.asarray(boxes), jnp.asarray(classes), jnp.asarray(valid)),
-                                  args.repeats), peak_rss_mb=peak_rss_mb())
+  result['assign'] = dict(
+    **timed(assign_fn, (jnp.asarray(boxes), jnp.asarray(classes), jnp.asarray(valid)), args.repeats),
+    peak_rss_mb=peak_rss_mb(),
+  )
 
   counts = level_anchor_counts(hw, config.model)
   logits = jnp.asarray(realistic_logits(rng, np.asarray(anchors), args.batch, args.classes, args.size))
@@ -114,13 +136,22 @@ def main():
   e = config.eval
 
   def post_fn(cls_logits, box):
-    return postprocess(cls_logits, box, counts, hw, score_threshold=e.score_threshold,
-                       topk_per_level=e.topk_per_level, nms_iou=e.nms_iou, max_detections=e.max_detections)
+    return postprocess(
+      cls_logits,
+      box,
+      counts,
+      hw,
+      score_threshold=e.score_threshold,
+      topk_per_level=e.topk_per_level,
+      nms_iou=e.nms_iou,
+      max_detections=e.max_detections,
+    )
 
   timing = timed(post_fn, (logits, decoded), args.repeats)
   out = jax.jit(post_fn)(logits, decoded)
-  result['postprocess'] = dict(**timing, peak_rss_mb=peak_rss_mb(),
-                               mean_detections=float(np.asarray(out['valid']).sum(1).mean()))
+  result['postprocess'] = dict(
+    **timing, peak_rss_mb=peak_rss_mb(), mean_detections=float(np.asarray(out['valid']).sum(1).mean())
+  )
   print(json.dumps(result))
 
 

@@ -31,16 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from conret_jax.cli.import_weights import load_config
-from conret_jax.model.anchor_spec import anchors_from_config, level_anchor_counts
 from conret_jax.core.boxes import decode
 from conret_jax.core.nms import postprocess, select_candidates
+from conret_jax.model.anchor_spec import anchors_from_config, level_anchor_counts
 from conret_jax.model.detector import build_model, init_variables
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, 'tests', 'core'))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from core_ops import peak_rss_mb, realistic_logits, timed  # bench/, the script's folder
-from core_reference import flat_topk_candidates, flat_topk_postprocess
+from core_ops import peak_rss_mb, realistic_logits, timed  # noqa: E402 (bench/, the script's folder)
+from core_reference import flat_topk_candidates, flat_topk_postprocess  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -65,11 +65,22 @@ def main():
   anchors = anchors_from_config(hw, config.model)
   counts = level_anchor_counts(hw, config.model)
   num_classes = config.model.num_classes
-  result = dict(bench='postprocess_share', config=os.path.relpath(args.config, _ROOT), backend=jax.default_backend(),
-                jax=jax.__version__, cpu=cpu_model(), cpu_count=os.cpu_count(),
-                load_avg_start=[round(x, 2) for x in os.getloadavg()], batch=args.batch, image=args.size,
-                anchors=int(anchors.shape[0]), level_anchors=list(counts), classes=num_classes,
-                repeats=args.repeats, post_repeats=args.post_repeats)
+  result = dict(
+    bench='postprocess_share',
+    config=os.path.relpath(args.config, _ROOT),
+    backend=jax.default_backend(),
+    jax=jax.__version__,
+    cpu=cpu_model(),
+    cpu_count=os.cpu_count(),
+    load_avg_start=[round(x, 2) for x in os.getloadavg()],
+    batch=args.batch,
+    image=args.size,
+    anchors=int(anchors.shape[0]),
+    level_anchors=list(counts),
+    classes=num_classes,
+    repeats=args.repeats,
+    post_repeats=args.post_repeats,
+  )
 
   model = build_model(config)
   variables = init_variables(model, jax.random.PRNGKey(0), hw, args.batch)
@@ -84,23 +95,29 @@ def main():
   deltas = rng.normal(0, 0.1, (args.batch, anchors.shape[0], 4)).astype(np.float32)
   boxes = jax.jit(decode)(jnp.asarray(deltas), anchors)
   e = config.eval
-  settings = dict(score_threshold=e.score_threshold, topk_per_level=e.topk_per_level, nms_iou=e.nms_iou,
-                  max_detections=e.max_detections)
-  new = lambda l, b: postprocess(l, b, counts, hw, **settings)
-  flat = lambda l, b: flat_topk_postprocess(l, b, counts, hw, **settings)
+  settings = dict(
+    score_threshold=e.score_threshold,
+    topk_per_level=e.topk_per_level,
+    nms_iou=e.nms_iou,
+    max_detections=e.max_detections,
+  )
+  new = lambda lg, b: postprocess(lg, b, counts, hw, **settings)
+  flat = lambda lg, b: flat_topk_postprocess(lg, b, counts, hw, **settings)
   result['postprocess'] = timed(new, (logits, boxes), args.post_repeats)
   result['postprocess_flat'] = timed(flat, (logits, boxes), args.post_repeats)
   for key, select in (('select', select_candidates), ('select_flat', flat_topk_candidates)):
-    result[key] = timed(lambda l, s=select: s(l, counts, e.topk_per_level, e.score_threshold), (logits,),
-                        args.post_repeats)
+    result[key] = timed(
+      lambda lg, s=select: s(lg, counts, e.topk_per_level, e.score_threshold), (logits,), args.post_repeats
+    )
 
   got, want = jax.jit(new)(logits, boxes), jax.jit(flat)(logits, boxes)
   result['identical_outputs'] = all(np.array_equal(np.asarray(got[k]), np.asarray(want[k])) for k in want)
   result['mean_detections'] = float(np.asarray(got['valid']).sum(1).mean())
   for key in ('postprocess', 'postprocess_flat'):
     result[f'{key}_over_forward'] = dict(
-        wall=round(result[key]['median_s'] / result['forward']['median_s'], 4),
-        cpu=round(result[key]['cpu_median_s'] / result['forward']['cpu_median_s'], 4))
+      wall=round(result[key]['median_s'] / result['forward']['median_s'], 4),
+      cpu=round(result[key]['cpu_median_s'] / result['forward']['cpu_median_s'], 4),
+    )
   result['load_avg_end'] = [round(x, 2) for x in os.getloadavg()]
   result['peak_rss_mb'] = peak_rss_mb()
   print(json.dumps(result))

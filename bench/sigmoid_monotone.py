@@ -45,9 +45,19 @@ def main():
       checked += min(size, POS_INF + 1 - start)
   zero = jax.nn.sigmoid(jnp.array([-0.0, 0.0], jnp.float32))
   bad += int(zero[0] != zero[1])
-  print(json.dumps(dict(bench='sigmoid_monotone', backend=jax.default_backend(), jax=jax.__version__,
-                        device=str(jax.devices()[0].device_kind), inputs_checked=checked, decreasing_steps=bad,
-                        seconds=round(time.perf_counter() - t, 1))))
+  print(
+    json.dumps(
+      dict(
+        bench='sigmoid_monotone',
+        backend=jax.default_backend(),
+        jax=jax.__version__,
+        device=str(jax.devices()[0].device_kind),
+        inputs_checked=checked,
+        decreasing_steps=bad,
+        seconds=round(time.perf_counter() - t, 1),
+      )
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -27,19 +27,19 @@ import platform
 import statistics
 import time
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from ml_collections import config_flags
 
 from conret_jax import consistent
 from conret_jax.model import anchor_spec as anchor_ops
 from conret_jax.train import bench
 
-config_flags.DEFINE_config_file('config', None, 'ConRetinaNet config; the baseline disables consistent.',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'ConRetinaNet config; the baseline disables consistent.', lock_config=True
+)
 _PAIRS = flags.DEFINE_integer('pairs', 3, 'Alternating (RetinaNet, ConRetinaNet) block pairs.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per block.')
 _LOSS_REPEATS = flags.DEFINE_integer('loss_repeats', 10, 'Timed calls of each loss function (0: skip).')
@@ -70,16 +70,18 @@ def loss_only(configs: dict, image_hw, repeats: int) -> dict:
   any_config = next(iter(configs.values()))
   anchors = anchor_ops.anchors_from_config(tuple(image_hw), any_config.model)
   a, k = anchors.shape[0], any_config.model.num_classes
-  batch = {key: jnp.asarray(v) for key, v in
-           bench.synthetic_batch(any_config, image_hw, rng).items() if key != 'images'}
+  batch = {
+    key: jnp.asarray(v) for key, v in bench.synthetic_batch(any_config, image_hw, rng).items() if key != 'images'
+  }
   b = batch['boxes'].shape[0]
   funcs, args = {}, {}
   for name, config in configs.items():
     n_reg = consistent.num_regression_stages(config)
     n_logits = 1 if config.model.head.variant == 'consistent' else n_reg  # one classifier per stage otherwise
     outputs = {  # logits near the prior (p ~ 0.01); small offsets so refined anchors stay near their objects
-        'cls_logits': tuple(jnp.asarray(rng.normal(-4.6, 1.0, (b, a, k)), jnp.float32) for _ in range(n_logits)),
-        'box_deltas': tuple(jnp.asarray(rng.normal(0.0, 0.1, (b, a, 4)), jnp.float32) for _ in range(n_reg))}
+      'cls_logits': tuple(jnp.asarray(rng.normal(-4.6, 1.0, (b, a, k)), jnp.float32) for _ in range(n_logits)),
+      'box_deltas': tuple(jnp.asarray(rng.normal(0.0, 0.1, (b, a, 4)), jnp.float32) for _ in range(n_reg)),
+    }
     fwd = jax.jit(lambda o, c=config: consistent.loss(o, anchors, batch, c)[0])
     grad = jax.jit(jax.value_and_grad(lambda o, c=config: consistent.loss(o, anchors, batch, c)[0]))
     tgt = jax.jit(lambda o, c=config: consistent.stage_targets(anchors, o['box_deltas'], batch, c))
@@ -98,8 +100,12 @@ def loss_only(configs: dict, image_hw, repeats: int) -> dict:
     n_cls, n_reg = consistent.num_terms(configs[name])
     result[name] = {'terms': [n_cls, n_reg]}
     for kind, (wall, cpu) in times[name].items():
-      result[name][kind] = {'wall_s': statistics.median(wall), 'cpu_s': statistics.median(cpu),
-                            'wall_min_s': min(wall), 'wall_max_s': max(wall)}
+      result[name][kind] = {
+        'wall_s': statistics.median(wall),
+        'cpu_s': statistics.median(cpu),
+        'wall_min_s': min(wall),
+        'wall_max_s': max(wall),
+      }
   return result
 
 
@@ -114,23 +120,35 @@ def step_pairs(configs: dict, pairs: int, steps: int) -> dict:
       load = os.getloadavg()[0]
       wall, cpu = runners[name].run(steps)
       pair[name] = {'wall_s': wall, 'cpu_s': cpu, 'load1': load}
-      print(f'pair {p} {name:13s} load {load:5.1f}  wall median {statistics.median(wall):7.3f} s  '
-            f'cpu median {statistics.median(cpu):7.3f} s', flush=True)
+      print(
+        f'pair {p} {name:13s} load {load:5.1f}  wall median {statistics.median(wall):7.3f} s  '
+        f'cpu median {statistics.median(cpu):7.3f} s',
+        flush=True,
+      )
     blocks.append(pair)
   result = {'variants': {}, 'pairs': []}
   for name, runner in runners.items():
     wall = [t for pair in blocks for t in pair[name]['wall_s']]
     cpu = [t for pair in blocks for t in pair[name]['cpu_s']]
     result['variants'][name] = {
-        'terms': list(consistent.num_terms(runner.config)), 'wall_median_s': statistics.median(wall),
-        'wall_min_s': min(wall), 'wall_max_s': max(wall), 'cpu_median_s': statistics.median(cpu),
-        'cpu_min_s': min(cpu), 'cpu_max_s': max(cpu), 'compile_time_s': runner.compile_time_s,
-        'step_gflops': runner.flops / 1e9, 'xla_temp_mb': runner.xla_temp_mb, 'loss': float(runner.metrics['loss'])}
+      'terms': list(consistent.num_terms(runner.config)),
+      'wall_median_s': statistics.median(wall),
+      'wall_min_s': min(wall),
+      'wall_max_s': max(wall),
+      'cpu_median_s': statistics.median(cpu),
+      'cpu_min_s': min(cpu),
+      'cpu_max_s': max(cpu),
+      'compile_time_s': runner.compile_time_s,
+      'step_gflops': runner.flops / 1e9,
+      'xla_temp_mb': runner.xla_temp_mb,
+      'loss': float(runner.metrics['loss']),
+    }
   base, con = names
   for pair in blocks:
     ratio = lambda key, pair=pair: statistics.median(pair[con][key]) / statistics.median(pair[base][key])
-    result['pairs'].append({'wall_ratio': ratio('wall_s'), 'cpu_ratio': ratio('cpu_s'),
-                            'load1': [pair[base]['load1'], pair[con]['load1']]})
+    result['pairs'].append(
+      {'wall_ratio': ratio('wall_s'), 'cpu_ratio': ratio('cpu_s'), 'load1': [pair[base]['load1'], pair[con]['load1']]}
+    )
   for key in ('wall_ratio', 'cpu_ratio'):
     values = [p[key] for p in result['pairs']]
     result[key] = {'median': statistics.median(values), 'min': min(values), 'max': max(values)}
@@ -140,24 +158,35 @@ def step_pairs(configs: dict, pairs: int, steps: int) -> dict:
 
 
 def _table(steps: dict, loss: dict | None) -> str:
-  lines = ['| variant | terms | wall median s (min-max) | CPU median s (min-max) | GFLOPs/step | compile s |',
-           '|---|---|---|---|---|---|']
+  lines = [
+    '| variant | terms | wall median s (min-max) | CPU median s (min-max) | GFLOPs/step | compile s |',
+    '|---|---|---|---|---|---|',
+  ]
   for name, v in steps['variants'].items():
-    lines.append(f"| {name} | {tuple(v['terms'])} | {v['wall_median_s']:.3f} ({v['wall_min_s']:.3f}-"
-                 f"{v['wall_max_s']:.3f}) | {v['cpu_median_s']:.3f} ({v['cpu_min_s']:.3f}-{v['cpu_max_s']:.3f}) | "
-                 f"{v['step_gflops']:.1f} | {v['compile_time_s']:.0f} |")
+    lines.append(
+      f'| {name} | {tuple(v["terms"])} | {v["wall_median_s"]:.3f} ({v["wall_min_s"]:.3f}-'
+      f'{v["wall_max_s"]:.3f}) | {v["cpu_median_s"]:.3f} ({v["cpu_min_s"]:.3f}-{v["cpu_max_s"]:.3f}) | '
+      f'{v["step_gflops"]:.1f} | {v["compile_time_s"]:.0f} |'
+    )
   w, c = steps['wall_ratio'], steps['cpu_ratio']
-  lines.append(f"\nConRetinaNet / RetinaNet, per pair: wall {w['median']:.3f} (min {w['min']:.3f}, max "
-               f"{w['max']:.3f}); CPU {c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f}); "
-               f"FLOPs {steps['flops_ratio']:.4f}")
+  lines.append(
+    f'\nConRetinaNet / RetinaNet, per pair: wall {w["median"]:.3f} (min {w["min"]:.3f}, max '
+    f'{w["max"]:.3f}); CPU {c["median"]:.3f} ({c["min"]:.3f}-{c["max"]:.3f}); '
+    f'FLOPs {steps["flops_ratio"]:.4f}'
+  )
   if loss:
-    lines += ['', '| loss alone (jit), wall / CPU ms | terms | targets (matching) | loss forward | forward+backward |',
-              '|---|---|---|---|---|']
+    lines += [
+      '',
+      '| loss alone (jit), wall / CPU ms | terms | targets (matching) | loss forward | forward+backward |',
+      '|---|---|---|---|---|',
+    ]
     for name in steps['variants']:
       v = loss[name]
-      cells = [f"{1e3 * v[kind]['wall_s']:.1f} / {1e3 * v[kind]['cpu_s']:.1f}"
-               for kind in ('targets', 'forward', 'forward_backward')]
-      lines.append(f"| {name} | {tuple(v['terms'])} | {' | '.join(cells)} |")
+      cells = [
+        f'{1e3 * v[kind]["wall_s"]:.1f} / {1e3 * v[kind]["cpu_s"]:.1f}'
+        for kind in ('targets', 'forward', 'forward_backward')
+      ]
+      lines.append(f'| {name} | {tuple(v["terms"])} | {" | ".join(cells)} |')
   return '\n'.join(lines)
 
 
@@ -171,12 +200,21 @@ def main(argv):
   started = time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())
   steps = step_pairs(configs, _PAIRS.value, _STEPS.value)
   loss = loss_only(configs, steps['image_hw'], _LOSS_REPEATS.value) if _LOSS_REPEATS.value else None
-  result = {'started': started, 'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-            'machine': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
-            'jax': jax.__version__, 'device': str(jax.devices()[0]), 'device_count': jax.device_count(),
-            'batch': config.train.global_batch_size, 'depth': config.model.backbone.depth,
-            'load_avg_end': list(os.getloadavg()), 'steps_per_block': _STEPS.value, 'step': steps,
-            'loss_only': loss}
+  result = {
+    'started': started,
+    'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+    'machine': platform.processor() or platform.machine(),
+    'cpu_count': os.cpu_count(),
+    'jax': jax.__version__,
+    'device': str(jax.devices()[0]),
+    'device_count': jax.device_count(),
+    'batch': config.train.global_batch_size,
+    'depth': config.model.backbone.depth,
+    'load_avg_end': list(os.getloadavg()),
+    'steps_per_block': _STEPS.value,
+    'step': steps,
+    'loss_only': loss,
+  }
   print(_table(steps, loss), flush=True)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, 'w') as f:

@@ -23,10 +23,14 @@ from conret_jax import defaults
 
 # (depth, scale, consistent) -> AP, from Table 4 of the paper (minival).
 TABLE4_AP = {
-    (50, 500, False): 32.5, (50, 500, True): 33.7,
-    (50, 800, False): 35.7, (50, 800, True): 36.4,
-    (101, 500, False): 34.4, (101, 500, True): 35.5,
-    (101, 800, False): 37.8, (101, 800, True): 38.7,
+  (50, 500, False): 32.5,
+  (50, 500, True): 33.7,
+  (50, 800, False): 35.7,
+  (50, 800, True): 36.4,
+  (101, 500, False): 34.4,
+  (101, 500, True): 35.5,
+  (101, 800, False): 37.8,
+  (101, 800, True): 38.7,
 }
 # Table 6 (test-dev, 800, 1.5x schedule with scale jitter): ConRetinaNet only.
 TABLE6_AP = {50: 37.3, 101: 40.1}

@@ -13,10 +13,10 @@ import importlib
 __version__ = '0.1.0'
 
 _LAZY = {
-    'build_model': ('conret_jax.model.detector', 'build_model'),
-    'init_variables': ('conret_jax.model.detector', 'init_variables'),
-    'detect': ('conret_jax.inference', 'detect'),
-    'weights': ('conret_jax.weights', None),
+  'build_model': ('conret_jax.model.detector', 'build_model'),
+  'init_variables': ('conret_jax.model.detector', 'init_variables'),
+  'detect': ('conret_jax.inference', 'detect'),
+  'weights': ('conret_jax.weights', None),
 }
 
 __all__ = sorted(_LAZY)

@@ -28,17 +28,24 @@ import importlib
 import io
 from typing import Iterable
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AP60', 'AP70', 'AP80', 'AP90', 'AR1', 'AR10', 'AR100')
 BACKENDS = ('faster_coco_eval', 'pycocotools')
 
 # (name, IoU threshold or None for the .50:.95 mean, area range label) read from precision [T, R, K, A, M].
 _AP_SPECS = (
-    ('AP', None, 'all'), ('AP50', 0.5, 'all'), ('AP75', 0.75, 'all'),
-    ('APs', None, 'small'), ('APm', None, 'medium'), ('APl', None, 'large'),
-    ('AP60', 0.6, 'all'), ('AP70', 0.7, 'all'), ('AP80', 0.8, 'all'), ('AP90', 0.9, 'all'),
+  ('AP', None, 'all'),
+  ('AP50', 0.5, 'all'),
+  ('AP75', 0.75, 'all'),
+  ('APs', None, 'small'),
+  ('APm', None, 'medium'),
+  ('APl', None, 'large'),
+  ('AP60', 0.6, 'all'),
+  ('AP70', 0.7, 'all'),
+  ('AP80', 0.8, 'all'),
+  ('AP90', 0.9, 'all'),
 )
 _AR_SPECS = (('AR1', 1), ('AR10', 10), ('AR100', 100))
 _PER_CLASS_SPECS = (('AP', None), ('AP50', 0.5), ('AP75', 0.75))  # area 'all'
@@ -49,6 +56,7 @@ class Scores:
   """summary: {name: float} for METRIC_NAMES.
   per_class: {category name: {'category_id': int, 'AP': float, 'AP50': float, 'AP75': float}}, every category of
     the ground truth; -1.0 where the class has no (non-crowd) ground truth among the evaluated images."""
+
   summary: dict[str, float]
   per_class: dict[str, dict]
 
@@ -67,17 +75,21 @@ def resolve_backend(backend: str = 'auto') -> str:
     except ImportError:
       continue
     return name
-  raise ImportError(f'COCO evaluation backend {backend!r} needs {" or ".join(candidates)}, not installed here; '
-                    f'pip install {candidates[0].replace("_", "-")} or choose another of {("auto",) + BACKENDS}')
+  raise ImportError(
+    f'COCO evaluation backend {backend!r} needs {" or ".join(candidates)}, not installed here; '
+    f'pip install {candidates[0].replace("_", "-")} or choose another of {("auto",) + BACKENDS}'
+  )
 
 
 def _api(backend: str):
   """(COCO, COCOeval) classes of a resolved backend; both share pycocotools' interface."""
   if backend == 'faster_coco_eval':
     from faster_coco_eval import COCO, COCOeval_faster  # pylint: disable=g-import-not-at-top
+
     return COCO, COCOeval_faster
   from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
   from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
+
   return COCO, COCOeval
 
 
@@ -126,8 +138,7 @@ def _detections(coco_cls, gt, results: list[dict]):
   if unknown:
     raise ValueError(f'results for {len(unknown)} image ids missing from the ground truth, e.g. {min(unknown)}')
   anns = [{**r, 'id': i, 'area': r['bbox'][2] * r['bbox'][3], 'iscrowd': 0} for i, r in enumerate(results, 1)]
-  return _coco(coco_cls, {'images': gt.dataset['images'], 'categories': gt.dataset['categories'],
-                          'annotations': anns})
+  return _coco(coco_cls, {'images': gt.dataset['images'], 'categories': gt.dataset['categories'], 'annotations': anns})
 
 
 @contextlib.contextmanager
@@ -178,8 +189,7 @@ def _per_class(precision: np.ndarray, params, categories: list[dict]) -> dict[st
   return out
 
 
-def score(coco_gt: dict, results: list[dict], image_ids: Iterable[int] | None = None,
-          backend: str = 'auto') -> Scores:
+def score(coco_gt: dict, results: list[dict], image_ids: Iterable[int] | None = None, backend: str = 'auto') -> Scores:
   """COCO box metrics of `results` against the ground-truth dict `coco_gt`.
 
   Args:

@@ -30,6 +30,7 @@ from conret_jax.core.constants import BOX_DELTA_CLAMP
 @dataclasses.dataclass(frozen=True)
 class ConsistentLoss:
   """Eq. 1 + Eq. 2 (RetinaNet's loss with one term of each). Thresholds are per stage (stage 0 first)."""
+
   num_cls_terms: int = 2
   num_reg_terms: int = 2
   alpha: float = 1.0
@@ -46,14 +47,21 @@ class ConsistentLoss:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'ConsistentLoss':
     n_cls, n_reg = stages.num_terms(config)
-    c, l, m = config.consistent, config.loss, config.model
-    return cls(num_cls_terms=n_cls, num_reg_terms=n_reg, alpha=float(c.alpha),
-               pos_iou=tuple(float(v) for v in c.pos_iou_thresholds),
-               neg_iou=tuple(float(v) for v in c.neg_iou_thresholds),
-               allow_low_quality_matches=bool(l.allow_low_quality_matches),
-               box_weights=tuple(float(v) for v in m.box_weights), box_clamp=float(m.box_clamp),
-               focal_alpha=float(l.focal_alpha), focal_gamma=float(l.focal_gamma),
-               smooth_l1_beta=float(l.smooth_l1_beta), box_loss_weight=float(l.box_loss_weight))
+    c, lc, m = config.consistent, config.loss, config.model
+    return cls(
+      num_cls_terms=n_cls,
+      num_reg_terms=n_reg,
+      alpha=float(c.alpha),
+      pos_iou=tuple(float(v) for v in c.pos_iou_thresholds),
+      neg_iou=tuple(float(v) for v in c.neg_iou_thresholds),
+      allow_low_quality_matches=bool(lc.allow_low_quality_matches),
+      box_weights=tuple(float(v) for v in m.box_weights),
+      box_clamp=float(m.box_clamp),
+      focal_alpha=float(lc.focal_alpha),
+      focal_gamma=float(lc.focal_gamma),
+      smooth_l1_beta=float(lc.smooth_l1_beta),
+      box_loss_weight=float(lc.box_loss_weight),
+    )
 
   def stage_targets(self, anchors: jax.Array, box_deltas: Sequence[jax.Array], batch) -> list[dict]:
     """Targets of every stage: stage 0 on the regular anchors, stage s on anchors refined s times.
@@ -70,11 +78,19 @@ class ConsistentLoss:
     stage_anchors = anchors
     for s in range(max(self.num_cls_terms, self.num_reg_terms)):
       if s > 0:
-        stage_anchors = stages.refine(stage_anchors, box_deltas[s - 1], box_weights=self.box_weights,
-                                      clamp=self.box_clamp)
-      t = targets.assign(stage_anchors, batch['boxes'], batch['classes'], gt_valid, pos_iou=self.pos_iou[s],
-                         neg_iou=self.neg_iou[s], allow_low_quality_matches=self.allow_low_quality_matches and s == 0,
-                         box_weights=self.box_weights)
+        stage_anchors = stages.refine(
+          stage_anchors, box_deltas[s - 1], box_weights=self.box_weights, clamp=self.box_clamp
+        )
+      t = targets.assign(
+        stage_anchors,
+        batch['boxes'],
+        batch['classes'],
+        gt_valid,
+        pos_iou=self.pos_iou[s],
+        neg_iou=self.neg_iou[s],
+        allow_low_quality_matches=self.allow_low_quality_matches and s == 0,
+        box_weights=self.box_weights,
+      )
       result.append(dict(t, anchors=stage_anchors))
     return result
 
@@ -101,23 +117,29 @@ class ConsistentLoss:
     for c in sorted(set(classifier_of)):
       terms = [s for s in range(self.num_cls_terms) if classifier_of[s] == c]
       sums = losses.classification_losses(
-          cls_logits[c].astype(jnp.float32), [per_stage[s]['cls_labels'] for s in terms],
-          alpha=self.focal_alpha, gamma=self.focal_gamma)
+        cls_logits[c].astype(jnp.float32),
+        [per_stage[s]['cls_labels'] for s in terms],
+        alpha=self.focal_alpha,
+        gamma=self.focal_gamma,
+      )
       for s, term_sum in zip(terms, sums):
         metrics[f'cls_loss_{s}'] = (1.0 if s == 0 else self.alpha) * term_sum / n_cls_norm
         total = total + metrics[f'cls_loss_{s}']
     for s in range(self.num_reg_terms):
       t = per_stage[s]
-      metrics[f'box_loss_{s}'] = self.box_loss_weight * losses.box_loss(
-          box_deltas[s].astype(jnp.float32), t['box_targets'], t['positive'],
-          beta=self.smooth_l1_beta) / losses.normalizer(jnp.sum(t['num_positives']))
+      metrics[f'box_loss_{s}'] = (
+        self.box_loss_weight
+        * losses.box_loss(box_deltas[s].astype(jnp.float32), t['box_targets'], t['positive'], beta=self.smooth_l1_beta)
+        / losses.normalizer(jnp.sum(t['num_positives']))
+      )
       total = total + metrics[f'box_loss_{s}']
     metrics['loss'] = total
     return total, metrics
 
 
-def stage_targets(anchors: jax.Array, box_deltas: Sequence[jax.Array], batch,
-                  config: ml_collections.ConfigDict) -> list[dict]:
+def stage_targets(
+  anchors: jax.Array, box_deltas: Sequence[jax.Array], batch, config: ml_collections.ConfigDict
+) -> list[dict]:
   """`ConsistentLoss.stage_targets` of the config's loss."""
   return ConsistentLoss.from_config(config).stage_targets(anchors, box_deltas, batch)
 

@@ -95,15 +95,17 @@ def _model() -> ml_collections.ConfigDict:
   m.box_clamp = BOX_DELTA_CLAMP
   return m
 
+
 def _loss() -> ml_collections.ConfigDict:
   """config.loss: the losses and the matching of stage 1 (RetinaNet's)."""
-  l = ml_collections.ConfigDict()
-  l.focal_alpha = 0.25
-  l.focal_gamma = 2.0
-  l.smooth_l1_beta = 0.11  # Detectron's RetinaNet; 0.0 gives L1 (torchvision)
-  l.box_loss_weight = 1.0
-  l.allow_low_quality_matches = True  # stage 1 only; refined stages match on quality alone
-  return l
+  lc = ml_collections.ConfigDict()
+  lc.focal_alpha = 0.25
+  lc.focal_gamma = 2.0
+  lc.smooth_l1_beta = 0.11  # Detectron's RetinaNet; 0.0 gives L1 (torchvision)
+  lc.box_loss_weight = 1.0
+  lc.allow_low_quality_matches = True  # stage 1 only; refined stages match on quality alone
+  return lc
+
 
 def _consistent() -> ml_collections.ConfigDict:
   """config.consistent: consistent optimization (the paper, Section 4)."""
@@ -116,6 +118,7 @@ def _consistent() -> ml_collections.ConfigDict:
   c.neg_iou_thresholds = (0.4, 0.5, 0.6)
   c.inference_reg_steps = 0  # regressions applied at inference; 0 = all trained ones (Table 3 "2*" = 1)
   return c
+
 
 def _data() -> ml_collections.ConfigDict:
   """config.data: the input pipeline and its two sources."""
@@ -134,6 +137,7 @@ def _data() -> ml_collections.ConfigDict:
   d.train = data_source_config(split='train')
   d.eval = data_source_config(split='val')
   return d
+
 
 def _train() -> ml_collections.ConfigDict:
   """config.train: the optimizer, its schedule and the loop."""
@@ -163,12 +167,14 @@ def _train() -> ml_collections.ConfigDict:
   t.fsdp_axis_size = 1  # >1 shards params and optimizer state over an 'fsdp' mesh axis
   return t
 
+
 def _checkpoint() -> ml_collections.ConfigDict:
   """config.checkpoint: when checkpoints are written and how many are kept."""
   k = ml_collections.ConfigDict()
   k.every_steps = 5000
   k.keep = 3
   return k
+
 
 def _eval() -> ml_collections.ConfigDict:
   """config.eval: evaluation and post-processing."""
@@ -185,6 +191,7 @@ def _eval() -> ml_collections.ConfigDict:
   e.visualize_score_threshold = 0.3  # detections.png draws detections scoring at least this
   e.coco_backend = 'auto'  # COCO scoring: 'faster_coco_eval' (C++), 'pycocotools', or 'auto' (the first installed)
   return e
+
 
 def schedule_steps(train_config: ml_collections.ConfigDict) -> tuple[int, tuple[int, ...]]:
   """(warm-up steps, decay steps) of the run: the absolute values when given, else fractions of num_steps,

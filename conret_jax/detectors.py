@@ -39,8 +39,13 @@ def _retinanet(config: ml_collections.ConfigDict, module: nn.Module | None) -> D
   def decode(outputs, anchors):
     return retinanet.decode_stages(outputs, anchors, steps=steps, box_weights=weights, clamp=clamp)
 
-  return Detector(module=module or retinanet.RetinaNet.from_config(config), anchors=spec.anchors,
-                  level_counts=spec.level_counts, loss=consistent.ConsistentLoss.from_config(config), decode=decode)
+  return Detector(
+    module=module or retinanet.RetinaNet.from_config(config),
+    anchors=spec.anchors,
+    level_counts=spec.level_counts,
+    loss=consistent.ConsistentLoss.from_config(config),
+    decode=decode,
+  )
 
 
 FAMILIES = {'retinanet': _retinanet}

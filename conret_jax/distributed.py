@@ -44,6 +44,7 @@ class Plan:
     (jax.distributed.initialize detects what `kwargs` leaves out).
   kwargs: keyword arguments for jax.distributed.initialize (empty for 'single').
   """
+
   mode: str
   kwargs: dict
 
@@ -114,31 +115,43 @@ def tpu_pod_workers(environ: Mapping[str, str] | None = None) -> int:
   return len([e for e in endpoints.split(',') if e.strip()]) or 1
 
 
-def detect_cluster(environ: Mapping[str, str] | None = None,
-                   tpu_workers: Callable[[Mapping[str, str]], int] = tpu_pod_workers) -> str:
+def detect_cluster(
+  environ: Mapping[str, str] | None = None, tpu_workers: Callable[[Mapping[str, str]], int] = tpu_pod_workers
+) -> str:
   """Name of the multi-process cluster JAX can configure itself for: 'tpu', 'slurm', 'ompi', 'mpi4py' or ''."""
   environ = os.environ if environ is None else environ
   if 'SLURM_JOB_ID' in environ and _env_int(environ, 'SLURM_NTASKS') > 1:
     # JAX reads the step's variables, which exist only inside `srun`; in a bare sbatch/salloc shell, run alone.
     if all(k in environ for k in ('SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID')):
       return 'slurm'
-    logging.warning('Slurm job with SLURM_NTASKS=%s but not inside `srun`: running as a single process. '
-                    'Launch with `srun conret-train ...` for one process per task.', environ['SLURM_NTASKS'])
+    logging.warning(
+      'Slurm job with SLURM_NTASKS=%s but not inside `srun`: running as a single process. '
+      'Launch with `srun conret-train ...` for one process per task.',
+      environ['SLURM_NTASKS'],
+    )
   if _env_int(environ, 'OMPI_COMM_WORLD_SIZE') > 1:
     if 'OMPI_MCA_orte_hnp_uri' in environ:  # what JAX's Open MPI detection reads (Open MPI 4)
       return 'ompi'
     if importlib.util.find_spec('mpi4py') is not None:  # Open MPI 5 (PMIx): JAX can ask MPI itself
       return 'mpi4py'
-    raise RuntimeError('Open MPI job without OMPI_MCA_orte_hnp_uri (Open MPI 5?): pip install mpi4py, or pass '
-                       '--coordinator_address/--num_processes/--process_id.')
+    raise RuntimeError(
+      'Open MPI job without OMPI_MCA_orte_hnp_uri (Open MPI 5?): pip install mpi4py, or pass '
+      '--coordinator_address/--num_processes/--process_id.'
+    )
   if tpu_workers(environ) > 1:
     return 'tpu'
   return ''
 
 
-def resolve(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1,
-            local_device_ids: Sequence[int] | str | None = None, *, environ: Mapping[str, str] | None = None,
-            tpu_workers: Callable[[Mapping[str, str]], int] = tpu_pod_workers) -> Plan:
+def resolve(
+  coordinator_address: str = '',
+  num_processes: int = 0,
+  process_id: int = -1,
+  local_device_ids: Sequence[int] | str | None = None,
+  *,
+  environ: Mapping[str, str] | None = None,
+  tpu_workers: Callable[[Mapping[str, str]], int] = tpu_pod_workers,
+) -> Plan:
   """Decides how to join the distributed system, without touching JAX. Unset: '', 0, -1, None."""
   environ = os.environ if environ is None else environ
   address = coordinator_address or environ.get(ENV_COORDINATOR, '') or None
@@ -152,8 +165,16 @@ def resolve(coordinator_address: str = '', num_processes: int = 0, process_id: i
   if device_ids is None:
     device_ids = _device_ids_or_none(environ.get(ENV_LOCAL_DEVICE_IDS))
 
-  kwargs = {k: v for k, v in (('coordinator_address', address), ('num_processes', count),
-                              ('process_id', index), ('local_device_ids', device_ids)) if v is not None}
+  kwargs = {
+    k: v
+    for k, v in (
+      ('coordinator_address', address),
+      ('num_processes', count),
+      ('process_id', index),
+      ('local_device_ids', device_ids),
+    )
+    if v is not None
+  }
   if count is not None and count < 1:
     raise ValueError(f'num_processes must be >= 1, got {count}')
   if count is not None and index is not None and not 0 <= index < count:
@@ -168,16 +189,20 @@ def resolve(coordinator_address: str = '', num_processes: int = 0, process_id: i
   if cluster:
     return Plan(f'auto:{cluster}', kwargs)
   if address is not None or count is not None or index is not None:
-    missing = [n for n, v in (('coordinator_address', address), ('num_processes', count), ('process_id', index))
-               if v is None]
-    raise ValueError(f'Multi-process run needs {", ".join(missing)} as well (flags --{missing[0]}=... or env '
-                     f'{ENV_COORDINATOR}/{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}); no Slurm/Open MPI/TPU pod found.')
+    missing = [
+      n for n, v in (('coordinator_address', address), ('num_processes', count), ('process_id', index)) if v is None
+    ]
+    raise ValueError(
+      f'Multi-process run needs {", ".join(missing)} as well (flags --{missing[0]}=... or env '
+      f'{ENV_COORDINATOR}/{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}); no Slurm/Open MPI/TPU pod found.'
+    )
   return Plan('single', {})
 
 
 def _cpu_only(environ: Mapping[str, str]) -> bool:
   """True when JAX will run on CPU only (decided without starting a backend)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   platforms = environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or ''
   if platforms:
     return {p.strip() for p in platforms.split(',') if p.strip()} == {'cpu'}
@@ -185,8 +210,12 @@ def _cpu_only(environ: Mapping[str, str]) -> bool:
   return not has_gpu and _tpu_chip_count() == 0
 
 
-def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1,
-               local_device_ids: Sequence[int] | str | None = None) -> Plan:
+def initialize(
+  coordinator_address: str = '',
+  num_processes: int = 0,
+  process_id: int = -1,
+  local_device_ids: Sequence[int] | str | None = None,
+) -> Plan:
   """Joins the JAX distributed system if this is a multi-process run; call it before any other JAX call.
 
   Args: as `resolve` (explicit values win over CONRET_* env vars, which win over cluster auto-detection).
@@ -198,6 +227,7 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   plan = resolve(coordinator_address, num_processes, process_id, local_device_ids)
   if plan.mode != 'single':
     import jax  # pylint: disable=g-import-not-at-top
+
     if _cpu_only(os.environ):
       # CPU devices of different processes can only run collectives through gloo.
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -211,6 +241,7 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
 def is_main_process() -> bool:
   """True on the process that writes logs, summaries and (non-collective) files: process 0."""
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.process_index() == 0
 
 
@@ -219,8 +250,11 @@ def process_info() -> str:
   import socket  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
-  return (f'process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}: '
-          f'{jax.local_device_count()} local / {jax.device_count()} global {jax.default_backend()} devices')
+
+  return (
+    f'process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}: '
+    f'{jax.local_device_count()} local / {jax.device_count()} global {jax.default_backend()} devices'
+  )
 
 
 def define_flags(flag_values=None) -> None:
@@ -229,22 +263,35 @@ def define_flags(flag_values=None) -> None:
   flag_values: absl FlagValues to define them in (default: absl.flags.FLAGS).
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   fv = flags.FLAGS if flag_values is None else flag_values
   if 'coordinator_address' in fv:
     return
-  flags.DEFINE_string('coordinator_address', '', 'host:port of process 0 for a multi-process run '
-                      f'(default: ${ENV_COORDINATOR}, else Slurm/Open MPI/TPU pod auto-detection).', flag_values=fv)
-  flags.DEFINE_integer('num_processes', 0, f'Processes in the run (0: ${ENV_NUM_PROCESSES} or auto-detect).',
-                       flag_values=fv)
-  flags.DEFINE_integer('process_id', -1, f'This process, 0..num_processes-1 (-1: ${ENV_PROCESS_ID} or auto).',
-                       flag_values=fv)
-  flags.DEFINE_list('local_device_ids', None, 'Local device ids this process uses (default: JAX decides; under '
-                    'Slurm/Open MPI on GPUs that is one GPU per process, so set it for one process per node).',
-                    flag_values=fv)
+  flags.DEFINE_string(
+    'coordinator_address',
+    '',
+    'host:port of process 0 for a multi-process run '
+    f'(default: ${ENV_COORDINATOR}, else Slurm/Open MPI/TPU pod auto-detection).',
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    'num_processes', 0, f'Processes in the run (0: ${ENV_NUM_PROCESSES} or auto-detect).', flag_values=fv
+  )
+  flags.DEFINE_integer(
+    'process_id', -1, f'This process, 0..num_processes-1 (-1: ${ENV_PROCESS_ID} or auto).', flag_values=fv
+  )
+  flags.DEFINE_list(
+    'local_device_ids',
+    None,
+    'Local device ids this process uses (default: JAX decides; under '
+    'Slurm/Open MPI on GPUs that is one GPU per process, so set it for one process per node).',
+    flag_values=fv,
+  )
 
 
 def initialize_from_flags(flag_values=None) -> Plan:
   """initialize() with the values of the flags defined by define_flags() (absl must have parsed argv)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   fv = flags.FLAGS if flag_values is None else flag_values
   return initialize(fv.coordinator_address, fv.num_processes, fv.process_id, fv.local_device_ids)

@@ -9,8 +9,8 @@ import json
 import os
 from typing import Iterable, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from conret_jax import coco_metrics as metrics_lib
 
@@ -35,8 +35,7 @@ def detections_to_coco(dets: dict, batch: dict, category_of: Sequence[int]) -> l
   scores = np.asarray(dets['scores'], np.float64)
   classes = np.asarray(dets['classes'])
   cat_ids = np.asarray(category_of, np.int64)
-  keep = (np.asarray(dets['valid'], bool) & np.asarray(batch['example_valid'], bool)[:, None]
-          & (cat_ids[classes] >= 0))
+  keep = np.asarray(dets['valid'], bool) & np.asarray(batch['example_valid'], bool)[:, None] & (cat_ids[classes] >= 0)
   scale = np.asarray(batch['scale'], np.float64)
   orig_hw = np.asarray(batch['orig_hw'], np.float64)
   # Back to original pixels, clipped to the original image (padding lies outside it).
@@ -47,17 +46,20 @@ def detections_to_coco(dets: dict, batch: dict, category_of: Sequence[int]) -> l
   image_ids = np.asarray(batch['image_id'])
   results = []
   for b, d in zip(*np.nonzero(keep)):
-    results.append({
+    results.append(
+      {
         'image_id': int(image_ids[b]),
         'category_id': int(cat_ids[classes[b, d]]),
         'bbox': [round(float(v), 2) for v in xywh[b, d]],  # 0.01 px: far below any IoU that matters
         'score': round(float(scores[b, d]), 5),
-    })
+      }
+    )
   return results
 
 
-def coco_metrics(coco_gt: dict, results: list[dict], image_ids: Iterable[int] | None = None,
-                 backend: str = 'auto') -> dict[str, float]:
+def coco_metrics(
+  coco_gt: dict, results: list[dict], image_ids: Iterable[int] | None = None, backend: str = 'auto'
+) -> dict[str, float]:
   """The summary metrics of `coco_metrics.score`: {name: float} for METRIC_NAMES, -1 where undefined."""
   return metrics_lib.score(coco_gt, results, image_ids, backend).summary
 
@@ -67,14 +69,18 @@ def format_metrics(metrics: dict, per_class: dict | None = None, *, title: str =
   the summary metrics in one row, then one row per class if `per_class` is given (-1, undefined, shows as '-')."""
   pct = lambda v, width: f'{100 * v:>{width}.1f}' if v >= 0 else f'{"-":>{width}}'
   names = [n for n in METRIC_NAMES if n in metrics]
-  lines = [f'{title} (AP in percent)' if title else '(AP in percent)',
-           ' '.join(f'{n:>6}' for n in names), ' '.join(pct(metrics[n], 6) for n in names)]
+  lines = [
+    f'{title} (AP in percent)' if title else '(AP in percent)',
+    ' '.join(f'{n:>6}' for n in names),
+    ' '.join(pct(metrics[n], 6) for n in names),
+  ]
   if per_class:
     width = max(8, *(len(n) for n in per_class))
     lines += ['', f'{"class":<{width}} {"id":>5} {"AP":>6} {"AP50":>6} {"AP75":>6}']
     for name, row in per_class.items():
-      lines.append(f'{name:<{width}} {row["category_id"]:>5} ' + ' '.join(pct(row[k], 6) for k in ('AP', 'AP50',
-                                                                                                 'AP75')))
+      lines.append(
+        f'{name:<{width}} {row["category_id"]:>5} ' + ' '.join(pct(row[k], 6) for k in ('AP', 'AP50', 'AP75'))
+      )
   return '\n'.join(lines)
 
 
@@ -128,12 +134,16 @@ def coco_gt_from_batches(gt_rows: list[dict], layout) -> dict:
       boxes = np.clip(boxes, 0.0, [w, h, w, h])
       for m in np.flatnonzero(np.asarray(rows['valid'][b], bool)):
         x1, y1, x2, y2 = (float(v) for v in boxes[m])
-        annotations.append({
-            'id': len(annotations) + 1, 'image_id': image_id,
+        annotations.append(
+          {
+            'id': len(annotations) + 1,
+            'image_id': image_id,
             'category_id': int(category_of[int(rows['classes'][b, m])]),
-            'bbox': [x1, y1, x2 - x1, y2 - y1], 'area': (x2 - x1) * (y2 - y1),
+            'bbox': [x1, y1, x2 - x1, y2 - y1],
+            'area': (x2 - x1) * (y2 - y1),
             'iscrowd': int(bool(rows['crowd'][b, m])),
-        })
+          }
+        )
   categories = [{'id': c, 'name': n} for c, n in zip(layout.category_ids, layout.names)]
   return {'images': images, 'annotations': annotations, 'categories': categories}
 
@@ -167,23 +177,42 @@ class _Collected:
       self.gt_rows.append(host)
     if len(self.pictured) < self.num_pictured:
       rows = pictured()
-      for b in np.flatnonzero(valid)[:self.num_pictured - len(self.pictured)]:
-        self.pictured.append((rows['images'][b], {k: v[b] for k, v in dets.items()},
-                              {k: rows[k][b] for k in _GT_KEYS}))
+      for b in np.flatnonzero(valid)[: self.num_pictured - len(self.pictured)]:
+        self.pictured.append((rows['images'][b], {k: v[b] for k, v in dets.items()}, {k: rows[k][b] for k in _GT_KEYS}))
 
 
 def _save_picture(collected: _Collected, class_names, path: str, *, threshold: float, title: str) -> None:
   """detections.png: the pictured images, ground truth beside detections. short_side batches come in up to two
   padded shapes; the grid takes those of the first image's shape."""
   from conret_jax import visualize  # pylint: disable=g-import-not-at-top
+
   rows = [r for r in collected.pictured if r[0].shape == collected.pictured[0][0].shape]
   stack = lambda i: {k: np.stack([r[i][k] for r in rows]) for k in rows[0][i]}
-  visualize.save_grid(np.stack([r[0] for r in rows]), stack(1), class_names, path, max_images=len(rows),
-                      score_threshold=threshold, ground_truth=stack(2), title=title)
+  visualize.save_grid(
+    np.stack([r[0] for r in rows]),
+    stack(1),
+    class_names,
+    path,
+    max_images=len(rows),
+    score_threshold=threshold,
+    ground_truth=stack(2),
+    title=title,
+  )
 
 
-def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None, step: int = 0,
-             batches: Iterable | None = None, info=None, detect_fn=None, cache=None) -> dict[str, float]:
+def evaluate(
+  model,
+  variables,
+  config,
+  mesh=None,
+  *,
+  workdir: str | None = None,
+  step: int = 0,
+  batches: Iterable | None = None,
+  info=None,
+  detect_fn=None,
+  cache=None,
+) -> dict[str, float]:
   """Runs detection over the eval set, gathers across processes, scores it (`coco_metrics.score`), writes files.
 
   Args:
@@ -204,21 +233,26 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   from conret_jax.data.info import ClassLayout  # pylint: disable=g-import-not-at-top
 
   if batches is None or info is None:
     from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
     info = info or data_lib.dataset_info(config.data.eval, config, cache=cache)
     if batches is None:
       from conret_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
       batches = data_lib.make_eval_iterator(config, mesh, mesh_lib.batch_sharding(mesh), cache=cache)
   if detect_fn is None:
     import conret_jax  # pylint: disable=g-import-not-at-top
+
     detect_fn = conret_jax.detect
   gather = lambda tree: jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
   layout = ClassLayout.of(info, config)
-  collected = _Collected(int(config.eval.num_images), int(config.eval.visualize) if workdir else 0,
-                         keep_gt=info.coco_gt is None)
+  collected = _Collected(
+    int(config.eval.num_images), int(config.eval.visualize) if workdir else 0, keep_gt=info.coco_gt is None
+  )
   for batch in batches:
     dets = gather(detect_fn(model, variables, batch['images'], config))
     host = gather({k: batch[k] for k in _META_KEYS + (_GT_KEYS if collected.keep_gt else ())})
@@ -236,6 +270,11 @@ def evaluate(model, variables, config, mesh=None, *, workdir: str | None = None,
     write_eval(out_dir, collected.results, scores.summary, scores.per_class)
     if collected.pictured:
       threshold = float(config.eval.visualize_score_threshold)
-      _save_picture(collected, layout.class_names, os.path.join(out_dir, 'detections.png'), threshold=threshold,
-                    title=f'{workdir}, step {step}: ground truth | detections scoring >= {threshold:.2f}')
+      _save_picture(
+        collected,
+        layout.class_names,
+        os.path.join(out_dir, 'detections.png'),
+        threshold=threshold,
+        title=f'{workdir}, step {step}: ground truth | detections scoring >= {threshold:.2f}',
+      )
   return scores.summary

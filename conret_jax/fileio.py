@@ -19,6 +19,7 @@ def absolute(path: str) -> str:
 def open_file(path: str, mode: str = 'r'):
   if is_remote(path):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     return tf.io.gfile.GFile(path, mode)
   return open(path, mode, encoding=None if 'b' in mode else 'utf-8')
 
@@ -26,5 +27,6 @@ def open_file(path: str, mode: str = 'r'):
 def exists(path: str) -> bool:
   if is_remote(path):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     return tf.io.gfile.exists(path)
   return os.path.exists(path)

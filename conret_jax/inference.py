@@ -25,8 +25,10 @@ def check_image_shape(shape, config) -> None:
   if len(shape) != 4 or shape[-1] != 3:
     raise ValueError(f'images must be [B, H, W, 3] RGB, got shape {tuple(shape)}')
   if shape[1] % stride or shape[2] % stride:
-    raise ValueError(f'image size {shape[1]}x{shape[2]} is not divisible by {stride} (2**fpn.max_level); pad the '
-                     f'images at the bottom/right to a multiple of {stride}')
+    raise ValueError(
+      f'image size {shape[1]}x{shape[2]} is not divisible by {stride} (2**fpn.max_level); pad the '
+      f'images at the bottom/right to a multiple of {stride}'
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -38,8 +40,16 @@ def _detect_fn(model, config: ml_collections.FrozenConfigDict):
     hw = images.shape[1:3]
     outputs = detector.module.apply(variables, images.astype(jnp.float32), train=False)
     logits, boxes = detector.decode(outputs, detector.anchors(hw))
-    return nms.postprocess(logits, boxes, detector.level_counts(hw), hw, score_threshold=e.score_threshold,
-                           topk_per_level=e.topk_per_level, nms_iou=e.nms_iou, max_detections=e.max_detections)
+    return nms.postprocess(
+      logits,
+      boxes,
+      detector.level_counts(hw),
+      hw,
+      score_threshold=e.score_threshold,
+      topk_per_level=e.topk_per_level,
+      nms_iou=e.nms_iou,
+      max_detections=e.max_detections,
+    )
 
   return jax.jit(run)
 

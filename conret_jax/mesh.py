@@ -9,13 +9,14 @@ Collectives are left to XLA's SPMD partitioner: inside `jax.jit` a sum over the 
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from conret_jax.errors import ConfigError
 
 DATA_AXES = ('data', 'fsdp')
 # Leaves smaller than this stay replicated under FSDP: sharding them saves nothing and costs a gather.
-MIN_FSDP_SIZE = 2 ** 14
+MIN_FSDP_SIZE = 2**14
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -26,14 +27,17 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   if fsdp < 1 or n % fsdp:
     raise ConfigError(f'config.train.fsdp_axis_size={fsdp} must be >= 1 and divide the {n} devices')
   if config.train.global_batch_size % n:
-    raise ConfigError(f'config.train.global_batch_size={config.train.global_batch_size} does not divide over '
-                     f'the {n} devices; use a multiple of {n}')
+    raise ConfigError(
+      f'config.train.global_batch_size={config.train.global_batch_size} does not divide over '
+      f'the {n} devices; use a multiple of {n}'
+    )
   if config.eval.global_batch_size % n:
-    raise ConfigError(f'config.eval.global_batch_size={config.eval.global_batch_size} does not divide over '
-                     f'the {n} devices; use a multiple of {n}')
+    raise ConfigError(
+      f'config.eval.global_batch_size={config.eval.global_batch_size} does not divide over '
+      f'the {n} devices; use a multiple of {n}'
+    )
   # Auto axes: XLA's partitioner propagates shardings through the model (jax.make_mesh now defaults to Explicit).
-  return jax.make_mesh((n // fsdp, fsdp), DATA_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.make_mesh((n // fsdp, fsdp), DATA_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

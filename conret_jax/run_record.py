@@ -80,12 +80,23 @@ def save(workdir: str, config, layout, *, step: int, processes: int, devices: in
     with fileio.open_file(os.path.join(workdir, RUN_FILE)) as f:
       run = json.load(f)
   from conret_jax import __version__  # pylint: disable=g-import-not-at-top
-  run['classes'] = {'layout': layout.kind, 'num_classes': layout.num_classes,
-                    'category_ids': list(layout.category_ids), 'names': list(layout.names)}
-  run.setdefault('starts', []).append({
-      'argv': list(sys.argv if argv is None else argv), 'step': int(step), 'processes': int(processes),
-      'devices': int(devices), 'version': __version__,
-      'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})
+
+  run['classes'] = {
+    'layout': layout.kind,
+    'num_classes': layout.num_classes,
+    'category_ids': list(layout.category_ids),
+    'names': list(layout.names),
+  }
+  run.setdefault('starts', []).append(
+    {
+      'argv': list(sys.argv if argv is None else argv),
+      'step': int(step),
+      'processes': int(processes),
+      'devices': int(devices),
+      'version': __version__,
+      'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    }
+  )
   with fileio.open_file(os.path.join(workdir, RUN_FILE), 'w') as f:
     json.dump(run, f, indent=1)
 
@@ -114,8 +125,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   keep their defaults)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not fileio.exists(path):
-    raise ConfigError(f'no --config given and {path} does not exist: pass --config, or a --workdir that '
-                      'conret-train wrote')
+    raise ConfigError(
+      f'no --config given and {path} does not exist: pass --config, or a --workdir that conret-train wrote'
+    )
   with fileio.open_file(path) as f:
     saved = json.load(f)
   config = defaults.base_config()
@@ -140,5 +152,6 @@ def check_config_matches(workdir: str, config) -> None:
   if diffs:
     listed = '; '.join(diffs[:8]) + (f'; and {len(diffs) - 8} more' if len(diffs) > 8 else '')
     raise CheckpointMismatchError(
-        f'--config describes a different model than the one trained in {workdir} ({listed}). Leave out --config to '
-        f'use the run\'s own {CONFIG_FILE}.')
+      f'--config describes a different model than the one trained in {workdir} ({listed}). Leave out --config to '
+      f"use the run's own {CONFIG_FILE}."
+    )

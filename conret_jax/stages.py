@@ -46,8 +46,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if n_cls < 1 or n_reg < 1:
     raise ConfigError(f'config.consistent.num_cls_terms={n_cls} and num_reg_terms={n_reg} must be >= 1')
   if n_cls > n_reg + 1:
-    raise ConfigError(f'config.consistent.num_cls_terms={n_cls} needs at least {n_cls - 1} regression terms to '
-                      f'refine its anchors, but num_reg_terms={n_reg}')
+    raise ConfigError(
+      f'config.consistent.num_cls_terms={n_cls} needs at least {n_cls - 1} regression terms to '
+      f'refine its anchors, but num_reg_terms={n_reg}'
+    )
   stages = max(n_cls, n_reg)
   for key in ('pos_iou_thresholds', 'neg_iou_thresholds'):
     if len(c[key]) < stages:

@@ -12,8 +12,18 @@ from PIL import Image, ImageDraw, ImageFont
 
 # Distinct, saturated colours; class i uses PALETTE[i % len(PALETTE)].
 PALETTE = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+  (230, 25, 75),
+  (60, 180, 75),
+  (255, 225, 25),
+  (0, 130, 200),
+  (245, 130, 48),
+  (145, 30, 180),
+  (70, 240, 240),
+  (240, 50, 230),
+  (210, 245, 60),
+  (250, 190, 212),
+  (0, 128, 128),
+  (170, 110, 40),
 )
 
 
@@ -25,9 +35,18 @@ def to_pil(image) -> Image.Image:
   return Image.fromarray(array, 'RGB')
 
 
-def draw_detections(image, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
-                    class_names: Sequence[str], *, valid: np.ndarray | None = None,
-                    score_threshold: float = 0.0, line_width: int = 2, with_scores: bool = True) -> Image.Image:
+def draw_detections(
+  image,
+  boxes: np.ndarray,
+  scores: np.ndarray,
+  classes: np.ndarray,
+  class_names: Sequence[str],
+  *,
+  valid: np.ndarray | None = None,
+  score_threshold: float = 0.0,
+  line_width: int = 2,
+  with_scores: bool = True,
+) -> Image.Image:
   """Draws boxes labelled 'name score' on a copy of `image`.
 
   Args:
@@ -61,12 +80,27 @@ def draw_detections(image, boxes: np.ndarray, scores: np.ndarray, classes: np.nd
   return out
 
 
-def draw_ground_truth(image, boxes: np.ndarray, classes: np.ndarray, class_names: Sequence[str], *,
-                      valid: np.ndarray | None = None, line_width: int = 2) -> Image.Image:
+def draw_ground_truth(
+  image,
+  boxes: np.ndarray,
+  classes: np.ndarray,
+  class_names: Sequence[str],
+  *,
+  valid: np.ndarray | None = None,
+  line_width: int = 2,
+) -> Image.Image:
   """Ground-truth boxes labelled with their class name only (no score), in the class colours."""
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-  return draw_detections(image, boxes, np.ones(len(boxes), np.float32), classes, class_names, valid=valid,
-                         line_width=line_width, with_scores=False)
+  return draw_detections(
+    image,
+    boxes,
+    np.ones(len(boxes), np.float32),
+    classes,
+    class_names,
+    valid=valid,
+    line_width=line_width,
+    with_scores=False,
+  )
 
 
 def _caption(tile: Image.Image, text: str) -> Image.Image:
@@ -81,8 +115,9 @@ def _caption(tile: Image.Image, text: str) -> Image.Image:
 
 
 def _side_by_side(*tiles: Image.Image) -> Image.Image:
-  out = Image.new('RGB', (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)),
-                  (255, 255, 255))
+  out = Image.new(
+    'RGB', (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)), (255, 255, 255)
+  )
   x = 0
   for tile in tiles:
     out.paste(tile, (x, 0))
@@ -90,8 +125,16 @@ def _side_by_side(*tiles: Image.Image) -> Image.Image:
   return out
 
 
-def save_grid(images, detections: dict, class_names: Sequence[str], path: str, max_images: int = 8,
-              score_threshold: float = 0.3, ground_truth: dict | None = None, title: str = '') -> Image.Image:
+def save_grid(
+  images,
+  detections: dict,
+  class_names: Sequence[str],
+  path: str,
+  max_images: int = 8,
+  score_threshold: float = 0.3,
+  ground_truth: dict | None = None,
+  title: str = '',
+) -> Image.Image:
   """Draws each image's detections and writes them as one PNG grid (near-square layout).
 
   Args:
@@ -112,16 +155,27 @@ def save_grid(images, detections: dict, class_names: Sequence[str], path: str, m
   tiles = []
   for i in range(n):
     valid = detections['valid'][i] if 'valid' in detections else None
-    tile = draw_detections(images[i], detections['boxes'][i], detections['scores'][i], detections['classes'][i],
-                           class_names, valid=valid, score_threshold=score_threshold)
+    tile = draw_detections(
+      images[i],
+      detections['boxes'][i],
+      detections['scores'][i],
+      detections['classes'][i],
+      class_names,
+      valid=valid,
+      score_threshold=score_threshold,
+    )
     if ground_truth is not None:
       scores = np.asarray(detections['scores'][i], np.float32)
       scores = scores[np.asarray(valid, bool)] if valid is not None else scores
       shown = int((scores >= score_threshold).sum())
-      caption = (f'detections >= {score_threshold:.2f}: {shown}' if shown or not len(scores) else
-                 f'none >= {score_threshold:.2f} (best {scores.max():.3f})')
-      gt = draw_ground_truth(images[i], ground_truth['boxes'][i], ground_truth['classes'][i], class_names,
-                             valid=ground_truth['valid'][i])
+      caption = (
+        f'detections >= {score_threshold:.2f}: {shown}'
+        if shown or not len(scores)
+        else f'none >= {score_threshold:.2f} (best {scores.max():.3f})'
+      )
+      gt = draw_ground_truth(
+        images[i], ground_truth['boxes'][i], ground_truth['classes'][i], class_names, valid=ground_truth['valid'][i]
+      )
       tile = _side_by_side(_caption(gt, 'ground truth'), _caption(tile, caption))
     tiles.append(tile)
   cols = math.ceil(math.sqrt(n))

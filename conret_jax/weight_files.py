@@ -24,8 +24,18 @@ import numpy as np
 
 # ---------------------------------------------------------------------------------------------------- safetensors
 
-_ST_DTYPES = {'F64': '<f8', 'F32': '<f4', 'F16': '<f2', 'I64': '<i8', 'I32': '<i4', 'I16': '<i2', 'I8': 'i1',
-              'U8': 'u1', 'BOOL': '?', 'BF16': '<u2'}
+_ST_DTYPES = {
+  'F64': '<f8',
+  'F32': '<f4',
+  'F16': '<f2',
+  'I64': '<i8',
+  'I32': '<i4',
+  'I16': '<i2',
+  'I8': 'i1',
+  'U8': 'u1',
+  'BOOL': '?',
+  'BF16': '<u2',
+}
 
 
 def read_safetensors(path: str) -> dict:
@@ -33,7 +43,7 @@ def read_safetensors(path: str) -> dict:
   with open(path, 'rb') as f:
     data = f.read()
   (n,) = struct.unpack('<Q', data[:8])
-  header = json.loads(data[8:8 + n])
+  header = json.loads(data[8 : 8 + n])
   out = {}
   for name, info in header.items():
     if name == '__metadata__':
@@ -54,6 +64,7 @@ def read_safetensors(path: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- torch
 
+
 def _load_torch(path: str) -> dict:
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -68,11 +79,14 @@ def _load_torch(path: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- pickles
 
+
 def _latin1_encode(text, encoding='latin1'):
   """`_codecs.encode` as protocol-2 pickles use it, to carry bytes as a latin-1 str; other codecs are refused."""
   if encoding not in ('latin1', 'latin-1') or not isinstance(text, str):
-    raise pickle.UnpicklingError(f'refused _codecs.encode({type(text).__name__}, {encoding!r}): only latin1 text '
-                                 f'(how pickles carry bytes) is decoded')
+    raise pickle.UnpicklingError(
+      f'refused _codecs.encode({type(text).__name__}, {encoding!r}): only latin1 text '
+      f'(how pickles carry bytes) is decoded'
+    )
   return text.encode('latin1')
 
 
@@ -87,7 +101,7 @@ def _array_global(module: str, name: str):
     return _latin1_encode
   allowed = {'multiarray': ('_reconstruct', 'scalar'), 'numeric': ('_frombuffer',)}
   for core in ('numpy.core.', 'numpy._core.'):
-    sub = module[len(core):] if module.startswith(core) else None
+    sub = module[len(core) :] if module.startswith(core) else None
     if name in allowed.get(sub, ()):
       return getattr(_numpy_core(sub), name)
   return None
@@ -106,8 +120,10 @@ class _ArrayUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     found = _array_global(module, name)
     if found is None:
-      raise pickle.UnpicklingError(f'refused global {module}.{name}: a weight pickle may only hold NumPy arrays '
-                                   f'in dicts, lists and tuples (nothing in the file was run)')
+      raise pickle.UnpicklingError(
+        f'refused global {module}.{name}: a weight pickle may only hold NumPy arrays '
+        f'in dicts, lists and tuples (nothing in the file was run)'
+      )
     return found
 
 
@@ -140,6 +156,7 @@ def read_array_pickle(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch
+
 
 def load_state_dict(path: str) -> dict:
   """{name: np.ndarray} from .safetensors, .npz, .pth/.pt/.bin (torch) or .pkl (Detectron), by extension."""

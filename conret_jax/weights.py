@@ -20,11 +20,10 @@ which copy the leaves that match by path and shape).
 
 import re
 
-from absl import logging
 import jax
 import numpy as np
+from absl import logging
 
-from conret_jax.defaults import DETECTRON_PIXEL_MEAN_RGB, DETECTRON_PIXEL_STD
 from conret_jax.fileio import absolute
 from conret_jax.model import detector
 from conret_jax.model.resnet import BN_EPS, DEPTHS
@@ -35,6 +34,7 @@ _CONV = {'kernel': 'weight', 'bias': 'bias'}
 
 
 # ---------------------------------------------------------------------------------------------------- names
+
 
 def _leaf_name(module: str, leaf: str) -> str:
   table = _BN if module.startswith('norm') or module == 'downsample_norm' else _CONV
@@ -47,11 +47,11 @@ def resnet_key(path) -> str:
   parts = []
   for name in path[:-1]:
     if name.startswith('block'):
-      parts.append(name[len('block'):])
+      parts.append(name[len('block') :])
     elif name in ('downsample_conv', 'downsample_norm'):
       parts += ['downsample', '0' if name == 'downsample_conv' else '1']
     elif name.startswith('norm'):
-      parts.append('bn' + name[len('norm'):])
+      parts.append('bn' + name[len('norm') :])
     else:
       parts.append(name)
   return '.'.join(parts + [_leaf_name(path[-2], path[-1])])
@@ -105,9 +105,16 @@ def upgrade_legacy_names(state_dict: dict) -> dict:
   return out
 
 
-_DETECTRON_BRANCH = {'conv1': 'branch2a', 'conv2': 'branch2b', 'conv3': 'branch2c', 'downsample_conv': 'branch1',
-                     'norm1': 'branch2a_bn', 'norm2': 'branch2b_bn', 'norm3': 'branch2c_bn',
-                     'downsample_norm': 'branch1_bn'}
+_DETECTRON_BRANCH = {
+  'conv1': 'branch2a',
+  'conv2': 'branch2b',
+  'conv3': 'branch2c',
+  'downsample_conv': 'branch1',
+  'norm1': 'branch2a_bn',
+  'norm2': 'branch2b_bn',
+  'norm3': 'branch2c_bn',
+  'downsample_norm': 'branch1_bn',
+}
 _DETECTRON_LEAF = {'kernel': 'w', 'scale': 's', 'bias': 'b'}
 
 
@@ -120,11 +127,12 @@ def detectron_key(path) -> str:
     prefix = {'conv1': 'conv1', 'norm1': 'res_conv1_bn'}[modules[0]]
   else:
     layer, block, module = modules
-    prefix = f'res{int(layer[len("layer"):]) + 1}_{block[len("block"):]}_{_DETECTRON_BRANCH[module]}'
+    prefix = f'res{int(layer[len("layer") :]) + 1}_{block[len("block") :]}_{_DETECTRON_BRANCH[module]}'
   return f'{prefix}_{_DETECTRON_LEAF[leaf]}'
 
 
 # ---------------------------------------------------------------------------------------------------- importers
+
 
 def _target_shapes(config) -> dict:
   model = detector.build_model(config)
@@ -181,7 +189,7 @@ def _fill(target: dict, key_fn, state_dict: dict, ignore, derive=None) -> dict:
   unexpected = sorted(set(sd) - used)
   problems = []
   if unexpected:
-    problems.append(f'unexpected keys (no counterpart in the config\'s model): {unexpected[:8]}')
+    problems.append(f"unexpected keys (no counterpart in the config's model): {unexpected[:8]}")
   if missing:
     problems.append(f'missing keys: {missing[:8]}')
   if unmapped:
@@ -234,7 +242,6 @@ def from_timm_resnet(state_dict: dict, config) -> dict:
   return _import_resnet(state_dict, config, 'fc.')
 
 
-
 # Biases the Caffe -> Caffe2 conversion gives every conv (zeros where the Caffe model had none); Detectron's ResNet
 # convs have no bias and its weight loader skips blobs the network lacks.
 _DETECTRON_CONV_BIAS = re.compile(r'(conv1|res\d+_\d+_branch(1|2[abc]))_b')
@@ -258,8 +265,8 @@ def from_detectron_resnet(blobs: dict, config) -> dict:
   must set backbone.stride_in_1x1=True), uses affine-channel norms (backbone.norm 'frozen_bn', or 'bn') and reads BGR
   images minus BGR means. Conversions:
     conv1_w             input channels flipped from BGR to RGB: on an RGB image normalized with
-                        DETECTRON_PIXEL_MEAN_RGB / DETECTRON_PIXEL_STD our conv1 computes the same sums as Detectron's
-                        on that image in BGR minus its BGR means (the same terms, in another order).
+                        defaults.DETECTRON_PIXEL_MEAN_RGB / DETECTRON_PIXEL_STD our conv1 computes the same sums as
+                        Detectron's on that image in BGR minus its BGR means (the same terms, in another order).
     <x>_bn_s, <x>_bn_b  the affine channel y = s * x + b (BN statistics already folded in) -> scale s, bias b, mean 0,
                         var 1 - eps, which our Norm turns back into exactly s * x + b (`_affine_channel_stats`).
     <conv>_b            conv biases, which the Caffe -> Caffe2 conversion gives every conv (zeros where the Caffe
@@ -271,8 +278,9 @@ def from_detectron_resnet(blobs: dict, config) -> dict:
   _check_config(config, 'Detectron (Caffe2) ResNets', stride_in_1x1=True)
   depth = config.model.backbone.depth
   if DEPTHS.get(depth, ('',))[0] != 'bottleneck':
-    raise ValueError(f'Detectron ImageNet ResNets are bottleneck networks: set model.backbone.depth to 50, 101 or '
-                     f'152, not {depth}')
+    raise ValueError(
+      f'Detectron ImageNet ResNets are bottleneck networks: set model.backbone.depth to 50, 101 or 152, not {depth}'
+    )
   blobs = dict(blobs)
   if np.ndim(blobs.get('conv1_w')) == 4:
     blobs['conv1_w'] = np.asarray(blobs['conv1_w'])[:, ::-1]  # [O, I, kh, kw], I in BGR order -> RGB
@@ -285,9 +293,11 @@ def from_detectron_resnet(blobs: dict, config) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
+
 def save_imported(directory: str, variables: dict) -> None:
   """Write `variables` as an orbax StandardCheckpointer checkpoint at `directory` (must not exist yet)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(absolute(directory), variables)
     ckptr.wait_until_finished()

@@ -85,8 +85,14 @@ class Launcher:
     for i in range(self.num_processes):
       env = child_env(os.environ, i, self.num_processes, self.devices_per_process, coordinator)
       # Own process group per child, so a stop reaches whatever the command spawned (e.g. `bash -c ...`).
-      proc = subprocess.Popen(self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+      proc = subprocess.Popen(
+        self.command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+      )
       thread = threading.Thread(target=_pump, args=(i, proc.stdout, self.lock), daemon=True)
       thread.start()
       self.procs.append(proc)
@@ -146,15 +152,17 @@ class Launcher:
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
-      usage='%(prog)s [--num_processes=N] [--devices_per_process=D] [--grace_period=S] -- COMMAND [ARGS...]',
-      description=__doc__.split('\n', 1)[0])
+    usage='%(prog)s [--num_processes=N] [--devices_per_process=D] [--grace_period=S] -- COMMAND [ARGS...]',
+    description=__doc__.split('\n', 1)[0],
+  )
   parser.add_argument('--num_processes', type=int, default=2, help='processes to start')
   parser.add_argument('--devices_per_process', type=int, default=2, help='fake CPU devices in each process')
-  parser.add_argument('--grace_period', type=float, default=10.0,
-                      help='seconds between SIGTERM and SIGKILL when stopping the processes')
+  parser.add_argument(
+    '--grace_period', type=float, default=10.0, help='seconds between SIGTERM and SIGKILL when stopping the processes'
+  )
   split = argv.index('--') if '--' in argv else len(argv)
   args = parser.parse_args(argv[:split])
-  args.command = argv[split + 1:]
+  args.command = argv[split + 1 :]
   if not args.command:
     parser.error('no COMMAND after --')
   if args.num_processes < 1 or args.devices_per_process < 1:

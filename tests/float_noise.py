@@ -17,12 +17,12 @@ and whole collections by one relative L2 norm, so that a few ill-conditioned ent
 Measured with `python tests/float_noise.py --steps=6` (the multi-host tests' tiny model and data on fake CPU
 devices; 2-core AMD EPYC, jax 0.10.2, 2026-11-25). Largest relative error against the 1-device run:
 
-  variant                      steps 1-3     step 4        step 5      step 6      state, step 2      state, step 4
-  4 devices (other sum order)  <= 3e-7       gn 3.7e-4     cls1 8e-3   gn 7.9e-2   opt 1e-6 par 3e-6  opt 2.1e-3 par 7.5e-4
-  8 devices, 4 reversed        <= 3e-7       <= 3e-7       1.2e-6      1.1e-6      (4 reversed = 4 devices, bit for bit)
-  1 ulp on every parameter     <= 3e-7       4e-7          5e-7        2.8e-6      opt 2e-6           opt 2e-6
-  lost batch shard (bug)       num_pos_0 2e-2, gn 9e-3, loss 1e-3 at step 1          opt 0.58 par 0.54  opt 0.70 par 0.56
-  per-device normalizer (bug)  loss 3.0 at step 1 (x4; the gradient is clipped)    opt 0.62 par 0.56  opt 1.3  par 0.86
+  variant                    steps 1-3  step 4     step 5     step 6     state, step 2      state, step 4
+  4 devices (other order)    <= 3e-7    gn 3.7e-4  cls1 8e-3  gn 7.9e-2  opt 1e-6 par 3e-6  opt 2.1e-3 par 7.5e-4
+  8 devices, 4 reversed      <= 3e-7    <= 3e-7    1.2e-6     1.1e-6     (4 reversed = 4 devices, bit for bit)
+  1 ulp on every parameter   <= 3e-7    4e-7       5e-7       2.8e-6     opt 2e-6           opt 2e-6
+  lost batch shard (bug)     step 1: num_pos_0 2e-2, gn 9e-3, loss 1e-3  opt 0.58 par 0.54  opt 0.70 par 0.56
+  per-device norm. (bug)     step 1: loss 3.0 (x4; the gradient is clipped)  opt 0.62 par 0.56  opt 1.3  par 0.86
 
 (gn = grad_norm, cls1 = cls_loss_1, opt = optimizer state, par = parameter updates.) On an Intel Xeon the 2x2 vs
 1x4 runs differed by 1.2e-4 in grad_norm at step 4, inside what the 4-device variant shows here. The tolerances below
@@ -43,8 +43,9 @@ GroupNorm noise above (6e-2 at step 5 in the 4-device run), which no tolerance c
 
 runs these variants: reference (1 device); 4dev and 8dev (the same batches over 4 and 8 devices); 4dev_rev (4 devices
 in reverse order); ulp (1 device, every float32 parameter moved by about one ulp before step 1); lost_shard (a bug:
-on 4 devices, the last device's quarter of every global batch lost and replaced by the first device's); wrong_norm (a bug: the loss
-divided by one device's positives instead of the global count, i.e. x4 on 4 devices). It prints, per step, the
+on 4 devices, the last device's quarter of every global batch lost and replaced by the first device's); wrong_norm
+(a bug: the loss divided by one device's positives instead of the global count, i.e. x4 on 4 devices). It prints,
+per step, the
 largest relative errors of the metrics and of each state collection.
 """
 
@@ -122,8 +123,9 @@ def tree_errors(got: dict, want: dict, base: dict | None = None) -> dict[str, fl
 def state_mismatches(got: dict, want: dict, base: dict, collections=('params', 'opt_state')) -> list[str]:
   """What differs beyond noise between two flattened states that started from the flattened state `base`."""
   errors = tree_errors(got, want, base)
-  return [f'{c}: relative error {errors[c]:.1e} > {STATE_RTOL:g}' for c in collections if errors[c] > STATE_RTOL] + \
-      [f'{c}: differs' for c in ('step', 'rng') if errors.get(c, 0.0) != 0.0]
+  return [f'{c}: relative error {errors[c]:.1e} > {STATE_RTOL:g}' for c in collections if errors[c] > STATE_RTOL] + [
+    f'{c}: differs' for c in ('step', 'rng') if errors.get(c, 0.0) != 0.0
+  ]
 
 
 def lose_last_shard(batch: dict, num_devices: int) -> dict:
@@ -140,11 +142,13 @@ def scaled_loss(loss_call, factor: float):
     total, metrics = loss_call(self, outputs, anchors, batch)
     scaled = {k: v * factor if k == 'loss' or k.startswith(('cls_loss', 'box_loss')) else v for k, v in metrics.items()}
     return total * factor, scaled
+
   return broken
 
 
 def _config(base: pathlib.Path, steps: int):
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location('noise_cfg', ROOT / 'tests' / 'configs' / 'tiny_shapes.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -154,16 +158,18 @@ def _config(base: pathlib.Path, steps: int):
 def flatten(tree) -> dict:
   """{keystr(path): numpy array} of every leaf (the form the comparisons take)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
 
 
 def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
   """Trains every variant of the module docstring for `steps` steps; returns their metrics and final states."""
   import jax  # pylint: disable=g-import-not-at-top
+
   import conret_jax  # pylint: disable=g-import-not-at-top
   from conret_jax import consistent  # pylint: disable=g-import-not-at-top
-  from conret_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from conret_jax import mesh as mesh_lib
+  from conret_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from conret_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
@@ -184,13 +190,13 @@ def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
   wrong_norm_loss = scaled_loss(real_loss, 4.0)
 
   variants = {
-      'reference': (jax.devices()[:1], init, None),
-      '4dev': (jax.devices()[:4], init, None),
-      '8dev': (jax.devices()[:8], init, None),
-      '4dev_rev': (jax.devices()[:4][::-1], init, None),
-      'ulp': (jax.devices()[:1], init.replace(params=jax.tree.map(ulp, init.params)), None),
-      'lost_shard': (jax.devices()[:4], init, 'lost_shard'),
-      'wrong_norm': (jax.devices()[:4], init, 'wrong_norm'),
+    'reference': (jax.devices()[:1], init, None),
+    '4dev': (jax.devices()[:4], init, None),
+    '8dev': (jax.devices()[:8], init, None),
+    '4dev_rev': (jax.devices()[:4][::-1], init, None),
+    'ulp': (jax.devices()[:1], init.replace(params=jax.tree.map(ulp, init.params)), None),
+    'lost_shard': (jax.devices()[:4], init, 'lost_shard'),
+    'wrong_norm': (jax.devices()[:4], init, 'wrong_norm'),
   }
   out = {}
   for name, (devices, start, bug) in variants.items():
@@ -233,7 +239,9 @@ def summarize(runs: dict) -> dict:
     for got_m, want_m, got_s, want_s in zip(run['metrics'], ref['metrics'], run['states'], ref['states']):
       metrics = {k: relative_error(got_m[k], want_m[k]) for k in want_m if k not in ('finite', 'learning_rate')}
       # Each run's parameters as their update from its own start (the ulp run starts elsewhere).
-      steps.append({'metrics': metrics, 'state': tree_errors(_update(got_s, run['init']), _update(want_s, ref['init']))})
+      steps.append(
+        {'metrics': metrics, 'state': tree_errors(_update(got_s, run['init']), _update(want_s, ref['init']))}
+      )
     summary[name] = steps
   return summary
 
@@ -253,8 +261,10 @@ def main(argv=None) -> None:
     for i, s in enumerate(steps):
       worst = max(s['metrics'], key=s['metrics'].get)
       state = ' '.join(f'{k}={v:.1e}' for k, v in sorted(s['state'].items()) if k not in ('step', 'rng'))
-      print(f'  step {i + 1}: loss {s["metrics"]["loss"]:.1e}  grad_norm {s["metrics"]["grad_norm"]:.1e}  '
-            f'worst metric {worst} {s["metrics"][worst]:.1e}  state: {state}')
+      print(
+        f'  step {i + 1}: loss {s["metrics"]["loss"]:.1e}  grad_norm {s["metrics"]["grad_norm"]:.1e}  '
+        f'worst metric {worst} {s["metrics"][worst]:.1e}  state: {state}'
+      )
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
       json.dump(summary, f, indent=1)

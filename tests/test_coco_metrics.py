@@ -21,10 +21,21 @@ def _gt(images: dict, categories=CATEGORY_IDS) -> dict:
   anns = []
   for image_id, (_, _, boxes) in images.items():
     for cat, bbox, crowd in boxes:
-      anns.append({'id': len(anns) + 1, 'image_id': image_id, 'category_id': cat, 'bbox': list(bbox),
-                   'area': float(bbox[2] * bbox[3]), 'iscrowd': crowd})
-  return {'images': [{'id': i, 'height': h, 'width': w} for i, (h, w, _) in images.items()],
-          'annotations': anns, 'categories': [{'id': c, 'name': f'c{c}'} for c in categories]}
+      anns.append(
+        {
+          'id': len(anns) + 1,
+          'image_id': image_id,
+          'category_id': cat,
+          'bbox': list(bbox),
+          'area': float(bbox[2] * bbox[3]),
+          'iscrowd': crowd,
+        }
+      )
+  return {
+    'images': [{'id': i, 'height': h, 'width': w} for i, (h, w, _) in images.items()],
+    'annotations': anns,
+    'categories': [{'id': c, 'name': f'c{c}'} for c in categories],
+  }
 
 
 def _result(image_id, cat, bbox, score):
@@ -33,10 +44,15 @@ def _result(image_id, cat, bbox, score):
 
 # ---- the cases: (coco_gt, results, image_ids) ----
 
+
 def _perfect_case():
   # Medium (32^2..96^2) and large objects only: APs is undefined.
-  gt = _gt({1: (200, 300, [(1, [10, 10, 50, 40], 0), (7, [100, 50, 150, 120], 0)]),
-            2: (100, 100, [(42, [0, 0, 60, 60], 0), (1, [30, 30, 40, 40], 0)])})
+  gt = _gt(
+    {
+      1: (200, 300, [(1, [10, 10, 50, 40], 0), (7, [100, 50, 150, 120], 0)]),
+      2: (100, 100, [(42, [0, 0, 60, 60], 0), (1, [30, 30, 40, 40], 0)]),
+    }
+  )
   return gt, [_result(a['image_id'], a['category_id'], a['bbox'], 0.9) for a in gt['annotations']], None
 
 
@@ -107,15 +123,25 @@ def _random_case(seed: int = 0):
 def _crowd_case():
   """Class 1: one object, detected last (score 0.5), and a crowd region with three better-scored detections inside."""
   gt = _gt({1: (400, 400, [(1, [300, 300, 50, 50], 0), (1, [0, 0, 200, 200], 1)])}, categories=[1])
-  results = [_result(1, 1, [10, 10, 60, 60], 0.9), _result(1, 1, [100, 20, 80, 90], 0.8),
-             _result(1, 1, [0, 0, 200, 200], 0.7), _result(1, 1, [300, 300, 50, 50], 0.5)]
+  results = [
+    _result(1, 1, [10, 10, 60, 60], 0.9),
+    _result(1, 1, [100, 20, 80, 90], 0.8),
+    _result(1, 1, [0, 0, 200, 200], 0.7),
+    _result(1, 1, [300, 300, 50, 50], 0.5),
+  ]
   return gt, results, None
 
 
 def _empty_images_case():
   """Image 2 has no ground truth (its detection is a false positive), image 3 no detections, image 4 neither."""
-  gt = _gt({1: (100, 100, [(1, [10, 10, 50, 50], 0)]), 2: (100, 100, []),
-            3: (100, 100, [(7, [20, 20, 40, 40], 0)]), 4: (100, 100, [])})
+  gt = _gt(
+    {
+      1: (100, 100, [(1, [10, 10, 50, 50], 0)]),
+      2: (100, 100, []),
+      3: (100, 100, [(7, [20, 20, 40, 40], 0)]),
+      4: (100, 100, []),
+    }
+  )
   results = [_result(1, 1, [10, 10, 50, 50], 0.6), _result(2, 1, [0, 0, 30, 30], 0.9)]
   return gt, results, None
 
@@ -129,12 +155,20 @@ def _empty_results_case():
   return _empty_images_case()[0], [], None
 
 
-CASES = {'perfect': _perfect_case, 'iou_067': _iou_067_case, 'single_class': lambda: _single_class_case()[0],
-         'random': _random_case, 'crowd': _crowd_case, 'empty_images': _empty_images_case, 'subset': _subset_case,
-         'empty_results': _empty_results_case}
+CASES = {
+  'perfect': _perfect_case,
+  'iou_067': _iou_067_case,
+  'single_class': lambda: _single_class_case()[0],
+  'random': _random_case,
+  'crowd': _crowd_case,
+  'empty_images': _empty_images_case,
+  'subset': _subset_case,
+  'empty_results': _empty_results_case,
+}
 
 
 # ---- values ----
+
 
 @pytest.mark.parametrize('backend', BACKEND_PARAMS)
 def test_perfect_detections_score_one_and_undefined_areas_are_minus_one(backend):
@@ -145,8 +179,9 @@ def test_perfect_detections_score_one_and_undefined_areas_are_minus_one(backend)
   for name in ('AP', 'AP50', 'AP75', 'AP60', 'AP70', 'AP80', 'AP90', 'APm', 'APl', 'AR10', 'AR100'):
     assert scores.summary[name] == pytest.approx(1.0), name
   assert scores.summary['APs'] == -1.0
-  assert scores.per_class == {f'c{c}': pytest.approx({'category_id': c, 'AP': 1.0, 'AP50': 1.0, 'AP75': 1.0})
-                              for c in CATEGORY_IDS}
+  assert scores.per_class == {
+    f'c{c}': pytest.approx({'category_id': c, 'AP': 1.0, 'AP50': 1.0, 'AP75': 1.0}) for c in CATEGORY_IDS
+  }
   assert (gt, results) == before  # the backend worked on copies
 
 
@@ -202,8 +237,12 @@ def test_matches_numpy_reference_ap_single_class(backend):
   for name, index in (('AP50', 0), ('AP60', 2), ('AP70', 4), ('AP75', 5), ('AP80', 6), ('AP90', 8)):
     assert metrics[name] == pytest.approx(per_threshold[index], abs=1e-9), name
   # One class: its per-class AP is the summary's.
-  assert scores.per_class['c7'] == {'category_id': 7, 'AP': metrics['AP'], 'AP50': metrics['AP50'],
-                                    'AP75': metrics['AP75']}
+  assert scores.per_class['c7'] == {
+    'category_id': 7,
+    'AP': metrics['AP'],
+    'AP50': metrics['AP50'],
+    'AP75': metrics['AP75'],
+  }
 
 
 @pytest.mark.parametrize('backend', BACKEND_PARAMS)
@@ -234,9 +273,10 @@ def test_empty_results_images_without_gt_and_image_subset(backend):
   empty = coco_metrics.score(gt, [], backend=backend)
   assert empty.summary == {name: 0.0 for name in coco_metrics.METRIC_NAMES}
   assert empty.per_class == {
-      'c1': {'category_id': 1, 'AP': 0.0, 'AP50': 0.0, 'AP75': 0.0},
-      'c7': {'category_id': 7, 'AP': 0.0, 'AP50': 0.0, 'AP75': 0.0},
-      'c42': {'category_id': 42, 'AP': -1.0, 'AP50': -1.0, 'AP75': -1.0}}
+    'c1': {'category_id': 1, 'AP': 0.0, 'AP50': 0.0, 'AP75': 0.0},
+    'c7': {'category_id': 7, 'AP': 0.0, 'AP50': 0.0, 'AP75': 0.0},
+    'c42': {'category_id': 42, 'AP': -1.0, 'AP50': -1.0, 'AP75': -1.0},
+  }
   scores = coco_metrics.score(gt, results, backend=backend)
   assert scores.summary['AR100'] == pytest.approx(0.5)  # image 3's object is missed
   assert scores.per_class['c1']['AP'] == pytest.approx(0.5)  # image 2's false positive scores higher
@@ -245,6 +285,7 @@ def test_empty_results_images_without_gt_and_image_subset(backend):
 
 
 # ---- the backends agree ----
+
 
 @_needs_faster
 @pytest.mark.parametrize('case', sorted(CASES))
@@ -273,6 +314,7 @@ def test_repeated_category_names_stay_apart():
 
 
 # ---- backend selection ----
+
 
 def test_backend_selection(monkeypatch):
   assert coco_metrics.resolve_backend('pycocotools') == 'pycocotools'

@@ -11,22 +11,30 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _load(relative_path, arg):
-  spec = importlib.util.spec_from_file_location(os.path.basename(relative_path)[:-3],
-                                                os.path.join(CONFIGS, relative_path))
+  spec = importlib.util.spec_from_file_location(
+    os.path.basename(relative_path)[:-3], os.path.join(CONFIGS, relative_path)
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module, module.get_config(arg)
 
 
-@pytest.mark.parametrize('path,arg', [
-    ('shapes_demo.py', None), ('shapes_demo.py', 'consistent=false,steps=10'),
+@pytest.mark.parametrize(
+  'path,arg',
+  [
+    ('shapes_demo.py', None),
+    ('shapes_demo.py', 'consistent=false,steps=10'),
     ('retinanet_torchvision.py', None),
-    ('conretinanet_coco.py', 'depth=50,scale=500'), ('conretinanet_coco.py', 'depth=101,scale=800,consistent=false'),
+    ('conretinanet_coco.py', 'depth=50,scale=500'),
+    ('conretinanet_coco.py', 'depth=101,scale=800,consistent=false'),
     ('conretinanet_coco.py', 'depth=101,scale=800,schedule=1.5x'),
-    ('paper/table1_variants.py', 'variant=cascade'), ('paper/table1_variants.py', 'variant=gated_cascade'),
-    ('paper/table2_thresholds.py', 'pos=0.7,neg=0.6'), ('paper/table3_stages.py', 'cls=3,reg=2'),
+    ('paper/table1_variants.py', 'variant=cascade'),
+    ('paper/table1_variants.py', 'variant=gated_cascade'),
+    ('paper/table2_thresholds.py', 'pos=0.7,neg=0.6'),
+    ('paper/table3_stages.py', 'cls=3,reg=2'),
     ('paper/table3_stages.py', 'cls=2,reg=2,infer=1'),
-])
+  ],
+)
 def test_config_loads_and_validates(path, arg):
   _, config = _load(path, arg)
   config_checks.validate(config)
@@ -74,6 +82,7 @@ def test_a_frozen_backbone_needs_init_from():
 
 def test_detectron_weights_argument_sets_their_layout():
   from conret_jax import defaults
+
   _, c = _load('conretinanet_coco.py', 'weights=detectron')
   assert c.model.backbone.stride_in_1x1
   assert (tuple(c.model.pixel_mean), tuple(c.model.pixel_std)) == (defaults.DETECTRON_PIXEL_MEAN_RGB, (1.0,) * 3)
@@ -110,8 +119,10 @@ def test_settings_that_would_do_nothing_are_errors():
 
 def test_short_side_jitter_of_table6_is_detectrons_scales():
   from conret_jax.data import sizes
+
   _, c = _load('conretinanet_coco.py', 'depth=101,scale=800,schedule=1.5x')
   assert sizes.short_side_scales(c.data) == (640, 672, 704, 736, 768, 800)
   assert c.train.num_steps == 135_000
   from conret_jax import defaults
+
   assert defaults.schedule_steps(c.train) == (500, (90_000, 120_000))

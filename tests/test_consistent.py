@@ -23,6 +23,7 @@ def _config(enabled=True, n_cls=2, n_reg=2, alpha=1.0, beta=0.11):
 
 # ---------------- NumPy reference of RetinaNet's loss (loops are fine here) ----------------
 
+
 def _iou(a, b):
   ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
   iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -90,8 +91,9 @@ def _random_case(seed, B=2, A=40, G=4):
   gt_valid[1, -1] = False  # a padding row
   logits = rng.normal(-2, 1.5, (B, A, K)).astype(np.float32)
   deltas = [rng.normal(0, 0.2, (B, A, 4)).astype(np.float32) for _ in range(3)]
-  batch = dict(boxes=jnp.asarray(gt), classes=jnp.asarray(gt_cls), valid=jnp.asarray(gt_valid),
-               crowd=jnp.zeros((B, G), bool))
+  batch = dict(
+    boxes=jnp.asarray(gt), classes=jnp.asarray(gt_cls), valid=jnp.asarray(gt_valid), crowd=jnp.zeros((B, G), bool)
+  )
   return anchors, gt, gt_cls, gt_valid, logits, deltas, batch
 
 
@@ -140,17 +142,26 @@ def test_figure2_occlusion_changes_the_refined_label():
   regression lands on the bicycle: the refined stage makes it a positive bicycle (misalignment (b), Section 3.1)."""
   bicycle, person = 0, 2
   gt = np.array([[[20, 40, 80, 90], [50, 10, 90, 90]]], np.float32)  # bicycle, person (overlapping)
-  anchors = np.array([[22, 38, 78, 92],   # IoU 0.9 with the bicycle
-                      [0, 0, 40, 60],     # IoU < 0.4 with both
-                      [150, 150, 190, 190]], np.float32)  # far away: background in both stages
+  anchors = np.array(
+    [
+      [22, 38, 78, 92],  # IoU 0.9 with the bicycle
+      [0, 0, 40, 60],  # IoU < 0.4 with both
+      [150, 150, 190, 190],
+    ],
+    np.float32,
+  )  # far away: background in both stages
   config = _config(True, 2, 2)
   config.loss.allow_low_quality_matches = False
   # Deltas that move anchor 0 exactly onto the person and anchor 1 exactly onto the bicycle.
   d0 = np.zeros((1, 3, 4), np.float32)
   d0[0, 0] = _encode(gt[0, 1], anchors[0])
   d0[0, 1] = _encode(gt[0, 0], anchors[1])
-  batch = dict(boxes=jnp.asarray(gt), classes=jnp.asarray([[bicycle, person]], jnp.int32),
-               valid=jnp.ones((1, 2), bool), crowd=jnp.zeros((1, 2), bool))
+  batch = dict(
+    boxes=jnp.asarray(gt),
+    classes=jnp.asarray([[bicycle, person]], jnp.int32),
+    valid=jnp.ones((1, 2), bool),
+    crowd=jnp.zeros((1, 2), bool),
+  )
   per_stage = consistent.stage_targets(jnp.asarray(anchors), (jnp.asarray(d0), jnp.zeros_like(d0)), batch, config)
   assert np.asarray(per_stage[0]['cls_labels'])[0].tolist() == [bicycle, -1, -1]
   assert np.asarray(per_stage[1]['cls_labels'])[0].tolist() == [person, bicycle, -1]
@@ -161,8 +172,12 @@ def test_figure2_occlusion_changes_the_refined_label():
 def test_crowd_and_padding_never_make_positives():
   gt = np.array([[[10, 10, 50, 50], [60, 60, 100, 100], [0, 0, 0, 0]]], np.float32)
   anchors = np.array([[10, 10, 50, 50], [60, 60, 100, 100], [0, 0, 1, 1]], np.float32)
-  batch = dict(boxes=jnp.asarray(gt), classes=jnp.zeros((1, 3), jnp.int32), valid=jnp.asarray([[True, True, False]]),
-               crowd=jnp.asarray([[False, True, False]]))
+  batch = dict(
+    boxes=jnp.asarray(gt),
+    classes=jnp.zeros((1, 3), jnp.int32),
+    valid=jnp.asarray([[True, True, False]]),
+    crowd=jnp.asarray([[False, True, False]]),
+  )
   config = _config(True, 2, 2)
   zeros = jnp.zeros((1, 3, 4))
   per_stage = consistent.stage_targets(jnp.asarray(anchors), (zeros, zeros), batch, config)
@@ -181,8 +196,12 @@ def test_no_gradient_flows_through_the_refined_anchors():
     return m['cls_loss_1'] + m['box_loss_1']
 
   d0 = jnp.asarray(0.05 * deltas[0])  # small first regression: the refined stage keeps positives
-  _, m = consistent.loss({'cls_logits': (jnp.asarray(logits),), 'box_deltas': (d0, jnp.asarray(deltas[1]))},
-                         jnp.asarray(anchors), batch, config)
+  _, m = consistent.loss(
+    {'cls_logits': (jnp.asarray(logits),), 'box_deltas': (d0, jnp.asarray(deltas[1]))},
+    jnp.asarray(anchors),
+    batch,
+    config,
+  )
   assert float(m['num_pos_1']) > 0
   g0, g1 = jax.grad(refined_terms, argnums=(0, 1))(d0, jnp.asarray(deltas[1]))
   assert float(jnp.abs(g0).max()) == 0.0  # the refined anchors depend on d0, but only as constants
@@ -199,12 +218,15 @@ def test_normalizers_are_global_over_the_batch():
   np.testing.assert_allclose(float(loss), whole, rtol=1e-5)
 
 
-@pytest.mark.parametrize('key,value,match', [
+@pytest.mark.parametrize(
+  'key,value,match',
+  [
     ('num_cls_terms', 3, 'regression terms'),
     ('num_reg_terms', 4, 'pos_iou_thresholds'),
     ('alpha', -1.0, 'alpha'),
     ('inference_reg_steps', 3, 'inference_reg_steps'),
-])
+  ],
+)
 def test_validate_names_the_key(key, value, match):
   config = _config(True, 2, 2)
   if key == 'num_cls_terms':

@@ -10,25 +10,29 @@ import types
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from conret_jax import coco_metrics
-from conret_jax import defaults
-from conret_jax import evaluation
+from conret_jax import coco_metrics, defaults, evaluation
 from conret_jax.data import info as data_info
 from tests.test_coco_metrics import CATEGORY_IDS, _gt, _result
 
 
 def test_detections_to_coco_converts_coordinates_and_drops_padding():
   dets = {
-      'boxes': np.array([[[10, 20, 50, 60], [100, 0, 300, 90], [0, 0, 1, 1]],
-                         [[5, 5, 10, 10], [0, 0, 0, 0], [0, 0, 0, 0]]], np.float32),
-      'scores': np.array([[0.9, 0.123456789, 0.5], [0.8, 0.0, 0.0]], np.float32),
-      'classes': np.array([[2, 0, 1], [1, 0, 0]], np.int32),
-      'valid': np.array([[True, True, False], [True, False, False]]),
+    'boxes': np.array(
+      [[[10, 20, 50, 60], [100, 0, 300, 90], [0, 0, 1, 1]], [[5, 5, 10, 10], [0, 0, 0, 0], [0, 0, 0, 0]]], np.float32
+    ),
+    'scores': np.array([[0.9, 0.123456789, 0.5], [0.8, 0.0, 0.0]], np.float32),
+    'classes': np.array([[2, 0, 1], [1, 0, 0]], np.int32),
+    'valid': np.array([[True, True, False], [True, False, False]]),
   }
-  batch = {'image_id': np.array([17, -1], np.int32), 'scale': np.array([0.5, 1.0], np.float32),
-           'orig_hw': np.array([[100, 400], [64, 64]], np.int32), 'example_valid': np.array([True, False])}
+  batch = {
+    'image_id': np.array([17, -1], np.int32),
+    'scale': np.array([0.5, 1.0], np.float32),
+    'orig_hw': np.array([[100, 400], [64, 64]], np.int32),
+    'example_valid': np.array([True, False]),
+  }
   results = evaluation.detections_to_coco(dets, batch, CATEGORY_IDS)
   assert [r['image_id'] for r in results] == [17, 17]
   assert [r['category_id'] for r in results] == [42, 1]
@@ -46,14 +50,22 @@ def test_torchvision_class_layout_scores_person_as_category_1():
   class 0 (background) and 12 (an id COCO does not use) are no category and are dropped."""
   config = defaults.base_config()
   config.model.num_classes, config.model.class_layout = 91, 'category_id'
-  info = data_info.DatasetInfo(category_ids=list(data_info.COCO_CATEGORY_IDS),
-                               class_names=list(data_info.COCO_CLASS_NAMES), num_examples=1)
+  info = data_info.DatasetInfo(
+    category_ids=list(data_info.COCO_CATEGORY_IDS), class_names=list(data_info.COCO_CLASS_NAMES), num_examples=1
+  )
   layout = data_info.ClassLayout.of(info, config)
-  dets = {'boxes': np.tile(np.array([10, 10, 50, 50], np.float32), (1, 4, 1)),
-          'scores': np.array([[0.9, 0.8, 0.7, 0.6]], np.float32), 'classes': np.array([[1, 85, 0, 12]], np.int32),
-          'valid': np.ones((1, 4), bool)}
-  batch = {'image_id': np.array([7]), 'scale': np.array([1.0], np.float32), 'orig_hw': np.array([[100, 100]]),
-           'example_valid': np.array([True])}
+  dets = {
+    'boxes': np.tile(np.array([10, 10, 50, 50], np.float32), (1, 4, 1)),
+    'scores': np.array([[0.9, 0.8, 0.7, 0.6]], np.float32),
+    'classes': np.array([[1, 85, 0, 12]], np.int32),
+    'valid': np.ones((1, 4), bool),
+  }
+  batch = {
+    'image_id': np.array([7]),
+    'scale': np.array([1.0], np.float32),
+    'orig_hw': np.array([[100, 100]]),
+    'example_valid': np.array([True]),
+  }
   results = evaluation.detections_to_coco(dets, batch, layout.category_of)
   assert [r['category_id'] for r in results] == [1, 85]
   assert layout.class_names[1] == 'person' and layout.class_names[85] == 'clock'
@@ -65,7 +77,9 @@ def test_coco_metrics_is_the_summary_of_score():
   assert evaluation.coco_metrics(gt, []) == {name: 0.0 for name in evaluation.METRIC_NAMES}
   assert evaluation.coco_metrics(gt, results, image_ids=[1])['AP'] == pytest.approx(1.0)
   for backend in ('auto', 'pycocotools'):
-    assert evaluation.coco_metrics(gt, results, backend=backend) == coco_metrics.score(gt, results, None, backend).summary
+    assert (
+      evaluation.coco_metrics(gt, results, backend=backend) == coco_metrics.score(gt, results, None, backend).summary
+    )
 
 
 def test_write_eval(tmp_path):
@@ -106,13 +120,26 @@ def _eval_batches(mesh, second_hw=(32, 32)):
       images_gt[image_id] = (int(h), int(w), anns)
     image_id = np.where(np.arange(8) < n_real, 100 + first + np.arange(8), -1).astype(np.int32)
     hw = (32, 32) if first == 0 else second_hw
-    batch = {'images': np.full((8, *hw, 3), 100.0, np.float32), 'boxes': boxes, 'classes': classes,
-             'valid': valid, 'crowd': crowd, 'image_id': image_id, 'orig_hw': orig_hw, 'scale': scale,
-             'example_valid': np.arange(8) < n_real}
+    batch = {
+      'images': np.full((8, *hw, 3), 100.0, np.float32),
+      'boxes': boxes,
+      'classes': classes,
+      'valid': valid,
+      'crowd': crowd,
+      'image_id': image_id,
+      'orig_hw': orig_hw,
+      'scale': scale,
+      'example_valid': np.arange(8) < n_real,
+    }
     batches.append({k: jax.device_put(v, sharding) for k, v in batch.items()})
-    outputs.append({'boxes': jax.device_put(boxes, sharding),
-                    'scores': jax.device_put(np.where(valid, 0.9, 0.0).astype(np.float32), sharding),
-                    'classes': jax.device_put(classes, sharding), 'valid': jax.device_put(valid, sharding)})
+    outputs.append(
+      {
+        'boxes': jax.device_put(boxes, sharding),
+        'scores': jax.device_put(np.where(valid, 0.9, 0.0).astype(np.float32), sharding),
+        'classes': jax.device_put(classes, sharding),
+        'valid': jax.device_put(valid, sharding),
+      }
+    )
   queue = list(outputs)
   detect_fn = lambda model, variables, images, config: queue.pop(0)
   return images_gt, batches, detect_fn
@@ -122,12 +149,14 @@ def _eval_batches(mesh, second_hw=(32, 32)):
 def test_evaluate_end_to_end(tmp_path, with_gt):
   mesh = jax.make_mesh((8,), ('data',))
   images_gt, batches, detect_fn = _eval_batches(mesh)
-  info = types.SimpleNamespace(category_ids=CATEGORY_IDS, class_names=['a', 'b', 'c'],
-                               coco_gt=_gt(images_gt) if with_gt else None)
+  info = types.SimpleNamespace(
+    category_ids=CATEGORY_IDS, class_names=['a', 'b', 'c'], coco_gt=_gt(images_gt) if with_gt else None
+  )
   config = defaults.base_config()
   config.eval.visualize = 3
-  metrics = evaluation.evaluate(None, None, config, mesh, workdir=str(tmp_path), step=12, batches=batches,
-                                info=info, detect_fn=detect_fn)
+  metrics = evaluation.evaluate(
+    None, None, config, mesh, workdir=str(tmp_path), step=12, batches=batches, info=info, detect_fn=detect_fn
+  )
   assert metrics['AP50'] == pytest.approx(1.0) and metrics['AP'] == pytest.approx(1.0)
   out = os.path.join(str(tmp_path), 'eval', 'step_12')
   results = json.load(open(os.path.join(out, 'detections.json')))
@@ -148,8 +177,9 @@ def test_evaluate_pictures_with_two_padded_shapes(tmp_path):
   info = types.SimpleNamespace(category_ids=CATEGORY_IDS, class_names=['a', 'b', 'c'], coco_gt=_gt(images_gt))
   config = defaults.base_config()
   config.eval.visualize = 12  # more than the first batch holds: images of both shapes are collected
-  metrics = evaluation.evaluate(None, None, config, mesh, workdir=str(tmp_path), step=1, batches=batches,
-                                info=info, detect_fn=detect_fn)
+  metrics = evaluation.evaluate(
+    None, None, config, mesh, workdir=str(tmp_path), step=1, batches=batches, info=info, detect_fn=detect_fn
+  )
   assert metrics['AP'] == pytest.approx(1.0)
   assert os.path.getsize(os.path.join(str(tmp_path), 'eval', 'step_1', 'detections.png')) > 0
 
@@ -166,15 +196,15 @@ def test_evaluate_num_images_limit():
     seen.append(1)
     return detect_fn(*args)
 
-  metrics = evaluation.evaluate(None, None, config, mesh, batches=iter(batches), info=info,
-                                detect_fn=counting_detect)
+  metrics = evaluation.evaluate(None, None, config, mesh, batches=iter(batches), info=info, detect_fn=counting_detect)
   assert len(seen) == 1  # stopped after the first batch
   assert metrics['AP'] == pytest.approx(1.0)
   # Against the full ground truth, evaluating the same 3 images only: still perfect (the others are not counted).
   info.coco_gt = _gt(images_gt)
   _, batches, detect_fn = _eval_batches(mesh)
-  assert evaluation.evaluate(None, None, config, mesh, batches=batches, info=info,
-                             detect_fn=detect_fn)['AR100'] == pytest.approx(1.0)
+  assert evaluation.evaluate(None, None, config, mesh, batches=batches, info=info, detect_fn=detect_fn)[
+    'AR100'
+  ] == pytest.approx(1.0)
 
 
 _WORKER = r'''
@@ -234,11 +264,19 @@ def test_evaluate_and_checkpoint_across_two_processes(tmp_path):
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tmp_path / 'wd')], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(port), str(i), str(tmp_path / 'wd')],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=240)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outputs
-  results = [json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[7:]) for out in outputs]
+  results = [json.loads(next(ln for ln in out.splitlines() if ln.startswith('RESULT '))[7:]) for out in outputs]
   assert results[0] == results[1]
   # 7 real images (one padding example), 2 objects each, all detected: perfect AP.
   assert results[0]['metrics']['AP'] == pytest.approx(1.0)

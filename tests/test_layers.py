@@ -24,18 +24,29 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'conret_jax'
 
 LAYERS = {
-    'core': 0,
-    'errors': 1, 'fileio': 1,
-    'defaults': 2, 'stages': 2, 'batch': 2,
-    'model': 3, 'data': 3, 'consistent': 3, 'mesh': 3, 'coco_metrics': 3, 'visualize': 3, 'run_record': 3,
-    'distributed': 3, 'weight_files': 3,
-    'detectors': 4,
-    'config_checks': 5,
-    'inference': 6, 'weights': 6,
-    'evaluation': 7,
-    'analysis': 8,
-    'train': 9,
-    'cli': 10,
+  'core': 0,
+  'errors': 1,
+  'fileio': 1,
+  'defaults': 2,
+  'stages': 2,
+  'batch': 2,
+  'model': 3,
+  'data': 3,
+  'consistent': 3,
+  'mesh': 3,
+  'coco_metrics': 3,
+  'visualize': 3,
+  'run_record': 3,
+  'distributed': 3,
+  'weight_files': 3,
+  'detectors': 4,
+  'config_checks': 5,
+  'inference': 6,
+  'weights': 6,
+  'evaluation': 7,
+  'analysis': 8,
+  'train': 9,
+  'cli': 10,
 }
 
 
@@ -59,7 +70,7 @@ def _imports(path: pathlib.Path, name: str, modules) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ''
       if node.level:
-        base = '.'.join(package.split('.')[:len(package.split('.')) - node.level + 1] + ([base] if base else []))
+        base = '.'.join(package.split('.')[: len(package.split('.')) - node.level + 1] + ([base] if base else []))
       # `from a.b import c`: the module a.b.c if there is one, else a.b.
       targets = [f'{base}.{a.name}' if f'{base}.{a.name}' in modules else base for a in node.names]
     else:
@@ -103,7 +114,7 @@ def test_no_import_cycles():
     state[node] = 'open'
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == 'open':
-        cycles.append(' -> '.join(path[path.index(nxt):] + [nxt]) if nxt in path else f'{node} -> {nxt}')
+        cycles.append(' -> '.join(path[path.index(nxt) :] + [nxt]) if nxt in path else f'{node} -> {nxt}')
       elif nxt not in state:
         visit(nxt, path + [nxt])
     state[node] = 'done'

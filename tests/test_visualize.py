@@ -8,8 +8,12 @@ from conret_jax import visualize
 
 
 def _drawn(image, **kwargs):
-  defaults = dict(boxes=np.array([[10, 30, 40, 60]], np.float32), scores=np.array([0.9]),
-                  classes=np.array([1]), class_names=['cat', 'dog'])
+  defaults = dict(
+    boxes=np.array([[10, 30, 40, 60]], np.float32),
+    scores=np.array([0.9]),
+    classes=np.array([1]),
+    class_names=['cat', 'dog'],
+  )
   defaults.update(kwargs)
   return np.asarray(visualize.draw_detections(image, **defaults))
 
@@ -40,15 +44,21 @@ def test_threshold_and_valid_skip_boxes():
 def test_save_grid_layout(tmp_path):
   rs = np.random.RandomState(0)
   images = rs.uniform(0, 255, (5, 32, 48, 3)).astype(np.float32)
-  dets = {'boxes': np.tile(np.array([[4, 4, 30, 20]], np.float32), (5, 1, 1)),
-          'scores': np.full((5, 1), 0.8, np.float32), 'classes': np.arange(5)[:, None] % 2,
-          'valid': np.ones((5, 1), bool)}
+  dets = {
+    'boxes': np.tile(np.array([[4, 4, 30, 20]], np.float32), (5, 1, 1)),
+    'scores': np.full((5, 1), 0.8, np.float32),
+    'classes': np.arange(5)[:, None] % 2,
+    'valid': np.ones((5, 1), bool),
+  }
   path = str(tmp_path / 'grid.png')
   visualize.save_grid(images, dets, ['a', 'b'], path, max_images=8)
   grid = np.asarray(Image.open(path).convert('RGB'))
   assert grid.shape == (2 * 32, 3 * 48, 3)  # 5 images: 3 columns, 2 rows
-  tile4 = np.asarray(visualize.draw_detections(images[4], dets['boxes'][4], dets['scores'][4], dets['classes'][4],
-                                               ['a', 'b'], score_threshold=0.3))
+  tile4 = np.asarray(
+    visualize.draw_detections(
+      images[4], dets['boxes'][4], dets['scores'][4], dets['classes'][4], ['a', 'b'], score_threshold=0.3
+    )
+  )
   np.testing.assert_array_equal(grid[32:64, 48:96], tile4)  # row 1, column 1
   assert (grid[32:, 96:] == 255).all()  # the empty sixth cell stays white
 

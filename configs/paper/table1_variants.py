@@ -16,10 +16,10 @@ import conretinanet_coco  # noqa: E402  (configs/ is not a package; big_vision-s
 from conret_jax import defaults  # noqa: E402
 
 PAPER = {
-    'baseline': (32.5, 50.9, 34.8),
-    'cascade': (33.4, 51.3, 36.0),
-    'gated_cascade': (33.6, 51.5, 36.3),
-    'consistent': (33.7, 51.7, 36.2),
+  'baseline': (32.5, 50.9, 34.8),
+  'cascade': (33.4, 51.3, 36.0),
+  'gated_cascade': (33.6, 51.5, 36.3),
+  'consistent': (33.7, 51.7, 36.2),
 }
 
 

@@ -10,8 +10,7 @@ Results of record go to bench/RESULTS.md with the machine and the date.
 
 import json
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from conret_jax.cli import common
 from conret_jax.errors import ConfigError
@@ -23,16 +22,20 @@ _MODES = ('step', 'input')
 
 def _main(argv):
   if len(argv) != 2 or argv[1] not in _MODES:
-    raise app.UsageError(f'name what to time: conret-bench {{{"|".join(_MODES)}}} --config=FILE [--config.key=value ...]')
+    raise app.UsageError(
+      f'name what to time: conret-bench {{{"|".join(_MODES)}}} --config=FILE [--config.key=value ...]'
+    )
   config = flags.FLAGS.config
   if config is None:
     raise ConfigError('--config is required, e.g. --config=configs/conretinanet_coco.py')
   if argv[1] == 'step':  # imports no TensorFlow: the GPU image has none
     from conret_jax.train import bench  # pylint: disable=g-import-not-at-top
+
     result = bench.run_step_bench(config, _STEPS.value)
   else:
     common.hide_accelerators_from_tf()
     from conret_jax.data import bench  # pylint: disable=g-import-not-at-top
+
     result = bench.run_input_bench(config, _BATCHES.value)
   print(json.dumps(result), flush=True)
 

@@ -17,13 +17,17 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # must precede the first TensorFlow import
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
+from absl import (
+  app,  # noqa: E402
+  flags,  # noqa: E402
+  logging,  # noqa: E402
+)
 from ml_collections import config_flags  # noqa: E402
 
-from conret_jax import distributed  # noqa: E402
-from conret_jax import run_record  # noqa: E402
+from conret_jax import (
+  distributed,  # noqa: E402
+  run_record,  # noqa: E402
+)
 from conret_jax.errors import CheckpointNotFoundError, ConfigError, UserError, WeightFileError, WorkdirError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -31,9 +35,14 @@ SAVED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'saved_c
 _HELP = ('--help', '-h', '-help', '--helpshort', '-?')
 
 if 'config' not in FLAGS:  # several tools may share one process in tests
-  config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/conretinanet_coco.py:depth=50,scale=500; '
-                                  'override single keys with --config.train.num_steps=100. Default: the config '
-                                  'saved in --workdir by conret-train.', lock_config=True)
+  config_flags.DEFINE_config_file(
+    'config',
+    None,
+    'Config file, e.g. configs/conretinanet_coco.py:depth=50,scale=500; '
+    'override single keys with --config.train.num_steps=100. Default: the config '
+    'saved in --workdir by conret-train.',
+    lock_config=True,
+  )
   flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, evaluations (local path or gs://).')
   flags.DEFINE_bool('debug', False, 'Show the traceback of user errors too (also: CONRET_DEBUG=1).')
   distributed.define_flags()
@@ -49,6 +58,7 @@ def define_step_flag() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- running a tool
+
 
 def _debug(argv) -> bool:
   return os.environ.get('CONRET_DEBUG', '') not in ('', '0') or '--debug' in argv
@@ -73,8 +83,11 @@ def help_text(tool: str, doc: str, flag_names) -> str:
     flag = FLAGS[name]
     default = '' if flag.default in (None, '', [], False) else f' (default: {flag.default_as_str})'
     lines.append(f'  --{name}: {flag.help}{default}')
-  lines += ['', f'Config keys: --config.KEY=VALUE overrides one key (every key, with its meaning: '
-                f'conret_jax/defaults.py). {tool} --helpfull lists absl\'s own flags too.']
+  lines += [
+    '',
+    f'Config keys: --config.KEY=VALUE overrides one key (every key, with its meaning: '
+    f"conret_jax/defaults.py). {tool} --helpfull lists absl's own flags too.",
+  ]
   return '\n'.join(lines)
 
 
@@ -104,8 +117,10 @@ def _parse_flags(tool: str, argv: list, flag_names) -> list:
     FLAGS.config  # pylint: disable=pointless-statement  (ml_collections loads the file lazily)
   except flags.UnrecognizedFlagError as e:
     close = difflib.get_close_matches(e.flagname, flag_names, n=1)
-    fail(tool, f'unknown flag --{e.flagname}' + (f'; did you mean --{close[0]}?' if close else '') +
-         f' (see {tool} --help)')
+    fail(
+      tool,
+      f'unknown flag --{e.flagname}' + (f'; did you mean --{close[0]}?' if close else '') + f' (see {tool} --help)',
+    )
   except Exception as e:  # pylint: disable=broad-except  (config files and overrides raise anything)
     if _debug(argv):
       raise
@@ -116,13 +131,14 @@ def _parse_flags(tool: str, argv: list, flag_names) -> list:
 def _closest_key(dotted: str) -> str | None:
   """The existing config key nearest to a misspelt one: the first unknown part replaced by its closest sibling."""
   from conret_jax import defaults  # pylint: disable=g-import-not-at-top
+
   node, parts = defaults.base_config(), dotted.split('.')
   for i, part in enumerate(parts):
     if not hasattr(node, 'keys') or part in node:
       node = node[part] if hasattr(node, 'keys') else node
       continue
     close = difflib.get_close_matches(part, list(node.keys()), n=1)
-    return '.'.join(parts[:i] + close + parts[i + 1:]) if close else None
+    return '.'.join(parts[:i] + close + parts[i + 1 :]) if close else None
   return None
 
 
@@ -135,7 +151,7 @@ def _config_error_message(error: Exception, argv) -> str:
     hint = next((t.partition('\n')[2].strip() for t in texts if '\n' in t), '')
     overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
     bad = next((o for o in overrides if f'.{key}.' in f'{o}.'), None)
-    close = _closest_key(bad[len('--config.'):]) if bad else None
+    close = _closest_key(bad[len('--config.') :]) if bad else None
     hint = f'did you mean --config.{close}?' if close else hint
     return f'unknown config key {bad or key}' + (f' ({hint})' if hint else '')
   flag = ''
@@ -166,9 +182,11 @@ def run(tool_main, *, tool: str, doc: str, flag_names) -> None:
 
 # ---------------------------------------------------------------------------------------------------- start-up
 
+
 def hide_accelerators_from_tf() -> None:
   """TensorFlow only feeds data: keep it off GPUs so it never takes memory that JAX needs."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TF already initialized its devices (e.g. a second call): nothing left to do
@@ -182,7 +200,8 @@ class _QuietLibraries(std_logging.Filter):
 
   def filter(self, record):
     return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in ('/orbax/', '/jax/_src/', '/faster_coco_eval/'))
+      part in record.pathname for part in ('/orbax/', '/jax/_src/', '/faster_coco_eval/')
+    )
 
 
 def setup_logging(workdir: str | None, name: str) -> None:
@@ -193,6 +212,7 @@ def setup_logging(workdir: str | None, name: str) -> None:
   if not any(isinstance(f, _QuietLibraries) for f in logging.get_absl_handler().filters):
     logging.get_absl_handler().addFilter(quiet)
   import jax  # pylint: disable=g-import-not-at-top  (after distributed initialization)
+
   if workdir and '://' not in workdir and os.path.isdir(workdir) and jax.process_index() == 0:
     path = os.path.join(workdir, f'{name}.log')
     logger = logging.get_absl_logger()
@@ -227,8 +247,10 @@ def setup(name: str, *, writes_workdir: bool, distributed_init: bool = True):
   """
   config, workdir = FLAGS.config, FLAGS.workdir
   if config is None:
-    raise ConfigError('--config is required (or a --workdir written by conret-train, which holds its config), '
-                      'e.g. --config=configs/shapes_demo.py')
+    raise ConfigError(
+      '--config is required (or a --workdir written by conret-train, which holds its config), '
+      'e.g. --config=configs/shapes_demo.py'
+    )
   workdir = check_workdir(workdir, create=writes_workdir)
   run_record.check_config_matches(workdir, config)
   hide_accelerators_from_tf()
@@ -240,9 +262,11 @@ def setup(name: str, *, writes_workdir: bool, distributed_init: bool = True):
 
 # ---------------------------------------------------------------------------------------------------- restore
 
+
 def abstract_train_state(model, config, mesh):
   """The TrainState's shapes, dtypes and shardings on `mesh` (see train.step.abstract_state)."""
   from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
   return state_lib.abstract_state(model, config, mesh)
 
 
@@ -255,9 +279,10 @@ def restore_for_inference(config, workdir: str, step: int | None = None, devices
     (model, variables, step, mesh); step is 0 for variables from config.init_from.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   import conret_jax  # pylint: disable=g-import-not-at-top
-  from conret_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from conret_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
   model = conret_jax.build_model(config)
   mesh = mesh_lib.make_mesh(config, devices)
@@ -273,6 +298,7 @@ def restore_for_inference(config, workdir: str, step: int | None = None, devices
   check_weights_available(config, workdir, step)
   logging.info('no checkpoint in %s: using the weights of config.init_from=%s', directory, config.init_from)
   from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
   fresh, _ = state_lib.init_state(model, config, mesh, jax.random.PRNGKey(0))
   # Inference needs every weight from the file: nothing may stay at its random initial value.
   every_leaf = jax.tree.map(lambda _: False, fresh.params)
@@ -303,7 +329,8 @@ def check_weights_available(config, workdir: str, step: int | None) -> None:
     raise CheckpointNotFoundError(f'no checkpoint {step} in {directory}: it holds none')
   if not config.init_from:
     raise CheckpointNotFoundError(
-        f'no checkpoint in {directory} and config.init_from is empty: train first (conret-train) or point '
-        '--config.init_from at imported weights')
+      f'no checkpoint in {directory} and config.init_from is empty: train first (conret-train) or point '
+      '--config.init_from at imported weights'
+    )
   if '://' not in config.init_from and not os.path.isdir(config.init_from):
     raise WeightFileError(f'config.init_from={config.init_from} does not exist: write it with conret-import')

@@ -10,8 +10,7 @@ detections.png} and prints the metrics, per class too. Without --config it uses 
 (Table 3's "2*") or `--config.eval.num_images=500`.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from conret_jax.cli import common
 
@@ -20,10 +19,12 @@ common.define_step_flag()
 
 def run(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
   """Restores and evaluates; returns (step, metrics)."""
-  from conret_jax import config_checks  # pylint: disable=g-import-not-at-top
-  from conret_jax import evaluation  # pylint: disable=g-import-not-at-top
-
+  from conret_jax import (
+    config_checks,  # pylint: disable=g-import-not-at-top
+    evaluation,  # pylint: disable=g-import-not-at-top
+  )
   from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
   config_checks.validate(config)
   cache = data_lib.SourceCache()
   info = data_lib.dataset_info(config.data.eval, config, cache=cache)
@@ -39,16 +40,21 @@ def _main(argv):
   common.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
   config, workdir = common.setup('eval', writes_workdir=False)
   import jax  # pylint: disable=g-import-not-at-top
+
   from conret_jax import evaluation  # pylint: disable=g-import-not-at-top
+
   step, metrics = run(config, workdir, flags.FLAGS.step)
   if jax.process_index() == 0:
-    print(evaluation.format_metrics(metrics, evaluation.read_per_class(workdir, step), title=f'{workdir}, step {step}'),
-          flush=True)
+    print(
+      evaluation.format_metrics(metrics, evaluation.read_per_class(workdir, step), title=f'{workdir}, step {step}'),
+      flush=True,
+    )
 
 
 def main():
-  common.run(_main, tool='conret-eval', doc=__doc__,
-             flag_names=common.COMMON_FLAGS + ('step',) + common.DISTRIBUTED_FLAGS)
+  common.run(
+    _main, tool='conret-eval', doc=__doc__, flag_names=common.COMMON_FLAGS + ('step',) + common.DISTRIBUTED_FLAGS
+  )
 
 
 if __name__ == '__main__':

@@ -23,16 +23,15 @@ import inspect
 import os
 import sys
 
-from conret_jax import defaults
-from conret_jax import weights
+from conret_jax import defaults, weights
 from conret_jax.defaults import base_config
 from conret_jax.model.resnet import count_params
 
 IMPORTERS = {
-    'torchvision_retinanet': weights.from_torchvision_retinanet,
-    'torchvision_resnet': weights.from_torchvision_resnet,
-    'timm_resnet': weights.from_timm_resnet,
-    'detectron_resnet': weights.from_detectron_resnet,
+  'torchvision_retinanet': weights.from_torchvision_retinanet,
+  'torchvision_resnet': weights.from_torchvision_resnet,
+  'timm_resnet': weights.from_timm_resnet,
+  'detectron_resnet': weights.from_detectron_resnet,
 }
 _REPO_TORCHVISION_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'retinanet_torchvision.py')
 
@@ -67,8 +66,10 @@ def _pixel_note(fmt: str, config) -> str:
   want = (defaults.DETECTRON_PIXEL_MEAN_RGB, defaults.DETECTRON_PIXEL_STD)
   if fmt != 'detectron_resnet' or (tuple(m.pixel_mean), tuple(m.pixel_std)) == want:
     return ''
-  return (f'conret-import: note: Detectron weights expect model.pixel_mean={want[0]} and model.pixel_std={want[1]} '
-          f'(RGB); this config has {tuple(m.pixel_mean)} and {tuple(m.pixel_std)}')
+  return (
+    f'conret-import: note: Detectron weights expect model.pixel_mean={want[0]} and model.pixel_std={want[1]} '
+    f'(RGB); this config has {tuple(m.pixel_mean)} and {tuple(m.pixel_std)}'
+  )
 
 
 def _error(message: str) -> int:

@@ -14,10 +14,12 @@ from conret_jax.data import shapes
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='conret-make-shapes', description=__doc__.splitlines()[0])
   parser.add_argument('--output', required=True, help='output folder')
-  parser.add_argument('--num_train', '--num-train', type=int, default=shapes.DEFAULT_NUM_EXAMPLES['train'],
-                      help='training images')
-  parser.add_argument('--num_val', '--num-val', type=int, default=shapes.DEFAULT_NUM_EXAMPLES['val'],
-                      help='validation images')
+  parser.add_argument(
+    '--num_train', '--num-train', type=int, default=shapes.DEFAULT_NUM_EXAMPLES['train'], help='training images'
+  )
+  parser.add_argument(
+    '--num_val', '--num-val', type=int, default=shapes.DEFAULT_NUM_EXAMPLES['val'], help='validation images'
+  )
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
   if os.path.exists(args.output) and not os.path.isdir(args.output):

@@ -15,10 +15,8 @@ import glob
 import json
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
+from absl import app, flags, logging
 
 from conret_jax.cli import common
 from conret_jax.errors import UserError
@@ -45,6 +43,7 @@ def list_images(patterns: str) -> list[str]:
 def load_image(path: str) -> np.ndarray:
   """uint8 [H, W, 3] RGB, with the EXIF orientation applied (what an image viewer shows)."""
   from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
+
   with Image.open(path) as image:
     return np.asarray(ImageOps.exif_transpose(image).convert('RGB'))
 
@@ -58,6 +57,7 @@ def prepare_image(image: np.ndarray, data_config) -> tuple[np.ndarray, float]:
     (float32 [Hp, Wp, 3] on the 0..255 scale, scale = resized / original).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from conret_jax.data import sizes  # pylint: disable=g-import-not-at-top
 
   h, w = image.shape[:2]
@@ -72,7 +72,7 @@ def prepare_image(image: np.ndarray, data_config) -> tuple[np.ndarray, float]:
   new_hw = np.maximum(np.round(np.array([h, w], np.float32) * scale).astype(np.int32), 1)
   resized = tf.image.resize(tf.constant(image), new_hw, method='bilinear').numpy()
   padded = np.zeros(tuple(pad_hw) + (3,), np.float32)
-  padded[:new_hw[0], :new_hw[1]] = resized[:pad_hw[0], :pad_hw[1]]
+  padded[: new_hw[0], : new_hw[1]] = resized[: pad_hw[0], : pad_hw[1]]
   return padded, float(scale)
 
 
@@ -81,16 +81,20 @@ def class_metadata(config, workdir: str):
   a record, the eval dataset's categories where reading them generates nothing; else class indices, with a warning."""
   from conret_jax import run_record  # pylint: disable=g-import-not-at-top
   from conret_jax.data import info as info_lib  # pylint: disable=g-import-not-at-top
+
   classes = (run_record.load_run(workdir) or {}).get('classes')
   if classes:
-    return info_lib.ClassLayout(classes['layout'], int(classes['num_classes']), tuple(classes['category_ids']),
-                                tuple(classes['names']))
+    return info_lib.ClassLayout(
+      classes['layout'], int(classes['num_classes']), tuple(classes['category_ids']), tuple(classes['names'])
+    )
   try:
     if config.data.eval.source == 'shapes':  # its fixed categories, without generating the dataset
       from conret_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
       info = info_lib.DatasetInfo(list(shapes.CATEGORY_IDS), list(shapes.SHAPE_NAMES), 0)
     else:
       from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
       info = data_lib.dataset_info(config.data.eval, config, train=True)  # the categories only
     return info_lib.ClassLayout.of(info, config)
   except (UserError, OSError, ImportError) as e:
@@ -108,10 +112,19 @@ def _output_name(path: str, taken: set) -> str:
   return name + '.png'
 
 
-def run(config, workdir: str, image_paths: list[str], output: str, *, score_threshold: float = 0.3,
-        step: int | None = None, class_layout=None) -> list[dict]:
+def run(
+  config,
+  workdir: str,
+  image_paths: list[str],
+  output: str,
+  *,
+  score_threshold: float = 0.3,
+  step: int | None = None,
+  class_layout=None,
+) -> list[dict]:
   """Detects on each image, writes OUTPUT/<name>.png and OUTPUT/detections.json; returns the json's entries."""
   import jax  # pylint: disable=g-import-not-at-top
+
   import conret_jax  # pylint: disable=g-import-not-at-top
   from conret_jax import evaluation, visualize  # pylint: disable=g-import-not-at-top
 
@@ -129,20 +142,42 @@ def run(config, workdir: str, image_paths: list[str], output: str, *, score_thre
     image = load_image(path)
     padded, scale = prepare_image(image, config.data)
     dets = jax.tree.map(np.asarray, conret_jax.detect(model, variables, padded[None], config))
-    meta = {'image_id': np.array([index]), 'scale': np.array([scale], np.float32),
-            'orig_hw': np.array([image.shape[:2]]), 'example_valid': np.array([True])}
-    results = [r for r in evaluation.detections_to_coco(dets, meta, layout.category_of)
-               if r['score'] >= score_threshold]
+    meta = {
+      'image_id': np.array([index]),
+      'scale': np.array([scale], np.float32),
+      'orig_hw': np.array([image.shape[:2]]),
+      'example_valid': np.array([True]),
+    }
+    results = [
+      r for r in evaluation.detections_to_coco(dets, meta, layout.category_of) if r['score'] >= score_threshold
+    ]
     boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r['bbox'] for r in results)], np.float32)
-    drawn = visualize.draw_detections(image, boxes, np.array([r['score'] for r in results]),
-                                      np.array([class_of[r['category_id']] for r in results], int), names)
+    drawn = visualize.draw_detections(
+      image,
+      boxes,
+      np.array([r['score'] for r in results]),
+      np.array([class_of[r['category_id']] for r in results], int),
+      names,
+    )
     out_path = os.path.join(output, _output_name(path, taken))
     drawn.save(out_path, format='PNG')
-    entries.append({
-        'image': path, 'output': out_path, 'height': int(image.shape[0]), 'width': int(image.shape[1]),
-        'detections': [{'bbox': r['bbox'], 'score': r['score'], 'category_id': r['category_id'],
-                        'class_name': names[class_of[r['category_id']]]} for r in results],
-    })
+    entries.append(
+      {
+        'image': path,
+        'output': out_path,
+        'height': int(image.shape[0]),
+        'width': int(image.shape[1]),
+        'detections': [
+          {
+            'bbox': r['bbox'],
+            'score': r['score'],
+            'category_id': r['category_id'],
+            'class_name': names[class_of[r['category_id']]],
+          }
+          for r in results
+        ],
+      }
+    )
     logging.info('%s: %d detections >= %.2f', path, len(results), score_threshold)
   with open(os.path.join(output, 'detections.json'), 'w') as f:
     json.dump(entries, f, indent=1)
@@ -166,8 +201,12 @@ def _main(argv):
 
 
 def main():
-  common.run(_main, tool='conret-predict', doc=__doc__,
-             flag_names=common.COMMON_FLAGS + ('images', 'output', 'score_threshold', 'step'))
+  common.run(
+    _main,
+    tool='conret-predict',
+    doc=__doc__,
+    flag_names=common.COMMON_FLAGS + ('images', 'output', 'score_threshold', 'step'),
+  )
 
 
 if __name__ == '__main__':

@@ -14,9 +14,7 @@ checkpoint left off. The workdir records the run: config.json (the resolved conf
 
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from conret_jax.cli import common
 
@@ -25,10 +23,12 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from conret_jax import config_checks  # pylint: disable=g-import-not-at-top
+
   if flags.FLAGS.config is not None:  # in seconds, before TensorFlow, devices or compilation
     config_checks.validate_training(flags.FLAGS.config)
   config, workdir = common.setup('train', writes_workdir=True)
   import jax  # pylint: disable=g-import-not-at-top  (after distributed initialization)
+
   from conret_jax import distributed, evaluation  # pylint: disable=g-import-not-at-top
   from conret_jax.train import loop  # pylint: disable=g-import-not-at-top
 
@@ -41,13 +41,14 @@ def _main(argv):
     sys.exit(3)
   if metrics and jax.process_index() == 0:
     step = int(config.train.num_steps)
-    print(evaluation.format_metrics(metrics, evaluation.read_per_class(workdir, step),
-                                    title=f'{workdir}, step {step}'), flush=True)
+    print(
+      evaluation.format_metrics(metrics, evaluation.read_per_class(workdir, step), title=f'{workdir}, step {step}'),
+      flush=True,
+    )
 
 
 def main():
-  common.run(_main, tool='conret-train', doc=__doc__,
-             flag_names=common.COMMON_FLAGS + common.DISTRIBUTED_FLAGS)
+  common.run(_main, tool='conret-train', doc=__doc__, flag_names=common.COMMON_FLAGS + common.DISTRIBUTED_FLAGS)
 
 
 if __name__ == '__main__':

@@ -44,8 +44,8 @@ def _level_sizes(min_level, max_level, base_scale, scales_per_octave, sizes) -> 
       raise ValueError(f'every level needs the same number of sizes, got {sizes}')
     return sizes
   return [
-      tuple(base_scale * 2**level * 2 ** (i / scales_per_octave) for i in range(scales_per_octave))
-      for level in range(min_level, max_level + 1)
+    tuple(base_scale * 2**level * 2 ** (i / scales_per_octave) for i in range(scales_per_octave))
+    for level in range(min_level, max_level + 1)
   ]
 
 
@@ -61,25 +61,26 @@ def _base_anchors(sizes, aspect_ratios, round_base) -> np.ndarray:
 
 
 def generate_anchors(
-    image_hw: Sequence[int],
-    *,
-    min_level: int = 3,
-    max_level: int = 7,
-    base_scale: float = 4.0,
-    scales_per_octave: int = 3,
-    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    sizes: Sequence[Sequence[float]] = (),
-    offset: float = 0.5,
-    round_base: bool = False,
+  image_hw: Sequence[int],
+  *,
+  min_level: int = 3,
+  max_level: int = 7,
+  base_scale: float = 4.0,
+  scales_per_octave: int = 3,
+  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+  sizes: Sequence[Sequence[float]] = (),
+  offset: float = 0.5,
+  round_base: bool = False,
 ) -> jnp.ndarray:
   """All anchors of an image_hw input: [A_total, 4] float32, x1y1x2y2, in the order of the module docstring."""
   return jnp.asarray(
-      _anchors_np(image_hw, min_level, max_level, base_scale, scales_per_octave, aspect_ratios, sizes, offset,
-                  round_base))
+    _anchors_np(image_hw, min_level, max_level, base_scale, scales_per_octave, aspect_ratios, sizes, offset, round_base)
+  )
 
 
-def _anchors_np(image_hw, min_level, max_level, base_scale, scales_per_octave, aspect_ratios, sizes, offset,
-                round_base) -> np.ndarray:
+def _anchors_np(
+  image_hw, min_level, max_level, base_scale, scales_per_octave, aspect_ratios, sizes, offset, round_base
+) -> np.ndarray:
   shapes = level_shapes(image_hw, min_level, max_level)
   level_sizes = _level_sizes(min_level, max_level, base_scale, scales_per_octave, sizes)
   out = []
@@ -94,9 +95,14 @@ def _anchors_np(image_hw, min_level, max_level, base_scale, scales_per_octave, a
   return np.concatenate(out, axis=0).astype(np.float32)
 
 
-def anchors_per_location(min_level: int, max_level: int, base_scale: float = 4.0, scales_per_octave: int = 3,
-                         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-                         sizes: Sequence[Sequence[float]] = ()) -> int:
+def anchors_per_location(
+  min_level: int,
+  max_level: int,
+  base_scale: float = 4.0,
+  scales_per_octave: int = 3,
+  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+  sizes: Sequence[Sequence[float]] = (),
+) -> int:
   """Anchors per feature-map cell: len(aspect_ratios) * (scales_per_octave, or the sizes given per level)."""
   return len(aspect_ratios) * len(_level_sizes(min_level, max_level, base_scale, scales_per_octave, sizes)[0])
 

@@ -51,12 +51,12 @@ def encode(boxes, anchors, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> j
   wx, wy, ww, wh = weights
   cx, cy, w, h = _centre_size(_f32(boxes))
   ax, ay, aw, ah = _centre_size(_f32(anchors))
-  return jnp.stack(
-      [wx * (cx - ax) / aw, wy * (cy - ay) / ah, ww * jnp.log(w / aw), wh * jnp.log(h / ah)], axis=-1)
+  return jnp.stack([wx * (cx - ax) / aw, wy * (cy - ay) / ah, ww * jnp.log(w / aw), wh * jnp.log(h / ah)], axis=-1)
 
 
-def decode(deltas, anchors, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-           clamp: float = BOX_DELTA_CLAMP) -> jnp.ndarray:
+def decode(
+  deltas, anchors, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), clamp: float = BOX_DELTA_CLAMP
+) -> jnp.ndarray:
   """Boxes from deltas relative to anchors: both [..., 4] (broadcast) -> boxes [..., 4] x1y1x2y2 float32.
 
   dw and dh are clamped from above at `clamp` before exp() so a wild prediction cannot overflow.

@@ -36,6 +36,7 @@ class MatchResult(NamedTuple):
   matched_gt: [B, A] int32 index into the G ground-truth rows (meaningful where positive).
   labels: [B, A] int32 verdicts, MATCH_POSITIVE / MATCH_NEGATIVE / MATCH_IGNORED.
   """
+
   matched_gt: jax.Array
   labels: jax.Array
 
@@ -48,8 +49,7 @@ class MatchResult(NamedTuple):
     return self.labels == MATCH_NEGATIVE
 
 
-def match_image(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float,
-                allow_low_quality_matches: bool):
+def match_image(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float, allow_low_quality_matches: bool):
   """One image: anchors [A, 4], gt_boxes [G, 4], gt_valid [G] -> (matched_gt [A] int32, labels [A] int32)."""
   num_anchors = anchors.shape[0]
   if gt_boxes.shape[0] == 0:
@@ -66,8 +66,9 @@ def match_image(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float,
   num_gt = gt_boxes.shape[0]
   rows = jnp.arange(num_gt, dtype=jnp.int32)[:, None]
   matched_gt = jnp.min(jnp.where(iou == best[None, :], rows, num_gt - 1), axis=0).astype(jnp.int32)
-  labels = jnp.where(best >= pos_iou, MATCH_POSITIVE,
-                     jnp.where(best < neg_iou, MATCH_NEGATIVE, MATCH_IGNORED)).astype(jnp.int32)
+  labels = jnp.where(best >= pos_iou, MATCH_POSITIVE, jnp.where(best < neg_iou, MATCH_NEGATIVE, MATCH_IGNORED)).astype(
+    jnp.int32
+  )
   if allow_low_quality_matches:
     best_per_gt = jnp.max(iou, axis=1)  # [G]
     promotes = valid & (best_per_gt > 0.0)
@@ -76,8 +77,9 @@ def match_image(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float,
   return matched_gt, labels
 
 
-def match(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float,
-          allow_low_quality_matches: bool) -> MatchResult:
+def match(
+  anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float, allow_low_quality_matches: bool
+) -> MatchResult:
   """Match a batch of images.
 
   Args:

@@ -62,8 +62,11 @@ def _nms_one(boxes, scores, classes, valid, iou_threshold, max_output, tile):
     tv = jax.lax.dynamic_slice_in_dim(s_valid, start, tile)
     ti = jax.lax.dynamic_slice_in_dim(s_index, start, tile)
     # Suppression by the boxes kept in earlier tiles.
-    by_kept = ((pairwise_iou(tb, kept_boxes) > iou_threshold) & (tc[:, None] == kept_classes[None, :])
-               & (jnp.arange(max_output)[None, :] < count))
+    by_kept = (
+      (pairwise_iou(tb, kept_boxes) > iou_threshold)
+      & (tc[:, None] == kept_classes[None, :])
+      & (jnp.arange(max_output)[None, :] < count)
+    )
     candidate = tv & ~jnp.any(by_kept, axis=1)
     # Within the tile: overlaps[i, j] means an earlier j of the same class would suppress i if kept.
     overlaps = (pairwise_iou(tb, tb) > iou_threshold) & (tc[:, None] == tc[None, :]) & earlier
@@ -81,15 +84,19 @@ def _nms_one(boxes, scores, classes, valid, iou_threshold, max_output, tile):
     kept_index = kept_index.at[slot].set(ti, mode='drop')
     return t + 1, kept_boxes, kept_classes, kept_index, count + jnp.sum(keep)
 
-  init = (jnp.array(0), jnp.zeros((max_output, 4), boxes.dtype), jnp.zeros((max_output,), classes.dtype),
-          jnp.zeros((max_output,), jnp.int32), jnp.array(0))
+  init = (
+    jnp.array(0),
+    jnp.zeros((max_output, 4), boxes.dtype),
+    jnp.zeros((max_output,), classes.dtype),
+    jnp.zeros((max_output,), jnp.int32),
+    jnp.array(0),
+  )
   _, _, _, kept_index, count = jax.lax.while_loop(cond, body, init)
   out_valid = jnp.arange(max_output) < count
   return jnp.where(out_valid, kept_index, 0), out_valid
 
 
-def batched_nms(boxes, scores, classes, valid, *, iou_threshold: float, max_output: int,
-                tile_size: int = TILE_SIZE):
+def batched_nms(boxes, scores, classes, valid, *, iou_threshold: float, max_output: int, tile_size: int = TILE_SIZE):
   """Class-aware greedy NMS over a batch.
 
   Args:
@@ -156,35 +163,50 @@ def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_
   start = 0
   for n in level_counts:
     if topk < n:
-      _, rows = jax.lax.top_k(key[:, start:start + n], topk)
+      _, rows = jax.lax.top_k(key[:, start : start + n], topk)
       rows = start + jnp.sort(rows, axis=-1)
     else:
       rows = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (b, n))
     pairs = _masked_scores(jnp.take_along_axis(cls_logits, rows[..., None], axis=1), score_threshold)
     top, idx = jax.lax.top_k(pairs.reshape(b, -1), min(topk, n * num_classes))
-    parts.append((top, jnp.take_along_axis(rows, idx // num_classes, axis=1),
-                  (idx % num_classes).astype(jnp.int32), top > score_threshold))
+    parts.append(
+      (
+        top,
+        jnp.take_along_axis(rows, idx // num_classes, axis=1),
+        (idx % num_classes).astype(jnp.int32),
+        top > score_threshold,
+      )
+    )
     start += n
   return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
 
 
-def detections_from_candidates(boxes, scores, classes, valid, image_hw: Sequence[int], *, nms_iou: float,
-                               max_detections: int) -> dict:
+def detections_from_candidates(
+  boxes, scores, classes, valid, image_hw: Sequence[int], *, nms_iou: float, max_detections: int
+) -> dict:
   """Clip candidate boxes [B, N, 4] to the image, then class-aware NMS: postprocess's outputs (see there)."""
   boxes = clip_boxes(boxes, image_hw)
   keep, kept = batched_nms(boxes, scores, classes, valid, iou_threshold=nms_iou, max_output=max_detections)
   gather = lambda x: jnp.take_along_axis(x, keep, axis=1)
   return dict(
-      boxes=jnp.where(kept[..., None], jnp.take_along_axis(boxes, keep[..., None], axis=1), 0.0),
-      scores=jnp.where(kept, gather(scores), 0.0),
-      classes=jnp.where(kept, gather(classes), 0),
-      valid=kept,
+    boxes=jnp.where(kept[..., None], jnp.take_along_axis(boxes, keep[..., None], axis=1), 0.0),
+    scores=jnp.where(kept, gather(scores), 0.0),
+    classes=jnp.where(kept, gather(classes), 0),
+    valid=kept,
   )
 
 
-def postprocess(cls_logits, boxes, level_counts: Sequence[int], image_hw: Sequence[int], *,
-                score_threshold: float = 0.05, topk_per_level: int = 1000, nms_iou: float = 0.5,
-                max_detections: int = 100) -> dict:
+def postprocess(
+  cls_logits,
+  boxes,
+  level_counts: Sequence[int],
+  image_hw: Sequence[int],
+  *,
+  score_threshold: float = 0.05,
+  topk_per_level: int = 1000,
+  nms_iou: float = 0.5,
+  max_detections: int = 100,
+) -> dict:
   """Detections from decoded boxes and class logits (torchvision's RetinaNet postprocess_detections).
 
   Per level: the top `topk_per_level` (anchor, class) pairs by sigmoid score among those above `score_threshold`
@@ -203,5 +225,6 @@ def postprocess(cls_logits, boxes, level_counts: Sequence[int], image_hw: Sequen
     raise ValueError(f'level_counts sum to {sum(level_counts)}, logits have {cls_logits.shape[1]} anchors')
   scores, anchors, classes, valid = select_candidates(cls_logits, level_counts, topk_per_level, score_threshold)
   boxes = jnp.take_along_axis(jnp.asarray(boxes, jnp.float32), anchors[..., None], axis=1)
-  return detections_from_candidates(boxes, scores, classes, valid, image_hw, nms_iou=nms_iou,
-                                    max_detections=max_detections)
+  return detections_from_candidates(
+    boxes, scores, classes, valid, image_hw, nms_iou=nms_iou, max_detections=max_detections
+  )

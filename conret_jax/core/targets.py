@@ -14,8 +14,17 @@ from conret_jax.core.constants import BACKGROUND, IGNORE
 from conret_jax.core.matching import match
 
 
-def assign(anchors, gt_boxes, gt_classes, gt_valid, *, pos_iou: float, neg_iou: float,
-           allow_low_quality_matches: bool, box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> dict:
+def assign(
+  anchors,
+  gt_boxes,
+  gt_classes,
+  gt_valid,
+  *,
+  pos_iou: float,
+  neg_iou: float,
+  allow_low_quality_matches: bool,
+  box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+) -> dict:
   """Per-anchor targets.
 
   Args:
@@ -31,8 +40,9 @@ def assign(anchors, gt_boxes, gt_classes, gt_valid, *, pos_iou: float, neg_iou: 
   """
   anchors = jnp.asarray(anchors, jnp.float32)
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
-  matches = match(anchors, gt_boxes, gt_valid, pos_iou=pos_iou, neg_iou=neg_iou,
-                  allow_low_quality_matches=allow_low_quality_matches)
+  matches = match(
+    anchors, gt_boxes, gt_valid, pos_iou=pos_iou, neg_iou=neg_iou, allow_low_quality_matches=allow_low_quality_matches
+  )
   positive, matched_gt = matches.positive, matches.matched_gt
   classes = jnp.take_along_axis(jnp.asarray(gt_classes, jnp.int32), matched_gt, axis=1)
   cls_labels = jnp.where(positive, classes, jnp.where(matches.negative, BACKGROUND, IGNORE)).astype(jnp.int32)
@@ -42,5 +52,9 @@ def assign(anchors, gt_boxes, gt_classes, gt_valid, *, pos_iou: float, neg_iou: 
   # Non-positive anchors encode against themselves: padding rows (zero boxes) would otherwise give log(0).
   matched_boxes = jnp.where(positive[..., None], matched_boxes, anchors_b)
   box_targets = jnp.where(positive[..., None], encode(matched_boxes, anchors_b, box_weights), 0.0)
-  return dict(cls_labels=cls_labels, positive=positive, box_targets=box_targets,
-              num_positives=jnp.sum(positive, axis=1).astype(jnp.float32))
+  return dict(
+    cls_labels=cls_labels,
+    positive=positive,
+    box_targets=box_targets,
+    num_positives=jnp.sum(positive, axis=1).astype(jnp.float32),
+  )

@@ -17,16 +17,16 @@ TensorFlow only feeds the host: the command-line tools keep it off accelerators 
 import importlib
 
 _LAZY = {
-    'make_train_iterator': 'conret_jax.data.pipeline',
-    'make_eval_iterator': 'conret_jax.data.pipeline',
-    'host_batches': 'conret_jax.data.pipeline',
-    'host_dataset': 'conret_jax.data.pipeline',
-    'dataset_info': 'conret_jax.data.pipeline',
-    'DatasetInfo': 'conret_jax.data.info',
-    'DatasetError': 'conret_jax.data.info',
-    'check_num_classes': 'conret_jax.data.info',
-    'run_input_bench': 'conret_jax.data.bench',
-    'SourceCache': 'conret_jax.data.sources',
+  'make_train_iterator': 'conret_jax.data.pipeline',
+  'make_eval_iterator': 'conret_jax.data.pipeline',
+  'host_batches': 'conret_jax.data.pipeline',
+  'host_dataset': 'conret_jax.data.pipeline',
+  'dataset_info': 'conret_jax.data.pipeline',
+  'DatasetInfo': 'conret_jax.data.info',
+  'DatasetError': 'conret_jax.data.info',
+  'check_num_classes': 'conret_jax.data.info',
+  'run_input_bench': 'conret_jax.data.bench',
+  'SourceCache': 'conret_jax.data.sources',
 }
 
 __all__ = sorted(_LAZY)

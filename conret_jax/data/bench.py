@@ -17,8 +17,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from conret_jax.data import decode
-from conret_jax.data import pipeline
+from conret_jax.data import decode, pipeline
 
 
 def write_coco_like(root: str, num_images: int = 200, height: int = 480, width: int = 640, seed: int = 0):
@@ -37,12 +36,21 @@ def write_coco_like(root: str, num_images: int = 200, height: int = 480, width: 
     for _ in range(rng.randint(1, 9)):
       w, h = rng.uniform(20, 300, 2)
       x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
-      annotations.append({'id': len(annotations) + 1, 'image_id': i + 1, 'category_id': int(rng.randint(1, 4)),
-                          'bbox': [x, y, w, h], 'area': w * h, 'iscrowd': 0})
+      annotations.append(
+        {
+          'id': len(annotations) + 1,
+          'image_id': i + 1,
+          'category_id': int(rng.randint(1, 4)),
+          'bbox': [x, y, w, h],
+          'area': w * h,
+          'iscrowd': 0,
+        }
+      )
   annotation_file = os.path.join(root, 'instances.json')
   with open(annotation_file, 'w') as f:
-    json.dump({'images': images, 'annotations': annotations,
-               'categories': [{'id': c, 'name': f'c{c}'} for c in (1, 2, 3)]}, f)
+    json.dump(
+      {'images': images, 'annotations': annotations, 'categories': [{'id': c, 'name': f'c{c}'} for c in (1, 2, 3)]}, f
+    )
   return annotation_file, image_dir
 
 
@@ -84,26 +92,27 @@ def run_input_bench(config, num_batches: int, *, num_images: int = 200, image_hw
     (decode_rate, decode_ms), (resize_rate, resize_ms) = _rate(decoded.prefetch(8), n), _rate(resized.prefetch(8), n)
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   return {
-      'images_per_s': images_per_s,
-      'cpu_cores': cores,
-      'images_per_s_per_core': images_per_s / cores,
-      # CPU time (all threads of this process) per image: independent of other load on a shared machine.
-      'cpu_ms_per_image': 1e3 * cpu_seconds / (num_batches * batch),
-      'images_per_cpu_second': num_batches * batch / cpu_seconds,
-      'decode_cpu_ms_per_image': decode_ms,
-      'decode_resize_cpu_ms_per_image': resize_ms,
-      'decode_only_images_per_s': decode_rate,
-      'decode_resize_images_per_s': resize_rate,
-      'batch_size': batch,
-      'image_size': size,
-      'num_batches': num_batches,
-      'source_image_hw': list(image_hw),
-      'seconds': seconds,
+    'images_per_s': images_per_s,
+    'cpu_cores': cores,
+    'images_per_s_per_core': images_per_s / cores,
+    # CPU time (all threads of this process) per image: independent of other load on a shared machine.
+    'cpu_ms_per_image': 1e3 * cpu_seconds / (num_batches * batch),
+    'images_per_cpu_second': num_batches * batch / cpu_seconds,
+    'decode_cpu_ms_per_image': decode_ms,
+    'decode_resize_cpu_ms_per_image': resize_ms,
+    'decode_only_images_per_s': decode_rate,
+    'decode_resize_images_per_s': resize_rate,
+    'batch_size': batch,
+    'image_size': size,
+    'num_batches': num_batches,
+    'source_image_hw': list(image_hw),
+    'seconds': seconds,
   }
 
 
 def main():
   from conret_jax import defaults  # pylint: disable=g-import-not-at-top
+
   config = defaults.base_config()
   config.data.image_size = 640
   config.data.resize = 'square'

@@ -21,8 +21,8 @@ import json
 import math
 import os
 
-from absl import logging
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from conret_jax.data import info as info_lib
@@ -38,6 +38,7 @@ class ExampleTable:
   paths [N] str, image_ids [N] int64, heights/widths [N] int32 (the file's true size),
   boxes [T, 4] float32 x1y1x2y2 original pixels, classes [T] int32 contiguous, crowd [T] bool, row_lengths [N].
   """
+
   paths: np.ndarray
   image_ids: np.ndarray
   heights: np.ndarray
@@ -180,8 +181,9 @@ def _usable_annotations(data: dict, images: dict, seen: set, cat_to_class: dict,
     ann_id = a.get('id')
     if not isinstance(ann_id, int):
       ann_id, next_id = next_id, next_id + 1
-    gt_annotations.append({'id': ann_id, 'image_id': image_id, 'category_id': cat, 'bbox': xywh, 'area': area,
-                           'iscrowd': int(crowd)})
+    gt_annotations.append(
+      {'id': ann_id, 'image_id': image_id, 'category_id': cat, 'bbox': xywh, 'area': area, 'iscrowd': int(crowd)}
+    )
   return per_image, gt_annotations
 
 
@@ -203,14 +205,20 @@ def _table(images: dict, per_image: dict, counts: _Counts, *, train: bool, max_b
     classes += [c for _, c, _ in anns]
     crowds += [c for _, _, c in anns]
   return ExampleTable(
-      paths=np.asarray(rows['paths'], dtype=object), image_ids=np.asarray(rows['image_ids'], np.int64),
-      heights=np.asarray(rows['heights'], np.int32), widths=np.asarray(rows['widths'], np.int32),
-      boxes=np.asarray(boxes, np.float32).reshape(-1, 4), classes=np.asarray(classes, np.int32),
-      crowd=np.asarray(crowds, bool), row_lengths=np.asarray(rows['row_lengths'], np.int64))
+    paths=np.asarray(rows['paths'], dtype=object),
+    image_ids=np.asarray(rows['image_ids'], np.int64),
+    heights=np.asarray(rows['heights'], np.int32),
+    widths=np.asarray(rows['widths'], np.int32),
+    boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+    classes=np.asarray(classes, np.int32),
+    crowd=np.asarray(crowds, bool),
+    row_lengths=np.asarray(rows['row_lengths'], np.int64),
+  )
 
 
-def load_coco(annotation_file: str, image_dir: str, *, train: bool, max_boxes: int, check_images: bool = True,
-              num_threads: int = 16):
+def load_coco(
+  annotation_file: str, image_dir: str, *, train: bool, max_boxes: int, check_images: bool = True, num_threads: int = 16
+):
   """Parses, validates and repairs one COCO split.
 
   Returns (ExampleTable, DatasetInfo with coco_gt, {'dropped': {reason: n}, 'repaired': {reason: n}}).
@@ -226,24 +234,41 @@ def load_coco(annotation_file: str, image_dir: str, *, train: bool, max_boxes: i
   table = _table(images, per_image, counts, train=train, max_boxes=max_boxes)
   if not len(table):
     raise info_lib.DatasetError(
-        f'no usable image in {annotation_file} (image_dir {image_dir}); dropped: {dict(counts.dropped)}')
+      f'no usable image in {annotation_file} (image_dir {image_dir}); dropped: {dict(counts.dropped)}'
+    )
   kept_ids = set(table.image_ids.tolist())
   coco_gt = {
-      'images': [{'id': i, 'file_name': os.path.basename(p), 'height': h, 'width': w}
-                 for i, (p, h, w, _) in images.items() if i in kept_ids],
-      'annotations': [a for a in gt_annotations if a['image_id'] in kept_ids],
-      'categories': [{'id': c, 'name': n} for c, n in cats],
+    'images': [
+      {'id': i, 'file_name': os.path.basename(p), 'height': h, 'width': w}
+      for i, (p, h, w, _) in images.items()
+      if i in kept_ids
+    ],
+    'annotations': [a for a in gt_annotations if a['image_id'] in kept_ids],
+    'categories': [{'id': c, 'name': n} for c, n in cats],
   }
-  logging.info('%s', summary_line(annotation_file, len(data['images']), len(table),
-                                  len(data.get('annotations', []) or []), len(table.classes), counts.dropped,
-                                  counts.repaired))
-  info = info_lib.DatasetInfo(category_ids=[c for c, _ in cats], class_names=[n for _, n in cats],
-                              num_examples=len(table), coco_gt=coco_gt)
+  logging.info(
+    '%s',
+    summary_line(
+      annotation_file,
+      len(data['images']),
+      len(table),
+      len(data.get('annotations', []) or []),
+      len(table.classes),
+      counts.dropped,
+      counts.repaired,
+    ),
+  )
+  info = info_lib.DatasetInfo(
+    category_ids=[c for c, _ in cats], class_names=[n for _, n in cats], num_examples=len(table), coco_gt=coco_gt
+  )
   return table, info, {'dropped': dict(counts.dropped), 'repaired': dict(counts.repaired)}
 
 
 def summary_line(name, n_images, n_kept, n_anns, n_kept_anns, dropped, repaired) -> str:
   def fmt(counter):
     return ', '.join(f'{v} {k}' for k, v in sorted(counter.items()) if v) or 'none'
-  return (f'dataset {name}: kept {n_kept}/{n_images} images, {n_kept_anns}/{n_anns} annotations; '
-          f'dropped: {fmt(dropped)}; repaired: {fmt(repaired)}')
+
+  return (
+    f'dataset {name}: kept {n_kept}/{n_images} images, {n_kept_anns}/{n_anns} annotations; '
+    f'dropped: {fmt(dropped)}; repaired: {fmt(repaired)}'
+  )

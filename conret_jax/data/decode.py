@@ -14,9 +14,10 @@ import tensorflow as tf
 def decode_image(data: tf.Tensor) -> tf.Tensor:
   """data: scalar tf.string of encoded bytes -> [H, W, 3] uint8 RGB."""
   image = tf.cond(
-      tf.io.is_jpeg(data),
-      lambda: tf.io.decode_jpeg(data, channels=3, try_recover_truncated=True, acceptable_fraction=0.1),
-      lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8))
+    tf.io.is_jpeg(data),
+    lambda: tf.io.decode_jpeg(data, channels=3, try_recover_truncated=True, acceptable_fraction=0.1),
+    lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8),
+  )
   image.set_shape([None, None, 3])
   return image
 
@@ -24,9 +25,10 @@ def decode_image(data: tf.Tensor) -> tf.Tensor:
 def image_shape(data: tf.Tensor) -> tf.Tensor:
   """[2] int32 (height, width) of an encoded image; reads only the header for JPEG, decodes other formats."""
   return tf.cond(
-      tf.io.is_jpeg(data),
-      lambda: tf.image.extract_jpeg_shape(data, tf.int32)[:2],
-      lambda: tf.shape(decode_image(data), tf.int32)[:2])
+    tf.io.is_jpeg(data),
+    lambda: tf.image.extract_jpeg_shape(data, tf.int32)[:2],
+    lambda: tf.shape(decode_image(data), tf.int32)[:2],
+  )
 
 
 def pad_ground_truth(boxes, classes, crowd, max_boxes):
@@ -34,8 +36,8 @@ def pad_ground_truth(boxes, classes, crowd, max_boxes):
   k = tf.minimum(tf.shape(classes)[0], max_boxes)
   pad = max_boxes - k
   return {
-      'boxes': tf.pad(boxes[:k], [[0, pad], [0, 0]]),
-      'classes': tf.pad(tf.cast(classes[:k], tf.int32), [[0, pad]]),
-      'crowd': tf.pad(tf.cast(crowd[:k], tf.bool), [[0, pad]]),
-      'valid': tf.range(max_boxes) < k,
+    'boxes': tf.pad(boxes[:k], [[0, pad], [0, 0]]),
+    'classes': tf.pad(tf.cast(classes[:k], tf.int32), [[0, pad]]),
+    'crowd': tf.pad(tf.cast(crowd[:k], tf.bool), [[0, pad]]),
+    'valid': tf.range(max_boxes) < k,
   }

@@ -13,27 +13,179 @@ from conret_jax.errors import DatasetError, DatasetFileNotFoundError  # noqa: F4
 # COCO's 80 category ids (1..90 with gaps), in the order of tfds' `objects/label` (0..79). tfds builds its label
 # names from the sorted COCO categories, so tfds label i is COCO category COCO_CATEGORY_IDS[i].
 COCO_CATEGORY_IDS = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33,
-    34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
-    62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+  1,
+  2,
+  3,
+  4,
+  5,
+  6,
+  7,
+  8,
+  9,
+  10,
+  11,
+  13,
+  14,
+  15,
+  16,
+  17,
+  18,
+  19,
+  20,
+  21,
+  22,
+  23,
+  24,
+  25,
+  27,
+  28,
+  31,
+  32,
+  33,
+  34,
+  35,
+  36,
+  37,
+  38,
+  39,
+  40,
+  41,
+  42,
+  43,
+  44,
+  46,
+  47,
+  48,
+  49,
+  50,
+  51,
+  52,
+  53,
+  54,
+  55,
+  56,
+  57,
+  58,
+  59,
+  60,
+  61,
+  62,
+  63,
+  64,
+  65,
+  67,
+  70,
+  72,
+  73,
+  74,
+  75,
+  76,
+  77,
+  78,
+  79,
+  80,
+  81,
+  82,
+  84,
+  85,
+  86,
+  87,
+  88,
+  89,
+  90,
+)
 
 
 # COCO's names for those ids (used where a tfds install lacks its label file, e.g. under tfds mocking).
 COCO_CLASS_NAMES = (
-    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'traffic light',
-    'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow', 'elephant',
-    'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard',
-    'sports ball', 'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket', 'bottle',
-    'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple', 'sandwich', 'orange', 'broccoli',
-    'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch', 'potted plant', 'bed', 'dining table', 'toilet',
-    'tv', 'laptop', 'mouse', 'remote', 'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink',
-    'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush')
+  'person',
+  'bicycle',
+  'car',
+  'motorcycle',
+  'airplane',
+  'bus',
+  'train',
+  'truck',
+  'boat',
+  'traffic light',
+  'fire hydrant',
+  'stop sign',
+  'parking meter',
+  'bench',
+  'bird',
+  'cat',
+  'dog',
+  'horse',
+  'sheep',
+  'cow',
+  'elephant',
+  'bear',
+  'zebra',
+  'giraffe',
+  'backpack',
+  'umbrella',
+  'handbag',
+  'tie',
+  'suitcase',
+  'frisbee',
+  'skis',
+  'snowboard',
+  'sports ball',
+  'kite',
+  'baseball bat',
+  'baseball glove',
+  'skateboard',
+  'surfboard',
+  'tennis racket',
+  'bottle',
+  'wine glass',
+  'cup',
+  'fork',
+  'knife',
+  'spoon',
+  'bowl',
+  'banana',
+  'apple',
+  'sandwich',
+  'orange',
+  'broccoli',
+  'carrot',
+  'hot dog',
+  'pizza',
+  'donut',
+  'cake',
+  'chair',
+  'couch',
+  'potted plant',
+  'bed',
+  'dining table',
+  'toilet',
+  'tv',
+  'laptop',
+  'mouse',
+  'remote',
+  'keyboard',
+  'cell phone',
+  'microwave',
+  'oven',
+  'toaster',
+  'sink',
+  'refrigerator',
+  'book',
+  'clock',
+  'vase',
+  'scissors',
+  'teddy bear',
+  'hair drier',
+  'toothbrush',
+)
 
 
 @dataclasses.dataclass
 class DatasetInfo:
   """category_ids: sorted dataset ids; class_names[i] names category_ids[i]; coco_gt: COCO-format ground truth
   (images, annotations, categories with the dataset's ids) for evaluation, or None where not built (train)."""
+
   category_ids: list
   class_names: list
   num_examples: int
@@ -62,6 +214,7 @@ class ClassLayout:
   The data sources number categories contiguously (DatasetInfo); `model_class` turns those numbers into the model's
   classes for training, `category_of` turns predicted classes back into category ids for evaluation.
   """
+
   kind: str
   num_classes: int
   category_ids: tuple  # the dataset's, ascending
@@ -69,9 +222,12 @@ class ClassLayout:
 
   @classmethod
   def of(cls, info: DatasetInfo, config) -> 'ClassLayout':
-    return cls(str(config.model.class_layout), int(config.model.num_classes), tuple(int(c) for c in
-                                                                                   info.category_ids),
-               tuple(str(n) for n in info.class_names))
+    return cls(
+      str(config.model.class_layout),
+      int(config.model.num_classes),
+      tuple(int(c) for c in info.category_ids),
+      tuple(str(n) for n in info.class_names),
+    )
 
   @property
   def model_class(self) -> np.ndarray:
@@ -102,13 +258,15 @@ class ClassLayout:
     if self.kind == 'category_id':
       if k <= max(self.category_ids):
         raise DatasetError(
-            f'config.model.num_classes={k} with class_layout=category_id must exceed the largest category id '
-            f'{max(self.category_ids)}; set --config.model.num_classes={max(self.category_ids) + 1}')
+          f'config.model.num_classes={k} with class_layout=category_id must exceed the largest category id '
+          f'{max(self.category_ids)}; set --config.model.num_classes={max(self.category_ids) + 1}'
+        )
     elif k != n:
       raise DatasetError(
-          f'config.model.num_classes={k} but the dataset has {n} categories '
-          f'(ids {list(self.category_ids[:10])}{"..." if n > 10 else ""}); set --config.model.num_classes={n}'
-          f'{" (or class_layout=category_id, whose class k is category id k)" if k > max(self.category_ids) else ""}')
+        f'config.model.num_classes={k} but the dataset has {n} categories '
+        f'(ids {list(self.category_ids[:10])}{"..." if n > 10 else ""}); set --config.model.num_classes={n}'
+        f'{" (or class_layout=category_id, whose class k is category id k)" if k > max(self.category_ids) else ""}'
+      )
 
 
 def check_num_classes(info: DatasetInfo, config) -> None:

@@ -23,8 +23,7 @@ import tensorflow as tf
 
 from conret_jax.batch import FIELDS, Batch
 from conret_jax.data import info as info_lib
-from conret_jax.data import preprocess
-from conret_jax.data import sources
+from conret_jax.data import preprocess, sources
 
 BATCH_KEYS = FIELDS
 
@@ -38,8 +37,9 @@ def batches_per_epoch(num_examples: int, global_batch_size: int, data_config) ->
   bpe = num_examples // global_batch_size - (num_buckets(data_config) - 1)
   if bpe < 1:
     raise info_lib.DatasetError(
-        f'{num_examples} training examples cannot fill one batch of {global_batch_size} per epoch '
-        f'({num_buckets(data_config)} shape buckets)')
+      f'{num_examples} training examples cannot fill one batch of {global_batch_size} per epoch '
+      f'({num_buckets(data_config)} shape buckets)'
+    )
   return bpe
 
 
@@ -69,7 +69,7 @@ def _epoch_plan(buckets: np.ndarray, batch: int, seed: int, epoch: int, bpe: int
   for b in np.unique(buckets):
     pos = np.nonzero(buckets[perm] == b)[0]
     k = len(pos) // batch
-    chunks.append(pos[:k * batch].reshape(k, batch))
+    chunks.append(pos[: k * batch].reshape(k, batch))
     ends.append(chunks[-1][:, -1])
   pos = np.concatenate(chunks)[np.argsort(np.concatenate(ends), kind='stable')][:bpe]
   return perm[pos], epoch * n + pos
@@ -101,9 +101,11 @@ def _finish(refs, load, config, source, *, train, local_batch):
   data_config = config.data
   class_table = info_lib.ClassLayout.of(source.info, config).model_class
   calls = tf.data.AUTOTUNE if int(data_config.num_parallel_calls) < 0 else int(data_config.num_parallel_calls)
-  ds = refs.map(lambda *r: preprocess.preprocess_example(load(*r), data_config, train=train, seed=seed,
-                                                         class_table=class_table),
-                num_parallel_calls=calls, deterministic=True)
+  ds = refs.map(
+    lambda *r: preprocess.preprocess_example(load(*r), data_config, train=train, seed=seed, class_table=class_table),
+    num_parallel_calls=calls,
+    deterministic=True,
+  )
   return _options(ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
 
@@ -139,6 +141,7 @@ def _indexed_dataset(source, config, *, train, process_index, process_count, sta
     raw = read(row)
     raw.update(index=index, example_valid=example_valid)
     return raw
+
   return _finish(refs, load, config, source, train=train, local_batch=sl.stop - sl.start)
 
 
@@ -161,11 +164,13 @@ def _streamed_dataset(source, config, *, train, process_index, process_count, st
     base = source.stream()
 
     def epoch_batches(epoch):
-      ds = base.shuffle(max(1, int(data_config.shuffle_buffer)), seed=seed * 1_000_003 + epoch,
-                        reshuffle_each_iteration=False)
+      ds = base.shuffle(
+        max(1, int(data_config.shuffle_buffer)), seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False
+      )
       ds = ds.enumerate().map(with_index(epoch * n))
       ds = ds.group_by_window(key, lambda _, w: w.batch(batch, drop_remainder=True), window_size=batch)
       return ds.take(bpe)
+
     global_batches = tf.data.Dataset.range(epoch0, 2**62).flat_map(epoch_batches).skip(first)
   else:
     base = source.stream()
@@ -177,45 +182,69 @@ def _streamed_dataset(source, config, *, train, process_index, process_count, st
       out = {k: tf.concat([v, tf.repeat(v[:1], batch - count, axis=0)], 0) for k, v in b.items()}
       out['example_valid'] = tf.range(batch) < count
       return out
-    global_batches = base.enumerate().map(with_index(0)).group_by_window(
-        key, lambda _, w: w.batch(batch), window_size=batch).map(pad)
+
+    global_batches = (
+      base.enumerate().map(with_index(0)).group_by_window(key, lambda _, w: w.batch(batch), window_size=batch).map(pad)
+    )
   refs = global_batches.map(lambda b: {k: v[sl] for k, v in b.items()}).unbatch()
   return _finish(refs, lambda raw: raw, config, source, train=train, local_batch=sl.stop - sl.start)
 
 
-def host_dataset(config, process_index: int = 0, process_count: int = 1, *, train: bool = True,
-                 start_step: int = 0, cache: sources.SourceCache | None = None) -> tf.data.Dataset:
+def host_dataset(
+  config,
+  process_index: int = 0,
+  process_count: int = 1,
+  *,
+  train: bool = True,
+  start_step: int = 0,
+  cache: sources.SourceCache | None = None,
+) -> tf.data.Dataset:
   """This host's part of every global batch as a tf.data.Dataset of dicts (train: endless; eval: one pass)."""
   source_config = config.data.train if train else config.data.eval
   source = sources.open_source(source_config, config, train=train, cache=cache)
   limit = 0 if train else int(config.eval.num_images)
   build = _indexed_dataset if source.table is not None else _streamed_dataset
-  return build(source, config, train=train, process_index=process_index, process_count=process_count,
-               start_step=start_step, limit=limit)
+  return build(
+    source,
+    config,
+    train=train,
+    process_index=process_index,
+    process_count=process_count,
+    start_step=start_step,
+    limit=limit,
+  )
 
 
-def host_batches(config, process_index: int = 0, process_count: int = 1, *, train: bool = True,
-                 start_step: int = 0, cache: sources.SourceCache | None = None):
+def host_batches(
+  config,
+  process_index: int = 0,
+  process_count: int = 1,
+  *,
+  train: bool = True,
+  start_step: int = 0,
+  cache: sources.SourceCache | None = None,
+):
   """Iterator of this host's rows of each global batch: conret_jax.batch.Batch of numpy arrays."""
   dataset = host_dataset(config, process_index, process_count, train=train, start_step=start_step, cache=cache)
   return map(Batch.of, dataset.as_numpy_iterator())
 
 
-def dataset_info(source_config, config, *, train: bool | None = None,
-                 cache: sources.SourceCache | None = None) -> info_lib.DatasetInfo:
+def dataset_info(
+  source_config, config, *, train: bool | None = None, cache: sources.SourceCache | None = None
+) -> info_lib.DatasetInfo:
   """DatasetInfo of a source (train: the training filters, no coco_gt needed). For evaluation the
   coco_gt is restricted to the images the eval iterator visits (config.eval.num_images)."""
   if train is None:  # identity first; a copy of the train section that differs from the eval one counts too
     as_dict = source_config.to_dict()
     train = source_config is config.data.train or (
-        as_dict == config.data.train.to_dict() and as_dict != config.data.eval.to_dict())
+      as_dict == config.data.train.to_dict() and as_dict != config.data.eval.to_dict()
+    )
   info = sources.open_source(source_config, config, train=train, cache=cache).info
   limit = int(config.eval.num_images)
   if not train and limit and info.coco_gt is not None and limit < len(info.coco_gt['images']):
     images = info.coco_gt['images'][:limit]
     ids = {im['id'] for im in images}
-    gt = dict(info.coco_gt, images=images, annotations=[a for a in info.coco_gt['annotations']
-                                                        if a['image_id'] in ids])
+    gt = dict(info.coco_gt, images=images, annotations=[a for a in info.coco_gt['annotations'] if a['image_id'] in ids])
     info = info_lib.DatasetInfo(info.category_ids, info.class_names, len(images), gt)
   return info
 
@@ -232,6 +261,7 @@ class DeviceIterator:
 
   def _to_global(self, local: Batch) -> Batch:
     import jax  # pylint: disable=g-import-not-at-top  (keeps this module importable without jax for tools)
+
     out = {}
     for k, x in local.items():
       sharding = self._sharding[k] if isinstance(self._sharding, dict) else self._sharding
@@ -265,11 +295,13 @@ class DeviceIterator:
 
 def _process():
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.process_index(), jax.process_count()
 
 
-def make_train_iterator(config, mesh, data_sharding, *, start_step: int = 0,
-                        cache: sources.SourceCache | None = None) -> DeviceIterator:
+def make_train_iterator(
+  config, mesh, data_sharding, *, start_step: int = 0, cache: sources.SourceCache | None = None
+) -> DeviceIterator:
   """Endless iterator of global training batches, resumable at `start_step` (its .state() is JSON-able).
 
   mesh is accepted for symmetry with the trainer; the layout comes from data_sharding (one sharding for every
@@ -279,8 +311,12 @@ def make_train_iterator(config, mesh, data_sharding, *, start_step: int = 0,
   info = dataset_info(config.data.train, config, train=True, cache=cache)
   bpe = batches_per_epoch(info.num_examples, int(config.train.global_batch_size), config.data)
   it = host_batches(config, index, count, train=True, start_step=start_step, cache=cache)
-  meta = {'seed': int(config.train.seed), 'batches_per_epoch': bpe, 'num_examples': info.num_examples,
-          'global_batch_size': int(config.train.global_batch_size)}
+  meta = {
+    'seed': int(config.train.seed),
+    'batches_per_epoch': bpe,
+    'num_examples': info.num_examples,
+    'global_batch_size': int(config.train.global_batch_size),
+  }
   return DeviceIterator(it, data_sharding, config.data.prefetch, count, step=start_step, meta=meta)
 
 

@@ -50,11 +50,12 @@ def _square(image, boxes, data_config, *, train, scale_seed, crop_seed):
   boxes = boxes * scale
   # Scale jitter above 1 makes the image larger than S: take a random S x S window and clip boxes to it.
   excess = tf.maximum(new_hw - size, 0)
-  offset = tf.cast(tf.floor(tf.random.stateless_uniform([2], seed=crop_seed) * tf.cast(excess + 1, tf.float32)),
-                   tf.int32)
+  offset = tf.cast(
+    tf.floor(tf.random.stateless_uniform([2], seed=crop_seed) * tf.cast(excess + 1, tf.float32)), tf.int32
+  )
   offset = tf.minimum(offset, excess)
   crop_hw = tf.minimum(new_hw, size)
-  image = image[offset[0]:offset[0] + crop_hw[0], offset[1]:offset[1] + crop_hw[1]]
+  image = image[offset[0] : offset[0] + crop_hw[0], offset[1] : offset[1] + crop_hw[1]]
   off = tf.cast(tf.stack([offset[1], offset[0], offset[1], offset[0]]), tf.float32)
   limit = tf.cast(tf.stack([crop_hw[1], crop_hw[0], crop_hw[1], crop_hw[0]]), tf.float32)
   boxes = tf.clip_by_value(boxes - off, 0.0, limit)
@@ -90,8 +91,11 @@ def preprocess_example(raw: dict, data_config, *, train: bool, seed: int, class_
   key = tf.stack([tf.cast(seed, tf.int64), raw['index']])
   flip_seed, scale_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(key, 3))
   if train and data_config.random_flip:
-    image, boxes = tf.cond(_uniform(flip_seed) < 0.5, lambda: flip_horizontal(image, boxes, tf.cast(hw[1], tf.float32)),
-                           lambda: (image, boxes))
+    image, boxes = tf.cond(
+      _uniform(flip_seed) < 0.5,
+      lambda: flip_horizontal(image, boxes, tf.cast(hw[1], tf.float32)),
+      lambda: (image, boxes),
+    )
   if data_config.resize == 'square':
     image, boxes, scale = _square(image, boxes, data_config, train=train, scale_seed=scale_seed, crop_seed=crop_seed)
   else:
@@ -102,13 +106,13 @@ def preprocess_example(raw: dict, data_config, *, train: bool, seed: int, class_
   valid = valid & ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
   boxes = tf.where(valid[:, None], boxes, 0.0)
   return {
-      'images': image,
-      'boxes': boxes,
-      'classes': tf.where(valid, classes, 0),
-      'valid': valid,
-      'crowd': raw['crowd'] & valid,
-      'image_id': tf.where(raw['example_valid'], tf.cast(raw['image_id'], tf.int32), -1),
-      'orig_hw': tf.cast(hw, tf.int32),
-      'scale': tf.cast(scale, tf.float32),
-      'example_valid': raw['example_valid'],
+    'images': image,
+    'boxes': boxes,
+    'classes': tf.where(valid, classes, 0),
+    'valid': valid,
+    'crowd': raw['crowd'] & valid,
+    'image_id': tf.where(raw['example_valid'], tf.cast(raw['image_id'], tf.int32), -1),
+    'orig_hw': tf.cast(hw, tf.int32),
+    'scale': tf.cast(scale, tf.float32),
+    'example_valid': raw['example_valid'],
   }

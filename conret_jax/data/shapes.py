@@ -115,9 +115,16 @@ def write_split(output_dir: str, split: str, num_images: int, seed: int) -> str:
     image.save(os.path.join(image_dir, file_name), quality=92)
     images.append({'id': i + 1, 'file_name': file_name, 'height': image.height, 'width': image.width})
     for x1, y1, x2, y2, area, kind in objects:
-      annotations.append({'id': len(annotations) + 1, 'image_id': i + 1, 'category_id': CATEGORY_IDS[kind],
-                          'bbox': [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                          'area': round(area, 2), 'iscrowd': 0})
+      annotations.append(
+        {
+          'id': len(annotations) + 1,
+          'image_id': i + 1,
+          'category_id': CATEGORY_IDS[kind],
+          'bbox': [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+          'area': round(area, 2),
+          'iscrowd': 0,
+        }
+      )
   categories = [{'id': c, 'name': n, 'supercategory': 'shape'} for c, n in zip(CATEGORY_IDS, SHAPE_NAMES)]
   path = os.path.join(output_dir, 'annotations', f'instances_{split}.json')
   with open(path, 'w') as f:

@@ -23,15 +23,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from conret_jax.data import coco_json
-from conret_jax.data import decode
+from conret_jax.data import coco_json, decode, shapes, tfrecord
 from conret_jax.data import info as info_lib
-from conret_jax.data import shapes
-from conret_jax.data import tfrecord
 from conret_jax.errors import ConfigError
 
 SOURCES = ('tfds', 'coco_json', 'tfrecord', 'shapes')
-
 
 
 class SourceCache:
@@ -52,6 +48,7 @@ class SourceCache:
 class Source:
   """info: DatasetInfo; table: ExampleTable for indexed sources, else None; stream(): tf.data of raw examples
   (preprocess.py layout without 'index'/'example_valid') in a fixed order, for streamed sources."""
+
   info: info_lib.DatasetInfo
   table: coco_json.ExampleTable | None = None
   stream: object = None
@@ -65,12 +62,14 @@ def _open_coco_json(annotation_file, image_dir, *, train, max_boxes, cache):
   def load():
     table, info, _ = coco_json.load_coco(annotation_file, image_dir, train=train, max_boxes=max_boxes)
     return Source(info=info, table=table)
+
   key = ('coco_json', os.path.abspath(annotation_file), os.path.abspath(image_dir), train, max_boxes)
   return cache.get(key, load) if cache is not None else load()
 
 
 def _open_tfds(source_config, *, max_boxes, build_gt):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only this source needs it)
+
   try:
     builder = tfds.builder(source_config.name, data_dir=source_config.data_dir or None)
     try:
@@ -82,8 +81,9 @@ def _open_tfds(source_config, *, max_boxes, build_gt):
       num_examples = int(ds.reduce(0, lambda n, _: n + 1))
   except Exception as e:  # tfds raises assorted errors for a missing/unprepared data_dir or a bad split
     raise info_lib.DatasetFileNotFoundError(
-        f'tfds dataset {source_config.name!r} split {source_config.split!r} is not prepared in data_dir '
-        f'{source_config.data_dir!r} (prepare it with `tfds build`; download=False here): {e}') from None
+      f'tfds dataset {source_config.name!r} split {source_config.split!r} is not prepared in data_dir '
+      f'{source_config.data_dir!r} (prepare it with `tfds build`; download=False here): {e}'
+    ) from None
   names = list(builder.info.features['objects']['label'].names)
   if len(names) != len(info_lib.COCO_CATEGORY_IDS):
     raise info_lib.DatasetError(f'{source_config.name}: expected 80 COCO labels, found {len(names)}')
@@ -100,23 +100,32 @@ def _open_tfds(source_config, *, max_boxes, build_gt):
     return raw
 
   def stream():
-    ds = builder.as_dataset(split=source_config.split, shuffle_files=False,
-                            decoders={'image': tfds.decode.SkipDecoding()})
+    ds = builder.as_dataset(
+      split=source_config.split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()}
+    )
     return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   coco_gt = _tfds_coco_gt(builder, source_config.split, names) if build_gt else None
-  info = info_lib.DatasetInfo(category_ids=list(info_lib.COCO_CATEGORY_IDS), class_names=names,
-                              num_examples=int(num_examples), coco_gt=coco_gt)
+  info = info_lib.DatasetInfo(
+    category_ids=list(info_lib.COCO_CATEGORY_IDS), class_names=names, num_examples=int(num_examples), coco_gt=coco_gt
+  )
   return Source(info=info, stream=stream)
 
 
 def _tfds_coco_gt(builder, split, names) -> dict:
   """COCO-format ground truth from the examples of a tfds split (one pass reading image headers, no decode)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   ds = builder.as_dataset(split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {'hw': decode.image_shape(ex['image']), 'id': ex['image/id'],
-                          'file': ex['image/filename'], 'objects': ex['objects']},
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(
+    lambda ex: {
+      'hw': decode.image_shape(ex['image']),
+      'id': ex['image/id'],
+      'file': ex['image/filename'],
+      'objects': ex['objects'],
+    },
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
   images, annotations = [], []
   for ex in ds.as_numpy_iterator():
     h, w = (int(v) for v in ex['hw'])
@@ -125,28 +134,42 @@ def _tfds_coco_gt(builder, split, names) -> dict:
     obj = ex['objects']
     for box, label, crowd, area, ann_id in zip(obj['bbox'], obj['label'], obj['is_crowd'], obj['area'], obj['id']):
       ymin, xmin, ymax, xmax = (float(v) for v in box)
-      annotations.append({'id': int(ann_id), 'image_id': image_id,
-                          'category_id': info_lib.COCO_CATEGORY_IDS[int(label)],
-                          'bbox': [xmin * w, ymin * h, (xmax - xmin) * w, (ymax - ymin) * h],
-                          'area': float(area), 'iscrowd': int(crowd)})
-  return {'images': images, 'annotations': annotations,
-          'categories': [{'id': c, 'name': n} for c, n in zip(info_lib.COCO_CATEGORY_IDS, names)]}
+      annotations.append(
+        {
+          'id': int(ann_id),
+          'image_id': image_id,
+          'category_id': info_lib.COCO_CATEGORY_IDS[int(label)],
+          'bbox': [xmin * w, ymin * h, (xmax - xmin) * w, (ymax - ymin) * h],
+          'area': float(area),
+          'iscrowd': int(crowd),
+        }
+      )
+  return {
+    'images': images,
+    'annotations': annotations,
+    'categories': [{'id': c, 'name': n} for c, n in zip(info_lib.COCO_CATEGORY_IDS, names)],
+  }
 
 
 def _open_tfrecord(source_config, *, max_boxes, build_gt):
   files = sorted(tf.io.gfile.glob(source_config.tfrecord_pattern)) if source_config.tfrecord_pattern else []
   if not files:
     raise info_lib.DatasetFileNotFoundError(
-        f'no TFRecord files match tfrecord_pattern {source_config.tfrecord_pattern!r}')
+      f'no TFRecord files match tfrecord_pattern {source_config.tfrecord_pattern!r}'
+    )
   meta = tfrecord.read_info(source_config.tfrecord_pattern)
-  info = info_lib.DatasetInfo(category_ids=meta['category_ids'], class_names=meta['class_names'],
-                              num_examples=int(meta['num_examples']),
-                              coco_gt=meta.get('coco_gt') if build_gt else None)
+  info = info_lib.DatasetInfo(
+    category_ids=meta['category_ids'],
+    class_names=meta['class_names'],
+    num_examples=int(meta['num_examples']),
+    coco_gt=meta.get('coco_gt') if build_gt else None,
+  )
 
   def stream():
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(16, len(files)))  # deterministic interleave
-    return ds.map(lambda s: tfrecord.parse_example(s, max_boxes), num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True)
+    return ds.map(
+      lambda s: tfrecord.parse_example(s, max_boxes), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
 
   return Source(info=info, stream=stream)
 
@@ -156,8 +179,9 @@ def open_source(source_config, config, *, train: bool, cache: SourceCache | None
   max_boxes = int(config.data.max_boxes)
   kind = source_config.source
   if kind == 'coco_json':
-    return _open_coco_json(source_config.annotation_file, source_config.image_dir, train=train, max_boxes=max_boxes,
-                           cache=cache)
+    return _open_coco_json(
+      source_config.annotation_file, source_config.image_dir, train=train, max_boxes=max_boxes, cache=cache
+    )
   if kind == 'shapes':
     annotation_file, image_dir = shapes.ensure_shapes_split(source_config)
     return _open_coco_json(annotation_file, image_dir, train=train, max_boxes=max_boxes, cache=cache)
@@ -179,9 +203,13 @@ def table_example(table: coco_json.ExampleTable, max_boxes: int):
 
   def fn(row):
     lo, hi = starts[row], starts[row + 1]
-    raw = {'image_data': tf.io.read_file(paths[row]), 'image_id': ids[row], 'height': heights[row],
-           'width': widths[row]}
+    raw = {
+      'image_data': tf.io.read_file(paths[row]),
+      'image_id': ids[row],
+      'height': heights[row],
+      'width': widths[row],
+    }
     raw.update(decode.pad_ground_truth(boxes[lo:hi], classes[lo:hi], crowd[lo:hi], max_boxes))
     return raw
-  return fn
 
+  return fn

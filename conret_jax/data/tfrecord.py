@@ -20,8 +20,7 @@ import os
 
 import tensorflow as tf
 
-from conret_jax.data import coco_json
-from conret_jax.data import decode
+from conret_jax.data import coco_json, decode
 from conret_jax.errors import DatasetFileNotFoundError
 
 
@@ -38,8 +37,9 @@ def _feature(values, kind):
   return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
 
 
-def convert(annotation_file: str, image_dir: str, output_prefix: str, num_shards: int = 16,
-            max_boxes: int = 1000) -> str:
+def convert(
+  annotation_file: str, image_dir: str, output_prefix: str, num_shards: int = 16, max_boxes: int = 1000
+) -> str:
   """Writes the shards and the info file; returns the glob pattern for config.data.<split>.tfrecord_pattern."""
   table, info, _ = coco_json.load_coco(annotation_file, image_dir, train=False, max_boxes=max_boxes)
   num_shards = max(1, min(num_shards, len(table)))
@@ -56,21 +56,26 @@ def convert(annotation_file: str, image_dir: str, output_prefix: str, num_shards
     with tf.io.gfile.GFile(table.paths[row], 'rb') as f:
       encoded = f.read()
     features = {
-        'image/encoded': _feature([encoded], 'bytes'),
-        'image/filename': _feature([os.path.basename(table.paths[row]).encode()], 'bytes'),
-        'image/id': _feature([int(table.image_ids[row])], 'int'),
-        'image/height': _feature([int(table.heights[row])], 'int'),
-        'image/width': _feature([int(table.widths[row])], 'int'),
-        'objects/bbox': _feature(table.boxes[lo:hi].reshape(-1).tolist(), 'float'),
-        'objects/class': _feature(table.classes[lo:hi].tolist(), 'int'),
-        'objects/crowd': _feature(table.crowd[lo:hi].astype(int).tolist(), 'int'),
+      'image/encoded': _feature([encoded], 'bytes'),
+      'image/filename': _feature([os.path.basename(table.paths[row]).encode()], 'bytes'),
+      'image/id': _feature([int(table.image_ids[row])], 'int'),
+      'image/height': _feature([int(table.heights[row])], 'int'),
+      'image/width': _feature([int(table.widths[row])], 'int'),
+      'objects/bbox': _feature(table.boxes[lo:hi].reshape(-1).tolist(), 'float'),
+      'objects/class': _feature(table.classes[lo:hi].tolist(), 'int'),
+      'objects/crowd': _feature(table.crowd[lo:hi].astype(int).tolist(), 'int'),
     }
     example = tf.train.Example(features=tf.train.Features(feature=features))
     writers[row % num_shards].write(example.SerializeToString())
   for w in writers:
     w.close()
-  meta = {'category_ids': info.category_ids, 'class_names': info.class_names, 'num_examples': len(table),
-          'coco_gt': info.coco_gt, 'source': os.path.abspath(annotation_file)}
+  meta = {
+    'category_ids': info.category_ids,
+    'class_names': info.class_names,
+    'num_examples': len(table),
+    'coco_gt': info.coco_gt,
+    'source': os.path.abspath(annotation_file),
+  }
   with tf.io.gfile.GFile(info_path(output_prefix), 'w') as f:
     json.dump(meta, f)
   return f'{output_prefix}-*-of-{num_shards:05d}.tfrecord'
@@ -80,19 +85,20 @@ def read_info(pattern: str) -> dict:
   path = info_path(pattern)
   if not tf.io.gfile.exists(path):
     raise DatasetFileNotFoundError(
-        f'TFRecord info file {path!r} (written by conret_jax.data.tfrecord next to the shards) not found')
+      f'TFRecord info file {path!r} (written by conret_jax.data.tfrecord next to the shards) not found'
+    )
   with tf.io.gfile.GFile(path) as f:
     return json.load(f)
 
 
 _SPEC = {
-    'image/encoded': tf.io.FixedLenFeature([], tf.string),
-    'image/id': tf.io.FixedLenFeature([], tf.int64),
-    'image/height': tf.io.FixedLenFeature([], tf.int64),
-    'image/width': tf.io.FixedLenFeature([], tf.int64),
-    'objects/bbox': tf.io.VarLenFeature(tf.float32),
-    'objects/class': tf.io.VarLenFeature(tf.int64),
-    'objects/crowd': tf.io.VarLenFeature(tf.int64),
+  'image/encoded': tf.io.FixedLenFeature([], tf.string),
+  'image/id': tf.io.FixedLenFeature([], tf.int64),
+  'image/height': tf.io.FixedLenFeature([], tf.int64),
+  'image/width': tf.io.FixedLenFeature([], tf.int64),
+  'objects/bbox': tf.io.VarLenFeature(tf.float32),
+  'objects/class': tf.io.VarLenFeature(tf.int64),
+  'objects/crowd': tf.io.VarLenFeature(tf.int64),
 }
 
 
@@ -100,10 +106,17 @@ def parse_example(serialized, max_boxes: int) -> dict:
   """One serialized record -> raw example (preprocess.py layout without 'index'/'example_valid')."""
   ex = tf.io.parse_single_example(serialized, _SPEC)
   boxes = tf.reshape(tf.sparse.to_dense(ex['objects/bbox']), [-1, 4])
-  raw = {'image_data': ex['image/encoded'], 'image_id': ex['image/id'],
-         'height': tf.cast(ex['image/height'], tf.int32), 'width': tf.cast(ex['image/width'], tf.int32)}
-  raw.update(decode.pad_ground_truth(boxes, tf.sparse.to_dense(ex["objects/class"]),
-                             tf.sparse.to_dense(ex['objects/crowd']) > 0, max_boxes))
+  raw = {
+    'image_data': ex['image/encoded'],
+    'image_id': ex['image/id'],
+    'height': tf.cast(ex['image/height'], tf.int32),
+    'width': tf.cast(ex['image/width'], tf.int32),
+  }
+  raw.update(
+    decode.pad_ground_truth(
+      boxes, tf.sparse.to_dense(ex['objects/class']), tf.sparse.to_dense(ex['objects/crowd']) > 0, max_boxes
+    )
+  )
   return raw
 
 

@@ -30,9 +30,16 @@ class AnchorSpec:
     if 'anchors' not in model_config and 'model' in model_config:
       model_config = model_config.model
     a, f = model_config.anchors, model_config.fpn
-    return cls(min_level=int(f.min_level), max_level=int(f.max_level), base_scale=float(a.base_scale),
-               scales_per_octave=int(a.scales_per_octave), aspect_ratios=tuple(a.aspect_ratios),
-               sizes=tuple(tuple(s) for s in a.sizes), offset=float(a.offset), round_base=bool(a.round_base))
+    return cls(
+      min_level=int(f.min_level),
+      max_level=int(f.max_level),
+      base_scale=float(a.base_scale),
+      scales_per_octave=int(a.scales_per_octave),
+      aspect_ratios=tuple(a.aspect_ratios),
+      sizes=tuple(tuple(s) for s in a.sizes),
+      offset=float(a.offset),
+      round_base=bool(a.round_base),
+    )
 
   def anchors(self, image_hw: Sequence[int]) -> jnp.ndarray:
     """[A, 4] float32 x1y1x2y2 for an input of image_hw (order: core/anchors.py)."""
@@ -40,8 +47,9 @@ class AnchorSpec:
 
   @property
   def per_location(self) -> int:
-    return anchor_ops.anchors_per_location(self.min_level, self.max_level, self.base_scale, self.scales_per_octave,
-                                           self.aspect_ratios, self.sizes)
+    return anchor_ops.anchors_per_location(
+      self.min_level, self.max_level, self.base_scale, self.scales_per_octave, self.aspect_ratios, self.sizes
+    )
 
   def level_counts(self, image_hw: Sequence[int]) -> tuple[int, ...]:
     return anchor_ops.level_counts(image_hw, self.min_level, self.max_level, self.per_location)

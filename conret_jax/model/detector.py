@@ -17,9 +17,9 @@ statistics are computed in float32 and head outputs are cast to float32.
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from conret_jax import stages
 from conret_jax.core import boxes as box_ops
@@ -41,6 +41,7 @@ def compute_dtype(model_config):
 class RetinaNet(nn.Module):
   """RetinaNet / ConRetinaNet: normalize pixels, then backbone -> FPN -> head. `from_config` builds it from a config;
   the module itself holds only its parts and plain values (hashable, so jitted callers cache by it)."""
+
   backbone: ResNet
   fpn: FPN
   head: RetinaHead
@@ -63,12 +64,25 @@ class RetinaNet(nn.Module):
     h = m.head
     if h.variant == 'gated_cascade' and h.channels != m.fpn.channels:
       raise ValueError('gated_cascade adds tower features to FPN features: head.channels must equal fpn.channels')
-    head = RetinaHead(num_classes=m.num_classes, num_anchors=AnchorSpec.from_config(m).per_location,
-                      num_convs=h.num_convs, channels=h.channels, norm=h.norm, prior_prob=h.prior_prob,
-                      variant=h.variant, num_stages=stages.num_regression_stages(config), dtype=dtype)
-    return cls(backbone=resnet_from_config(m.backbone, dtype), fpn=fpn_from_config(m.fpn, dtype), head=head,
-               pixel_mean=tuple(float(v) for v in m.pixel_mean), pixel_std=tuple(float(v) for v in m.pixel_std),
-               dtype=dtype)
+    head = RetinaHead(
+      num_classes=m.num_classes,
+      num_anchors=AnchorSpec.from_config(m).per_location,
+      num_convs=h.num_convs,
+      channels=h.channels,
+      norm=h.norm,
+      prior_prob=h.prior_prob,
+      variant=h.variant,
+      num_stages=stages.num_regression_stages(config),
+      dtype=dtype,
+    )
+    return cls(
+      backbone=resnet_from_config(m.backbone, dtype),
+      fpn=fpn_from_config(m.fpn, dtype),
+      head=head,
+      pixel_mean=tuple(float(v) for v in m.pixel_mean),
+      pixel_std=tuple(float(v) for v in m.pixel_std),
+      dtype=dtype,
+    )
 
 
 def build_model(config) -> RetinaNet:
@@ -136,5 +150,6 @@ def decode_stages(outputs, anchors, *, steps: int, box_weights, clamp: float):
 def predict_boxes(outputs, anchors, config):
   """`decode_stages` with the inference regressions of `config` (stages.inference_steps, model.box_weights)."""
   m = config.model
-  return decode_stages(outputs, anchors, steps=stages.inference_steps(config), box_weights=tuple(m.box_weights),
-                       clamp=m.box_clamp)
+  return decode_stages(
+    outputs, anchors, steps=stages.inference_steps(config), box_weights=tuple(m.box_weights), clamp=m.box_clamp
+  )

@@ -25,6 +25,7 @@ def _upsample2x(x):
 
 class FPN(nn.Module):
   """__call__(features: (C3, C4, C5)) -> tuple (P<min_level>, ..., P<max_level>), each [B, H_l, W_l, channels]."""
+
   channels: int = 256
   min_level: int = 3
   max_level: int = 7
@@ -34,12 +35,12 @@ class FPN(nn.Module):
   @nn.compact
   def __call__(self, features):
     if not 3 <= self.min_level <= 5 or self.max_level < 5:
-      raise ValueError(f'fpn levels must satisfy 3 <= min_level <= 5 <= max_level, got '
-                       f'{self.min_level}..{self.max_level}')
+      raise ValueError(
+        f'fpn levels must satisfy 3 <= min_level <= 5 <= max_level, got {self.min_level}..{self.max_level}'
+      )
     if self.p6_from not in ('c5', 'p5'):
       raise ValueError(f"fpn.p6_from must be 'c5' or 'p5', got {self.p6_from!r}")
-    mk = lambda k, s, name: conv(self.channels, k, s, self.dtype, name, use_bias=True,
-                                 kernel_init=_kaiming_uniform_a1)
+    mk = lambda k, s, name: conv(self.channels, k, s, self.dtype, name, use_bias=True, kernel_init=_kaiming_uniform_a1)
     c = dict(zip((3, 4, 5), features))
     outputs = {}
     inner = None
@@ -48,8 +49,10 @@ class FPN(nn.Module):
       if inner is not None:
         up = _upsample2x(inner)
         if up.shape != lateral.shape:
-          raise ValueError(f'FPN level {level}: {lateral.shape[1:3]} is not twice {inner.shape[1:3]}; image sides '
-                           f'must be divisible by 2**max_level')
+          raise ValueError(
+            f'FPN level {level}: {lateral.shape[1:3]} is not twice {inner.shape[1:3]}; image sides '
+            f'must be divisible by 2**max_level'
+          )
         lateral = lateral + up
       inner = lateral
       outputs[level] = mk(3, 1, f'output{level}')(inner)
@@ -59,10 +62,11 @@ class FPN(nn.Module):
       else:
         x = nn.relu(outputs[level - 1])
       outputs[level] = mk(3, 2, f'p{level}')(x)
-    return tuple(outputs[l] for l in range(self.min_level, self.max_level + 1))
+    return tuple(outputs[level] for level in range(self.min_level, self.max_level + 1))
 
 
 def fpn_from_config(fpn_config, dtype) -> FPN:
   f = fpn_config
-  return FPN(channels=f.channels, min_level=f.min_level, max_level=f.max_level, p6_from=f.p6_from, dtype=dtype,
-             name='fpn')
+  return FPN(
+    channels=f.channels, min_level=f.min_level, max_level=f.max_level, p6_from=f.p6_from, dtype=dtype, name='fpn'
+  )

@@ -38,6 +38,7 @@ def prior_bias(prior_prob: float) -> float:
 
 class Tower(nn.Module):
   """num_convs x (3x3 conv [+ GN] + ReLU). With GN the convs have no bias (torchvision v2 convention)."""
+
   num_convs: int
   channels: int
   norm: str
@@ -63,6 +64,7 @@ def _flatten(x, per_anchor: int):
 
 class RetinaHead(nn.Module):
   """__call__(features: tuple of [B, H_l, W_l, C] per level) -> dict(cls_logits, box_deltas); see module doc."""
+
   num_classes: int
   num_anchors: int
   num_convs: int = 4
@@ -74,8 +76,16 @@ class RetinaHead(nn.Module):
   dtype: Any = jnp.float32
 
   def _pred(self, outputs_per_anchor: int, name: str, bias: float = 0.0):
-    return conv(self.num_anchors * outputs_per_anchor, 3, 1, self.dtype, name, use_bias=True,
-                kernel_init=_normal_001, bias_init=nn.initializers.constant(bias))
+    return conv(
+      self.num_anchors * outputs_per_anchor,
+      3,
+      1,
+      self.dtype,
+      name,
+      use_bias=True,
+      kernel_init=_normal_001,
+      bias_init=nn.initializers.constant(bias),
+    )
 
   @nn.compact
   def __call__(self, features):

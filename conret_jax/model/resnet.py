@@ -33,11 +33,11 @@ GN_EPS = 1e-5
 
 # depth -> (block kind, blocks per stage res2..res5)
 DEPTHS = {
-    18: ('basic', (2, 2, 2, 2)),
-    34: ('basic', (3, 4, 6, 3)),
-    50: ('bottleneck', (3, 4, 6, 3)),
-    101: ('bottleneck', (3, 4, 23, 3)),
-    152: ('bottleneck', (3, 8, 36, 3)),
+  18: ('basic', (2, 2, 2, 2)),
+  34: ('basic', (3, 4, 6, 3)),
+  50: ('bottleneck', (3, 4, 6, 3)),
+  101: ('bottleneck', (3, 4, 23, 3)),
+  152: ('bottleneck', (3, 8, 36, 3)),
 }
 NORMS = ('frozen_bn', 'bn', 'gn')
 
@@ -65,13 +65,30 @@ def frozen_module_names(freeze_at: int) -> tuple[str, ...]:
   return names + tuple(f'layer{k}' for k in range(1, freeze_at))
 
 
-def conv(features: int, kernel: int, stride: int, dtype, name: str, use_bias: bool = False,
-         kernel_init=_kaiming_fan_out, bias_init=nn.initializers.zeros) -> nn.Conv:
+def conv(
+  features: int,
+  kernel: int,
+  stride: int,
+  dtype,
+  name: str,
+  use_bias: bool = False,
+  kernel_init=_kaiming_fan_out,
+  bias_init=nn.initializers.zeros,
+) -> nn.Conv:
   """A square conv with torchvision's symmetric padding (k // 2 each side), float32 params."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
-                 bias_init=bias_init, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    (stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    name=name,
+  )
 
 
 class Norm(nn.Module):
@@ -80,6 +97,7 @@ class Norm(nn.Module):
   Variables: frozen_bn -> 'frozen': scale, bias, mean, var; bn -> 'params': scale, bias and 'batch_stats': mean,
   var; gn -> 'params': scale, bias.
   """
+
   kind: str
   frozen: bool = False  # part of the frozen prefix: always inference mode
   momentum: float = 0.9  # running = momentum * running + (1 - momentum) * batch (torch momentum 0.1)
@@ -127,6 +145,7 @@ class Norm(nn.Module):
 
 class BasicBlock(nn.Module):
   """ResNet-18/34 block: 3x3 (stride) -> 3x3, identity or 1x1 projection shortcut. Output `features` channels."""
+
   features: int
   stride: int
   norm: str
@@ -150,6 +169,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
   """ResNet-50+ block: 1x1 -> 3x3 -> 1x1 (x4 channels). The stride sits on the 3x3 (torchvision, "ResNet v1.5")
   or on the first 1x1 (stride_in_1x1: Caffe2/Detectron MSRA weights)."""
+
   features: int
   stride: int
   norm: str
@@ -173,6 +193,7 @@ class Bottleneck(nn.Module):
 
 class ResNetStage(nn.Module):
   """One stage res<k>: `num_blocks` blocks, the first one strided."""
+
   block: str
   num_blocks: int
   features: int
@@ -186,8 +207,15 @@ class ResNetStage(nn.Module):
   def __call__(self, x, train: bool):
     cls = Bottleneck if self.block == 'bottleneck' else BasicBlock
     for j in range(self.num_blocks):
-      x = cls(self.features, self.stride if j == 0 else 1, self.norm, self.dtype, self.frozen,
-              self.stride_in_1x1, name=f'block{j}')(x, train)
+      x = cls(
+        self.features,
+        self.stride if j == 0 else 1,
+        self.norm,
+        self.dtype,
+        self.frozen,
+        self.stride_in_1x1,
+        name=f'block{j}',
+      )(x, train)
     return x
 
 
@@ -197,6 +225,7 @@ class ResNet(nn.Module):
   __call__(x [B, H, W, 3] (normalized pixels, compute dtype), train) -> (C3, C4, C5) with strides 8, 16, 32 and
   channels `stage_channels(depth, width)[1:]`.
   """
+
   depth: int = 50
   width: int = 64
   norm: str = 'frozen_bn'
@@ -218,8 +247,17 @@ class ResNet(nn.Module):
     outputs = []
     for i, n in enumerate(counts):
       name = f'layer{i + 1}'
-      x = ResNetStage(block, n, self.width * 2**i, 1 if i == 0 else 2, self.norm, self.dtype, name in frozen,
-                      self.stride_in_1x1, name=name)(x, train)
+      x = ResNetStage(
+        block,
+        n,
+        self.width * 2**i,
+        1 if i == 0 else 2,
+        self.norm,
+        self.dtype,
+        name in frozen,
+        self.stride_in_1x1,
+        name=name,
+      )(x, train)
       if name in frozen:
         x = jax.lax.stop_gradient(x)
       outputs.append(x)
@@ -231,8 +269,15 @@ def resnet_from_config(backbone_config, dtype) -> ResNet:
   b = backbone_config
   if b.norm not in NORMS:
     raise ValueError(f'backbone.norm must be one of {NORMS}, got {b.norm!r}')
-  return ResNet(depth=b.depth, width=b.width, norm=b.norm, freeze_at=b.freeze_at, stride_in_1x1=b.stride_in_1x1,
-                dtype=dtype, name='backbone')
+  return ResNet(
+    depth=b.depth,
+    width=b.width,
+    norm=b.norm,
+    freeze_at=b.freeze_at,
+    stride_in_1x1=b.stride_in_1x1,
+    dtype=dtype,
+    name='backbone',
+  )
 
 
 def count_params(tree) -> int:

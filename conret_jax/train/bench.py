@@ -20,14 +20,21 @@ import numpy as np
 
 import conret_jax
 from conret_jax import config_checks
-from conret_jax.data import sizes
 from conret_jax import mesh as mesh_lib
+from conret_jax.data import sizes
 from conret_jax.train import state as state_lib
 from conret_jax.train import step as step_lib
 
 # Peak dense bf16 matrix throughput per chip, for model-FLOPs utilization (vendor datasheets).
-PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0, 'TPU v5p': 459.0,
-                    'TPU v5 lite': 197.0, 'TPU v6 lite': 918.0}
+PEAK_BF16_TFLOPS = {
+  'H100': 989.0,
+  'H200': 989.0,
+  'A100': 312.0,
+  'TPU v4': 275.0,
+  'TPU v5p': 459.0,
+  'TPU v5 lite': 197.0,
+  'TPU v6 lite': 918.0,
+}
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, image_hw, rng: np.random.Generator) -> dict:
@@ -40,10 +47,12 @@ def synthetic_batch(config: ml_collections.ConfigDict, image_hw, rng: np.random.
   counts = rng.integers(1, min(m, 20) + 1, b)
   valid = np.arange(m)[None] < counts[:, None]
   return dict(
-      images=rng.uniform(0, 255, (b, h, w, 3)).astype(np.float32),
-      boxes=np.where(valid[..., None], boxes, 0).astype(np.float32),
-      classes=rng.integers(0, config.model.num_classes, (b, m)).astype(np.int32),
-      valid=valid, crowd=np.zeros((b, m), bool))
+    images=rng.uniform(0, 255, (b, h, w, 3)).astype(np.float32),
+    boxes=np.where(valid[..., None], boxes, 0).astype(np.float32),
+    classes=rng.integers(0, config.model.num_classes, (b, m)).astype(np.int32),
+    valid=valid,
+    crowd=np.zeros((b, m), bool),
+  )
 
 
 def default_image_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -77,8 +86,9 @@ class StepRunner:
     model = conret_jax.build_model(config)
     self.state, shardings = state_lib.init_state(model, config, mesh, jax.random.PRNGKey(0))
     train_step = step_lib.make_train_step(model, config, mesh, shardings)
-    self.batch = jax.device_put(synthetic_batch(config, self.image_hw, np.random.default_rng(0)),
-                                mesh_lib.batch_sharding(mesh))
+    self.batch = jax.device_put(
+      synthetic_batch(config, self.image_hw, np.random.default_rng(0)), mesh_lib.batch_sharding(mesh)
+    )
     t0 = time.perf_counter()
     self.compiled = train_step.lower(self.state, self.batch).compile()
     self.compile_time_s = time.perf_counter() - t0
@@ -121,14 +131,24 @@ def run_step_bench(config: ml_collections.ConfigDict, steps: int, image_hw=None,
   device = (devices or jax.devices())[0]
   batch_size = config.train.global_batch_size
   result = dict(
-      step_time_s=step_time, step_time_min_s=min(wall), step_time_max_s=max(wall),
-      step_cpu_s=statistics.median(cpu), compile_time_s=runner.compile_time_s,
-      images_per_s=batch_size / step_time, images_per_s_per_device=batch_size / step_time / n_dev,
-      peak_memory_mb=_peak_memory_mb(), xla_temp_mb=runner.xla_temp_mb,
-      device=f'{n_dev}x {getattr(device, "device_kind", device.platform)}',
-      global_batch_size=batch_size, image_hw=list(runner.image_hw), steps=steps,
-      consistent=bool(config.consistent.enabled), compute_dtype=config.model.compute_dtype,
-      step_tflops=runner.flops / 1e12, loss=float(runner.metrics['loss']))
+    step_time_s=step_time,
+    step_time_min_s=min(wall),
+    step_time_max_s=max(wall),
+    step_cpu_s=statistics.median(cpu),
+    compile_time_s=runner.compile_time_s,
+    images_per_s=batch_size / step_time,
+    images_per_s_per_device=batch_size / step_time / n_dev,
+    peak_memory_mb=_peak_memory_mb(),
+    xla_temp_mb=runner.xla_temp_mb,
+    device=f'{n_dev}x {getattr(device, "device_kind", device.platform)}',
+    global_batch_size=batch_size,
+    image_hw=list(runner.image_hw),
+    steps=steps,
+    consistent=bool(config.consistent.enabled),
+    compute_dtype=config.model.compute_dtype,
+    step_tflops=runner.flops / 1e12,
+    loss=float(runner.metrics['loss']),
+  )
   peak = _peak_tflops(device)
   if peak and runner.flops:
     result['mfu'] = runner.flops / step_time / (peak * 1e12 * n_dev)

@@ -15,14 +15,14 @@ StandardCheckpointer directory holding {'params': ..., 'frozen': ...}) copied le
 import os
 from typing import Any
 
-from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from conret_jax import run_record
-from conret_jax.fileio import absolute
 from conret_jax.errors import CheckpointMismatchError, CheckpointNotFoundError, WeightFileError
+from conret_jax.fileio import absolute
 
 _MAX_LISTED = 12
 
@@ -76,8 +76,7 @@ class Checkpointer:
     self.every_steps = int(every_steps or 0)
     self._config = config
     self._fingerprint = None
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, enable_async_checkpointing=async_save,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, item_names=('state', 'data', 'meta'), options=options)
 
   def _fingerprint_of(self, params) -> dict:
@@ -97,9 +96,9 @@ class Checkpointer:
     if step in self._manager.all_steps():  # e.g. the final forced save right after a periodic one
       return False
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(dict(data_state or {})),
-        meta=ocp.args.JsonSave(self._fingerprint_of(getattr(state, 'params', state))),
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(dict(data_state or {})),
+      meta=ocp.args.JsonSave(self._fingerprint_of(getattr(state, 'params', state))),
     )
     saved = self._manager.save(step, args=args, force=True)  # the interval decision is ours, made above
     if saved:
@@ -124,17 +123,21 @@ class Checkpointer:
     if step is None:
       step = self.latest_step()
     if step is None or step not in self._manager.all_steps():
-      raise CheckpointNotFoundError(f'no checkpoint {"" if step is None else step} in {self.directory} '
-                                    f'(steps there: {self.all_steps()})')
+      raise CheckpointNotFoundError(
+        f'no checkpoint {"" if step is None else step} in {self.directory} (steps there: {self.all_steps()})'
+      )
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     diffs = fingerprint_differences(meta, self._fingerprint_of(getattr(abstract_state, 'params', abstract_state)))
     if diffs:
       listed = '; '.join(diffs[:_MAX_LISTED])
       more = f'; and {len(diffs) - _MAX_LISTED} more' if len(diffs) > _MAX_LISTED else ''
-      raise CheckpointMismatchError(f'workdir {os.path.dirname(self.directory)} holds a checkpoint of a different '
-                                    f'model (step {step}): {listed}{more}')
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      raise CheckpointMismatchError(
+        f'workdir {os.path.dirname(self.directory)} holds a checkpoint of a different '
+        f'model (step {step}): {listed}{more}'
+      )
+    restored = self._manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    )
     logging.info('Restored checkpoint at step %d from %s', step, self.directory)
     return restored.state, dict(restored.data or {})
 
@@ -176,10 +179,10 @@ def match_leaves(target, loaded) -> dict[str, list[str]]:
   want = tree_shapes(target)
   have = tree_shapes(loaded)
   return {
-      'copied': [k for k in want if k in have and have[k] == want[k]],
-      'missing': [k for k in want if k not in have],
-      'mismatched': [k for k in want if k in have and have[k] != want[k]],
-      'unused': [k for k in have if k not in want],
+    'copied': [k for k in want if k in have and have[k] == want[k]],
+    'missing': [k for k in want if k not in have],
+    'mismatched': [k for k in want if k in have and have[k] != want[k]],
+    'unused': [k for k in have if k not in want],
   }
 
 
@@ -199,10 +202,14 @@ def merge_init(state_params, loaded_params):
   """
   report = match_leaves(state_params, loaded_params)
   if not report['copied']:
-    raise WeightFileError(f'init_from: no parameter matched by path and shape (first wanted: '
-                     f'{list(tree_shapes(state_params))[:3]}, first found: {list(tree_shapes(loaded_params))[:3]})')
-  logging.info('init_from: copied %d leaves, %d missing (kept fresh), %d shape-mismatched (kept fresh), '
-               '%d unused', *(len(report[k]) for k in ('copied', 'missing', 'mismatched', 'unused')))
+    raise WeightFileError(
+      f'init_from: no parameter matched by path and shape (first wanted: '
+      f'{list(tree_shapes(state_params))[:3]}, first found: {list(tree_shapes(loaded_params))[:3]})'
+    )
+  logging.info(
+    'init_from: copied %d leaves, %d missing (kept fresh), %d shape-mismatched (kept fresh), %d unused',
+    *(len(report[k]) for k in ('copied', 'missing', 'mismatched', 'unused')),
+  )
   for key in report['mismatched'][:_MAX_LISTED]:
     logging.info('init_from: shape differs, kept fresh: %s', key)
   loaded = {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(loaded_params)}
@@ -239,8 +246,10 @@ def init_from(state, path: str, trainable=None):
       report = match_leaves(state.frozen[name], loaded.get(name, {}))
       fixed += [f'{name}/{k}' for k in report['missing'] + report['mismatched']]
   if fixed:
-    raise WeightFileError(f'config.init_from={path} lacks {len(fixed)} frozen leaves, which would stay at their '
-                          f'random initial values (e.g. {fixed[:3]}): weights of another network or layout?')
+    raise WeightFileError(
+      f'config.init_from={path} lacks {len(fixed)} frozen leaves, which would stay at their '
+      f'random initial values (e.g. {fixed[:3]}): weights of another network or layout?'
+    )
   params = merge_init(state.params, loaded['params'])
   batch_stats = state.batch_stats
   if batch_stats and 'batch_stats' in loaded:

@@ -19,12 +19,12 @@ from absl import logging
 
 import conret_jax
 from conret_jax import config_checks, evaluation, run_record
+from conret_jax import mesh as mesh_lib
 from conret_jax.data import info as info_lib
 from conret_jax.data import pipeline as data_lib
 from conret_jax.data import sources
 from conret_jax.model import detector
 from conret_jax.train import checkpoint as ckpt_lib
-from conret_jax import mesh as mesh_lib
 from conret_jax.train import state as state_lib
 from conret_jax.train import step as step_lib
 from conret_jax.train.metrics_writer import MetricsWriter
@@ -51,8 +51,9 @@ class _StopFlag:
     return self
 
   def _handle(self, signum, frame):
-    logging.warning('received %s: saving a checkpoint at the next step boundary, then exiting',
-                    signal.Signals(signum).name)
+    logging.warning(
+      'received %s: saving a checkpoint at the next step boundary, then exiting', signal.Signals(signum).name
+    )
     self.signal = signum
 
   def __exit__(self, *exc):
@@ -83,15 +84,24 @@ class FiniteGuard:
     bad = sorted(k for k, v in host.items() if not np.isfinite(v)) or ['gradient']
     self.in_a_row += 1
     if self.in_a_row > self.max_skips:
-      allowed = f' ({self.in_a_row} in a row; config.train.skip_nonfinite_steps={self.max_skips})' \
-          if self.max_skips else ''
+      allowed = (
+        f' ({self.in_a_row} in a row; config.train.skip_nonfinite_steps={self.max_skips})' if self.max_skips else ''
+      )
       raise NonFiniteLossError(
-          f'non-finite training values at step {step}: {", ".join(bad)} (loss={host["loss"]}, '
-          f'grad_norm={host["grad_norm"]}){allowed}. The update of that step was dropped and no checkpoint was '
-          f'written after it; the last good checkpoint stays in the workdir.')
+        f'non-finite training values at step {step}: {", ".join(bad)} (loss={host["loss"]}, '
+        f'grad_norm={host["grad_norm"]}){allowed}. The update of that step was dropped and no checkpoint was '
+        f'written after it; the last good checkpoint stays in the workdir.'
+      )
     self.skipped.append(step)
-    logging.warning('step %d: non-finite %s (loss=%s, grad_norm=%s): update skipped, %d of %d allowed in a row',
-                    step, ', '.join(bad), host['loss'], host['grad_norm'], self.in_a_row, self.max_skips)
+    logging.warning(
+      'step %d: non-finite %s (loss=%s, grad_norm=%s): update skipped, %d of %d allowed in a row',
+      step,
+      ', '.join(bad),
+      host['loss'],
+      host['grad_norm'],
+      self.in_a_row,
+      self.max_skips,
+    )
 
 
 def _initial_state(model, config, mesh, abstract, checkpointer):
@@ -105,8 +115,9 @@ def _initial_state(model, config, mesh, abstract, checkpointer):
     return state, int(latest)
   if config.init_from:  # a missing or foreign file fails here, before the initialization compiles
     ckpt_lib.load_variables(config.init_from)
-  state, _ = state_lib.init_state(model, config, mesh, jax.random.PRNGKey(config.train.seed),
-                                 shardings=state_lib.shardings_of(abstract))
+  state, _ = state_lib.init_state(
+    model, config, mesh, jax.random.PRNGKey(config.train.seed), shardings=state_lib.shardings_of(abstract)
+  )
   if config.init_from:
     state = ckpt_lib.init_from(state, config.init_from, detector.trainable_mask(state.params, config))
   return state, 0
@@ -121,20 +132,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_info = data_lib.dataset_info(config.data.train, config, cache=cache)
   layout = info_lib.ClassLayout.of(train_info, config)
   layout.check()
-  logging.info('mesh %s over %d devices (%d processes); train set: %d images, %d classes',
-               dict(mesh.shape), jax.device_count(), jax.process_count(), train_info.num_examples,
-               train_info.num_classes)
+  logging.info(
+    'mesh %s over %d devices (%d processes); train set: %d images, %d classes',
+    dict(mesh.shape),
+    jax.device_count(),
+    jax.process_count(),
+    train_info.num_examples,
+    train_info.num_classes,
+  )
   model = conret_jax.build_model(config)
   abstract = state_lib.abstract_state(model, config, mesh)
   with contextlib.ExitStack() as resources:
-    checkpointer = resources.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
-        workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep, config=config)))
+    checkpointer = resources.enter_context(
+      contextlib.closing(
+        ckpt_lib.Checkpointer(
+          workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep, config=config
+        )
+      )
+    )
     state, start_step = _initial_state(model, config, mesh, abstract, checkpointer)
     if main:
-      run_record.save(workdir, config, layout, step=start_step, processes=jax.process_count(),
-                      devices=jax.device_count())
-    writer = resources.enter_context(contextlib.closing(MetricsWriter(
-        workdir, start_step=start_step, num_steps=config.train.num_steps, enabled=main)))
+      run_record.save(
+        workdir, config, layout, step=start_step, processes=jax.process_count(), devices=jax.device_count()
+      )
+    writer = resources.enter_context(
+      contextlib.closing(MetricsWriter(workdir, start_step=start_step, num_steps=config.train.num_steps, enabled=main))
+    )
     stop = resources.enter_context(_StopFlag())
     return _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop, cache)
 
@@ -142,8 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop, cache) -> dict:
   """The loop itself: steps, logs, checks, checkpoints and evaluations, until num_steps or a stop signal."""
   train_step = step_lib.make_train_step(model, config, mesh, state_lib.shardings_of(state))
-  batches = data_lib.make_train_iterator(config, mesh, mesh_lib.batch_sharding(mesh), start_step=start_step,
-                                         cache=cache)
+  batches = data_lib.make_train_iterator(
+    config, mesh, mesh_lib.batch_sharding(mesh), start_step=start_step, cache=cache
+  )
   guard = FiniteGuard(config.train.skip_nonfinite_steps)
   num_steps, eval_every = int(config.train.num_steps), int(config.eval.every_steps)
   log_every = max(int(config.train.log_every_steps), 1)
@@ -151,8 +175,7 @@ def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer
 
   def run_eval(step):
     nonlocal eval_metrics
-    eval_metrics = evaluation.evaluate(model, state.variables(), config, mesh, workdir=workdir, step=step,
-                                       cache=cache)
+    eval_metrics = evaluation.evaluate(model, state.variables(), config, mesh, workdir=workdir, step=step, cache=cache)
     writer.write_eval(step, eval_metrics)
     writer.reset_clock(step)
 
@@ -180,8 +203,11 @@ def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer
       # The data item records the pipeline's position (derived from the step; kept for inspection).
       checkpointer.save(step, state, batches.state(), force=preempted or step == num_steps)
     if preempted:
-      logging.warning('stopped at step %d after a %s; rerun the same command to resume', step,
-                      'signal' if stop.signal is not None else 'preemption notice')
+      logging.warning(
+        'stopped at step %d after a %s; rerun the same command to resume',
+        step,
+        'signal' if stop.signal is not None else 'preemption notice',
+      )
       return {}
     if eval_every and step % eval_every == 0 and step != num_steps:
       run_eval(step)

@@ -31,6 +31,7 @@ class MetricsWriter:
     self._file = open(self.path, 'a', encoding='utf-8')
     try:
       import tensorflow as tf
+
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
     except Exception as e:  # TensorBoard is a convenience; its absence must not stop training.
       logging.warning('TensorBoard events disabled: %s', e)
@@ -51,22 +52,33 @@ class MetricsWriter:
     self._file.flush()
     if self._tb is not None:
       import tensorflow as tf
+
       with self._tb.as_default(step=int(step)):
         for k, v in record.items():
           if k != 'step':
             tf.summary.scalar(k, v)
       self._tb.flush()
     eta = (self.num_steps - step) * record['seconds_per_step']
-    terms = ' '.join(f'{k}={_fmt(v)}' for k, v in sorted(metrics.items())
-                     if k.startswith(('cls_loss', 'box_loss', 'num_pos')))
-    logging.info('step %d/%d  loss=%s  %s  lr=%s  grad_norm=%s  %.1f img/s  eta %s', step, self.num_steps,
-                 _fmt(record['loss']), terms, _fmt(record.get('learning_rate', 0.0)),
-                 _fmt(record.get('grad_norm', 0.0)), record['images_per_s'], _hms(eta))
+    terms = ' '.join(
+      f'{k}={_fmt(v)}' for k, v in sorted(metrics.items()) if k.startswith(('cls_loss', 'box_loss', 'num_pos'))
+    )
+    logging.info(
+      'step %d/%d  loss=%s  %s  lr=%s  grad_norm=%s  %.1f img/s  eta %s',
+      step,
+      self.num_steps,
+      _fmt(record['loss']),
+      terms,
+      _fmt(record.get('learning_rate', 0.0)),
+      _fmt(record.get('grad_norm', 0.0)),
+      record['images_per_s'],
+      _hms(eta),
+    )
 
   def write_eval(self, step: int, metrics: dict) -> None:
     if not self.enabled or self._tb is None:
       return
     import tensorflow as tf
+
     with self._tb.as_default(step=int(step)):
       for k, v in metrics.items():
         tf.summary.scalar(f'eval/{k}', float(v))

@@ -53,6 +53,7 @@ def _is_norm_param(names: list[str]) -> bool:
 
 def param_groups(params, trainable=None):
   """Pytree of group names like `params` (see the module docstring); `trainable` False marks 'frozen'."""
+
   def group(path, _):
     names = [str(getattr(p, 'key', p)).lower() for p in path]
     if _is_norm_param(names):
@@ -74,8 +75,9 @@ def _sgd(config: ml_collections.ConfigDict, lr_factor: float, weight_decay: floa
   t = config.train
   schedule = learning_rate_schedule(t)
   # Always both links, even at weight decay 0: the state's layout must not depend on the settings.
-  return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.sgd(lambda step: lr_factor * schedule(step), momentum=t.momentum))
+  return optax.chain(
+    optax.add_decayed_weights(weight_decay), optax.sgd(lambda step: lr_factor * schedule(step), momentum=t.momentum)
+  )
 
 
 def make_optimizer(config: ml_collections.ConfigDict, trainable=None) -> optax.GradientTransformation:
@@ -87,10 +89,10 @@ def make_optimizer(config: ml_collections.ConfigDict, trainable=None) -> optax.G
   """
   t = config.train
   groups = {
-      'weight': _sgd(config, 1.0, float(t.weight_decay)),
-      'bias': _sgd(config, float(t.bias_lr_factor), float(t.bias_weight_decay)),
-      'norm': _sgd(config, 1.0, 0.0),
-      'frozen': optax.set_to_zero(),
+    'weight': _sgd(config, 1.0, float(t.weight_decay)),
+    'bias': _sgd(config, float(t.bias_lr_factor), float(t.bias_weight_decay)),
+    'norm': _sgd(config, 1.0, 0.0),
+    'frozen': optax.set_to_zero(),
   }
   # Clipping sees every gradient (frozen ones are zero: the forward stops them); identity keeps the layout when off.
   clip = optax.clip_by_global_norm(t.grad_clip_norm) if t.grad_clip_norm > 0 else optax.identity()

@@ -20,6 +20,7 @@ class TrainState:
   """step: int32 []; params: trained weights; batch_stats: BN statistics ({} without trainable BN);
   frozen: other non-trained collections, e.g. frozen BN ({} if none); opt_state: optax state;
   rng: uint32 [2] raw key data (orbax saves plain arrays)."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -50,15 +51,22 @@ def split_variables(variables: dict) -> tuple[Any, Any, dict]:
   return params, batch_stats, variables
 
 
-def create_train_state(model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array,
-                       image_hw: tuple[int, int]) -> TrainState:
+def create_train_state(
+  model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array, image_hw: tuple[int, int]
+) -> TrainState:
   """A fresh state: initialized variables, zero optimizer state, step 0. Pure, so it can run under
   `jax.jit(..., out_shardings=...)` and materialize each shard on its own device."""
   init_rng, state_rng = jax.random.split(rng)
   params, batch_stats, frozen = split_variables(detector.init_variables(model, init_rng, image_hw))
   tx = optimizer(config, params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, frozen=frozen,
-                    opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    frozen=frozen,
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(state_rng),
+  )
 
 
 def _create_fn(model: nn.Module, config: ml_collections.ConfigDict, image_hw=None):
@@ -81,14 +89,22 @@ def shardings_of(abstract) -> object:
   return jax.tree_util.tree_map(lambda a: a.sharding, abstract)
 
 
-def init_state(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array,
-               image_hw: tuple[int, int] | None = None, shardings=None) -> tuple[TrainState, object]:
+def init_state(
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  rng: jax.Array,
+  image_hw: tuple[int, int] | None = None,
+  shardings=None,
+) -> tuple[TrainState, object]:
   """A fresh state created directly in its shardings (no full copy on one device). Returns (state, shardings).
 
   `shardings` (from `shardings_of(abstract_state(...))`) saves tracing the initialization a second time."""
   if shardings is None:
     shardings = shardings_of(abstract_state(model, config, mesh))
-  create = jax.jit(_create_fn(model, config, image_hw), out_shardings=shardings,
-                   compiler_options=detector.init_compiler_options(mesh.devices.flat))
+  create = jax.jit(
+    _create_fn(model, config, image_hw),
+    out_shardings=shardings,
+    compiler_options=detector.init_compiler_options(mesh.devices.flat),
+  )
   return create(rng), shardings
-

@@ -41,8 +41,9 @@ def make_step_fn(model: nn.Module, config: ml_collections.ConfigDict, params_tre
     def loss_fn(params):
       variables = state.replace(params=params).variables()
       if state.batch_stats:
-        outputs, updates = detector.module.apply(variables, batch.images, train=True, mutable=['batch_stats'],
-                                                 rngs={'dropout': step_rng})
+        outputs, updates = detector.module.apply(
+          variables, batch.images, train=True, mutable=['batch_stats'], rngs={'dropout': step_rng}
+        )
         batch_stats = updates['batch_stats']
       else:
         outputs = detector.module.apply(variables, batch.images, train=True, rngs={'dropout': step_rng})
@@ -52,15 +53,15 @@ def make_step_fn(model: nn.Module, config: ml_collections.ConfigDict, params_tre
 
     (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
-                              opt_state=opt_state)
+    new_state = state.replace(
+      params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
+    )
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Drop a non-finite update on device; the step counter still advances so the loop can name the step.
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     new_state = new_state.replace(step=state.step + 1)
-    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
-                   finite=finite.astype(jnp.float32))
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step), finite=finite.astype(jnp.float32))
     return new_state, metrics
 
   return step_fn
@@ -70,7 +71,9 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, mesh: M
   """jax.jit of the step over `mesh`: state in `state_shardings` (donated), batch split over all devices,
   metrics replicated. Compiles once per input shape."""
   step_fn = make_step_fn(model, config, state_shardings.params)
-  return jax.jit(step_fn,
-                 in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
-                 donate_argnums=(0,))
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
+    out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+    donate_argnums=(0,),
+  )

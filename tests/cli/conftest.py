@@ -9,11 +9,18 @@ from conret_jax import defaults
 
 def tiny_config_overrides() -> dict:
   return {
-      'model.num_classes': 5, 'model.backbone.depth': 18, 'model.backbone.width': 8, 'model.fpn.channels': 16,
-      'model.head.channels': 16, 'model.head.num_convs': 1, 'data.image_size': 128,
-      'train.global_batch_size': 8, 'eval.global_batch_size': 8,
-      'eval.score_threshold': 0.0,  # an untrained model scores about prior_prob: keep everything
-      'eval.topk_per_level': 50, 'eval.max_detections': 5,
+    'model.num_classes': 5,
+    'model.backbone.depth': 18,
+    'model.backbone.width': 8,
+    'model.fpn.channels': 16,
+    'model.head.channels': 16,
+    'model.head.num_convs': 1,
+    'data.image_size': 128,
+    'train.global_batch_size': 8,
+    'eval.global_batch_size': 8,
+    'eval.score_threshold': 0.0,  # an untrained model scores about prior_prob: keep everything
+    'eval.topk_per_level': 50,
+    'eval.max_detections': 5,
   }
 
 
@@ -31,6 +38,7 @@ def tiny_config():
 def _filled_state(model, config, mesh):
   """A TrainState of the right structure with small deterministic values, without compiling the init."""
   from conret_jax.cli import common
+
   abstract = common.abstract_train_state(model, config, mesh)
   rs = np.random.RandomState(0)
 
@@ -51,9 +59,9 @@ def _filled_state(model, config, mesh):
 def trained_workdir(tmp_path_factory):
   """A workdir holding a step-7 checkpoint of the tiny model, saved from an 8-device mesh."""
   import conret_jax
-  from conret_jax.cli import common
   from conret_jax import mesh as mesh_lib
   from conret_jax.train import checkpoint
+
   config = tiny_config()
   workdir = str(tmp_path_factory.mktemp('run'))
   state = _filled_state(conret_jax.build_model(config), config, mesh_lib.make_mesh(config))

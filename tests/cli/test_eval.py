@@ -5,12 +5,17 @@ import os
 
 import pytest
 
-for _module in ('conret_jax.model.detector', 'conret_jax.inference', 'conret_jax.train.state',
-                'conret_jax.mesh', 'conret_jax.data.pipeline'):
+for _module in (
+  'conret_jax.model.detector',
+  'conret_jax.inference',
+  'conret_jax.train.state',
+  'conret_jax.mesh',
+  'conret_jax.data.pipeline',
+):
   pytest.importorskip(_module)
 
-from conret_jax import defaults, evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conret_jax.cli import eval as eval_cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conret_jax import defaults, evaluation  # noqa: E402 (after the importorskip above)
+from conret_jax.cli import eval as eval_cli  # noqa: E402 (after the importorskip above)
 
 
 def test_format_metrics_in_percent_with_a_row_per_class():
@@ -25,10 +30,12 @@ def test_format_metrics_in_percent_with_a_row_per_class():
 
 def test_eval_run_on_shapes(trained_workdir, make_tiny_config, tmp_path):
   from conret_jax import data as data_lib
+
   workdir, _ = trained_workdir
   config = make_tiny_config()
-  config.data.eval = defaults.data_source_config(source='shapes', split='val', num_examples=10,
-                                                 cache_dir=str(tmp_path / 'shapes'))
+  config.data.eval = defaults.data_source_config(
+    source='shapes', split='val', num_examples=10, cache_dir=str(tmp_path / 'shapes')
+  )
   config.consistent.inference_reg_steps = 1  # inference-only settings may differ from the checkpoint's run
   step, metrics = eval_cli.run(config, workdir)
   assert step == 7 and set(metrics) == set(evaluation.METRIC_NAMES)

@@ -10,17 +10,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-for _module in ('conret_jax.model.detector', 'conret_jax.inference', 'conret_jax.train.state',
-                'conret_jax.mesh', 'conret_jax.train.step', 'conret_jax.data.preprocess'):
+for _module in (
+  'conret_jax.model.detector',
+  'conret_jax.inference',
+  'conret_jax.train.state',
+  'conret_jax.mesh',
+  'conret_jax.train.step',
+  'conret_jax.data.preprocess',
+):
   pytest.importorskip(_module)
 
-from conret_jax.cli import common, predict  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conret_jax.data.info import ClassLayout  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conret_jax.cli import common, predict  # noqa: E402 (after the importorskip above)
+from conret_jax.data.info import ClassLayout  # noqa: E402 (after the importorskip above)
+
 
 def test_restore_for_inference_on_one_device(trained_workdir, make_tiny_config):
   workdir, saved = trained_workdir
-  model, variables, step, mesh = common.restore_for_inference(make_tiny_config(), workdir,
-                                                              devices=jax.devices()[2:3])
+  model, variables, step, mesh = common.restore_for_inference(make_tiny_config(), workdir, devices=jax.devices()[2:3])
   assert step == 7 and mesh.devices.size == 1
   leaves = jax.tree.leaves(variables)
   assert {d for x in leaves for d in x.sharding.device_set} == {jax.devices()[2]}
@@ -65,6 +71,7 @@ def _write_images(folder):
 
 def test_predict_run_maps_boxes_to_original_pixels(trained_workdir, tmp_path, make_tiny_config):
   import conret_jax
+
   workdir, saved = trained_workdir
   config = make_tiny_config()
   paths = _write_images(str(tmp_path / 'in'))
@@ -100,17 +107,32 @@ def test_predict_command_line(trained_workdir, tmp_path, tiny_overrides):
   workdir, _ = trained_workdir
   config_file = tmp_path / 'tiny.py'
   overrides = '\n'.join(f'  config.{k} = {v!r}' for k, v in tiny_overrides.items())
-  config_file.write_text(f'from conret_jax import defaults\n\ndef get_config():\n'
-                         f'  config = defaults.base_config()\n{overrides}\n  return config\n')
+  config_file.write_text(
+    f'from conret_jax import defaults\n\ndef get_config():\n'
+    f'  config = defaults.base_config()\n{overrides}\n  return config\n'
+  )
   _write_images(str(tmp_path / 'in'))
   out = tmp_path / 'out'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
   proc = subprocess.run(
-      [sys.executable, '-m', 'conret_jax.cli.predict', f'--config={config_file}', f'--workdir={workdir}',
-       f'--images={tmp_path / "in"}/*.png', f'--output={out}', '--score-threshold=0.0',
-       '--config.eval.max_detections=3', '--config.data.eval.source=coco_json',
-       '--config.data.eval.annotation_file=/nonexistent.json'],
-      env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'conret_jax.cli.predict',
+      f'--config={config_file}',
+      f'--workdir={workdir}',
+      f'--images={tmp_path / "in"}/*.png',
+      f'--output={out}',
+      '--score-threshold=0.0',
+      '--config.eval.max_detections=3',
+      '--config.data.eval.source=coco_json',
+      '--config.data.eval.annotation_file=/nonexistent.json',
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '6 detections on 2 images' in proc.stdout
   entries = json.load(open(out / 'detections.json'))

@@ -13,14 +13,19 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('train_e2e')
   config = os.path.join(REPO, 'tests', 'configs', f'tiny_shapes.py:steps=8,batch=4,cache={root / "shapes"}')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', PYTHONUNBUFFERED='1')
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+    PYTHONUNBUFFERED='1',
+  )
   return root, config, env
 
 
@@ -60,8 +65,13 @@ def test_uninterrupted_run_writes_everything(uninterrupted):
 def test_sigterm_then_resume_gives_the_same_losses(setup, uninterrupted):
   root, config, env = setup
   workdir = str(root / 'interrupted')
-  proc = subprocess.Popen(_cmd('train', config, workdir, '--config.eval.at_end=false'), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  proc = subprocess.Popen(
+    _cmd('train', config, workdir, '--config.eval.at_end=false'),
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + 400
   while time.time() < deadline and proc.poll() is None:
@@ -77,9 +87,11 @@ def test_sigterm_then_resume_gives_the_same_losses(setup, uninterrupted):
   assert 3 <= stopped_at < 8
   assert str(stopped_at) in os.listdir(os.path.join(workdir, 'checkpoints'))
 
-  resumed = subprocess.run(_cmd('train', config, workdir, '--config.eval.at_end=false'), env=env, capture_output=True, text=True, timeout=600)
+  resumed = subprocess.run(
+    _cmd('train', config, workdir, '--config.eval.at_end=false'), env=env, capture_output=True, text=True, timeout=600
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f'resumed from' in resumed.stderr and f'at step {stopped_at}' in resumed.stderr
+  assert 'resumed from' in resumed.stderr and f'at step {stopped_at}' in resumed.stderr
   want = _losses(uninterrupted[0])
   got = _losses(workdir)
   assert sorted(got) == sorted(want)
@@ -93,8 +105,13 @@ def test_conret_eval_of_the_workdir_alone_matches_the_trainers_evaluation(setup,
   workdir, train_proc = uninterrupted
   trained = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'metrics.json')))
   os.remove(os.path.join(workdir, 'eval', 'step_8', 'metrics.json'))
-  proc = subprocess.run([sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={workdir}'], env=env,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={workdir}'],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   again = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'metrics.json')))
   per_class = again.pop('per_class')
@@ -109,15 +126,19 @@ def test_conret_eval_of_the_workdir_alone_matches_the_trainers_evaluation(setup,
   assert run['starts'][0]['argv'][1].startswith('--config=') and run['classes']['names'][0] == 'circle'
 
 
-@pytest.mark.parametrize('flag,message', [
+@pytest.mark.parametrize(
+  'flag,message',
+  [
     ('--config.train.global_batch_sise=4', 'global_batch_sise'),
     ('--config.data.image_size=200', 'config.data.image_size=200'),
     ('--config.consistent.num_cls_terms=4', 'num_cls_terms'),
-])
+  ],
+)
 def test_bad_config_fails_before_compilation(setup, tmp_path, flag, message):
   _, config, env = setup
-  proc = subprocess.run(_cmd('train', config, str(tmp_path / 'bad'), flag), env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    _cmd('train', config, str(tmp_path / 'bad'), flag), env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode != 0
   assert message in proc.stderr
   assert not os.path.exists(tmp_path / 'bad' / 'checkpoints')
@@ -125,7 +146,12 @@ def test_bad_config_fails_before_compilation(setup, tmp_path, flag, message):
 
 def test_checkpoint_of_a_different_model_fails_clearly(setup, uninterrupted):
   _, config, env = setup
-  proc = subprocess.run(_cmd('train', config, uninterrupted[0], '--config.model.fpn.channels=32'), env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    _cmd('train', config, uninterrupted[0], '--config.model.fpn.channels=32'),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode != 0
   assert 'different model' in proc.stderr

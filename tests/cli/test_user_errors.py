@@ -15,39 +15,56 @@ BIN = os.path.dirname(sys.executable)  # the console scripts sit next to the ven
 def _run(tool, args, cwd, **env):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1', **env)
   env.pop('CONRET_DEBUG', None)
-  return subprocess.run([os.path.join(BIN, tool), *args], capture_output=True, text=True, timeout=300, env=env,
-                        cwd=cwd)
+  return subprocess.run([os.path.join(BIN, tool), *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
 
 
 MISTAKES = [
-    ('conret-train', [], '--config is required'),
-    ('conret-train', ['--config=CONFIG', '--workdir=NEW', '--config.trian.seed=1'],
-     'unknown config key --config.trian.seed (did you mean --config.train.seed?)'),
-    ('conret-train', ['--config=CONFIG', '--workdir=NEW', '--config.train.sed=1'], 'did you mean --config.train.seed?'),
-    ('conret-train', ['--config=CONFIG', '--workdir=NEW', '--config.data.resize=big'],
-     "config.data.resize='big' must be one of ('square', 'short_side')"),
-    ('conret-train', ['--config=CONFIG', '--workdir=NEW', '--config.train.seed=abc'], '--config.train.seed=abc'),
-    ('conret-train', ['--config=CONFIG:steps=x', '--workdir=NEW'], "config argument steps='x': expected int"),
-    ('conret-train', ['--config=missing.py', '--workdir=NEW'], "config file 'missing.py' not found"),
-    ('conret-train', ['--config=CONFIG', '--workdir=FILE'], 'is a file, not a directory'),
-    ('conret-train', ['--config=CONFIG', '--workdir=FILE/run'], 'cannot create --workdir'),
-    ('conret-train', ['--config=CONFIG', '--workdir=NEW', '--stpe=3'], 'unknown flag --stpe'),
-    ('conret-train', ['--config=CONFIG', '--workdir=NEW', '--config.model.backbone.freeze_at=2'],
-     'config.init_from is empty'),
-    ('conret-eval', ['--workdir=NEW'], '--config is required'),
-    ('conret-eval', ['--config=CONFIG', '--workdir=NEW'], 'no checkpoint in'),
-    ('conret-eval', ['--config=CONFIG', '--workdir=NEW', '--step=7'], 'no checkpoint 7'),
-    ('conret-eval', ['--config=CONFIG', '--workdir=NEW', '--config.init_from=/nonexistent'],
-     'config.init_from=/nonexistent does not exist'),
-    ('conret-predict', ['--config=CONFIG', '--workdir=NEW', '--images=x.png', '--output=OUT'], 'no checkpoint in'),
-    ('conret-predict', ['--config=CONFIG', '--workdir=NEW'], '--images and --output are required'),
-    ('conret-bench', ['--config=CONFIG'], 'conret-bench {step|input}'),
-    ('conret-bench', ['step'], '--config is required'),
-    ('conret-make-shapes', ['--output=FILE'], 'is a file, not a directory'),
-    ('conret-import', ['--format=torchvision_resnet', '--input=/nonexistent.npz', '--output=OUT'],
-     '/nonexistent.npz: no such file'),
-    ('conret-import', ['--format=torchvision_resnet', '--input=/nonexistent.npz', '--output=OUT',
-                       '--config=missing.py'], 'missing.py'),
+  ('conret-train', [], '--config is required'),
+  (
+    'conret-train',
+    ['--config=CONFIG', '--workdir=NEW', '--config.trian.seed=1'],
+    'unknown config key --config.trian.seed (did you mean --config.train.seed?)',
+  ),
+  ('conret-train', ['--config=CONFIG', '--workdir=NEW', '--config.train.sed=1'], 'did you mean --config.train.seed?'),
+  (
+    'conret-train',
+    ['--config=CONFIG', '--workdir=NEW', '--config.data.resize=big'],
+    "config.data.resize='big' must be one of ('square', 'short_side')",
+  ),
+  ('conret-train', ['--config=CONFIG', '--workdir=NEW', '--config.train.seed=abc'], '--config.train.seed=abc'),
+  ('conret-train', ['--config=CONFIG:steps=x', '--workdir=NEW'], "config argument steps='x': expected int"),
+  ('conret-train', ['--config=missing.py', '--workdir=NEW'], "config file 'missing.py' not found"),
+  ('conret-train', ['--config=CONFIG', '--workdir=FILE'], 'is a file, not a directory'),
+  ('conret-train', ['--config=CONFIG', '--workdir=FILE/run'], 'cannot create --workdir'),
+  ('conret-train', ['--config=CONFIG', '--workdir=NEW', '--stpe=3'], 'unknown flag --stpe'),
+  (
+    'conret-train',
+    ['--config=CONFIG', '--workdir=NEW', '--config.model.backbone.freeze_at=2'],
+    'config.init_from is empty',
+  ),
+  ('conret-eval', ['--workdir=NEW'], '--config is required'),
+  ('conret-eval', ['--config=CONFIG', '--workdir=NEW'], 'no checkpoint in'),
+  ('conret-eval', ['--config=CONFIG', '--workdir=NEW', '--step=7'], 'no checkpoint 7'),
+  (
+    'conret-eval',
+    ['--config=CONFIG', '--workdir=NEW', '--config.init_from=/nonexistent'],
+    'config.init_from=/nonexistent does not exist',
+  ),
+  ('conret-predict', ['--config=CONFIG', '--workdir=NEW', '--images=x.png', '--output=OUT'], 'no checkpoint in'),
+  ('conret-predict', ['--config=CONFIG', '--workdir=NEW'], '--images and --output are required'),
+  ('conret-bench', ['--config=CONFIG'], 'conret-bench {step|input}'),
+  ('conret-bench', ['step'], '--config is required'),
+  ('conret-make-shapes', ['--output=FILE'], 'is a file, not a directory'),
+  (
+    'conret-import',
+    ['--format=torchvision_resnet', '--input=/nonexistent.npz', '--output=OUT'],
+    '/nonexistent.npz: no such file',
+  ),
+  (
+    'conret-import',
+    ['--format=torchvision_resnet', '--input=/nonexistent.npz', '--output=OUT', '--config=missing.py'],
+    'missing.py',
+  ),
 ]
 
 
@@ -82,14 +99,17 @@ def test_debug_shows_the_traceback(tmp_path):
   assert proc.returncode != 0 and 'Traceback' in proc.stderr and 'CheckpointNotFoundError' in proc.stderr
 
 
-@pytest.mark.parametrize('tool,own_flags', [
+@pytest.mark.parametrize(
+  'tool,own_flags',
+  [
     ('conret-train', ('--config', '--workdir', '--coordinator_address', '--debug')),
     ('conret-eval', ('--config', '--workdir', '--step')),
     ('conret-predict', ('--images', '--output', '--score_threshold', '--step')),
     ('conret-bench', ('--config', '--steps', '--batches')),
     ('conret-make-shapes', ('--output', '--num_train', '--num_val', '--seed')),
     ('conret-import', ('--format', '--input', '--output', '--config')),
-])
+  ],
+)
 def test_help_lists_the_tools_own_flags(tmp_path, tool, own_flags):
   proc = _run(tool, ['--help'], tmp_path)
   assert proc.returncode == 0, proc.stderr

@@ -7,8 +7,9 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                'configs'))
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs')
+)
 import shapes_demo  # noqa: E402  (configs/ is not a package)
 
 from conret_jax import defaults  # noqa: E402

@@ -85,7 +85,7 @@ def flat_topk_candidates(cls_logits, level_counts, topk, score_threshold):
   parts = []
   start = 0
   for count in level_counts:
-    logits = jnp.asarray(cls_logits[:, start:start + count], jnp.float32)
+    logits = jnp.asarray(cls_logits[:, start : start + count], jnp.float32)
     scores = jax.nn.sigmoid(logits).reshape(logits.shape[0], -1)  # [B, count * K]
     above = scores > score_threshold
     k = min(topk, scores.shape[1])
@@ -95,11 +95,21 @@ def flat_topk_candidates(cls_logits, level_counts, topk, score_threshold):
   return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
 
 
-def flat_topk_postprocess(cls_logits, boxes, level_counts, image_hw, *, score_threshold=0.05, topk_per_level=1000,
-                          nms_iou=0.5, max_detections=100):
+def flat_topk_postprocess(
+  cls_logits,
+  boxes,
+  level_counts,
+  image_hw,
+  *,
+  score_threshold=0.05,
+  topk_per_level=1000,
+  nms_iou=0.5,
+  max_detections=100,
+):
   """core.nms.postprocess up to commit ce92a47: flat_topk_candidates, then the (unchanged) clipping and
   class-aware NMS of core.nms.detections_from_candidates."""
   scores, anchors, classes, valid = flat_topk_candidates(cls_logits, level_counts, topk_per_level, score_threshold)
   boxes = jnp.take_along_axis(jnp.asarray(boxes, jnp.float32), anchors[..., None], axis=1)
-  return detections_from_candidates(boxes, scores, classes, valid, image_hw, nms_iou=nms_iou,
-                                    max_detections=max_detections)
+  return detections_from_candidates(
+    boxes, scores, classes, valid, image_hw, nms_iou=nms_iou, max_detections=max_detections
+  )

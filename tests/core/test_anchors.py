@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conret_jax.core import anchors
-from conret_jax.model import anchor_spec
 from conret_jax.defaults import base_config
+from conret_jax.model import anchor_spec
 
 TV_SIZES = ((32, 40, 50), (64, 80, 101), (128, 161, 203), (256, 322, 406), (512, 645, 812))
 
@@ -61,8 +61,11 @@ def test_default_anchors_match_loop_reference():
 
 
 def test_custom_levels_scales_ratios_offset():
-  got = np.asarray(anchors.generate_anchors((64, 64), min_level=2, max_level=4, base_scale=2.0,
-                                            scales_per_octave=2, aspect_ratios=(1.0, 3.0), offset=0.0))
+  got = np.asarray(
+    anchors.generate_anchors(
+      (64, 64), min_level=2, max_level=4, base_scale=2.0, scales_per_octave=2, aspect_ratios=(1.0, 3.0), offset=0.0
+    )
+  )
   np.testing.assert_allclose(got, np_anchors((64, 64), 2, 4, 2.0, 2, (1.0, 3.0), 0.0), rtol=1e-6, atol=1e-4)
 
 
@@ -70,8 +73,17 @@ def test_torchvision_parity_exact():
   got = np.asarray(anchors.generate_anchors((256, 128), sizes=TV_SIZES, offset=0.0, round_base=True))
   np.testing.assert_array_equal(got, tv_anchors((256, 128)))
   # The first cell's anchors as torchvision's retinanet_resnet50_fpn produces them (known values).
-  first = [[-23, -11, 23, 11], [-28, -14, 28, 14], [-35, -18, 35, 18], [-16, -16, 16, 16], [-20, -20, 20, 20],
-           [-25, -25, 25, 25], [-11, -23, 11, 23], [-14, -28, 14, 28], [-18, -35, 18, 35]]
+  first = [
+    [-23, -11, 23, 11],
+    [-28, -14, 28, 14],
+    [-35, -18, 35, 18],
+    [-16, -16, 16, 16],
+    [-20, -20, 20, 20],
+    [-25, -25, 25, 25],
+    [-11, -23, 11, 23],
+    [-14, -28, 14, 28],
+    [-18, -35, 18, 35],
+  ]
   np.testing.assert_array_equal(got[:9], first)
   # Second column of P3 is shifted by the stride 8 in x only.
   np.testing.assert_array_equal(got[9:18], np.array(first) + [8, 0, 8, 0])
@@ -86,7 +98,7 @@ def test_config_helpers_and_order_for_head_layout():
   a = np.asarray(anchor_spec.anchors_from_config(hw, cfg))
   assert a.shape == (sum(counts), 4)
   # A head output [H, W, 9, 4] flattened: index (y * W + x) * 9 + anchor -> centre of cell (y, x).
-  p3 = a[:counts[0]].reshape(16, 16, 9, 4)
+  p3 = a[: counts[0]].reshape(16, 16, 9, 4)
   centres = (p3[..., :2] + p3[..., 2:]) / 2
   yy, xx = np.meshgrid(np.arange(16), np.arange(16), indexing='ij')
   np.testing.assert_allclose(centres[..., 0], np.broadcast_to(((xx + 0.5) * 8)[..., None], (16, 16, 9)), atol=1e-4)

@@ -35,7 +35,8 @@ def np_decode(d, anchor, weights=(1.0, 1.0, 1.0, 1.0), clamp=BOX_DELTA_CLAMP):
 
 
 def edge_boxes():
-  return np.array([
+  return np.array(
+    [
       [0, 0, 0, 0],  # zero area at the origin
       [5, 5, 5, 20],  # zero width
       [10, 10, 20, 20],
@@ -45,7 +46,9 @@ def edge_boxes():
       [0.01, 0.01, 0.02, 0.03],  # very small
       [0, 0, 4000, 3000],  # very large
       [20, 20, 10, 10],  # degenerate (x2 < x1)
-  ], np.float32)
+    ],
+    np.float32,
+  )
 
 
 def test_pairwise_iou_random_and_edges():
@@ -73,9 +76,12 @@ def test_pairwise_iou_batched_jit_vmap():
 def test_encode_decode_against_reference():
   rng = np.random.default_rng(2)
   anchors = random_boxes(rng, 50, min_size=0.5, max_size=600)
-  gt = np.concatenate([random_boxes(rng, 45, min_size=0.5, max_size=600),
-                       [[0.01, 0.01, 0.03, 0.02], [0, 0, 5000, 4000], [-100, -100, 900, 900],
-                        [10, 10, 20, 20], [3, 4, 5, 6]]]).astype(np.float32)
+  gt = np.concatenate(
+    [
+      random_boxes(rng, 45, min_size=0.5, max_size=600),
+      [[0.01, 0.01, 0.03, 0.02], [0, 0, 5000, 4000], [-100, -100, 900, 900], [10, 10, 20, 20], [3, 4, 5, 6]],
+    ]
+  ).astype(np.float32)
   for weights in [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]:
     enc = np.asarray(jax.jit(boxes.encode, static_argnums=2)(gt, anchors, weights))
     want = np.stack([np_encode(g, a, weights) for g, a in zip(gt, anchors)])
@@ -107,8 +113,7 @@ def test_decode_broadcasts_and_vmaps():
   deltas = rng.normal(0, 0.5, (2, 6, 4)).astype(np.float32)
   want = np.stack([[np_decode(d, a) for d, a in zip(db, anchors)] for db in deltas])
   np.testing.assert_allclose(np.asarray(boxes.decode(deltas, anchors)), want, rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(jax.vmap(boxes.decode, (0, None))(deltas, anchors)), want, rtol=1e-5,
-                             atol=1e-4)
+  np.testing.assert_allclose(np.asarray(jax.vmap(boxes.decode, (0, None))(deltas, anchors)), want, rtol=1e-5, atol=1e-4)
   enc = jax.vmap(boxes.encode, (0, None))(want.astype(np.float32), anchors)
   np.testing.assert_allclose(np.asarray(enc), deltas, atol=1e-4)
 
@@ -134,8 +139,10 @@ _PIXELS = st.integers(0, 64_000).map(lambda v: v / 64)
 
 
 @settings(max_examples=40, deadline=None)
-@given(hnp.arrays(np.float32, (8, 4), elements=_PIXELS),
-       hnp.arrays(np.float32, (8, 4), elements=st.floats(-3.0, 3.0, width=32)))
+@given(
+  hnp.arrays(np.float32, (8, 4), elements=_PIXELS),
+  hnp.arrays(np.float32, (8, 4), elements=st.floats(-3.0, 3.0, width=32)),
+)
 def test_hypothesis_iou_bounds_and_roundtrip(raw, deltas):
   b = np.concatenate([np.minimum(raw[:, :2], raw[:, 2:]), np.maximum(raw[:, :2], raw[:, 2:])], -1)
   iou = np.asarray(boxes.pairwise_iou(b, b))

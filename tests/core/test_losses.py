@@ -22,8 +22,12 @@ def np_focal(x, t, alpha=0.25, gamma=2.0):
 
 
 def np_smooth_l1(x, beta):
-  return np.array([abs(v) if beta == 0 else (0.5 * v * v / beta if abs(v) < beta else abs(v) - 0.5 * beta)
-                   for v in np.asarray(x, np.float64).ravel()]).reshape(np.shape(x))
+  return np.array(
+    [
+      abs(v) if beta == 0 else (0.5 * v * v / beta if abs(v) < beta else abs(v) - 0.5 * beta)
+      for v in np.asarray(x, np.float64).ravel()
+    ]
+  ).reshape(np.shape(x))
 
 
 def test_focal_matches_reference():
@@ -49,8 +53,9 @@ def test_focal_gradient_finite_for_extreme_logits_and_bf16():
 @pytest.mark.parametrize('beta', [0.0, 0.11, 1.0 / 9, 1.0])
 def test_smooth_l1(beta):
   x = np.array([-3.0, -0.1, -0.05, 0.0, 0.05, 0.1, 0.11, 0.5, 2.0], np.float32)
-  np.testing.assert_allclose(np.asarray(jax.jit(losses.smooth_l1)(x, beta)), np_smooth_l1(x, beta), rtol=1e-6,
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(losses.smooth_l1)(x, beta)), np_smooth_l1(x, beta), rtol=1e-6, atol=1e-7
+  )
   g = jax.grad(lambda v: losses.smooth_l1(v, beta).sum())(jnp.asarray(x))
   assert np.isfinite(np.asarray(g)).all()
   if beta == 0.0:  # L1: gradient is the sign
@@ -73,8 +78,7 @@ def test_classification_loss_sum_skips_ignored():
   fn = jax.jit(lambda x, y: losses.classification_loss(x, y, alpha=0.25, gamma=2.0))
   np.testing.assert_allclose(float(fn(logits, labels)), want, rtol=1e-5)
   # vmap over images gives the per-image sums.
-  per_image = jax.vmap(lambda x, y: losses.classification_loss(x[None], y[None], alpha=0.25, gamma=2.0))(
-      logits, labels)
+  per_image = jax.vmap(lambda x, y: losses.classification_loss(x[None], y[None], alpha=0.25, gamma=2.0))(logits, labels)
   assert float(per_image[1]) == 0.0
   np.testing.assert_allclose(float(per_image.sum()), want, rtol=1e-5)
 
@@ -115,7 +119,7 @@ def test_classification_losses_equal_separate_terms():
   rng = np.random.default_rng(4)
   logits = rng.normal(-1, 2, (2, 30, 5)).astype(np.float32)
   sets = [rng.integers(-2, 5, (2, 30)).astype(np.int32) for _ in range(3)]
-  sums = jax.jit(lambda l, s: losses.classification_losses(l, s, alpha=0.25, gamma=2.0))(logits, sets)
+  sums = jax.jit(lambda lg, s: losses.classification_losses(lg, s, alpha=0.25, gamma=2.0))(logits, sets)
   for labels, got in zip(sets, sums):
     onehot = (labels[..., None] == np.arange(5)).astype(np.float32)
     want = np.sum(np_focal(logits, onehot) * (labels >= -1)[..., None])

@@ -86,12 +86,18 @@ def test_no_ground_truth_and_all_padding():
 
 
 def test_exact_thresholds():
-  anchors = np.array([[0, 0, 10, 10], [100, 100, 110, 110], [200, 200, 210, 210], [300, 300, 310, 310]],
-                     np.float32)
-  gt = np.array([[[0, 0, 10, 5],  # IoU exactly 0.5 with anchor 0 -> positive
-                  [100, 100, 110, 104],  # exactly 0.4 with anchor 1 -> ignored (not negative)
-                  [200, 200, 210, 203.9],  # 0.39 -> negative
-                  [300, 300, 310, 306]]], np.float32)  # 0.6 -> positive
+  anchors = np.array([[0, 0, 10, 10], [100, 100, 110, 110], [200, 200, 210, 210], [300, 300, 310, 310]], np.float32)
+  gt = np.array(
+    [
+      [
+        [0, 0, 10, 5],  # IoU exactly 0.5 with anchor 0 -> positive
+        [100, 100, 110, 104],  # exactly 0.4 with anchor 1 -> ignored (not negative)
+        [200, 200, 210, 203.9],  # 0.39 -> negative
+        [300, 300, 310, 306],
+      ]
+    ],
+    np.float32,
+  )  # 0.6 -> positive
   _, labels = match(anchors, gt, np.ones((1, 4), bool), pos_iou=0.5, neg_iou=0.4, allow_low_quality_matches=False)
   np.testing.assert_array_equal(np.asarray(labels)[0], [1, -1, 0, 1])
   check(anchors, gt, np.ones((1, 4), bool), tol=0.0, pos_iou=0.5, neg_iou=0.4, allow_low_quality_matches=False)
@@ -135,8 +141,14 @@ def test_bad_shapes():
   with pytest.raises(ValueError):
     match(np.zeros((2, 5, 4)), np.zeros((3, 1, 4)), np.ones((3, 1), bool), **KW)
   with pytest.raises(ValueError):
-    match(np.zeros((5, 4)), np.zeros((1, 1, 4)), np.ones((1, 1), bool), pos_iou=0.4, neg_iou=0.5,
-          allow_low_quality_matches=False)
+    match(
+      np.zeros((5, 4)),
+      np.zeros((1, 1, 4)),
+      np.ones((1, 1), bool),
+      pos_iou=0.4,
+      neg_iou=0.5,
+      allow_low_quality_matches=False,
+    )
 
 
 _coord = st.integers(0, 24).map(float)
@@ -147,6 +159,7 @@ _coord = st.integers(0, 24).map(float)
 def test_hypothesis_integer_boxes_with_ties(raw, valid, low_quality):
   # Small integer grids produce many exact IoU ties and threshold hits; anchors fixed, so one compile per flag.
   gt = np.concatenate([np.minimum(raw[..., :2], raw[..., 2:]), np.maximum(raw[..., :2], raw[..., 2:])], -1)
-  anchors = np.array([[x, y, x + s, y + s] for s in (4, 8) for y in range(0, 24, 4) for x in range(0, 24, 4)],
-                     np.float32)
+  anchors = np.array(
+    [[x, y, x + s, y + s] for s in (4, 8) for y in range(0, 24, 4) for x in range(0, 24, 4)], np.float32
+  )
   check(anchors, gt, valid, tol=0.0, pos_iou=0.5, neg_iou=0.4, allow_low_quality_matches=low_quality)

@@ -59,22 +59,34 @@ def test_score_ties_and_identical_boxes():
   check_nms(boxes, scores, classes, valid, 0.5, 5, 256)
   # Signed zero scores tie with each other (index order), and a NaN score is never kept.
   scores = np.array([[0.0, -0.0, 0.0, np.nan, 0.5, 0.5, 0.5, 0.5]], np.float32)
-  idx, ok = _nms(boxes, scores, np.arange(8, dtype=np.int32)[None], valid, iou_threshold=0.5, max_output=8,
-                 tile_size=4)
+  idx, ok = _nms(boxes, scores, np.arange(8, dtype=np.int32)[None], valid, iou_threshold=0.5, max_output=8, tile_size=4)
   assert np.asarray(idx)[0][np.asarray(ok)[0]].tolist() == [4, 5, 6, 7, 0, 1, 2]
 
 
 def test_iou_exactly_at_threshold_is_kept():
   # IoU of the pair is exactly 0.5: greedy NMS suppresses only IoU > threshold, so both stay.
   boxes = np.array([[[0, 0, 10, 10], [0, 0, 10, 5], [0, 0, 10, 4.9]]], np.float32)
-  idx, ok = _nms(boxes, np.array([[0.9, 0.8, 0.7]], np.float32), np.zeros((1, 3), np.int32),
-                 np.ones((1, 3), bool), iou_threshold=0.5, max_output=3, tile_size=256)
+  idx, ok = _nms(
+    boxes,
+    np.array([[0.9, 0.8, 0.7]], np.float32),
+    np.zeros((1, 3), np.int32),
+    np.ones((1, 3), bool),
+    iou_threshold=0.5,
+    max_output=3,
+    tile_size=256,
+  )
   assert np.asarray(idx)[0][np.asarray(ok)[0]].tolist() == [0, 1]
 
 
 def test_no_candidates():
-  idx, ok = batched_nms(np.zeros((2, 0, 4)), np.zeros((2, 0)), np.zeros((2, 0), np.int32), np.zeros((2, 0), bool),
-                        iou_threshold=0.5, max_output=3)
+  idx, ok = batched_nms(
+    np.zeros((2, 0, 4)),
+    np.zeros((2, 0)),
+    np.zeros((2, 0), np.int32),
+    np.zeros((2, 0), bool),
+    iou_threshold=0.5,
+    max_output=3,
+  )
   assert idx.shape == (2, 3) and not np.asarray(ok).any()
 
 
@@ -93,8 +105,12 @@ _grid = st.integers(0, 12).map(float)
 
 
 @settings(max_examples=30, deadline=None)
-@given(hnp.arrays(np.float32, (1, 40, 4), elements=_grid), hnp.arrays(np.float32, (1, 40), elements=st.sampled_from(
-    [0.1, 0.2, 0.3, 0.7])), hnp.arrays(np.int32, (1, 40), elements=st.integers(0, 1)), hnp.arrays(bool, (1, 40)))
+@given(
+  hnp.arrays(np.float32, (1, 40, 4), elements=_grid),
+  hnp.arrays(np.float32, (1, 40), elements=st.sampled_from([0.1, 0.2, 0.3, 0.7])),
+  hnp.arrays(np.int32, (1, 40), elements=st.integers(0, 1)),
+  hnp.arrays(bool, (1, 40)),
+)
 def test_hypothesis_ties_on_a_grid(raw, scores, classes, valid):
   # Integer boxes on a small grid and four score values: many exact ties in IoU and in score.
   boxes = np.concatenate([np.minimum(raw[..., :2], raw[..., 2:]), np.maximum(raw[..., :2], raw[..., 2:])], -1)
@@ -108,7 +124,7 @@ def np_postprocess(logits, boxes, counts, hw, thr, k, nms_iou, det):
   cb, cs, cc = [], [], []
   start = 0
   for n in counts:
-    s = scores[start:start + n].ravel()
+    s = scores[start : start + n].ravel()
     cand = [i for i in sorted(range(len(s)), key=lambda i: (-s[i], i)) if s[i] > thr][:k]
     for i in cand:
       box = boxes[start + i // num_classes].copy()
@@ -150,8 +166,8 @@ def test_postprocess_matches_reference():
     assert np.all(np.asarray(out['boxes'][b])[n:] == 0) and np.all(np.asarray(out['scores'][b])[n:] == 0)
   assert int(np.asarray(out['valid'][1]).sum()) == 1
   # Per image under vmap: the same result.
-  per = jax.jit(jax.vmap(lambda l, x: postprocess(l[None], x[None], counts, hw, topk_per_level=20,
-                                                  max_detections=15)))(logits, boxes)
+  one = lambda lg, x: postprocess(lg[None], x[None], counts, hw, topk_per_level=20, max_detections=15)
+  per = jax.jit(jax.vmap(one))(logits, boxes)
   for key in out:
     np.testing.assert_array_equal(np.asarray(per[key])[:, 0], np.asarray(out[key]))
 
@@ -163,6 +179,7 @@ def test_postprocess_rejects_bad_counts():
 
 # select_candidates against the full top-k over each level's anchors x classes (flat_topk_candidates): the same
 # candidates slot for slot, exactly.
+
 
 def hard_logits(rng, n, num_classes):
   """[4, n, K]: 0 random (some above 0.05); 1 exact ties within and across anchors and classes, including equal
@@ -189,7 +206,9 @@ def assert_same_candidates(logits, topk, thr=0.05, counts=None):
   return got
 
 
-@pytest.mark.parametrize('counts, num_classes, topk', [
+@pytest.mark.parametrize(
+  'counts, num_classes, topk',
+  [
     ((60,), 1, 10),  # K = 1
     ((60,), 1, 60),  # topk = n: the level keeps every anchor
     ((40,), 7, 12),
@@ -197,7 +216,8 @@ def assert_same_candidates(logits, topk, thr=0.05, counts=None):
     ((30,), 91, 20),  # COCO's 91 classes
     ((12,), 5, 100),  # topk > n * K: every pair, k = 60
     ((40, 9, 0, 13), 3, 12),  # levels above and below topk, and an empty one
-])
+  ],
+)
 def test_select_candidates_match_flat_topk(counts, num_classes, topk):
   n = sum(counts)
   logits = hard_logits(np.random.default_rng(n * num_classes + topk), n, num_classes)
@@ -253,19 +273,22 @@ def batch_boxes(rng, b, a):
   return np.concatenate([centres - wh / 2, centres + wh / 2], -1).astype(np.float32)  # many leave the image
 
 
-@pytest.mark.parametrize('counts, num_classes, topk, dtype', [
+@pytest.mark.parametrize(
+  'counts, num_classes, topk, dtype',
+  [
     ((150, 40, 9), 6, 20, jnp.float32),  # P3, P4 preselect anchors; P5 (9 <= 20) takes every pair
     ((150, 40, 9), 6, 20, jnp.bfloat16),
     ((40, 10), 91, 25, jnp.float32),
-])
+  ],
+)
 def test_postprocess_matches_flat_topk_reference(counts, num_classes, topk, dtype):
   rng = np.random.default_rng(4)
   logits = np.concatenate([hard_logits(rng, n, num_classes) for n in counts], axis=1)
   logits = jnp.asarray(logits, dtype)
   boxes = batch_boxes(rng, 4, sum(counts))
   kw = dict(topk_per_level=topk, max_detections=15)
-  got = jax.jit(lambda l, b: postprocess(l, b, counts, (64, 96), **kw))(logits, boxes)
-  want = jax.jit(lambda l, b: flat_topk_postprocess(l, b, counts, (64, 96), **kw))(logits, boxes)
+  got = jax.jit(lambda lg, b: postprocess(lg, b, counts, (64, 96), **kw))(logits, boxes)
+  want = jax.jit(lambda lg, b: flat_topk_postprocess(lg, b, counts, (64, 96), **kw))(logits, boxes)
   for key in want:
     np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
   kept = np.asarray(got['valid']).sum(1)

@@ -23,8 +23,9 @@ def check(anchors, gt, classes, valid, **kw):
   out = _assign(anchors, gt, classes, valid, **kw)
   for b in range(gt.shape[0]):
     a = anchors if anchors.ndim == 2 else anchors[b]
-    cls, tgt = np_assign(a, gt[b], classes[b], valid[b], kw['pos_iou'], kw['neg_iou'],
-                         kw['allow_low_quality_matches'], kw['box_weights'])
+    cls, tgt = np_assign(
+      a, gt[b], classes[b], valid[b], kw['pos_iou'], kw['neg_iou'], kw['allow_low_quality_matches'], kw['box_weights']
+    )
     np.testing.assert_array_equal(np.asarray(out['cls_labels'][b]), cls)
     np.testing.assert_array_equal(np.asarray(out['positive'][b]), cls >= 0)
     np.testing.assert_allclose(np.asarray(out['box_targets'][b]), tgt, rtol=1e-4, atol=1e-4)
@@ -35,8 +36,10 @@ def check(anchors, gt, classes, valid, **kw):
 
 def integer_anchors():
   # Integer coordinates keep every IoU exact, so the reference and XLA agree bit for bit (ties included).
-  return np.array([[x, y, x + s, y + r * s] for s in (8, 16) for r in (1, 2) for y in range(0, 64, 8)
-                   for x in range(0, 64, 8)], np.float32)
+  return np.array(
+    [[x, y, x + s, y + r * s] for s in (8, 16) for r in (1, 2) for y in range(0, 64, 8) for x in range(0, 64, 8)],
+    np.float32,
+  )
 
 
 def test_random_with_padding_crowd_and_weights():

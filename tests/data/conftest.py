@@ -28,11 +28,18 @@ def write_rect_dataset(root, sizes, *, category_ids=(5, 9, 2), fmt='PNG', seed=0
       bw, bh = rng.randint(w // 5, w // 3), rng.randint(h // 5, h // 3)
       x1, y1 = (k * w) // 3 + rng.randint(0, w // 3 - bw + 1), rng.randint(0, h - bh)
       colour = COLOURS[(i + k) % len(COLOURS)]
-      pixels[y1:y1 + bh, x1:x1 + bw] = colour
+      pixels[y1 : y1 + bh, x1 : x1 + bw] = colour
       truth[image_id].append((x1, y1, x1 + bw, y1 + bh, colour))
-      annotations.append({'id': len(annotations) + 1, 'image_id': image_id,
-                          'category_id': category_ids[(i + k) % len(category_ids)],
-                          'bbox': [x1, y1, bw, bh], 'area': bw * bh, 'iscrowd': 0})
+      annotations.append(
+        {
+          'id': len(annotations) + 1,
+          'image_id': image_id,
+          'category_id': category_ids[(i + k) % len(category_ids)],
+          'bbox': [x1, y1, bw, bh],
+          'area': bw * bh,
+          'iscrowd': 0,
+        }
+      )
     name = f'im{i:03d}.{"png" if fmt == "PNG" else "jpg"}'
     Image.fromarray(pixels).save(os.path.join(image_dir, name), fmt)
     images.append({'id': image_id, 'file_name': name, 'height': h, 'width': w})
@@ -61,6 +68,10 @@ def small_config(annotation_file, image_dir, *, image_size=128, batch=4, eval_ba
 def rect_dataset(tmp_path_factory):
   """12 images, landscape and portrait, 1-3 rectangles each."""
   rng = np.random.RandomState(1)
-  sizes = [(int(rng.randint(60, 100)), int(rng.randint(100, 160))) if i % 3 else
-           (int(rng.randint(100, 160)), int(rng.randint(60, 100))) for i in range(12)]
+  sizes = [
+    (int(rng.randint(60, 100)), int(rng.randint(100, 160)))
+    if i % 3
+    else (int(rng.randint(100, 160)), int(rng.randint(60, 100)))
+    for i in range(12)
+  ]
   return write_rect_dataset(str(tmp_path_factory.mktemp('rects')), sizes)

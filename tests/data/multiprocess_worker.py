@@ -19,6 +19,7 @@ def main():
   jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=int(index))
   from conret_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tests.data.conftest import small_config  # pylint: disable=g-import-not-at-top
+
   config = small_config(annotation_file, image_dir, batch=4, eval_batch=4)
   config.data.scale_jitter = (0.8, 1.2)
   mesh = jax.make_mesh((4,), ('data',))
@@ -27,10 +28,14 @@ def main():
   result = {}
   for step in range(2):
     batch = next(it)
-    result[f'train{step}'] = {k: np.asarray(multihost_utils.process_allgather(batch[k], tiled=True)).tolist()
-                              for k in ('image_id', 'boxes', 'scale')}
-  ids = [np.asarray(multihost_utils.process_allgather(b['image_id'], tiled=True)).tolist()
-         for b in pipeline.make_eval_iterator(config, mesh, sharding)]
+    result[f'train{step}'] = {
+      k: np.asarray(multihost_utils.process_allgather(batch[k], tiled=True)).tolist()
+      for k in ('image_id', 'boxes', 'scale')
+    }
+  ids = [
+    np.asarray(multihost_utils.process_allgather(b['image_id'], tiled=True)).tolist()
+    for b in pipeline.make_eval_iterator(config, mesh, sharding)
+  ]
   result['eval_ids'] = ids
   result['state'] = it.state()
   with open(out, 'w') as f:

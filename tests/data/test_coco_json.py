@@ -30,33 +30,43 @@ def bad_dataset(tmp_path):
   (d / 'garbage.jpg').write_bytes(os.urandom(500))
   buf = io.BytesIO()
   Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(buf, 'JPEG')
-  (d / 'truncated.jpg').write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
-  names = ['good.png', 'size_lies.png', 'png_named.jpg', 'noanns.png', 'crowd_only.png', 'many.png',
-           'garbage.jpg', 'truncated.jpg', 'missing.jpg']
-  images = [{'id': i + 1, 'file_name': n, 'height': 80 if i < 2 else 64, 'width': 120 if i < 2 else 64}
-            for i, n in enumerate(names)]
+  (d / 'truncated.jpg').write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+  names = [
+    'good.png',
+    'size_lies.png',
+    'png_named.jpg',
+    'noanns.png',
+    'crowd_only.png',
+    'many.png',
+    'garbage.jpg',
+    'truncated.jpg',
+    'missing.jpg',
+  ]
+  images = [
+    {'id': i + 1, 'file_name': n, 'height': 80 if i < 2 else 64, 'width': 120 if i < 2 else 64}
+    for i, n in enumerate(names)
+  ]
   images[1].update(height=50, width=50)
   images[3].update(height=40, width=40)
   images[4].update(height=40, width=40)
   images[5].update(height=100, width=100)
   anns = [
-      dict(image_id=1, category_id=7, bbox=[10, 10, 20, 30]),  # fine
-      dict(image_id=1, category_id=3, bbox=[100, 70, 40, 40]),  # partly outside -> clipped to 100,70,120,80
-      dict(image_id=1, category_id=3, bbox=[5, 5, 0, 10]),  # zero area
-      dict(image_id=1, category_id=3, bbox=[5, 5, 10, -5]),  # negative area
-      dict(image_id=1, category_id=999, bbox=[1, 1, 5, 5]),  # unknown category
-      dict(image_id=12345, category_id=3, bbox=[1, 1, 5, 5]),  # unknown image
-      dict(image_id=1, category_id=3, bbox=[1, 2, 3]),  # malformed bbox
-      dict(image_id=2, category_id=7, bbox=[60, 10, 20, 20]),  # inside the true 120 px width, outside json's 50
-      dict(image_id=3, category_id=3, bbox=[0, 0, 64, 64]),
-      dict(image_id=5, category_id=3, bbox=[0, 0, 10, 10], iscrowd=1),
-      dict(image_id=7, category_id=3, bbox=[0, 0, 10, 10]),  # on the garbage image: goes with it
+    dict(image_id=1, category_id=7, bbox=[10, 10, 20, 30]),  # fine
+    dict(image_id=1, category_id=3, bbox=[100, 70, 40, 40]),  # partly outside -> clipped to 100,70,120,80
+    dict(image_id=1, category_id=3, bbox=[5, 5, 0, 10]),  # zero area
+    dict(image_id=1, category_id=3, bbox=[5, 5, 10, -5]),  # negative area
+    dict(image_id=1, category_id=999, bbox=[1, 1, 5, 5]),  # unknown category
+    dict(image_id=12345, category_id=3, bbox=[1, 1, 5, 5]),  # unknown image
+    dict(image_id=1, category_id=3, bbox=[1, 2, 3]),  # malformed bbox
+    dict(image_id=2, category_id=7, bbox=[60, 10, 20, 20]),  # inside the true 120 px width, outside json's 50
+    dict(image_id=3, category_id=3, bbox=[0, 0, 64, 64]),
+    dict(image_id=5, category_id=3, bbox=[0, 0, 10, 10], iscrowd=1),
+    dict(image_id=7, category_id=3, bbox=[0, 0, 10, 10]),  # on the garbage image: goes with it
   ] + [dict(image_id=6, category_id=7, bbox=[i * 5, i * 5, 10, 10]) for i in range(12)]
   for i, a in enumerate(anns):
     a.update(id=i + 1, area=1.0)
     a.setdefault('iscrowd', 0)
-  data = {'images': images, 'annotations': anns,
-          'categories': [{'id': 7, 'name': 'seven'}, {'id': 3, 'name': 'three'}]}
+  data = {'images': images, 'annotations': anns, 'categories': [{'id': 7, 'name': 'seven'}, {'id': 3, 'name': 'three'}]}
   path = tmp_path / 'instances.json'
   path.write_text(json.dumps(data))
   return str(path), str(d)
@@ -67,10 +77,16 @@ def test_bad_rows_are_repaired_or_dropped_and_counted(bad_dataset):
   with mock.patch.object(coco_json.logging, 'info') as log:
     table, info, counts = coco_json.load_coco(annotation_file, image_dir, train=True, max_boxes=8)
   assert counts['dropped'] == {
-      'missing image file': 1, 'undecodable image': 1, 'truncated image file': 1,
-      'zero/negative-area box': 2, 'annotation with unknown category id': 1,
-      'annotation with unknown image id': 1, 'malformed bbox': 1, 'annotations beyond max_boxes=8': 4,
-      'train image without usable annotations': 2}
+    'missing image file': 1,
+    'undecodable image': 1,
+    'truncated image file': 1,
+    'zero/negative-area box': 2,
+    'annotation with unknown category id': 1,
+    'annotation with unknown image id': 1,
+    'malformed bbox': 1,
+    'annotations beyond max_boxes=8': 4,
+    'train image without usable annotations': 2,
+  }
   assert counts['repaired'] == {'json size != file size': 1, 'box clipped to image': 1}
   assert log.call_count == 1
   line = log.call_args[0][1]
@@ -81,8 +97,7 @@ def test_bad_rows_are_repaired_or_dropped_and_counted(bad_dataset):
   np.testing.assert_array_equal(table.heights, [80, 80, 64, 100])  # the file's size wins over the json's
   np.testing.assert_array_equal(table.widths, [120, 120, 64, 100])
   np.testing.assert_array_equal(table.row_lengths, [2, 1, 1, 8])
-  np.testing.assert_allclose(table.boxes[:4], [[10, 10, 30, 40], [100, 70, 120, 80], [60, 10, 80, 30],
-                                               [0, 0, 64, 64]])
+  np.testing.assert_allclose(table.boxes[:4], [[10, 10, 30, 40], [100, 70, 120, 80], [60, 10, 80, 30], [0, 0, 64, 64]])
   np.testing.assert_array_equal(table.classes[:4], [1, 0, 1, 0])  # 7 -> 1, 3 -> 0 (sorted ids)
 
 

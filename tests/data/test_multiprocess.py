@@ -24,10 +24,25 @@ def test_two_processes_match_one(rect_dataset, tmp_path):
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  procs = [subprocess.Popen([sys.executable, '-m', 'tests.data.multiprocess_worker', str(port), str(i),
-                             annotation_file, image_dir, str(tmp_path / f'out{i}.json')],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'tests.data.multiprocess_worker',
+        str(port),
+        str(i),
+        annotation_file,
+        image_dir,
+        str(tmp_path / f'out{i}.json'),
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
   for p in procs:
     output = p.communicate(timeout=120)[0]
     assert p.returncode == 0, output.decode()[-3000:]

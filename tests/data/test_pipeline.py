@@ -8,9 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from conret_jax.data import info as info_lib
-from conret_jax.data import pipeline
-from conret_jax.data import preprocess
-from conret_jax.data import sources
+from conret_jax.data import pipeline, preprocess, sources
 from tests.data.conftest import small_config
 
 
@@ -21,8 +19,7 @@ def _take(it, n):
 def _global(config, hosts, n, **kw):
   """n global batches assembled from `hosts` simulated processes (each host's rows are a contiguous slice)."""
   its = [pipeline.host_batches(config, p, hosts, **kw) for p in range(hosts)]
-  return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
-          for parts in zip(*[_take(it, n) for it in its])]
+  return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]} for parts in zip(*[_take(it, n) for it in its])]
 
 
 def _assert_same(a, b):
@@ -51,7 +48,7 @@ def test_resume_equals_uninterrupted_and_follows_the_numpy_order(rect_dataset):
     epoch, k = divmod(step, 3)
     perm = np.random.RandomState([3, epoch]).permutation(12)
     batch = full[step] if step < 8 else next(pipeline.host_batches(config, start_step=step))
-    np.testing.assert_array_equal(batch['image_id'], table.image_ids[perm[4 * k:4 * k + 4]])
+    np.testing.assert_array_equal(batch['image_id'], table.image_ids[perm[4 * k : 4 * k + 4]])
   ids = np.concatenate([b['image_id'] for b in full[:3]])
   assert len(set(ids.tolist())) == 12  # one epoch visits every image once
   other = small_config(*rect_dataset[:2], batch=4)
@@ -68,8 +65,9 @@ def test_short_side_batches_are_homogeneous_and_padded_to_128(rect_dataset):
     assert batch['images'].shape[1:3] in shapes
     portrait = batch['orig_hw'][:, 0] > batch['orig_hw'][:, 1]
     assert portrait.all() == (batch['images'].shape[1] > batch['images'].shape[2]) and len(set(portrait)) == 1
-    np.testing.assert_allclose(batch['scale'], np.minimum(100 / batch['orig_hw'].min(1), 150 / batch['orig_hw'].max(1)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      batch['scale'], np.minimum(100 / batch['orig_hw'].min(1), 150 / batch['orig_hw'].max(1)), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize('hosts', [1, 2])

@@ -7,10 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conret_jax.data import decode
-from conret_jax.data import pipeline
-from conret_jax.data import preprocess
-from conret_jax.data import sizes
+from conret_jax.data import decode, pipeline, preprocess, sizes
 from tests.data.conftest import COLOURS, small_config
 
 
@@ -22,7 +19,7 @@ def _check_boxes_on_pixels(batch):
     for (x1, y1, x2, y2), ok in zip(batch['boxes'][b], batch['valid'][b]):
       if not ok or x2 - x1 < 6 or y2 - y1 < 6:
         continue
-      inner = image[int(np.ceil(y1)) + 2:int(y2) - 2, int(np.ceil(x1)) + 2:int(x2) - 2].reshape(-1, 3)
+      inner = image[int(np.ceil(y1)) + 2 : int(y2) - 2, int(np.ceil(x1)) + 2 : int(x2) - 2].reshape(-1, 3)
       colour = inner[0]
       assert min(np.abs(np.subtract(COLOURS, colour)).max(axis=1)) < 3, colour
       assert np.abs(inner - colour).max() < 3
@@ -54,9 +51,9 @@ def test_eval_boxes_match_numpy_reference(rect_dataset):
       np.testing.assert_allclose(batch['scale'][b], scale, rtol=1e-6)
       rects = truth[int(batch['image_id'][b])]
       want = np.array([r[:4] for r in rects], np.float32) * scale
-      np.testing.assert_allclose(batch['boxes'][b, :len(rects)], want, rtol=1e-5, atol=1e-4)
-      assert not batch['valid'][b, len(rects):].any() and batch['valid'][b, :len(rects)].all()
-      assert not batch['boxes'][b, len(rects):].any()
+      np.testing.assert_allclose(batch['boxes'][b, : len(rects)], want, rtol=1e-5, atol=1e-4)
+      assert not batch['valid'][b, len(rects) :].any() and batch['valid'][b, : len(rects)].all()
+      assert not batch['boxes'][b, len(rects) :].any()
       # Padding (bottom/right) is zero; the image occupies the top-left round(h*s) x round(w*s).
       nh, nw = round(h * scale), round(w * scale)
       assert not batch['images'][b, nh:].any() and not batch['images'][b, :, nw:].any()
@@ -124,8 +121,9 @@ def test_decode_formats():
   rgb = rng.randint(0, 255, (9, 7, 3), np.uint8)
   np.testing.assert_array_equal(decode.decode_image(tf.constant(_encode(rgb, 'PNG'))).numpy(), rgb)
   gray = rng.randint(0, 255, (9, 7), np.uint8)
-  np.testing.assert_array_equal(decode.decode_image(tf.constant(_encode(gray, 'PNG'))).numpy(),
-                                np.repeat(gray[..., None], 3, -1))
+  np.testing.assert_array_equal(
+    decode.decode_image(tf.constant(_encode(gray, 'PNG'))).numpy(), np.repeat(gray[..., None], 3, -1)
+  )
   cmyk = _encode(rng.randint(0, 255, (16, 16, 4), np.uint8), 'JPEG', 'CMYK')
   want = np.asarray(Image.open(io.BytesIO(cmyk)).convert('RGB'), np.float32)
   got = decode.decode_image(tf.constant(cmyk)).numpy().astype(np.float32)

@@ -7,9 +7,7 @@ import numpy as np
 from PIL import Image
 
 from conret_jax.cli import make_shapes
-from conret_jax.data import coco_json
-from conret_jax.data import pipeline
-from conret_jax.data import shapes
+from conret_jax.data import coco_json, pipeline, shapes
 from tests.data.conftest import small_config
 
 
@@ -18,7 +16,9 @@ def test_cli_writes_deterministic_coco(tmp_path):
   make_shapes.main(['--output', str(tmp_path / 'b'), '--num-train', '12', '--num-val', '3', '--seed', '5'])
   data = json.loads((tmp_path / 'a' / 'annotations' / 'instances_train.json').read_text())
   assert data == json.loads((tmp_path / 'b' / 'annotations' / 'instances_train.json').read_text())
-  assert (tmp_path / 'a' / 'train' / '0000003.jpg').read_bytes() == (tmp_path / 'b' / 'train' / '0000003.jpg').read_bytes()
+  assert (tmp_path / 'a' / 'train' / '0000003.jpg').read_bytes() == (
+    tmp_path / 'b' / 'train' / '0000003.jpg'
+  ).read_bytes()
   assert len(data['images']) == 12
   assert [c['id'] for c in data['categories']] == [3, 7, 11, 15, 19]
   assert {c['name'] for c in data['categories']} == {'circle', 'square', 'triangle', 'cross', 'ring'}
@@ -33,8 +33,12 @@ def test_cli_writes_deterministic_coco(tmp_path):
   other = json.loads((tmp_path / 'a' / 'annotations' / 'instances_val.json').read_text())
   assert other['images'] and other['annotations'][0]['bbox'] != data['annotations'][0]['bbox']
   # Every json row is usable as is: nothing dropped or repaired.
-  _, _, counts = coco_json.load_coco(str(tmp_path / 'a' / 'annotations' / 'instances_train.json'),
-                                     str(tmp_path / 'a' / 'train'), train=True, max_boxes=10)
+  _, _, counts = coco_json.load_coco(
+    str(tmp_path / 'a' / 'annotations' / 'instances_train.json'),
+    str(tmp_path / 'a' / 'train'),
+    train=True,
+    max_boxes=10,
+  )
   assert counts == {'dropped': {}, 'repaired': {}}
 
 
@@ -58,7 +62,15 @@ def test_shapes_source_generates_once_into_cache(tmp_path):
   assert batch['images'].shape == (4, 128, 128, 3) and batch['valid'].any()
   info = pipeline.dataset_info(config.data.eval, config)
   assert info.category_ids == [3, 7, 11, 15, 19] and info.num_examples == 8
-  assert sorted(os.listdir(tmp_path)) == [f'v{shapes.FORMAT_VERSION}_train_n8_seed0', f'v{shapes.FORMAT_VERSION}_val_n8_seed0']  # no temp dirs left
-  stamp = os.path.getmtime(tmp_path / f'v{shapes.FORMAT_VERSION}_train_n8_seed0' / 'annotations' / 'instances_train.json')
+  assert sorted(os.listdir(tmp_path)) == [
+    f'v{shapes.FORMAT_VERSION}_train_n8_seed0',
+    f'v{shapes.FORMAT_VERSION}_val_n8_seed0',
+  ]  # no temp dirs left
+  stamp = os.path.getmtime(
+    tmp_path / f'v{shapes.FORMAT_VERSION}_train_n8_seed0' / 'annotations' / 'instances_train.json'
+  )
   shapes.ensure_shapes_split(config.data.train)
-  assert os.path.getmtime(tmp_path / f'v{shapes.FORMAT_VERSION}_train_n8_seed0' / 'annotations' / 'instances_train.json') == stamp
+  assert (
+    os.path.getmtime(tmp_path / f'v{shapes.FORMAT_VERSION}_train_n8_seed0' / 'annotations' / 'instances_train.json')
+    == stamp
+  )

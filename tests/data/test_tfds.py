@@ -14,11 +14,11 @@ from tests.data.conftest import small_config
 
 # (height, width, [(ymin, xmin, ymax, xmax) normalized, label, is_crowd])
 EXAMPLES = [
-    (60, 100, [((0.1, 0.2, 0.5, 0.6), 0, False), ((0.5, 0.5, 1.0, 1.0), 79, True)]),
-    (100, 60, [((0.0, 0.0, 0.3, 0.3), 11, False)]),
-    (80, 80, [((0.25, 0.25, 0.75, 0.75), 45, False)]),
-    (50, 120, [((0.2, 0.1, 0.8, 0.4), 24, False)]),
-    (90, 70, [((0.1, 0.1, 0.2, 0.2), 5, False)]),
+  (60, 100, [((0.1, 0.2, 0.5, 0.6), 0, False), ((0.5, 0.5, 1.0, 1.0), 79, True)]),
+  (100, 60, [((0.0, 0.0, 0.3, 0.3), 11, False)]),
+  (80, 80, [((0.25, 0.25, 0.75, 0.75), 45, False)]),
+  (50, 120, [((0.2, 0.1, 0.8, 0.4), 24, False)]),
+  (90, 70, [((0.1, 0.1, 0.2, 0.2), 5, False)]),
 ]
 
 
@@ -30,17 +30,31 @@ def _fake_as_dataset(self, split, decoders=None, read_config=None, shuffle_files
     for i, (h, w, objs) in enumerate(EXAMPLES):
       buf = io.BytesIO()
       Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(buf, 'JPEG')
-      yield {'image': buf.getvalue(), 'image/filename': f'{i}.jpg', 'image/id': 1000 + i,
-             'objects': {'bbox': np.array([o[0] for o in objs], np.float32),
-                         'label': np.array([o[1] for o in objs], np.int64),
-                         'is_crowd': np.array([o[2] for o in objs]),
-                         'area': np.arange(len(objs), dtype=np.int64) + 7,
-                         'id': np.arange(len(objs), dtype=np.int64) + 10 * i}}
-  spec = {'image': tf.TensorSpec([], tf.string), 'image/filename': tf.TensorSpec([], tf.string),
-          'image/id': tf.TensorSpec([], tf.int64),
-          'objects': {'bbox': tf.TensorSpec([None, 4], tf.float32), 'label': tf.TensorSpec([None], tf.int64),
-                      'is_crowd': tf.TensorSpec([None], tf.bool), 'area': tf.TensorSpec([None], tf.int64),
-                      'id': tf.TensorSpec([None], tf.int64)}}
+      yield {
+        'image': buf.getvalue(),
+        'image/filename': f'{i}.jpg',
+        'image/id': 1000 + i,
+        'objects': {
+          'bbox': np.array([o[0] for o in objs], np.float32),
+          'label': np.array([o[1] for o in objs], np.int64),
+          'is_crowd': np.array([o[2] for o in objs]),
+          'area': np.arange(len(objs), dtype=np.int64) + 7,
+          'id': np.arange(len(objs), dtype=np.int64) + 10 * i,
+        },
+      }
+
+  spec = {
+    'image': tf.TensorSpec([], tf.string),
+    'image/filename': tf.TensorSpec([], tf.string),
+    'image/id': tf.TensorSpec([], tf.int64),
+    'objects': {
+      'bbox': tf.TensorSpec([None, 4], tf.float32),
+      'label': tf.TensorSpec([None], tf.int64),
+      'is_crowd': tf.TensorSpec([None], tf.bool),
+      'area': tf.TensorSpec([None], tf.int64),
+      'id': tf.TensorSpec([None], tf.int64),
+    },
+  }
   return tf.data.Dataset.from_generator(gen, output_signature=spec)
 
 
@@ -99,6 +113,7 @@ def test_tfds_source_is_read_once_per_cache(tfds_config):
   """Every evaluation asks for the eval source again; through the trainer's SourceCache its ground truth (a pass
   over the split) is built once. Without a cache each call opens the source anew."""
   from conret_jax.data import sources
+
   cache = sources.SourceCache()
   first = sources.open_source(tfds_config.data.eval, tfds_config, train=False, cache=cache)
   again = sources.open_source(tfds_config.data.eval, tfds_config, train=False, cache=cache)

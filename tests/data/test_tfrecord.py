@@ -2,15 +2,24 @@
 
 import numpy as np
 
-from conret_jax.data import pipeline
-from conret_jax.data import tfrecord
+from conret_jax.data import pipeline, tfrecord
 from tests.data.conftest import small_config
 from tests.data.test_pipeline import _assert_same, _global, _take
 
 
 def _tfrecord_config(rect_dataset, tmp_path, **kw):
-  tfrecord.main(['--annotation_file', rect_dataset[0], '--image_dir', rect_dataset[1],
-                 '--output_prefix', str(tmp_path / 'out' / 'rects'), '--num_shards', '3'])
+  tfrecord.main(
+    [
+      '--annotation_file',
+      rect_dataset[0],
+      '--image_dir',
+      rect_dataset[1],
+      '--output_prefix',
+      str(tmp_path / 'out' / 'rects'),
+      '--num_shards',
+      '3',
+    ]
+  )
   pattern = str(tmp_path / 'out' / 'rects-*-of-00003.tfrecord')
   config = small_config(*rect_dataset[:2], **kw)
   for section in (config.data.train, config.data.eval):
@@ -22,8 +31,11 @@ def _tfrecord_config(rect_dataset, tmp_path, **kw):
 def test_tfrecord_eval_matches_coco_json(rect_dataset, tmp_path):
   config = _tfrecord_config(rect_dataset, tmp_path, eval_batch=5)
   assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == [
-      'rects-00000-of-00003.tfrecord', 'rects-00001-of-00003.tfrecord', 'rects-00002-of-00003.tfrecord',
-      'rects.info.json']
+    'rects-00000-of-00003.tfrecord',
+    'rects-00001-of-00003.tfrecord',
+    'rects-00002-of-00003.tfrecord',
+    'rects.info.json',
+  ]
   got = list(pipeline.host_batches(config, train=False))
   want = list(pipeline.host_batches(small_config(*rect_dataset[:2], eval_batch=5), train=False))
   _assert_same(got, want)  # round-robin shards read interleaved give back the json order

@@ -7,6 +7,7 @@ import pytest
 
 from conret_jax import distributed
 
+
 @pytest.fixture(autouse=True)
 def _no_tpu_chips(monkeypatch):
   """Tests describe their TPU (or none) themselves, whatever machine runs them."""
@@ -15,24 +16,38 @@ def _no_tpu_chips(monkeypatch):
 
 NO_TPU = lambda environ: 0  # noqa: E731  (a tpu_workers probe for a machine without TPUs)
 
-SLURM_STEP = {'SLURM_JOB_ID': '77', 'SLURM_NTASKS': '8', 'SLURM_STEP_NODELIST': 'gpu[01-02]',
-              'SLURM_PROCID': '3', 'SLURM_LOCALID': '3'}
+SLURM_STEP = {
+  'SLURM_JOB_ID': '77',
+  'SLURM_NTASKS': '8',
+  'SLURM_STEP_NODELIST': 'gpu[01-02]',
+  'SLURM_PROCID': '3',
+  'SLURM_LOCALID': '3',
+}
 
 
 def test_explicit_arguments_win_over_env_and_cluster():
   env = {'CONRET_COORDINATOR': 'envhost:1', 'CONRET_NUM_PROCESSES': '4', 'CONRET_PROCESS_ID': '2', **SLURM_STEP}
   plan = distributed.resolve('10.0.0.1:1234', 2, 1, environ=env, tpu_workers=NO_TPU)
-  assert plan == distributed.Plan('explicit', {'coordinator_address': '10.0.0.1:1234', 'num_processes': 2,
-                                               'process_id': 1})
+  assert plan == distributed.Plan(
+    'explicit', {'coordinator_address': '10.0.0.1:1234', 'num_processes': 2, 'process_id': 1}
+  )
 
 
 def test_env_vars_used_when_arguments_unset():
-  env = {'CONRET_COORDINATOR': '127.0.0.1:5555', 'CONRET_NUM_PROCESSES': '4', 'CONRET_PROCESS_ID': '3',
-         'CONRET_LOCAL_DEVICE_IDS': '0,1'}
+  env = {
+    'CONRET_COORDINATOR': '127.0.0.1:5555',
+    'CONRET_NUM_PROCESSES': '4',
+    'CONRET_PROCESS_ID': '3',
+    'CONRET_LOCAL_DEVICE_IDS': '0,1',
+  }
   plan = distributed.resolve(environ=env, tpu_workers=NO_TPU)
   assert plan.mode == 'explicit'
-  assert plan.kwargs == {'coordinator_address': '127.0.0.1:5555', 'num_processes': 4, 'process_id': 3,
-                         'local_device_ids': [0, 1]}
+  assert plan.kwargs == {
+    'coordinator_address': '127.0.0.1:5555',
+    'num_processes': 4,
+    'process_id': 3,
+    'local_device_ids': [0, 1],
+  }
 
 
 def test_arguments_and_env_combine_per_field():
@@ -41,26 +56,37 @@ def test_arguments_and_env_combine_per_field():
   assert plan.kwargs == {'coordinator_address': 'h:1', 'num_processes': 4, 'process_id': 2}
 
 
-@pytest.mark.parametrize('env, cluster', [
+@pytest.mark.parametrize(
+  'env, cluster',
+  [
     (SLURM_STEP, 'slurm'),
     ({'OMPI_COMM_WORLD_SIZE': '4', 'OMPI_COMM_WORLD_RANK': '1', 'OMPI_MCA_orte_hnp_uri': '1;tcp://h:1'}, 'ompi'),
     ({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'}, 'tpu'),
     ({'MEGASCALE_NUM_SLICES': '2'}, 'tpu'),
-])
+  ],
+)
 def test_clusters_are_left_to_jax_autodetection(env, cluster):
   plan = distributed.resolve(environ=env, tpu_workers=distributed.tpu_pod_workers)
   assert plan == distributed.Plan(f'auto:{cluster}', {})
 
 
-@pytest.mark.parametrize('env', [
+@pytest.mark.parametrize(
+  'env',
+  [
     {},
-    {'SLURM_JOB_ID': '5', 'SLURM_NTASKS': '1', 'SLURM_PROCID': '0', 'SLURM_LOCALID': '0',
-     'SLURM_STEP_NODELIST': 'n1'},  # a one-task Slurm job
+    {
+      'SLURM_JOB_ID': '5',
+      'SLURM_NTASKS': '1',
+      'SLURM_PROCID': '0',
+      'SLURM_LOCALID': '0',
+      'SLURM_STEP_NODELIST': 'n1',
+    },  # a one-task Slurm job
     {'SLURM_JOB_ID': '5', 'SLURM_NTASKS': '4'},  # the sbatch shell itself, outside srun
     {'OMPI_COMM_WORLD_SIZE': '1'},
     {'TPU_WORKER_HOSTNAMES': 'localhost'},  # a single-host TPU VM
     {'CONRET_NUM_PROCESSES': '1'},
-])
+  ],
+)
 def test_single_process_needs_no_distributed_system(env):
   assert distributed.resolve(environ=env, tpu_workers=distributed.tpu_pod_workers).mode == 'single'
 
@@ -68,10 +94,12 @@ def test_single_process_needs_no_distributed_system(env):
 def test_open_mpi_5_uses_mpi4py_or_explains(monkeypatch):
   env = {'OMPI_COMM_WORLD_SIZE': '4', 'OMPI_COMM_WORLD_RANK': '1'}  # no orte URI: Open MPI 5
   has_mpi4py = {'value': True}
-  monkeypatch.setattr(distributed.importlib.util, 'find_spec',
-                      lambda name: object() if name == 'mpi4py' and has_mpi4py['value'] else None)
+  monkeypatch.setattr(
+    distributed.importlib.util, 'find_spec', lambda name: object() if name == 'mpi4py' and has_mpi4py['value'] else None
+  )
   assert distributed.resolve(environ=env, tpu_workers=NO_TPU) == distributed.Plan(
-      'auto:mpi4py', {'cluster_detection_method': 'mpi4py'})
+    'auto:mpi4py', {'cluster_detection_method': 'mpi4py'}
+  )
   has_mpi4py['value'] = False
   with pytest.raises(RuntimeError, match='pip install mpi4py'):
     distributed.resolve(environ=env, tpu_workers=NO_TPU)
@@ -112,8 +140,10 @@ class _Metadata(http.server.BaseHTTPRequestHandler):
   """A stand-in for the GCE metadata server of a 4-worker TPU slice."""
 
   def do_GET(self):  # noqa: N802
-    ok = (self.headers.get('Metadata-Flavor') == 'Google'
-          and self.path == '/computeMetadata/v1/instance/attributes/worker-network-endpoints')
+    ok = (
+      self.headers.get('Metadata-Flavor') == 'Google'
+      and self.path == '/computeMetadata/v1/instance/attributes/worker-network-endpoints'
+    )
     body = b'w0:0:10.0.0.2,w1:1:10.0.0.3,w2:2:10.0.0.4,w3:3:10.0.0.5' if ok else b''
     self.send_response(200 if ok else 404)
     self.end_headers()
@@ -140,8 +170,16 @@ def test_tpu_pod_workers_from_the_metadata_server(monkeypatch):
 
 
 def test_initialize_single_process_is_a_noop_and_idempotent(monkeypatch):
-  for key in ('CONRET_COORDINATOR', 'CONRET_NUM_PROCESSES', 'CONRET_PROCESS_ID', 'SLURM_JOB_ID',
-              'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES', 'TPU_PROCESS_ADDRESSES', 'MEGASCALE_NUM_SLICES'):
+  for key in (
+    'CONRET_COORDINATOR',
+    'CONRET_NUM_PROCESSES',
+    'CONRET_PROCESS_ID',
+    'SLURM_JOB_ID',
+    'OMPI_COMM_WORLD_SIZE',
+    'TPU_WORKER_HOSTNAMES',
+    'TPU_PROCESS_ADDRESSES',
+    'MEGASCALE_NUM_SLICES',
+  ):
     monkeypatch.delenv(key, raising=False)
   monkeypatch.setattr(distributed, '_initialized_plan', None)
   first = distributed.initialize()
@@ -155,6 +193,7 @@ def test_initialize_single_process_is_a_noop_and_idempotent(monkeypatch):
 
 def test_define_flags_twice_and_initialize_from_flags(monkeypatch):
   from absl import flags
+
   fv = flags.FlagValues()
   distributed.define_flags(fv)
   distributed.define_flags(fv)  # a second definition would raise DuplicateFlagError without the guard

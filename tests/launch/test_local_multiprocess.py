@@ -26,9 +26,21 @@ def _launch(tmp_path, script, num_processes=2, devices=2, extra=()):
   program = tmp_path / 'program.py'
   program.write_text(textwrap.dedent(script))
   return subprocess.run(
-      [sys.executable, str(LAUNCHER), f'--num_processes={num_processes}', f'--devices_per_process={devices}',
-       *extra, '--', sys.executable, str(program)],
-      capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path)
+    [
+      sys.executable,
+      str(LAUNCHER),
+      f'--num_processes={num_processes}',
+      f'--devices_per_process={devices}',
+      *extra,
+      '--',
+      sys.executable,
+      str(program),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=HANG_GUARD_S,
+    cwd=tmp_path,
+  )
 
 
 def test_child_env_replaces_device_count_and_sets_layout():
@@ -36,8 +48,13 @@ def test_child_env_replaces_device_count_and_sets_layout():
   base = {'XLA_FLAGS': '--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=8', 'HOME': '/h'}
   env = lm.child_env(base, 1, 3, 2, '127.0.0.1:999')
   assert env['XLA_FLAGS'].split() == ['--xla_dump_to=/tmp/d', '--xla_force_host_platform_device_count=2']
-  assert (env['JAX_PLATFORMS'], env['CONRET_COORDINATOR'], env['CONRET_NUM_PROCESSES'],
-          env['CONRET_PROCESS_ID'], env['HOME']) == ('cpu', '127.0.0.1:999', '3', '1', '/h')
+  assert (
+    env['JAX_PLATFORMS'],
+    env['CONRET_COORDINATOR'],
+    env['CONRET_NUM_PROCESSES'],
+    env['CONRET_PROCESS_ID'],
+    env['HOME'],
+  ) == ('cpu', '127.0.0.1:999', '3', '1', '/h')
   assert lm.child_env({}, 0, 1, 4, 'h:1')['XLA_FLAGS'] == '--xla_force_host_platform_device_count=4'
   # Process 0 alone writes JAX's persistent cache: a warm cache would let it skip a compile that process 1 still
   # runs, past gloo's 30 s rendezvous.
@@ -131,9 +148,13 @@ time.sleep(600)
 
 def test_sigint_is_forwarded_to_all_processes(tmp_path):
   (tmp_path / 'program.py').write_text(FORWARD)
-  proc = subprocess.Popen([sys.executable, str(LAUNCHER), '--num_processes=2', '--devices_per_process=1', '--',
-                           sys.executable, 'program.py'], cwd=tmp_path, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, str(LAUNCHER), '--num_processes=2', '--devices_per_process=1', '--', sys.executable, 'program.py'],
+    cwd=tmp_path,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.monotonic() + HANG_GUARD_S
   while not all((tmp_path / f'ready{i}').exists() for i in (0, 1)) and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -145,6 +166,7 @@ def test_sigint_is_forwarded_to_all_processes(tmp_path):
 
 def test_usage_errors():
   for args in ([], ['--num_processes=2'], ['--num_processes=0', '--', 'true']):
-    result = subprocess.run([sys.executable, str(LAUNCHER), *args], capture_output=True, text=True,
-                            timeout=HANG_GUARD_S)
+    result = subprocess.run(
+      [sys.executable, str(LAUNCHER), *args], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert result.returncode != 0

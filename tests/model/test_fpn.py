@@ -2,12 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import model_reference as ref
 import numpy as np
 import pytest
 
 from conret_jax.model.fpn import FPN
 from conret_jax.model.resnet import count_params
-import model_reference as ref
 
 
 def _random_fpn(rng, in_channels, channels, p6_in):
@@ -39,9 +39,15 @@ def test_fpn_matches_numpy(p6_from):
 
 
 def test_fpn_parameter_count_and_levels():
-  shapes = jax.eval_shape(lambda: FPN(channels=256, p6_from='p5').init(
-      jax.random.key(0), tuple(jnp.zeros((1, s, s, c)) for s, c in ((16, 512), (8, 1024), (4, 2048)))))
+  shapes = jax.eval_shape(
+    lambda: FPN(channels=256, p6_from='p5').init(
+      jax.random.key(0), tuple(jnp.zeros((1, s, s, c)) for s, c in ((16, 512), (8, 1024), (4, 2048)))
+    )
+  )
   assert count_params(shapes) == 3_868_672  # torchvision's R50 FPN + P6/P7 from P5
-  out = jax.eval_shape(lambda: FPN(channels=8, min_level=4, max_level=6).init_with_output(
-      jax.random.key(0), tuple(jnp.zeros((1, s, s, 4)) for s in (16, 8, 4))))[0]
+  out = jax.eval_shape(
+    lambda: FPN(channels=8, min_level=4, max_level=6).init_with_output(
+      jax.random.key(0), tuple(jnp.zeros((1, s, s, 4)) for s in (16, 8, 4))
+    )
+  )[0]
   assert [o.shape for o in out] == [(1, 8, 8, 8), (1, 4, 4, 8), (1, 2, 2, 8)]

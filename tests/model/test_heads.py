@@ -4,12 +4,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import model_reference as ref
 import numpy as np
 import pytest
 
 from conret_jax.model.heads import RetinaHead, prior_bias
 from conret_jax.model.resnet import count_params
-import model_reference as ref
 
 A, K, C, NUM_CONVS = 3, 2, 8, 2
 
@@ -44,8 +44,7 @@ def reference_head(params, feats, variant, stages, gn=False):
   if variant == 'consistent':
     box_feats = [_tower(params['box_tower'], p, gn) for p in feats]
     cls = np.concatenate([_flat(_conv(_tower(params['cls_tower'], p, gn), params['cls_pred']), K) for p in feats], 1)
-    boxes = [np.concatenate([_flat(_conv(b, params[f'box_pred{s}']), 4) for b in box_feats], 1)
-             for s in range(stages)]
+    boxes = [np.concatenate([_flat(_conv(b, params[f'box_pred{s}']), 4) for b in box_feats], 1) for s in range(stages)]
     return [cls], boxes
   cls_out, box_out, prev = [], [], None
   for s in range(stages):
@@ -61,13 +60,15 @@ def reference_head(params, feats, variant, stages, gn=False):
   return cls_out, box_out
 
 
-@pytest.mark.parametrize('variant,stages,norm', [('consistent', 2, ''), ('consistent', 1, 'gn'),
-                                                 ('cascade', 2, ''), ('gated_cascade', 3, '')])
+@pytest.mark.parametrize(
+  'variant,stages,norm', [('consistent', 2, ''), ('consistent', 1, 'gn'), ('cascade', 2, ''), ('gated_cascade', 3, '')]
+)
 def test_head_matches_numpy(variant, stages, norm):
   rng = np.random.default_rng(0)
   feats = _features(rng)
-  head = RetinaHead(num_classes=K, num_anchors=A, num_convs=NUM_CONVS, channels=C, norm=norm, variant=variant,
-                    num_stages=stages)
+  head = RetinaHead(
+    num_classes=K, num_anchors=A, num_convs=NUM_CONVS, channels=C, norm=norm, variant=variant, num_stages=stages
+  )
   variables = _random_variables(head, feats)
   out = jax.jit(head.apply)(variables, feats)
   want_cls, want_box = reference_head(variables['params'], feats, variant, stages, gn=norm == 'gn')
@@ -89,8 +90,9 @@ def test_init_prior_bias_and_small_weights():
 
 
 def _count(variant, stages, norm=''):
-  head = RetinaHead(num_classes=91, num_anchors=9, channels=256, num_convs=4, norm=norm, variant=variant,
-                    num_stages=stages)
+  head = RetinaHead(
+    num_classes=91, num_anchors=9, channels=256, num_convs=4, norm=norm, variant=variant, num_stages=stages
+  )
   return count_params(jax.eval_shape(lambda: head.init(jax.random.key(0), (jnp.zeros((1, 8, 8, 256)),))))
 
 

@@ -3,6 +3,7 @@
 import pickle
 
 import jax
+import model_reference as ref
 import numpy as np
 import pytest
 
@@ -10,9 +11,8 @@ from conret_jax import weights
 from conret_jax.cli import import_weights
 from conret_jax.model import detector
 from conret_jax.train import checkpoint
-import model_reference as ref
 
-TINY_CONFIG = '''
+TINY_CONFIG = """
 from conret_jax.defaults import base_config
 
 def get_config(arg=None):
@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.model.fpn.p6_from = 'p5'
   c.consistent.enabled = False
   return c
-'''
+"""
 
 
 @pytest.fixture()
@@ -47,8 +47,18 @@ def test_retinanet_checkpoint_round_trip(tmp_path, config_file):
   sd = ref.retinanet_state_dict(np.random.default_rng(0), ref.tiny_config())
   np.savez(tmp_path / 'tv.npz', **sd)
   out = tmp_path / 'ckpt'
-  rc = import_weights.main(['--format', 'torchvision_retinanet', '--input', str(tmp_path / 'tv.npz'),
-                            '--output', str(out), '--config', config_file])
+  rc = import_weights.main(
+    [
+      '--format',
+      'torchvision_retinanet',
+      '--input',
+      str(tmp_path / 'tv.npz'),
+      '--output',
+      str(out),
+      '--config',
+      config_file,
+    ]
+  )
   assert rc == 0
   restored = checkpoint.load_variables(str(out))
   want = weights.from_torchvision_retinanet(sd, ref.tiny_config())
@@ -60,26 +70,61 @@ def test_resnet_checkpoint_holds_backbone_only(tmp_path, config_file):
   sd, _ = ref.resnet_state_dict(np.random.default_rng(1), depth=34, width=8, with_fc=True)
   np.savez(tmp_path / 'r34.npz', **sd)
   out = tmp_path / 'r34'
-  assert import_weights.main(['--format', 'timm_resnet', '--input', str(tmp_path / 'r34.npz'),
-                              '--output', str(out), '--config', config_file + ':34']) == 0
+  assert (
+    import_weights.main(
+      [
+        '--format',
+        'timm_resnet',
+        '--input',
+        str(tmp_path / 'r34.npz'),
+        '--output',
+        str(out),
+        '--config',
+        config_file + ':34',
+      ]
+    )
+    == 0
+  )
   restored = checkpoint.load_variables(str(out))
   assert {c: set(t) for c, t in restored.items()} == {'params': {'backbone'}, 'frozen': {'backbone'}}
-  np.testing.assert_array_equal(restored['params']['backbone']['layer3']['block5']['conv2']['kernel'],
-                                sd['layer3.5.conv2.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    restored['params']['backbone']['layer3']['block5']['conv2']['kernel'],
+    sd['layer3.5.conv2.weight'].transpose(2, 3, 1, 0),
+  )
 
 
 def test_errors(tmp_path, config_file, capsys):
   sd, _ = ref.resnet_state_dict(np.random.default_rng(2), depth=18, width=8)
   sd['layer9.0.conv1.weight'] = sd['layer1.0.conv1.weight']
   np.savez(tmp_path / 'bad.npz', **sd)
-  rc = import_weights.main(['--format', 'torchvision_resnet', '--input', str(tmp_path / 'bad.npz'),
-                            '--output', str(tmp_path / 'x'), '--config', config_file])
+  rc = import_weights.main(
+    [
+      '--format',
+      'torchvision_resnet',
+      '--input',
+      str(tmp_path / 'bad.npz'),
+      '--output',
+      str(tmp_path / 'x'),
+      '--config',
+      config_file,
+    ]
+  )
   assert rc == 1 and 'layer9.0.conv1.weight' in capsys.readouterr().err
   assert not (tmp_path / 'x').exists()
   (tmp_path / 'exists').mkdir()
   with pytest.raises(SystemExit):
-    import_weights.main(['--format', 'torchvision_resnet', '--input', str(tmp_path / 'bad.npz'),
-                         '--output', str(tmp_path / 'exists'), '--config', config_file])
+    import_weights.main(
+      [
+        '--format',
+        'torchvision_resnet',
+        '--input',
+        str(tmp_path / 'bad.npz'),
+        '--output',
+        str(tmp_path / 'exists'),
+        '--config',
+        config_file,
+      ]
+    )
 
 
 def test_detectron_pickle_to_init_from(tmp_path, detectron_config_file, capsys):
@@ -87,8 +132,21 @@ def test_detectron_pickle_to_init_from(tmp_path, detectron_config_file, capsys):
   momentum = {k + '_momentum': np.zeros_like(v) for k, v in blobs.items()}
   (tmp_path / 'R-50.pkl').write_bytes(pickle.dumps({'blobs': {**blobs, **momentum}}, protocol=2))
   out = tmp_path / 'r50'
-  assert import_weights.main(['--format', 'detectron_resnet', '--input', str(tmp_path / 'R-50.pkl'),
-                              '--output', str(out), '--config', detectron_config_file + ':50']) == 0
+  assert (
+    import_weights.main(
+      [
+        '--format',
+        'detectron_resnet',
+        '--input',
+        str(tmp_path / 'R-50.pkl'),
+        '--output',
+        str(out),
+        '--config',
+        detectron_config_file + ':50',
+      ]
+    )
+    == 0
+  )
   assert 'Detectron weights expect model.pixel_mean=(122.7717, 115.9465, 102.9801)' in capsys.readouterr().err
   config = import_weights.load_config(detectron_config_file + ':50')
   restored = checkpoint.load_variables(str(out))  # what config.init_from reads
@@ -109,15 +167,30 @@ def test_detectron_default_config_puts_the_stride_on_the_1x1():
 @pytest.mark.parametrize('fmt, name', [('detectron_resnet', 'R-50.pkl'), ('torchvision_resnet', 'r50.npz')])
 def test_missing_input_is_one_line(tmp_path, config_file, capsys, fmt, name):
   path = str(tmp_path / name)
-  assert import_weights.main(['--format', fmt, '--input', path, '--output', str(tmp_path / 'x'),
-                              '--config', config_file]) == 1
+  assert (
+    import_weights.main(['--format', fmt, '--input', path, '--output', str(tmp_path / 'x'), '--config', config_file])
+    == 1
+  )
   assert capsys.readouterr().err == f'conret-import: error: {path}: no such file\n'
   assert not (tmp_path / 'x').exists()
 
 
 def test_code_in_a_pickle_is_refused(tmp_path, config_file, capsys):
   (tmp_path / 'evil.pkl').write_bytes(pickle.dumps({'conv1_w': print}, protocol=2))
-  assert import_weights.main(['--format', 'detectron_resnet', '--input', str(tmp_path / 'evil.pkl'),
-                              '--output', str(tmp_path / 'x'), '--config', config_file]) == 1
+  assert (
+    import_weights.main(
+      [
+        '--format',
+        'detectron_resnet',
+        '--input',
+        str(tmp_path / 'evil.pkl'),
+        '--output',
+        str(tmp_path / 'x'),
+        '--config',
+        config_file,
+      ]
+    )
+    == 1
+  )
   err = capsys.readouterr().err
   assert 'refused global __builtin__.print' in err and err.count('\n') == 1

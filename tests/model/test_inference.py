@@ -1,21 +1,22 @@
 """detect: jitted, batched, bfloat16; detections equal a NumPy reference of decode + torchvision post-processing."""
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
+import model_reference as ref
 import numpy as np
 import pytest
+from test_detector import np_decode
 
 from conret_jax import inference
 from conret_jax.model import anchor_spec as anchor_ops
 from conret_jax.model import detector
-import model_reference as ref
-from test_detector import np_decode
 
 
 def _config(**overrides):
-  c = ref.tiny_config(**{'eval.topk_per_level': 40, 'eval.max_detections': 25, 'eval.score_threshold': 0.3,
-                         **overrides})
+  c = ref.tiny_config(
+    **{'eval.topk_per_level': 40, 'eval.max_detections': 25, 'eval.score_threshold': 0.3, **overrides}
+  )
   return c
 
 
@@ -43,9 +44,9 @@ def np_postprocess(logits, boxes, level_counts, hw, e):
   cand_boxes, cand_scores, cand_classes = [], [], []
   start = 0
   for count in level_counts:
-    scores = (1 / (1 + np.exp(-logits[start:start + count].astype(np.float64)))).ravel()
+    scores = (1 / (1 + np.exp(-logits[start : start + count].astype(np.float64)))).ravel()
     idx = np.nonzero(scores > e.score_threshold)[0]
-    idx = idx[np.argsort(-scores[idx], kind='stable')][:e.topk_per_level]
+    idx = idx[np.argsort(-scores[idx], kind='stable')][: e.topk_per_level]
     cand_scores.append(scores[idx])
     cand_classes.append(idx % k)
     b = boxes[start + idx // k].copy()
@@ -58,9 +59,9 @@ def np_postprocess(logits, boxes, level_counts, hw, e):
   keep = []
   for i in order:
     # Suppress only on IoU > threshold; a zero-area box (IoU 0/0) suppresses nothing, as in torchvision's nms.
-    if not any(c[j] == c[i] and np_iou(b[i], b[j:j + 1])[0] > e.nms_iou for j in keep):
+    if not any(c[j] == c[i] and np_iou(b[i], b[j : j + 1])[0] > e.nms_iou for j in keep):
       keep.append(i)
-  keep = keep[:e.max_detections]
+  keep = keep[: e.max_detections]
   return b[keep], s[keep], c[keep]
 
 
@@ -73,8 +74,7 @@ def test_detect_matches_numpy_reference(setup):
   counts = anchor_ops.level_anchor_counts((128, 128), config.model)
   for i in range(2):
     boxes = np_decode(np.asarray(raw['box_deltas'][0][i], np.float64), anchors)
-    want_b, want_s, want_c = np_postprocess(np.asarray(raw['cls_logits'][0][i]), boxes, counts, (128, 128),
-                                            config.eval)
+    want_b, want_s, want_c = np_postprocess(np.asarray(raw['cls_logits'][0][i]), boxes, counts, (128, 128), config.eval)
     n = int(out['valid'][i].sum())
     assert n == len(want_s) > 5
     np.testing.assert_array_equal(out['classes'][i, :n], want_c)
@@ -86,7 +86,7 @@ def test_detect_matches_numpy_reference(setup):
 def test_detect_is_jitted_batched_and_cached(setup):
   config, model, variables, images = setup
   batch = inference.detect(model, variables, images, config)
-  singles = [inference.detect(model, variables, images[i:i + 1], config) for i in range(2)]
+  singles = [inference.detect(model, variables, images[i : i + 1], config) for i in range(2)]
   for i, single in enumerate(singles):
     for key in batch:
       np.testing.assert_allclose(batch[key][i], single[key][0], rtol=1e-5, atol=1e-4)

@@ -2,21 +2,22 @@
 
 import jax
 import jax.numpy as jnp
+import model_reference as ref
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from conret_jax.model import resnet
 from conret_jax.model.resnet import Bottleneck, Norm, ResNet, count_params
-import model_reference as ref
 
 # torchvision's published totals minus the ImageNet classifier (fc: C5 * 1000 + 1000).
 TRUNK_PARAMS = {
-    18: 11_689_512 - 513_000,
-    34: 21_797_672 - 513_000,
-    50: 25_557_032 - 2_049_000,  # 23,508,032
-    101: 44_549_160 - 2_049_000,
-    152: 60_192_808 - 2_049_000,
+  18: 11_689_512 - 513_000,
+  34: 21_797_672 - 513_000,
+  50: 25_557_032 - 2_049_000,  # 23,508,032
+  101: 44_549_160 - 2_049_000,
+  152: 60_192_808 - 2_049_000,
 }
 
 
@@ -40,8 +41,9 @@ def test_frozen_bn_is_not_a_parameter():
 
 
 def test_output_strides_and_channels():
-  shapes = jax.eval_shape(lambda: ResNet(depth=50, width=8).init_with_output(
-      jax.random.key(0), jnp.zeros((2, 128, 96, 3)), train=False))[0]
+  shapes = jax.eval_shape(
+    lambda: ResNet(depth=50, width=8).init_with_output(jax.random.key(0), jnp.zeros((2, 128, 96, 3)), train=False)
+  )[0]
   assert [s.shape for s in shapes] == [(2, 16, 12, 64), (2, 8, 6, 128), (2, 4, 3, 256)]
   assert resnet.stage_channels(50, 8)[1:] == (64, 128, 256)
 
@@ -62,8 +64,10 @@ def test_bottleneck_matches_numpy(stride_in_1x1):
   for ours, theirs in [('conv1', 'conv1'), ('conv2', 'conv2'), ('conv3', 'conv3'), ('downsample_conv', 'downsample.0')]:
     v['params'][ours] = {'kernel': sd[theirs + '.weight'].transpose(2, 3, 1, 0)}
   for ours, theirs in [('norm1', 'bn1'), ('norm2', 'bn2'), ('norm3', 'bn3'), ('downsample_norm', 'downsample.1')]:
-    v['frozen'][ours] = {k: sd[f'{theirs}.{t}'] for k, t in
-                         [('scale', 'weight'), ('bias', 'bias'), ('mean', 'running_mean'), ('var', 'running_var')]}
+    v['frozen'][ours] = {
+      k: sd[f'{theirs}.{t}']
+      for k, t in [('scale', 'weight'), ('bias', 'bias'), ('mean', 'running_mean'), ('var', 'running_var')]
+    }
   got = block.apply(v, x, train=False)
 
   s1, s3 = (2, 1) if stride_in_1x1 else (1, 2)
@@ -94,8 +98,12 @@ def test_group_norm(channels, groups):
   assert resnet.group_count(channels) == groups
   rng = np.random.default_rng(channels)
   x = (rng.standard_normal((2, 4, 4, channels)) * 3 + 1).astype(np.float32)
-  v = {'params': {'scale': rng.uniform(0.5, 2, channels).astype(np.float32),
-                  'bias': rng.standard_normal(channels).astype(np.float32)}}
+  v = {
+    'params': {
+      'scale': rng.uniform(0.5, 2, channels).astype(np.float32),
+      'bias': rng.standard_normal(channels).astype(np.float32),
+    }
+  }
   got = Norm('gn').apply(v, x, train=True)
   ref.assert_close(got, ref.group_norm(x, v['params']['scale'], v['params']['bias'], groups))
 
@@ -106,10 +114,10 @@ def test_freeze_at_stops_gradients_and_mask():
   v = ref.random_like(_shapes(model, x.shape))
 
   def loss(params):
-    return sum(jnp.sum(o ** 2) for o in model.apply({'params': params}, x, train=True))
+    return sum(jnp.sum(o**2) for o in model.apply({'params': params}, x, train=True))
 
   grads = jax.jit(jax.grad(loss))(v['params'])
-  norms = {k: float(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(t))) for k, t in grads.items()}
+  norms = {k: float(sum(jnp.sum(g**2) for g in jax.tree.leaves(t))) for k, t in grads.items()}
   assert norms['conv1'] == norms['norm1'] == norms['layer1'] == 0.0
   assert norms['layer2'] > 0 and norms['layer4'] > 0
   assert resnet.frozen_module_names(0) == ()

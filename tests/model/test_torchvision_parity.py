@@ -8,9 +8,10 @@ import pytest
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 
-from conret_jax import inference, weights  # pylint: disable=g-import-not-at-top
-from conret_jax.model import detector
-from test_detector import torchvision_config
+from test_detector import torchvision_config  # noqa: E402 (after the importorskip above)
+
+from conret_jax import inference, weights  # noqa: E402
+from conret_jax.model import detector  # noqa: E402
 
 SIZE = 256
 
@@ -40,15 +41,16 @@ def _torchvision_model(images):
     fan_in = 9 * 256
     for block in list(head.classification_head.conv) + list(head.regression_head.conv):
       block[0].weight.normal_(0, (2 / fan_in) ** 0.5)
-    head.classification_head.cls_logits.weight.normal_(0, 0.4 / fan_in ** 0.5)
+    head.classification_head.cls_logits.weight.normal_(0, 0.4 / fan_in**0.5)
     head.classification_head.cls_logits.bias.normal_(-6.5, 0.3)
-    head.regression_head.bbox_reg.weight.normal_(0, 0.08 / fan_in ** 0.5)
+    head.regression_head.bbox_reg.weight.normal_(0, 0.08 / fan_in**0.5)
   return model.eval()
 
 
 def _torchvision_detect(model, images):
   """images [B, H, W, 3] float 0..255 -> list of torchvision detections, via the model's own parts."""
   from torchvision.models.detection.image_list import ImageList  # pylint: disable=g-import-not-at-top
+
   x = _normalize(images)
   sizes = [tuple(x.shape[-2:])] * x.shape[0]
   with torch.no_grad():
@@ -89,16 +91,21 @@ def test_detections_match_torchvision():
     # Only a detection within 2e-3 of the score threshold may legitimately appear on one side only.
     borderline = lambda scores: np.abs(scores - config.eval.score_threshold) < 2e-3
     iou = _iou(w_boxes, g_boxes)
-    match = (w_labels[:, None] == g_labels[None]) & (iou >= 0.99) & (
-        np.abs(w_scores[:, None] - g_scores[None]) <= 2e-3)
+    match = (w_labels[:, None] == g_labels[None]) & (iou >= 0.99) & (np.abs(w_scores[:, None] - g_scores[None]) <= 2e-3)
     for j in np.nonzero(~match.any(axis=1) & ~borderline(w_scores))[0]:
-      pytest.fail(f'image {i}: torchvision detection (class {w_labels[j]}, score {w_scores[j]:.4f}, box '
-                  f'{w_boxes[j]}) has no match')
+      pytest.fail(
+        f'image {i}: torchvision detection (class {w_labels[j]}, score {w_scores[j]:.4f}, box '
+        f'{w_boxes[j]}) has no match'
+      )
     for j in np.nonzero(~match.any(axis=0) & ~borderline(g_scores))[0]:
-      pytest.fail(f'image {i}: our detection (class {g_labels[j]}, score {g_scores[j]:.4f}, box {g_boxes[j]}) '
-                  f'has no torchvision match')
-    print(f'image {i}: {len(w_scores)} torchvision / {n} our detections, max score difference '
-          f'{np.abs(w_scores[:min(n, len(w_scores))] - g_scores[:min(n, len(w_scores))]).max():.2e}')
+      pytest.fail(
+        f'image {i}: our detection (class {g_labels[j]}, score {g_scores[j]:.4f}, box {g_boxes[j]}) '
+        f'has no torchvision match'
+      )
+    print(
+      f'image {i}: {len(w_scores)} torchvision / {n} our detections, max score difference '
+      f'{np.abs(w_scores[: min(n, len(w_scores))] - g_scores[: min(n, len(w_scores))]).max():.2e}'
+    )
 
 
 def test_imported_weights_score_ap_one_against_their_own_detections(tmp_path):
@@ -107,33 +114,50 @@ def test_imported_weights_score_ap_one_against_their_own_detections(tmp_path):
   detection is found again under the same category id, so AP is about 1 (a detection within rounding of the 0.05
   score threshold may appear on one side only)."""
   import json  # pylint: disable=g-import-not-at-top
+
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from conret_jax.cli import eval as eval_cli, import_weights  # pylint: disable=g-import-not-at-top
+
+  from conret_jax.cli import eval as eval_cli  # pylint: disable=g-import-not-at-top
+  from conret_jax.cli import import_weights
   from conret_jax.data import info as info_lib  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(1)
-  images = np.kron(rng.uniform(0, 255, (2, SIZE // 8, SIZE // 8, 3)), np.ones((1, 8, 8, 1))).round().astype(
-      np.float32)
+  images = np.kron(rng.uniform(0, 255, (2, SIZE // 8, SIZE // 8, 3)), np.ones((1, 8, 8, 1))).round().astype(np.float32)
   tv_model = _torchvision_model(images)
   want = _torchvision_detect(tv_model, images)
   image_dir = tmp_path / 'images'
   image_dir.mkdir()
   coco_ids = set(info_lib.COCO_CATEGORY_IDS)
-  gt = {'images': [], 'annotations': [],
-        'categories': [{'id': c, 'name': n} for c, n in zip(info_lib.COCO_CATEGORY_IDS, info_lib.COCO_CLASS_NAMES)]}
+  gt = {
+    'images': [],
+    'annotations': [],
+    'categories': [{'id': c, 'name': n} for c, n in zip(info_lib.COCO_CATEGORY_IDS, info_lib.COCO_CLASS_NAMES)],
+  }
   for i, w in enumerate(want):
     Image.fromarray(images[i].astype(np.uint8)).save(image_dir / f'{i}.png')
     gt['images'].append({'id': i + 1, 'file_name': f'{i}.png', 'height': SIZE, 'width': SIZE})
     for box, label in zip(w['boxes'].numpy(), w['labels'].numpy()):
       if int(label) in coco_ids:  # label 0 and COCO's unused ids are no category
         x1, y1, x2, y2 = (float(v) for v in box)
-        gt['annotations'].append({'id': len(gt['annotations']) + 1, 'image_id': i + 1, 'category_id': int(label),
-                                  'bbox': [x1, y1, x2 - x1, y2 - y1], 'area': (x2 - x1) * (y2 - y1), 'iscrowd': 0})
+        gt['annotations'].append(
+          {
+            'id': len(gt['annotations']) + 1,
+            'image_id': i + 1,
+            'category_id': int(label),
+            'bbox': [x1, y1, x2 - x1, y2 - y1],
+            'area': (x2 - x1) * (y2 - y1),
+            'iscrowd': 0,
+          }
+        )
   (tmp_path / 'gt.json').write_text(json.dumps(gt))
   torch.save(tv_model.state_dict(), tmp_path / 'retinanet.pth')
   weights_dir = tmp_path / 'imported'
-  assert import_weights.main(['--format', 'torchvision_retinanet', '--input', str(tmp_path / 'retinanet.pth'),
-                              '--output', str(weights_dir)]) == 0
+  assert (
+    import_weights.main(
+      ['--format', 'torchvision_retinanet', '--input', str(tmp_path / 'retinanet.pth'), '--output', str(weights_dir)]
+    )
+    == 0
+  )
 
   config = torchvision_config()
   config.init_from = str(weights_dir)
@@ -143,8 +167,10 @@ def test_imported_weights_score_ap_one_against_their_own_detections(tmp_path):
   config.eval.global_batch_size = 8
   step, metrics = eval_cli.run(config, str(tmp_path / 'run'))
   assert step == 0 and len(gt['annotations']) >= 40
-  print(f'{len(gt["annotations"])} ground-truth boxes: AP {metrics["AP"]:.4f}, AP50 {metrics["AP50"]:.4f}, '
-        f'AP75 {metrics["AP75"]:.4f}')
+  print(
+    f'{len(gt["annotations"])} ground-truth boxes: AP {metrics["AP"]:.4f}, AP50 {metrics["AP50"]:.4f}, '
+    f'AP75 {metrics["AP75"]:.4f}'
+  )
   assert metrics['AP'] > 0.97 and metrics['AP50'] > 0.97, metrics
   ours = json.loads((tmp_path / 'run' / 'eval' / 'step_0' / 'detections.json').read_text())
   assert {r['category_id'] for r in ours} <= coco_ids

@@ -7,11 +7,11 @@ import os
 import pickle
 import struct
 
+import model_reference as ref
 import numpy as np
 import pytest
 
 from conret_jax import weight_files
-import model_reference as ref
 
 
 def _write_safetensors(path, tensors, bf16=()):
@@ -33,9 +33,11 @@ def test_loaders_round_trip(tmp_path):
   sd = ref.retinanet_state_dict(np.random.default_rng(0), ref.tiny_config())
   _write_safetensors(tmp_path / 'w.safetensors', sd)
   np.savez(tmp_path / 'w.npz', **sd)
-  for loaded in (weight_files.read_safetensors(str(tmp_path / 'w.safetensors')),
-                 weight_files.load_state_dict(str(tmp_path / 'w.safetensors')),
-                 weight_files.load_state_dict(str(tmp_path / 'w.npz'))):
+  for loaded in (
+    weight_files.read_safetensors(str(tmp_path / 'w.safetensors')),
+    weight_files.load_state_dict(str(tmp_path / 'w.safetensors')),
+    weight_files.load_state_dict(str(tmp_path / 'w.npz')),
+  ):
     assert sorted(loaded) == sorted(sd)
     for k in sd:
       np.testing.assert_array_equal(loaded[k], sd[k])
@@ -57,9 +59,11 @@ def test_unknown_extension():
 
 # ---------------------------------------------------------------------------------------------------- pickles
 
+
 def _py2_pickle(obj) -> bytes:
   """Protocol-2 bytes laid out as Python 2's cPickle writes Detectron's blobs (dicts, unicode names, None, NumPy 1
   float32 arrays: numpy.core.multiarray._reconstruct, and the raw data as a Python 2 byte str, BINSTRING)."""
+
   def dump(x):
     if isinstance(x, dict):
       return b'}(' + b''.join(dump(k) + dump(v) for k, v in x.items()) + b'u'
@@ -71,18 +75,31 @@ def _py2_pickle(obj) -> bytes:
       return b'(' + b''.join(b'J' + struct.pack('<i', d) for d in x) + b't'
     raw = np.ascontiguousarray(x, '<f4').tobytes()
     dtype = b'cnumpy\ndtype\nU\x02f4K\x00K\x01\x87R(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb'
-    return (b'cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R(K\x01' + dump(x.shape)
-            + dtype + b'\x89T' + struct.pack('<i', len(raw)) + raw + b'tb')
+    return (
+      b'cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R(K\x01'
+      + dump(x.shape)
+      + dtype
+      + b'\x89T'
+      + struct.pack('<i', len(raw))
+      + raw
+      + b'tb'
+    )
+
   return b'\x80\x02' + dump(obj) + b'.'
 
 
 @pytest.mark.parametrize('writer', ['python2', 'protocol2', 'protocol5'])
 def test_detectron_pickle_round_trip(tmp_path, writer):
   rng = np.random.default_rng(6)
-  blobs = {'conv1_w': rng.standard_normal((4, 3, 7, 7)).astype(np.float32),
-           'res_conv1_bn_s': rng.standard_normal(4).astype(np.float32), 'fc1000_b': np.zeros(10, np.float32)}
-  saved = {'blobs': {**blobs, 'conv1_w_momentum': np.ones((4, 3, 7, 7), np.float32), 'preserved': None},
-           'cfg': 'MODEL:\n  TYPE: generalized_rcnn\n'}
+  blobs = {
+    'conv1_w': rng.standard_normal((4, 3, 7, 7)).astype(np.float32),
+    'res_conv1_bn_s': rng.standard_normal(4).astype(np.float32),
+    'fc1000_b': np.zeros(10, np.float32),
+  }
+  saved = {
+    'blobs': {**blobs, 'conv1_w_momentum': np.ones((4, 3, 7, 7), np.float32), 'preserved': None},
+    'cfg': 'MODEL:\n  TYPE: generalized_rcnn\n',
+  }
   path = tmp_path / 'R-50.pkl'
   if writer == 'python2':
     path.write_bytes(_py2_pickle(saved))
@@ -107,11 +124,14 @@ class _Call:
     return self.fn, self.args
 
 
-@pytest.mark.parametrize('make, refused', [
+@pytest.mark.parametrize(
+  'make, refused',
+  [
     (lambda marker: _Call(os.system, f'touch {marker}'), f'{os.system.__module__}.system'),
     (lambda marker: _Call(builtins.eval, f'open({str(marker)!r}, "w").close()'), '__builtin__.eval'),  # Python 2 name
     (lambda marker: _Payload(), f'{__name__}._Payload'),
-])
+  ],
+)
 def test_pickle_with_code_is_refused_unrun(tmp_path, make, refused):
   marker = tmp_path / 'ran'
   path = tmp_path / 'evil.pkl'

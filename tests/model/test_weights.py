@@ -2,13 +2,13 @@
 reference. The file readers are tested in test_weight_files.py."""
 
 import jax
+import model_reference as ref
 import numpy as np
 import pytest
 
-from conret_jax import weights
+from conret_jax import defaults, weights
 from conret_jax.model import detector
 from conret_jax.model.resnet import BN_EPS, ResNet
-import model_reference as ref
 
 
 @pytest.fixture(scope='module')
@@ -36,8 +36,9 @@ def test_conv_and_bn_layout(tiny):
   np.testing.assert_array_equal(kernel, sd['backbone.body.layer2.0.conv1.weight'].transpose(2, 3, 1, 0))
   norm = variables['frozen']['backbone']['layer2']['block0']['downsample_norm']
   np.testing.assert_array_equal(norm['var'], sd['backbone.body.layer2.0.downsample.1.running_var'])
-  np.testing.assert_array_equal(variables['params']['head']['cls_pred']['bias'],
-                                sd['head.classification_head.cls_logits.bias'])
+  np.testing.assert_array_equal(
+    variables['params']['head']['cls_pred']['bias'], sd['head.classification_head.cls_logits.bias']
+  )
 
 
 def test_trainable_bn_goes_to_params_and_batch_stats(tiny):
@@ -46,8 +47,9 @@ def test_trainable_bn_goes_to_params_and_batch_stats(tiny):
   variables = weights.from_torchvision_retinanet(sd, config)
   assert set(variables) == {'params', 'batch_stats'}
   np.testing.assert_array_equal(variables['params']['backbone']['norm1']['scale'], sd['backbone.body.bn1.weight'])
-  np.testing.assert_array_equal(variables['batch_stats']['backbone']['norm1']['mean'],
-                                sd['backbone.body.bn1.running_mean'])
+  np.testing.assert_array_equal(
+    variables['batch_stats']['backbone']['norm1']['mean'], sd['backbone.body.bn1.running_mean']
+  )
 
 
 def test_legacy_torchvision_names(tiny):
@@ -80,7 +82,9 @@ def test_misshaped_key_is_named(tiny):
     weights.from_torchvision_retinanet(bad, config)
   bad = dict(sd)
   bad['backbone.fpn.layer_blocks.1.0.weight'] = np.zeros((16, 16, 1, 1), np.float32)
-  with pytest.raises(ValueError, match=r'layer_blocks\.1\.0\.weight: shape \(16, 16, 1, 1\), expected \(16, 16, 3, 3\)'):
+  with pytest.raises(
+    ValueError, match=r'layer_blocks\.1\.0\.weight: shape \(16, 16, 1, 1\), expected \(16, 16, 3, 3\)'
+  ):
     weights.from_torchvision_retinanet(bad, config)
 
 
@@ -149,7 +153,7 @@ def test_detectron_import_computes_detectrons_network(detectron):
     if path[-1].key == 'var':  # Norm's multiplier scale * rsqrt(var + eps) is exactly `scale`
       np.testing.assert_array_equal(jax.lax.rsqrt(var + BN_EPS), 1.0)
   rgb = np.random.default_rng(5).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
-  x = (rgb - np.asarray(weights.DETECTRON_PIXEL_MEAN_RGB, np.float32)) / np.asarray(weights.DETECTRON_PIXEL_STD)
+  x = (rgb - np.asarray(defaults.DETECTRON_PIXEL_MEAN_RGB, np.float32)) / np.asarray(defaults.DETECTRON_PIXEL_STD)
   got = ResNet(depth=50, width=8, norm='frozen_bn', stride_in_1x1=True).apply(backbone, x)
   detectron_sd = dict(sd, **{'conv1.weight': blobs['conv1_w']})  # BGR input channels
   bgr = rgb[..., ::-1].astype(np.float64) - np.asarray(DETECTRON_MEAN_BGR)
@@ -171,11 +175,14 @@ def test_detectron_blob_errors_are_named(detectron):
     weights.from_detectron_resnet(bad, config)
 
 
-@pytest.mark.parametrize('override, named', [
+@pytest.mark.parametrize(
+  'override, named',
+  [
     ({'model.backbone.stride_in_1x1': False}, 'stride_in_1x1=True'),
     ({'model.backbone.norm': 'gn'}, 'model.backbone.norm'),
     ({'model.backbone.depth': 18}, 'model.backbone.depth'),
-])
+  ],
+)
 def test_detectron_import_checks_the_config(detectron, override, named):
   with pytest.raises(ValueError, match=named):
     weights.from_detectron_resnet(detectron[1], _detectron_config(**override))

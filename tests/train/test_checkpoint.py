@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from conret_jax import defaults
 from conret_jax.train import checkpoint
@@ -30,20 +31,28 @@ def _config(num_classes=3):
 
 def _state(seed=0, kernel_shape=(16, 4)):
   rs = np.random.RandomState(seed)
-  params = {'conv': {'kernel': rs.randn(*kernel_shape).astype(np.float32), 'bias': rs.randn(4).astype(np.float32)},
-            'head': {'kernel': rs.randn(8, 6).astype(np.float32)}}
-  return ToyState(step=np.int32(seed), params=params, batch_stats={},
-                  frozen={'bn': {'mean': rs.randn(4).astype(np.float32)}},
-                  opt_state={'momentum': jax.tree.map(lambda x: 0.5 * x, params)},
-                  rng=np.asarray(jax.random.key_data(jax.random.key(seed))))
+  params = {
+    'conv': {'kernel': rs.randn(*kernel_shape).astype(np.float32), 'bias': rs.randn(4).astype(np.float32)},
+    'head': {'kernel': rs.randn(8, 6).astype(np.float32)},
+  }
+  return ToyState(
+    step=np.int32(seed),
+    params=params,
+    batch_stats={},
+    frozen={'bn': {'mean': rs.randn(4).astype(np.float32)}},
+    opt_state={'momentum': jax.tree.map(lambda x: 0.5 * x, params)},
+    rng=np.asarray(jax.random.key_data(jax.random.key(seed))),
+  )
 
 
 def _put(tree, mesh, axis):
   """Leading axis sharded over `axis` where it divides, replicated otherwise."""
+
   def put(x):
     x = jnp.asarray(x)
     spec = P(axis) if x.ndim and x.shape[0] % mesh.shape[axis] == 0 else P()
     return jax.device_put(x, NamedSharding(mesh, spec))
+
   return jax.tree.map(put, tree)
 
 
@@ -76,8 +85,9 @@ def test_round_trip_onto_other_meshes(tmp_path):
 
   mesh4 = jax.make_mesh((2, 2), ('data', 'fsdp'), devices=jax.devices()[4:])
   target = NamedSharding(mesh4, P(('data', 'fsdp')))
-  restored4, _ = ckpt.restore(10, _abstract(
-      host_state, lambda x: target if np.ndim(x) and np.shape(x)[0] % 4 == 0 else NamedSharding(mesh4, P())))
+  restored4, _ = ckpt.restore(
+    10, _abstract(host_state, lambda x: target if np.ndim(x) and np.shape(x)[0] % 4 == 0 else NamedSharding(mesh4, P()))
+  )
   _assert_trees_equal(restored4, host_state)
   kernel = restored4.params['conv']['kernel']
   assert kernel.sharding == target
@@ -109,8 +119,7 @@ def test_every_steps_force_and_keep(tmp_path):
 
 def test_restore_refuses_a_different_model(tmp_path):
   sharding = lambda x: SingleDeviceSharding(jax.devices()[0])
-  ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1, config=_config(num_classes=3),
-                                 async_save=False)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1, config=_config(num_classes=3), async_save=False)
   ckpt.save(1, _state())
   ckpt.close()
 
@@ -144,16 +153,21 @@ def test_fingerprint_survives_json():
   assert fingerprint['config']['model.anchors.sizes'] == [[32, 40], [64, 80]]
   assert 'model.compute_dtype' not in fingerprint['config']
   import json
+
   assert checkpoint.fingerprint_differences(json.loads(json.dumps(fingerprint)), fingerprint) == []
 
 
 def test_load_variables_and_merge_init(tmp_path):
   mesh = jax.make_mesh((8,), ('data',))
   rs = np.random.RandomState(1)
-  imported = {'params': {'conv': {'kernel': rs.randn(16, 4).astype(np.float32), 'bias': rs.randn(4).astype(np.float32)},
-                         'head': {'kernel': rs.randn(8, 9).astype(np.float32)},  # another class count
-                         'extra': {'w': np.ones(3, np.float32)}},
-              'frozen': {'bn': {'mean': rs.randn(4).astype(np.float32)}}}
+  imported = {
+    'params': {
+      'conv': {'kernel': rs.randn(16, 4).astype(np.float32), 'bias': rs.randn(4).astype(np.float32)},
+      'head': {'kernel': rs.randn(8, 9).astype(np.float32)},  # another class count
+      'extra': {'w': np.ones(3, np.float32)},
+    },
+    'frozen': {'bn': {'mean': rs.randn(4).astype(np.float32)}},
+  }
   saver = ocp.StandardCheckpointer()
   saver.save(tmp_path / 'imported', _put(imported, mesh, 'data'))  # saved sharded over 8 devices
   saver.wait_until_finished()
@@ -184,8 +198,10 @@ def test_init_from_merges_params_and_frozen(tmp_path):
   rs = np.random.RandomState(4)
   state = _state(seed=6)
   state = state.replace(frozen={'frozen': state.frozen})  # TrainState.frozen holds whole collections
-  imported = {'params': {'conv': {'kernel': rs.randn(16, 4).astype(np.float32)}},
-              'frozen': {'bn': {'mean': rs.randn(4).astype(np.float32)}}}
+  imported = {
+    'params': {'conv': {'kernel': rs.randn(16, 4).astype(np.float32)}},
+    'frozen': {'bn': {'mean': rs.randn(4).astype(np.float32)}},
+  }
   saver = ocp.StandardCheckpointer()
   saver.save(tmp_path / 'vars', imported)
   saver.wait_until_finished()
@@ -193,8 +209,9 @@ def test_init_from_merges_params_and_frozen(tmp_path):
   np.testing.assert_array_equal(merged.params['conv']['kernel'], imported['params']['conv']['kernel'])
   np.testing.assert_array_equal(merged.params['conv']['bias'], state.params['conv']['bias'])
   np.testing.assert_array_equal(merged.frozen['frozen']['bn']['mean'], imported['frozen']['bn']['mean'])
-  np.testing.assert_array_equal(merged.opt_state['momentum']['conv']['kernel'],
-                                state.opt_state['momentum']['conv']['kernel'])
+  np.testing.assert_array_equal(
+    merged.opt_state['momentum']['conv']['kernel'], state.opt_state['momentum']['conv']['kernel']
+  )
 
 
 def test_relative_workdir(tmp_path, monkeypatch):

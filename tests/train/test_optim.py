@@ -17,8 +17,7 @@ def _train_config(**overrides):
 
 
 def test_learning_rate_schedule_with_absolute_steps():
-  t = _train_config(warmup_steps=100, warmup_factor=1 / 3, decay_steps=(1000, 2000), decay_factor=0.1,
-                    num_steps=3000)
+  t = _train_config(warmup_steps=100, warmup_factor=1 / 3, decay_steps=(1000, 2000), decay_factor=0.1, num_steps=3000)
   lr = optim.learning_rate_schedule(t)
   np.testing.assert_allclose(float(lr(0)), 0.02 / 3, rtol=1e-6)
   np.testing.assert_allclose(float(lr(50)), 0.02 * (1 / 3 * 0.5 + 0.5), rtol=1e-6)
@@ -53,8 +52,10 @@ def test_biases_follow_detectron_in_the_paper_config_and_torchvision_in_its_own(
   config = defaults.base_config()
   config.train.weight_decay, config.train.warmup_steps = 0.1, 0
   lr = config.train.learning_rate * config.train.global_batch_size / config.train.reference_batch_size
-  params = {'head': {'kernel': jnp.ones((2,)), 'bias': jnp.ones((2,))}, 'gn1': {'scale': jnp.ones((2,)),
-                                                                                'bias': jnp.ones((2,))}}
+  params = {
+    'head': {'kernel': jnp.ones((2,)), 'bias': jnp.ones((2,))},
+    'gn1': {'scale': jnp.ones((2,)), 'bias': jnp.ones((2,))},
+  }
   updates = _one_update(config, params)
   np.testing.assert_allclose(updates['head']['kernel'], -lr * (1 + 0.1), rtol=1e-6)
   np.testing.assert_allclose(updates['head']['bias'], -2 * lr, rtol=1e-6)
@@ -77,10 +78,14 @@ def test_frozen_parameters_get_no_update_and_no_decay():
 
 def test_parameter_groups_and_a_layout_that_does_not_depend_on_the_settings():
   params = {'conv': {'kernel': 1.0, 'bias': 1.0}, 'gn1': {'scale': 1.0, 'bias': 1.0}}
-  assert optim.param_groups(params) == {'conv': {'kernel': 'weight', 'bias': 'bias'},
-                                        'gn1': {'scale': 'norm', 'bias': 'norm'}}
-  assert optim.weight_decay_mask(params) == {'conv': {'kernel': True, 'bias': False},
-                                             'gn1': {'scale': False, 'bias': False}}
+  assert optim.param_groups(params) == {
+    'conv': {'kernel': 'weight', 'bias': 'bias'},
+    'gn1': {'scale': 'norm', 'bias': 'norm'},
+  }
+  assert optim.weight_decay_mask(params) == {
+    'conv': {'kernel': True, 'bias': False},
+    'gn1': {'scale': False, 'bias': False},
+  }
   plain, tuned = defaults.base_config(), defaults.base_config()
   tuned.train.grad_clip_norm, tuned.train.weight_decay, tuned.train.bias_weight_decay = 5.0, 0.0, 1e-4
   structure = lambda c: jax.tree_util.tree_structure(optim.make_optimizer(c).init(params))

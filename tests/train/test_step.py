@@ -1,17 +1,16 @@
 """The jitted, sharded train step: same result on 1 and 8 devices (data and FSDP meshes), one compilation,
 dropped non-finite updates, and the optimizer's schedule and frozen parameters."""
 
+import float_noise
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import float_noise
-
 import conret_jax
 from conret_jax import defaults
-from conret_jax.train import bench
 from conret_jax import mesh as mesh_lib
+from conret_jax.train import bench
 from conret_jax.train import state as state_lib
 from conret_jax.train import step as step_lib
 
@@ -81,7 +80,9 @@ def test_eight_devices_match_one(host_state, one_device, fsdp):
   assert train_step._cache_size() == 1  # compiled once over all steps
   assert int(state8.step) == 3
   if fsdp > 1:  # large leaves really are sharded over the fsdp axis
-    specs = {tuple(x.sharding.spec) for x in jax.tree_util.tree_leaves(state8.params) if x.size >= mesh_lib.MIN_FSDP_SIZE}
+    specs = {
+      tuple(x.sharding.spec) for x in jax.tree_util.tree_leaves(state8.params) if x.size >= mesh_lib.MIN_FSDP_SIZE
+    }
     assert specs and all('fsdp' in s for s in specs)
 
 
@@ -92,14 +93,18 @@ def test_loss_decreases_on_a_repeated_batch(one_device):
 
 def test_non_finite_update_is_dropped(host_state, one_device):
   _, _, train_step, mesh = one_device  # the same compiled step, on a fresh copy of the initial state
-  state = jax.device_put(host_state, state_lib.shardings_of(
-      state_lib.abstract_state(conret_jax.build_model(tiny_config()), tiny_config(), mesh)))
+  state = jax.device_put(
+    host_state,
+    state_lib.shardings_of(state_lib.abstract_state(conret_jax.build_model(tiny_config()), tiny_config(), mesh)),
+  )
   batch = bench.synthetic_batch(tiny_config(), HW, np.random.default_rng(0))
   batch['images'][0, 0, 0, 0] = np.nan
   state, metrics = train_step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
   assert float(metrics['finite']) == 0.0
   assert int(state.step) == 1
-  for a, b in zip(jax.tree_util.tree_leaves(host_state.params), jax.tree_util.tree_leaves(jax.device_get(state.params))):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(host_state.params), jax.tree_util.tree_leaves(jax.device_get(state.params))
+  ):
     np.testing.assert_array_equal(a, b)
   assert train_step._cache_size() == 1
 

@@ -31,8 +31,17 @@ def consistent_result():
 
 def test_step_bench_reports_every_field(consistent_result):
   result = consistent_result
-  for key in ('step_time_s', 'step_time_min_s', 'step_cpu_s', 'compile_time_s', 'images_per_s',
-              'images_per_s_per_device', 'peak_memory_mb', 'xla_temp_mb', 'step_tflops'):
+  for key in (
+    'step_time_s',
+    'step_time_min_s',
+    'step_cpu_s',
+    'compile_time_s',
+    'images_per_s',
+    'images_per_s_per_device',
+    'peak_memory_mb',
+    'xla_temp_mb',
+    'step_tflops',
+  ):
     assert result[key] > 0, key
   assert result['step_time_min_s'] <= result['step_time_s'] <= result['step_time_max_s']
   assert result['images_per_s'] == pytest.approx(2 / result['step_time_s'])
