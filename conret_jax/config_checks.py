@@ -13,6 +13,7 @@ from conret_jax.defaults import schedule_steps
 from conret_jax.detectors import FAMILIES
 from conret_jax.errors import ConfigError
 from conret_jax.model.detector import COMPUTE_DTYPES as _DTYPES
+from conret_jax.model.detector import MATMUL_PRECISIONS
 from conret_jax.model.heads import VARIANTS as _VARIANTS
 from conret_jax.model.resnet import DEPTHS
 from conret_jax.model.resnet import NORMS as _NORMS
@@ -40,6 +41,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(0 <= m.backbone.freeze_at <= 5, f'config.model.backbone.freeze_at={m.backbone.freeze_at} must be in [0, 5]')
   _check(m.head.variant in _VARIANTS, f'config.model.head.variant={m.head.variant!r} must be one of {_VARIANTS}')
   _check(m.compute_dtype in _DTYPES, f'config.model.compute_dtype={m.compute_dtype!r} must be one of {sorted(_DTYPES)}')
+  _check(
+    m.matmul_precision in MATMUL_PRECISIONS,
+    f'config.model.matmul_precision={m.matmul_precision!r} must be one of {tuple(MATMUL_PRECISIONS)}',
+  )
   _check(
     3 <= m.fpn.min_level <= 5 <= m.fpn.max_level,
     f'config.model.fpn levels P{m.fpn.min_level}-P{m.fpn.max_level}: need 3 <= min_level <= 5 <= max_level '

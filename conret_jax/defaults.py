@@ -57,6 +57,9 @@ def _model() -> ml_collections.ConfigDict:
   # 'category_id' (k IS the category id; torchvision's 91-way COCO head, num_classes > the largest id).
   m.class_layout = 'contiguous'
   m.compute_dtype = 'float32'  # 'bfloat16' on TPU/GPU; params and losses stay float32
+  # Convolution precision: 'default' (the platform's: TF32 for float32 on recent GPUs) | 'high' | 'highest' (full
+  # float32, e.g. for parity with a float32 reference).
+  m.matmul_precision = 'default'
   m.pixel_mean = IMAGENET_PIXEL_MEAN  # RGB on the [0, 255] scale; must match the pretrained weights
   m.pixel_std = IMAGENET_PIXEL_STD
 

@@ -6,9 +6,9 @@ Layers, lowest first (a component is a subpackage, or a top-level module on its 
   1 errors, fileio                           no imports from the package
   2 the config schema and shared contracts   defaults, stages, batch
   3 components, which do not import each other: model, data, the loss (consistent), mesh, coco_metrics,
-                                             visualize, run_record, distributed, weight_files
+                                             visualize, run_record, distributed, weight_files, flops
   4 detectors (a family's model + loss)      5 config_checks
-  6 inference, weights                       7 evaluation (uses inference)       8 analysis
+  6 inference, weights                       7 evaluation, detect_bench (use inference)       8 analysis
   9 train                                    10 cli
 Function-level imports count like module-level ones.
 """
@@ -39,11 +39,13 @@ LAYERS = {
   'run_record': 3,
   'distributed': 3,
   'weight_files': 3,
+  'flops': 3,
   'detectors': 4,
   'config_checks': 5,
   'inference': 6,
   'weights': 6,
   'evaluation': 7,
+  'detect_bench': 7,
   'analysis': 8,
   'train': 9,
   'cli': 10,

@@ -1,11 +1,15 @@
-"""`conret-bench`: throughput of the train step and of the input pipeline, each alone.
+"""`conret-bench`: throughput of the train step, of inference, and of the input pipeline, each alone.
 
-  conret-bench step  --config=configs/conretinanet_coco.py --config.data.image_size=512 --steps=10
-  conret-bench input --config=configs/conretinanet_coco.py --batches=50
+  conret-bench step   --config=configs/conretinanet_coco.py --config.data.image_size=512 --steps=10
+  conret-bench detect --config=configs/retinanet_torchvision.py --config.data.resize=square \
+                      --config.data.image_size=640 --config.eval.global_batch_size=16 --steps=20
+  conret-bench input  --config=configs/conretinanet_coco.py --batches=50
 
 The last line printed is one JSON object: for `step`, step_time_s (median), compile_time_s, images_per_s,
-peak_memory_mb, device (and mfu where the chip's peak is known); for `input`, images_per_s and cpu_cores.
-Results of record go to bench/RESULTS.md with the machine and the date.
+step_tflops (the step's FLOPs, counted from its computation: conret_jax/flops.py), peak_memory_mb, device, and mfu
+where the chip's peak is known; for `detect`, images_per_s, forward_s, postprocess_s and total_s (medians, each
+timed alone; conret_jax/detect_bench.py), device and compute_dtype; for `input`, images_per_s and cpu_cores.
+`step` and `detect` import no TensorFlow. Results of record go to bench/RESULTS.md with the machine and the date.
 """
 
 import json
@@ -15,9 +19,9 @@ from absl import app, flags
 from conret_jax.cli import common
 from conret_jax.errors import ConfigError
 
-_STEPS = flags.DEFINE_integer('steps', 10, '`step`: timed steps after compilation (median reported).')
+_STEPS = flags.DEFINE_integer('steps', 10, '`step`, `detect`: timed calls after compilation (median reported).')
 _BATCHES = flags.DEFINE_integer('batches', 50, '`input`: batches timed after a warm-up batch.')
-_MODES = ('step', 'input')
+_MODES = ('step', 'detect', 'input')
 
 
 def _main(argv):
@@ -28,10 +32,15 @@ def _main(argv):
   config = flags.FLAGS.config
   if config is None:
     raise ConfigError('--config is required, e.g. --config=configs/conretinanet_coco.py')
+  common.setup_logging(None, 'bench')
   if argv[1] == 'step':  # imports no TensorFlow: the GPU image has none
     from conret_jax.train import bench  # pylint: disable=g-import-not-at-top
 
     result = bench.run_step_bench(config, _STEPS.value)
+  elif argv[1] == 'detect':
+    from conret_jax import detect_bench  # pylint: disable=g-import-not-at-top
+
+    result = detect_bench.run_detect_bench(config, _STEPS.value)
   else:
     common.hide_accelerators_from_tf()
     from conret_jax.data import bench  # pylint: disable=g-import-not-at-top

@@ -30,6 +30,17 @@ from conret_jax.model.heads import RetinaHead
 from conret_jax.model.resnet import ResNet, frozen_module_names, resnet_from_config
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# model.matmul_precision -> the precision of every convolution. 'default' leaves the platform's choice: on GPU a float32
+# convolution then runs in TF32, which a torchvision fp32 reference does not; 'highest' asks for full float32.
+MATMUL_PRECISIONS = {'default': None, 'high': jax.lax.Precision.HIGH, 'highest': jax.lax.Precision.HIGHEST}
+
+
+def matmul_precision(model_config):
+  if model_config.matmul_precision not in MATMUL_PRECISIONS:
+    raise ValueError(
+      f'model.matmul_precision must be one of {sorted(MATMUL_PRECISIONS)}, got {model_config.matmul_precision!r}'
+    )
+  return MATMUL_PRECISIONS[model_config.matmul_precision]
 
 
 def compute_dtype(model_config):
@@ -61,6 +72,7 @@ class RetinaNet(nn.Module):
     """The network of config.model, with one box conv per regression stage of config.consistent."""
     m = config.model
     dtype = compute_dtype(m)
+    precision = matmul_precision(m)
     h = m.head
     if h.variant == 'gated_cascade' and h.channels != m.fpn.channels:
       raise ValueError('gated_cascade adds tower features to FPN features: head.channels must equal fpn.channels')
@@ -74,10 +86,11 @@ class RetinaNet(nn.Module):
       variant=h.variant,
       num_stages=stages.num_regression_stages(config),
       dtype=dtype,
+      precision=precision,
     )
     return cls(
-      backbone=resnet_from_config(m.backbone, dtype),
-      fpn=fpn_from_config(m.fpn, dtype),
+      backbone=resnet_from_config(m.backbone, dtype, precision),
+      fpn=fpn_from_config(m.fpn, dtype, precision),
       head=head,
       pixel_mean=tuple(float(v) for v in m.pixel_mean),
       pixel_std=tuple(float(v) for v in m.pixel_std),

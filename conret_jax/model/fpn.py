@@ -31,6 +31,7 @@ class FPN(nn.Module):
   max_level: int = 7
   p6_from: str = 'c5'
   dtype: Any = jnp.float32
+  precision: Any = None
 
   @nn.compact
   def __call__(self, features):
@@ -40,7 +41,9 @@ class FPN(nn.Module):
       )
     if self.p6_from not in ('c5', 'p5'):
       raise ValueError(f"fpn.p6_from must be 'c5' or 'p5', got {self.p6_from!r}")
-    mk = lambda k, s, name: conv(self.channels, k, s, self.dtype, name, use_bias=True, kernel_init=_kaiming_uniform_a1)
+    mk = lambda k, s, name: conv(
+      self.channels, k, s, self.dtype, name, use_bias=True, kernel_init=_kaiming_uniform_a1, precision=self.precision
+    )
     c = dict(zip((3, 4, 5), features))
     outputs = {}
     inner = None
@@ -65,8 +68,14 @@ class FPN(nn.Module):
     return tuple(outputs[level] for level in range(self.min_level, self.max_level + 1))
 
 
-def fpn_from_config(fpn_config, dtype) -> FPN:
+def fpn_from_config(fpn_config, dtype, precision=None) -> FPN:
   f = fpn_config
   return FPN(
-    channels=f.channels, min_level=f.min_level, max_level=f.max_level, p6_from=f.p6_from, dtype=dtype, name='fpn'
+    channels=f.channels,
+    min_level=f.min_level,
+    max_level=f.max_level,
+    p6_from=f.p6_from,
+    dtype=dtype,
+    precision=precision,
+    name='fpn',
   )

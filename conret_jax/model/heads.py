@@ -43,13 +43,23 @@ class Tower(nn.Module):
   channels: int
   norm: str
   dtype: Any
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x):
     if self.norm not in ('', 'gn'):
       raise ValueError(f"head.norm must be '' or 'gn', got {self.norm!r}")
     for i in range(self.num_convs):
-      x = conv(self.channels, 3, 1, self.dtype, f'conv{i}', use_bias=not self.norm, kernel_init=_normal_001)(x)
+      x = conv(
+        self.channels,
+        3,
+        1,
+        self.dtype,
+        f'conv{i}',
+        use_bias=not self.norm,
+        kernel_init=_normal_001,
+        precision=self.precision,
+      )(x)
       if self.norm:
         x = Norm('gn', name=f'norm{i}')(x, train=False)
       x = nn.relu(x)
@@ -74,6 +84,7 @@ class RetinaHead(nn.Module):
   variant: str = 'consistent'
   num_stages: int = 1
   dtype: Any = jnp.float32
+  precision: Any = None
 
   def _pred(self, outputs_per_anchor: int, name: str, bias: float = 0.0):
     return conv(
@@ -85,6 +96,7 @@ class RetinaHead(nn.Module):
       use_bias=True,
       kernel_init=_normal_001,
       bias_init=nn.initializers.constant(bias),
+      precision=self.precision,
     )
 
   @nn.compact
@@ -94,7 +106,7 @@ class RetinaHead(nn.Module):
     if self.num_stages < 1:
       raise ValueError(f'need at least one regression stage, got {self.num_stages}')
     k, r = self.num_classes, self.num_stages
-    tower = lambda name: Tower(self.num_convs, self.channels, self.norm, self.dtype, name=name)
+    tower = lambda name: Tower(self.num_convs, self.channels, self.norm, self.dtype, self.precision, name=name)
     suffix = lambda s: '' if s == 0 else f'_{s}'
     cls_bias = prior_bias(self.prior_prob)
 

@@ -74,8 +74,10 @@ def conv(
   use_bias: bool = False,
   kernel_init=_kaiming_fan_out,
   bias_init=nn.initializers.zeros,
+  precision=None,
 ) -> nn.Conv:
-  """A square conv with torchvision's symmetric padding (k // 2 each side), float32 params."""
+  """A square conv with torchvision's symmetric padding (k // 2 each side), float32 params. `precision` is the
+  matmul precision of the convolution (None: the platform's default; see model.matmul_precision)."""
   pad = kernel // 2
   return nn.Conv(
     features,
@@ -87,6 +89,7 @@ def conv(
     param_dtype=jnp.float32,
     kernel_init=kernel_init,
     bias_init=bias_init,
+    precision=precision,
     name=name,
   )
 
@@ -152,17 +155,20 @@ class BasicBlock(nn.Module):
   dtype: Any
   frozen: bool = False
   stride_in_1x1: bool = False  # unused: a basic block has no 1x1
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = lambda name: Norm(self.norm, self.frozen, name=name)
-    y = conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
+    y = conv(self.features, 3, self.stride, self.dtype, 'conv1', precision=self.precision)(x)
     y = nn.relu(norm('norm1')(y, train))
-    y = conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = conv(self.features, 3, 1, self.dtype, 'conv2', precision=self.precision)(y)
     y = norm('norm2')(y, train)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = norm('downsample_norm')(conv(self.features, 1, self.stride, self.dtype, 'downsample_conv')(x), train)
+      shortcut = norm('downsample_norm')(
+        conv(self.features, 1, self.stride, self.dtype, 'downsample_conv', precision=self.precision)(x), train
+      )
     return nn.relu(y + shortcut)
 
 
@@ -176,18 +182,21 @@ class Bottleneck(nn.Module):
   dtype: Any
   frozen: bool = False
   stride_in_1x1: bool = False
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = lambda name: Norm(self.norm, self.frozen, name=name)
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     out = self.features * 4
-    y = nn.relu(norm('norm1')(conv(self.features, 1, s1, self.dtype, 'conv1')(x), train))
-    y = nn.relu(norm('norm2')(conv(self.features, 3, s3, self.dtype, 'conv2')(y), train))
-    y = norm('norm3')(conv(out, 1, 1, self.dtype, 'conv3')(y), train)
+    y = nn.relu(norm('norm1')(conv(self.features, 1, s1, self.dtype, 'conv1', precision=self.precision)(x), train))
+    y = nn.relu(norm('norm2')(conv(self.features, 3, s3, self.dtype, 'conv2', precision=self.precision)(y), train))
+    y = norm('norm3')(conv(out, 1, 1, self.dtype, 'conv3', precision=self.precision)(y), train)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out:
-      shortcut = norm('downsample_norm')(conv(out, 1, self.stride, self.dtype, 'downsample_conv')(x), train)
+      shortcut = norm('downsample_norm')(
+        conv(out, 1, self.stride, self.dtype, 'downsample_conv', precision=self.precision)(x), train
+      )
     return nn.relu(y + shortcut)
 
 
@@ -202,6 +211,7 @@ class ResNetStage(nn.Module):
   dtype: Any
   frozen: bool
   stride_in_1x1: bool
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -214,6 +224,7 @@ class ResNetStage(nn.Module):
         self.dtype,
         self.frozen,
         self.stride_in_1x1,
+        precision=self.precision,
         name=f'block{j}',
       )(x, train)
     return x
@@ -232,6 +243,7 @@ class ResNet(nn.Module):
   freeze_at: int = 2
   stride_in_1x1: bool = False
   dtype: Any = jnp.float32
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -239,7 +251,7 @@ class ResNet(nn.Module):
       raise ValueError(f'backbone.depth must be one of {sorted(DEPTHS)}, got {self.depth}')
     frozen = frozen_module_names(self.freeze_at)
     block, counts = DEPTHS[self.depth]
-    x = conv(self.width, 7, 2, self.dtype, 'conv1')(x)
+    x = conv(self.width, 7, 2, self.dtype, 'conv1', precision=self.precision)(x)
     x = nn.relu(Norm(self.norm, 'norm1' in frozen, name='norm1')(x, train))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
     if self.freeze_at >= 1:
@@ -256,6 +268,7 @@ class ResNet(nn.Module):
         self.dtype,
         name in frozen,
         self.stride_in_1x1,
+        precision=self.precision,
         name=name,
       )(x, train)
       if name in frozen:
@@ -264,7 +277,7 @@ class ResNet(nn.Module):
     return tuple(outputs[1:])
 
 
-def resnet_from_config(backbone_config, dtype) -> ResNet:
+def resnet_from_config(backbone_config, dtype, precision=None) -> ResNet:
   """The ResNet of config.model.backbone."""
   b = backbone_config
   if b.norm not in NORMS:
@@ -276,6 +289,7 @@ def resnet_from_config(backbone_config, dtype) -> ResNet:
     freeze_at=b.freeze_at,
     stride_in_1x1=b.stride_in_1x1,
     dtype=dtype,
+    precision=precision,
     name='backbone',
   )
 

@@ -52,7 +52,7 @@ MISTAKES = [
   ),
   ('conret-predict', ['--config=CONFIG', '--workdir=NEW', '--images=x.png', '--output=OUT'], 'no checkpoint in'),
   ('conret-predict', ['--config=CONFIG', '--workdir=NEW'], '--images and --output are required'),
-  ('conret-bench', ['--config=CONFIG'], 'conret-bench {step|input}'),
+  ('conret-bench', ['--config=CONFIG'], 'conret-bench {step|detect|input}'),
   ('conret-bench', ['step'], '--config is required'),
   ('conret-make-shapes', ['--output=FILE'], 'is a file, not a directory'),
   (

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import model_reference as ref
 import numpy as np
 import pytest
+from jax.extend import core as jex_core
 
 from conret_jax import stages as stage_lib
 from conret_jax.model import detector
@@ -153,3 +154,26 @@ def test_bad_settings():
   c = ref.tiny_config(**{'consistent.enabled': True, 'consistent.inference_reg_steps': 3})
   with pytest.raises(ValueError, match='inference_reg_steps'):
     stage_lib.inference_steps(c)
+
+
+def _convolutions(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated':
+      yield eqn
+    for sub in jex_core.jaxprs_in_params(eqn.params):
+      yield from _convolutions(sub)
+
+
+@pytest.mark.parametrize('name,want', [('default', None), ('highest', jax.lax.Precision.HIGHEST)])
+def test_matmul_precision_reaches_every_convolution(name, want):
+  """model.matmul_precision='highest' asks for full float32 in every conv of the network, backbone, FPN and head,
+  forward and backward (GPUs otherwise run float32 convolutions in TF32)."""
+  config = ref.tiny_config(**{'model.matmul_precision': name, 'consistent.enabled': True})
+  model = detector.build_model(config)
+  variables = _shapes(config)
+  images = jnp.zeros((1, 128, 128, 3))
+  loss = lambda v: sum(jnp.sum(o) for o in jax.tree.leaves(model.apply(v, images)))
+  convs = list(_convolutions(jax.make_jaxpr(jax.grad(loss))(variables).jaxpr))
+  assert len(convs) > 40
+  precisions = {eqn.params['precision'] for eqn in convs}
+  assert precisions == ({None} if want is None else {(want, want)}), precisions
