@@ -4,6 +4,7 @@ batches, and the files it writes."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from conret_jax import analysis
 
 EDGES32 = np.asarray(analysis.EDGES, np.float32)
 NB = len(analysis.EDGES) - 1
+batch_statistics = jax.jit(analysis.batch_statistics)  # as the tool runs it (and one compile, not one per op)
 
 
 def _np_iou(a, b) -> np.ndarray:
@@ -126,7 +128,7 @@ def test_statistics_match_numpy(split):
   parts = [slice(0, 2), slice(2, 4)] if split else [slice(0, 4)]
   for part in parts:
     pick = lambda tree, p=part: {k: v[p] for k, v in tree.items()}
-    total.add(analysis.batch_statistics(anchors, boxes[part], pick(dets), pick(gt), example_valid[part], known))
+    total.add(batch_statistics(anchors, boxes[part], pick(dets), pick(gt), example_valid[part], known))
   got, ref = total.results(), _np_reference(anchors, boxes, dets, gt, example_valid, known)
 
   assert got['num_images'] == ref['num_images'] == 3
@@ -182,7 +184,7 @@ def test_write_makes_both_figures_and_the_json(tmp_path):
   runs = []
   for name, shift in (('conret', 0.0), ('retina', 2.0)):
     total = analysis.Accumulator()
-    total.add(analysis.batch_statistics(anchors, boxes + shift, dets, gt, example_valid))
+    total.add(batch_statistics(anchors, boxes + shift, dets, gt, example_valid))
     runs.append(dict(total.results(), workdir=f'runs/{name}', step=7, label=name, regressions=1, method='RetinaNet'))
   content = analysis.write(str(tmp_path), runs)
   on_disk = json.loads((tmp_path / 'analysis.json').read_text())
