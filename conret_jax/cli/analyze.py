@@ -85,6 +85,12 @@ def _main(argv):
   common.setup_logging(output, 'analyze')  # OUT/analyze.log on process 0
   runs = [run(config, workdir, flags.FLAGS.step, _NUM_IMAGES.value)]
   if other is not None:
+    if other.data.eval.to_dict() != config.data.eval.to_dict():
+      logging.warning(
+        "--compare=%s evaluates on config.data.eval of its own, which differs from this run's: the two "
+        'runs are measured on different images',
+        _COMPARE.value,
+      )
     runs.append(run(other, _COMPARE.value, None, _NUM_IMAGES.value))
   if jax.process_index() == 0:
     analysis.write(output, runs)
