@@ -200,6 +200,20 @@ def _save_picture(collected: _Collected, class_names, path: str, *, threshold: f
   )
 
 
+def eval_inputs(config, mesh, *, batches: Iterable | None = None, info=None, cache=None):
+  """(batches, info) of a pass over the eval split: those given, else `data.make_eval_iterator` on `mesh` (batches
+  sharded over all its devices) and `data.dataset_info(config.data.eval, config)`."""
+  if batches is None or info is None:
+    from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+    info = info or data_lib.dataset_info(config.data.eval, config, cache=cache)
+    if batches is None:
+      from conret_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+      batches = data_lib.make_eval_iterator(config, mesh, mesh_lib.batch_sharding(mesh), cache=cache)
+  return batches, info
+
+
 def evaluate(
   model,
   variables,
@@ -236,14 +250,7 @@ def evaluate(
 
   from conret_jax.data.info import ClassLayout  # pylint: disable=g-import-not-at-top
 
-  if batches is None or info is None:
-    from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-
-    info = info or data_lib.dataset_info(config.data.eval, config, cache=cache)
-    if batches is None:
-      from conret_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-
-      batches = data_lib.make_eval_iterator(config, mesh, mesh_lib.batch_sharding(mesh), cache=cache)
+  batches, info = eval_inputs(config, mesh, batches=batches, info=info, cache=cache)
   if detect_fn is None:
     import conret_jax  # pylint: disable=g-import-not-at-top
 

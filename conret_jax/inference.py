@@ -31,25 +31,38 @@ def check_image_shape(shape, config) -> None:
     )
 
 
+def decode(detector: detectors.Detector, variables, images):
+  """The network on images [B, H, W, 3] and the detector's decoding; traceable. Returns (anchors [A, 4],
+  logits [B, A, K], boxes [B, A, 4] x1y1x2y2 after the inference regressions, unclipped)."""
+  outputs = detector.module.apply(variables, images.astype(jnp.float32), train=False)
+  anchors = detector.anchors(images.shape[1:3])
+  logits, boxes = detector.decode(outputs, anchors)
+  return anchors, logits, boxes
+
+
+def postprocess(detector: detectors.Detector, logits, boxes, image_hw, eval_config) -> dict:
+  """Detections (the module docstring's dict) from a detector's decoded logits [B, A, K] and boxes [B, A, 4]:
+  core.nms.postprocess with config.eval's score threshold, top-k, NMS IoU and max detections. Traceable."""
+  e = eval_config
+  return nms.postprocess(
+    logits,
+    boxes,
+    detector.level_counts(image_hw),
+    image_hw,
+    score_threshold=e.score_threshold,
+    topk_per_level=e.topk_per_level,
+    nms_iou=e.nms_iou,
+    max_detections=e.max_detections,
+  )
+
+
 @functools.lru_cache(maxsize=16)
 def _detect_fn(model, config: ml_collections.FrozenConfigDict):
   detector = detectors.from_config(config, model)
-  e = config.eval
 
   def run(variables, images):
-    hw = images.shape[1:3]
-    outputs = detector.module.apply(variables, images.astype(jnp.float32), train=False)
-    logits, boxes = detector.decode(outputs, detector.anchors(hw))
-    return nms.postprocess(
-      logits,
-      boxes,
-      detector.level_counts(hw),
-      hw,
-      score_threshold=e.score_threshold,
-      topk_per_level=e.topk_per_level,
-      nms_iou=e.nms_iou,
-      max_detections=e.max_detections,
-    )
+    _, logits, boxes = decode(detector, variables, images)
+    return postprocess(detector, logits, boxes, images.shape[1:3], config.eval)
 
   return jax.jit(run)
 

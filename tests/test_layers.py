@@ -6,7 +6,8 @@ Layers, lowest first (a component is a subpackage, or a top-level module on its 
   1 errors, fileio                           no imports from the package
   2 the config schema and shared contracts   defaults, stages, batch
   3 components, which do not import each other: model, data, the loss (consistent), mesh, coco_metrics,
-                                             visualize, run_record, distributed, weight_files, flops
+                                             visualize, analysis_figures, run_record, distributed, weight_files,
+                                             flops
   4 detectors (a family's model + loss)      5 config_checks
   6 inference, weights                       7 evaluation, detect_bench (use inference)       8 analysis
   9 train                                    10 cli
@@ -36,6 +37,7 @@ LAYERS = {
   'mesh': 3,
   'coco_metrics': 3,
   'visualize': 3,
+  'analysis_figures': 3,
   'run_record': 3,
   'distributed': 3,
   'weight_files': 3,

@@ -239,11 +239,13 @@ def check_workdir(workdir: str | None, *, create: bool, flag: str = 'workdir') -
   return workdir
 
 
-def setup(name: str, *, writes_workdir: bool, distributed_init: bool = True):
+def setup(name: str, *, writes_workdir: bool, distributed_init: bool = True, log_to_workdir: bool = True):
   """Start-up of a tool: checks, TF off accelerators, the distributed system, logging. Returns (config, workdir).
 
   writes_workdir: the tool creates its workdir (conret-train); read-only tools create nothing in a workdir that
   does not exist. A given --config must describe the model a workdir's run trained.
+  log_to_workdir: False keeps WORKDIR/<name>.log from being written (a tool that leaves the workdir untouched; it
+  may call `setup_logging` on its own output folder).
   """
   config, workdir = FLAGS.config, FLAGS.workdir
   if config is None:
@@ -256,7 +258,7 @@ def setup(name: str, *, writes_workdir: bool, distributed_init: bool = True):
   hide_accelerators_from_tf()
   if distributed_init:
     distributed.initialize_from_flags()
-  setup_logging(workdir, name)
+  setup_logging(workdir if log_to_workdir else None, name)
   return config, workdir
 
 

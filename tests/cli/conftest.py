@@ -55,20 +55,35 @@ def _filled_state(model, config, mesh):
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
+def save_run(config, workdir: str, step: int, *, layout=None):
+  """A checkpoint at `step` of `config`'s model (filled with `_filled_state`), saved from a mesh of every device;
+  with `layout` (a data.info.ClassLayout) also config.json and run.json, as conret-train writes them. Returns the
+  saved variables as numpy."""
+  import conret_jax
+  from conret_jax import mesh as mesh_lib
+  from conret_jax import run_record
+  from conret_jax.train import checkpoint
+
+  state = _filled_state(conret_jax.build_model(config), config, mesh_lib.make_mesh(config))
+  ckpt = checkpoint.Checkpointer(workdir, every_steps=1, keep=1, config=config)
+  ckpt.save(step, state, {'step': step})
+  ckpt.close()
+  if layout is not None:
+    run_record.save(workdir, config, layout, step=step, processes=1, devices=jax.device_count(), argv=['test'])
+  return jax.tree.map(np.asarray, state.variables())
+
+
 @pytest.fixture(scope='session')
 def trained_workdir(tmp_path_factory):
   """A workdir holding a step-7 checkpoint of the tiny model, saved from an 8-device mesh."""
-  import conret_jax
-  from conret_jax import mesh as mesh_lib
-  from conret_jax.train import checkpoint
-
-  config = tiny_config()
   workdir = str(tmp_path_factory.mktemp('run'))
-  state = _filled_state(conret_jax.build_model(config), config, mesh_lib.make_mesh(config))
-  ckpt = checkpoint.Checkpointer(workdir, every_steps=1, keep=1, config=config)
-  ckpt.save(7, state, {'step': 7})
-  ckpt.close()
-  return workdir, jax.tree.map(np.asarray, state.variables())
+  return workdir, save_run(tiny_config(), workdir, 7)
+
+
+@pytest.fixture(name='make_saved_run')
+def fixture_make_saved_run():
+  """`save_run`: a workdir with a checkpoint (and, given a class layout, its config.json) without training."""
+  return save_run
 
 
 @pytest.fixture(name='make_tiny_config')

@@ -2,6 +2,7 @@
 traceback, nothing created; and --help lists each tool's own flags."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -12,10 +13,21 @@ CONFIG = os.path.join(REPO, 'configs', 'shapes_demo.py')
 BIN = os.path.dirname(sys.executable)  # the console scripts sit next to the venv's interpreter
 
 
+def _command(tool) -> list:
+  """The installed console script, or `python -m` its module when the environment was installed before the tool
+  existed (an editable install writes the scripts of its time only)."""
+  script = os.path.join(BIN, tool)
+  if os.path.exists(script):
+    return [script]
+  with open(os.path.join(REPO, 'pyproject.toml'), encoding='utf-8') as f:
+    module = re.search(rf'^{re.escape(tool)} = "([\w.]+):main"$', f.read(), re.M).group(1)
+  return [sys.executable, '-m', module]
+
+
 def _run(tool, args, cwd, **env):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1', **env)
   env.pop('CONRET_DEBUG', None)
-  return subprocess.run([os.path.join(BIN, tool), *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+  return subprocess.run([*_command(tool), *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
 
 
 MISTAKES = [
@@ -52,6 +64,18 @@ MISTAKES = [
   ),
   ('conret-predict', ['--config=CONFIG', '--workdir=NEW', '--images=x.png', '--output=OUT'], 'no checkpoint in'),
   ('conret-predict', ['--config=CONFIG', '--workdir=NEW'], '--images and --output are required'),
+  ('conret-analyze', ['--config=CONFIG', '--workdir=NEW'], '--output is required'),
+  ('conret-analyze', ['--config=CONFIG', '--workdir=NEW', '--output=OUT'], 'no checkpoint in'),
+  (
+    'conret-analyze',
+    ['--config=CONFIG', '--workdir=NEW', '--output=OUT', '--config.init_from=HERE', '--compare=NEW'],
+    'holds no config.json',
+  ),
+  (
+    'conret-analyze',
+    ['--config=CONFIG', '--workdir=NEW', '--output=OUT', '--config.init_from=HERE', '--compare=FILE'],
+    'FILE is a file, not a directory',
+  ),
   ('conret-bench', ['--config=CONFIG'], 'conret-bench {step|detect|input}'),
   ('conret-bench', ['step'], '--config is required'),
   ('conret-make-shapes', ['--output=FILE'], 'is a file, not a directory'),
@@ -72,6 +96,7 @@ MISTAKES = [
 def test_a_user_mistake_is_one_line(tmp_path, tool, args, message):
   (tmp_path / 'FILE').write_text('not a directory')
   paths = {'CONFIG': CONFIG, 'NEW': str(tmp_path / 'new'), 'OUT': str(tmp_path / 'out'), 'FILE': str(tmp_path / 'FILE')}
+  paths['HERE'] = str(tmp_path)  # a folder that exists
   for name, value in paths.items():
     args = [a.replace(name, value) for a in args]
   proc = _run(tool, args, tmp_path)
@@ -105,6 +130,7 @@ def test_debug_shows_the_traceback(tmp_path):
     ('conret-train', ('--config', '--workdir', '--coordinator_address', '--debug')),
     ('conret-eval', ('--config', '--workdir', '--step')),
     ('conret-predict', ('--images', '--output', '--score_threshold', '--step')),
+    ('conret-analyze', ('--workdir', '--output', '--step', '--num_images', '--compare', '--config')),
     ('conret-bench', ('--config', '--steps', '--batches')),
     ('conret-make-shapes', ('--output', '--num_train', '--num_val', '--seed')),
     ('conret-import', ('--format', '--input', '--output', '--config')),
