@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conret_jax.core import anchors as anchors_lib
+from conret_jax.core import matching
 from conret_jax.core.matching import match
 
 KW = dict(pos_iou=0.5, neg_iou=0.4, allow_low_quality_matches=True)
@@ -163,3 +164,24 @@ def test_hypothesis_integer_boxes_with_ties(raw, valid, low_quality):
     [[x, y, x + s, y + s] for s in (4, 8) for y in range(0, 24, 4) for x in range(0, 24, 4)], np.float32
   )
   check(anchors, gt, valid, tol=0.0, pos_iou=0.5, neg_iou=0.4, allow_low_quality_matches=low_quality)
+
+
+def test_chunks_of_images_match_like_one_image_at_a_time(monkeypatch):
+  """Images go through one vmap per chunk that fits IOU_BYTES_PER_CHUNK; the chunking never changes a result."""
+  assert matching.images_per_chunk(16, 100, 76_725) == 8  # 30.7 MB per image: two chunks of eight at 640x640
+  assert matching.images_per_chunk(16, 16, 12_276) == 16  # the shapes demo: the whole batch at once
+  assert matching.images_per_chunk(6, 100, 10**9) == 1  # nothing fits: one at a time
+  rng = np.random.default_rng(3)
+  anchors = np.concatenate([rng.uniform(0, 60, (100, 2)), rng.uniform(70, 128, (100, 2))], 1).astype(np.float32)
+  gt = np.concatenate([rng.uniform(0, 60, (6, 5, 2)), rng.uniform(70, 128, (6, 5, 2))], -1).astype(np.float32)
+  valid = rng.uniform(size=(6, 5)) < 0.7
+  results = []
+  for budget in (1, 2 * 4 * 5 * 100, 10**9):  # chunks of 1, 2 and 6 images
+    monkeypatch.setattr(matching, 'IOU_BYTES_PER_CHUNK', budget)
+    per_image = matching.match(anchors, gt, valid, pos_iou=0.5, neg_iou=0.4, allow_low_quality_matches=True)
+    refined = matching.match(
+      np.broadcast_to(anchors, (6, 100, 4)), gt, valid, pos_iou=0.5, neg_iou=0.4, allow_low_quality_matches=False
+    )
+    results.append(jax.tree.map(np.asarray, (per_image, refined)))
+  for other in results[1:]:
+    jax.tree.map(np.testing.assert_array_equal, other, results[0])
