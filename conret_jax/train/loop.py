@@ -123,11 +123,12 @@ def _initial_state(model, config, mesh, abstract, checkpointer):
   return state, 0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint), evaluates, returns the last eval metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint), evaluates, returns the last eval metrics.
+  `devices`: the mesh's devices (default: all devices of all processes)."""
   config_checks.validate_training(config)
   main = jax.process_index() == 0
-  mesh = mesh_lib.make_mesh(config)
+  mesh = mesh_lib.make_mesh(config, devices)
   cache = sources.SourceCache()  # each dataset is opened once for the run: training and every evaluation
   train_info = data_lib.dataset_info(config.data.train, config, cache=cache)
   layout = info_lib.ClassLayout.of(train_info, config)
@@ -135,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info(
     'mesh %s over %d devices (%d processes); train set: %d images, %d classes',
     dict(mesh.shape),
-    jax.device_count(),
+    mesh.devices.size,
     jax.process_count(),
     train_info.num_examples,
     train_info.num_classes,

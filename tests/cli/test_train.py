@@ -21,7 +21,8 @@ def setup(tmp_path_factory):
     os.environ,
     JAX_PLATFORMS='cpu',
     XLA_FLAGS='--xla_force_host_platform_device_count=1',
-    JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
+    # The test-wide compilation cache (tests/conftest.py): the runs here, tests/train/test_loop.py and
+    # tests/cli/test_analyze.py compile the same one-device programs.
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
     PYTHONUNBUFFERED='1',

@@ -1,12 +1,12 @@
 """Multi-host training on fake CPU devices: 2 processes x 2 devices train like 1 process x 4 devices, and
 checkpoints move between topologies (2x2 -> 1x4, 1x1; 1x4 -> 2x2), training included (2x2 -> 1x4).
 
-The runs are real `conret-train` jobs started as subprocesses (the multi-process one via
-launch/local_multiprocess.py), shared by all tests of this module:
-  A: 2 processes x 2 devices, 4 steps          B: 1 process x 4 devices, 4 steps (same global batch of 8)
-  C: A's workdir continued on 1 x 4 to step 6  D: a 2x2 job that restores B's step 4 and C's step 6 and dumps them
-(C trains on B's topology, so it runs the program B compiled: the persistent cache spares a compile.)
-The pytest process itself (8 fake devices, tests/conftest.py) restores the checkpoints on 1 and 4 devices.
+The runs, shared by all tests of this module:
+  A: a real `conret-train` job of 2 processes x 2 devices (launch/local_multiprocess.py), 4 steps
+  B: conret-train's loop in the pytest process on 1 x 4 of its 8 fake devices, 4 steps (same global batch of 8)
+  C: A's workdir continued in the pytest process on 1 x 4 to step 6 (B's compiled program, run again)
+  D: a 2-process job that restores B's step 4 and C's step 6 on 2x2 and dumps them
+The pytest process itself (8 fake devices, tests/conftest.py) also restores the checkpoints on 1 and 4 devices.
 
 2x2 and 1x4 sum in different orders (gloo across processes, in-process within one), so they agree to float32
 noise, not bit for bit; restoring one checkpoint on another topology IS exact. The noise, the tolerances and why they
@@ -16,6 +16,7 @@ None of these runs evaluates at the end (multi-process evaluation has its own te
 
 import importlib.util
 import json
+import logging as std_logging
 import os
 import pathlib
 import re
@@ -140,6 +141,35 @@ def _load_config(config_file, arg):
   return module.get_config(arg)
 
 
+def _train_here(config, workdir) -> str:
+  """conret-train's loop in this process, on a 1 x 4 mesh of its 8 fake devices; returns what it logged."""
+  from absl import logging
+
+  from conret_jax.train import loop
+
+  config = config.copy_and_resolve_references()
+  config.eval.at_end, config.checkpoint.keep = False, 3  # as _train's flags
+  lines = []
+  handler, verbosity = _ListHandler(lines), logging.get_verbosity()
+  logging.get_absl_logger().addHandler(handler)
+  logging.set_verbosity(logging.INFO)
+  try:
+    loop.train_and_evaluate(config, str(workdir), jax.devices()[:4])
+  finally:
+    logging.get_absl_logger().removeHandler(handler)
+    logging.set_verbosity(verbosity)
+  return '\n'.join(lines)
+
+
+class _ListHandler(std_logging.Handler):
+  def __init__(self, lines):
+    super().__init__(std_logging.INFO)
+    self.lines = lines
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
 def _metrics(workdir) -> list[dict]:
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     return [json.loads(line) for line in f]
@@ -161,17 +191,18 @@ def runs(tmp_path_factory):
   a, b, dumps = base / 'a_2x2', base / 'b_1x4', base / 'dumps'
   dumps.mkdir()
 
-  # A and B are independent: run them side by side (XLA compiles mostly on one thread).
+  # A runs in two subprocesses while B trains here, in the pytest process, on 4 of its 8 devices. C continues A's
+  # run here on the same 4 devices: B's compiled program, as is test_the_comparison_catches_real_bugs's.
   job_a = _start(base / 'a.log', _multiprocess(*_train(config_spec, a)), _env())
-  job_b = _start(base / 'b.log', _train(config_spec, b), _env(devices=4))
   try:
-    logs = {'a': _finish(job_a), 'b': _finish(job_b)}
-  finally:  # never leave B running when A failed
-    _stop(job_b)
+    logs = {'b': _train_here(config, b)}
+    logs['a'] = _finish(job_a)
+  finally:  # never leave A running when B failed
+    _stop(job_a)
   metrics_a = _metrics(a)
-  logs['c'] = _finish(
-    _start(base / 'c.log', _train(config_spec, a, f'--config.train.num_steps={MORE_STEPS}'), _env(devices=4))
-  )
+  more = config.copy_and_resolve_references()
+  more.train.num_steps = MORE_STEPS
+  logs['c'] = _train_here(more, a)
   script = base / 'restore_2x2.py'
   script.write_text(textwrap.dedent(RESTORE_2X2))
   logs['d'] = _finish(
@@ -255,7 +286,7 @@ def test_two_by_two_logs_the_same_losses_as_one_by_four(runs):
   assert float_noise.metric_mismatches(a, b) == []
   assert len({round(r['loss'], 6) for r in a}) > 1  # the model really trained: the loss moves
   assert "mesh {'data': 4, 'fsdp': 1} over 4 devices (2 processes)" in runs['logs']['a']
-  assert "mesh {'data': 4, 'fsdp': 1} over 4 devices (1 processes)" in runs['logs']['b']
+  assert "mesh {'data': 4, 'fsdp': 1} over 4 devices (1 processes)" in runs['logs']['b']  # B ran here
 
 
 def test_two_by_two_checkpoint_equals_one_by_four_and_restores_on_4_and_1_devices(runs, initial_state):

@@ -1,51 +1,57 @@
-"""The training loop in-process: a non-finite step is skipped when config.train.skip_nonfinite_steps allows it, and
-otherwise stops the run with the step and the term named, keeping the last good checkpoint; the run records itself."""
+"""The training loop: a non-finite step is skipped when config.train.skip_nonfinite_steps allows it, and otherwise
+stops the run with the step and the term named, keeping the last good checkpoint; the run records itself.
 
-import importlib.util
+Both runs go through `loop.train_and_evaluate` in one subprocess on one CPU device, with the model, batch and
+schedule of tests/cli/test_train.py's runs: the same compiled programs, which the test-wide compilation cache shares.
+The data iterator is wrapped there so that the images of one step are NaN (its loss and gradient are then NaN).
+"""
+
 import json
 import os
 import pathlib
-
-import jax.numpy as jnp
-import pytest
+import subprocess
+import sys
+import textwrap
 
 from conret_jax import run_record
-from conret_jax.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 POISONED_STEP = 3
 
+SCRIPT = """
+import importlib.util, sys
+import jax.numpy as jnp
+from conret_jax.train import loop
 
-def _config(cache, **train):
-  spec = importlib.util.spec_from_file_location('loop_cfg', ROOT / 'tests' / 'configs' / 'tiny_shapes.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f'steps=5,batch=8,train_images=40,eval_images=8,cache={cache}')
-  config.eval.at_end = False
-  for key, value in train.items():
-    config.train[key] = value
-  return config
+root, cache, poisoned = sys.argv[1], sys.argv[2], int(sys.argv[3])
+spec = importlib.util.spec_from_file_location('cfg', f'{root}/tests/configs/tiny_shapes.py')
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+real = loop.data_lib.make_train_iterator
 
 
-@pytest.fixture(name='poisoned_data')
-def fixture_poisoned_data(monkeypatch):
-  """Training batches whose images are NaN at step POISONED_STEP (the loss and gradient of that step are NaN)."""
-  real = loop.data_lib.make_train_iterator
+class Poisoned:
+  def __init__(self, *args, **kwargs):
+    self._it = real(*args, **kwargs)
 
-  class Poisoned:
-    def __init__(self, *args, **kwargs):
-      self._it = real(*args, **kwargs)
+  def __next__(self):
+    batch = next(self._it)
+    return batch.replace(images=batch.images * jnp.nan) if self._it.step == poisoned else batch
 
-    def __next__(self):
-      batch = next(self._it)
-      if self._it.step == POISONED_STEP:
-        batch = dict(batch, images=batch['images'] * jnp.nan)
-      return batch
+  def state(self):
+    return self._it.state()
 
-    def state(self):
-      return self._it.state()
 
-  monkeypatch.setattr(loop.data_lib, 'make_train_iterator', Poisoned)
+loop.data_lib.make_train_iterator = Poisoned
+for name, skips in (('skips', 1), ('stops', 0)):
+  config = module.get_config(f'steps=8,batch=4,train_images=40,eval_images=8,cache={cache}')
+  config.eval.at_end, config.train.skip_nonfinite_steps = False, skips
+  try:
+    loop.train_and_evaluate(config, f'{cache}/../{name}')
+    print(f'RESULT {name} finished')
+  except loop.NonFiniteLossError as e:
+    print(f'RESULT {name} stopped: {e}')
+"""
 
 
 def _logged(workdir):
@@ -53,24 +59,41 @@ def _logged(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_a_skipped_nan_batch_continues_and_without_the_key_the_run_stops(poisoned_data, tmp_path, caplog):
-  workdir = str(tmp_path / 'skips')
-  loop.train_and_evaluate(_config(tmp_path / 'shapes', skip_nonfinite_steps=1), workdir)
-  logged = _logged(workdir)
-  assert [r['step'] for r in logged] == [1, 2, 3, 4, 5] and logged[POISONED_STEP - 1]['finite'] == 0.0
+def test_a_skipped_nan_batch_continues_and_without_the_key_the_run_stops(tmp_path):
+  script = tmp_path / 'poisoned.py'
+  script.write_text(textwrap.dedent(SCRIPT))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  )
+  proc = subprocess.run(
+    [sys.executable, str(script), str(ROOT), str(tmp_path / 'shapes'), str(POISONED_STEP)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
+
+  # With skip_nonfinite_steps=1 the NaN step is logged, skipped, and training goes on to the end.
+  assert results[0] == 'RESULT skips finished'
+  logged = _logged(tmp_path / 'skips')
+  assert [r['step'] for r in logged] == list(range(1, 9)) and logged[POISONED_STEP - 1]['finite'] == 0.0
   assert all(r['finite'] == 1.0 for r in logged if r['step'] != POISONED_STEP)
-  assert f'step {POISONED_STEP}: non-finite' in caplog.text and 'update skipped' in caplog.text
-  assert '5' in os.listdir(os.path.join(workdir, 'checkpoints'))
+  assert f'step {POISONED_STEP}: non-finite' in proc.stderr and 'update skipped' in proc.stderr
+  assert '8' in os.listdir(tmp_path / 'skips' / 'checkpoints')
 
   # The run recorded itself: its config (the same when loaded back) and the training set's classes.
-  saved = run_record.load_config(workdir)
-  assert saved.train.skip_nonfinite_steps == 1 and saved.model.to_dict() == _config('').model.to_dict()
-  run = run_record.load_run(workdir)
+  saved = run_record.load_config(str(tmp_path / 'skips'))
+  assert saved.train.skip_nonfinite_steps == 1 and saved.model.num_classes == 5
+  run = run_record.load_run(str(tmp_path / 'skips'))
   assert run['classes']['names'] == ['circle', 'square', 'triangle', 'cross', 'ring']
   assert run['classes']['category_ids'] == [3, 7, 11, 15, 19] and run['starts'][0]['step'] == 0
 
-  stopped = str(tmp_path / 'stops')
-  with pytest.raises(loop.NonFiniteLossError, match=rf'at step {POISONED_STEP}: .*loss') as e:
-    loop.train_and_evaluate(_config(tmp_path / 'shapes'), stopped)
-  assert 'last good checkpoint' in str(e.value)
-  assert sorted(os.listdir(os.path.join(stopped, 'checkpoints'))) == ['2']  # nothing written after the NaN step
+  # Without the key the run stops at that step, naming it and the term, and writes no checkpoint after it.
+  assert results[1].startswith(f'RESULT stops stopped: non-finite training values at step {POISONED_STEP}: ')
+  assert 'loss' in results[1] and 'last good checkpoint' in results[1]
+  assert sorted(os.listdir(tmp_path / 'stops' / 'checkpoints')) == ['2']
