@@ -3,7 +3,9 @@
 import os
 
 # Must happen before jax is imported anywhere in the test process.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+import xla_env  # noqa: E402  (tests/ is on sys.path: this conftest's folder)
+
+os.environ.setdefault('XLA_FLAGS', xla_env.xla_flags(8))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # tests run on CPU; keeps TF/JAX off any local GPU
 # One persistent compilation cache for the whole run, shared with the subprocesses the CLI and multi-host tests

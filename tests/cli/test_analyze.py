@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import xla_env
 
 pytest.importorskip('conret_jax.data.pipeline')
 
@@ -69,7 +70,7 @@ def test_analyze_writes_the_figures_and_json_and_compares_two_runs(make_saved_ru
     make_saved_run(config, workdirs[name], 4, layout=layout)
   before = {name: _files(w) for name, w in workdirs.items()}
   out = tmp_path / 'out'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = xla_env.cpu_env(1)
   args = [f'--workdir={workdirs["conret"]}', f'--output={out}', '--num_images=6', f'--compare={workdirs["retina"]}']
   proc = subprocess.run(
     [sys.executable, '-m', 'conret_jax.cli.analyze', *args], capture_output=True, text=True, timeout=600, env=env

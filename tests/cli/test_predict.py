@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import xla_env
 from PIL import Image
 
 for _module in (
@@ -113,7 +114,7 @@ def test_predict_command_line(trained_workdir, tmp_path, tiny_overrides):
   )
   _write_images(str(tmp_path / 'in'))
   out = tmp_path / 'out'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  env = xla_env.cpu_env(1)
   proc = subprocess.run(
     [
       sys.executable,

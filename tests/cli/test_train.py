@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,8 +20,8 @@ def setup(tmp_path_factory):
   config = os.path.join(REPO, 'tests', 'configs', f'tiny_shapes.py:steps=8,batch=4,cache={root / "shapes"}')
   env = dict(
     os.environ,
+    XLA_FLAGS=xla_env.xla_flags(1),
     JAX_PLATFORMS='cpu',
-    XLA_FLAGS='--xla_force_host_platform_device_count=1',
     # The test-wide compilation cache (tests/conftest.py): the runs here, tests/train/test_loop.py and
     # tests/cli/test_analyze.py compile the same one-device programs.
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, 'configs', 'shapes_demo.py')
@@ -25,7 +26,7 @@ def _command(tool) -> list:
 
 
 def _run(tool, args, cwd, **env):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1', **env)
+  env = xla_env.cpu_env(1, **env)
   env.pop('CONRET_DEBUG', None)
   return subprocess.run([*_command(tool), *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
 

@@ -28,6 +28,7 @@ import float_noise
 import jax
 import numpy as np
 import pytest
+import xla_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / 'launch' / 'local_multiprocess.py'
@@ -77,7 +78,7 @@ def _env(devices: int | None = None) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith('CONRET_')}
   env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   if devices is not None:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env['XLA_FLAGS'] = xla_env.xla_flags(devices)
   return env
 
 

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 
+import xla_env
+
 from conret_jax import run_record
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -64,8 +66,8 @@ def test_a_skipped_nan_batch_continues_and_without_the_key_the_run_stops(tmp_pat
   script.write_text(textwrap.dedent(SCRIPT))
   env = dict(
     os.environ,
+    XLA_FLAGS=xla_env.xla_flags(1),
     JAX_PLATFORMS='cpu',
-    XLA_FLAGS='--xla_force_host_platform_device_count=1',
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
   )
   proc = subprocess.run(
