@@ -13,6 +13,7 @@ def tiny_config_overrides() -> dict:
     'model.backbone.depth': 18,
     'model.backbone.width': 8,
     'model.fpn.channels': 16,
+    'model.fpn.max_level': 5,  # P3-P5: faster to compile (P6-P7 are tested in tests/model)
     'model.head.channels': 16,
     'model.head.num_convs': 1,
     'data.image_size': 128,

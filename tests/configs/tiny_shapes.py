@@ -1,5 +1,5 @@
 """The demo (configs/shapes_demo.py) shrunk for tests that run the real command-line tools: a width-8 ResNet-18,
-16-channel FPN and head, 128x128 inputs, a few dozen synthetic images.
+16-channel FPN (P3-P5) and head, 128x128 inputs, a few dozen synthetic images.
 
   --config=tests/configs/tiny_shapes.py:steps=8,batch=4,train_images=48,eval_images=8,cache=/tmp/shapes
 """
@@ -20,6 +20,7 @@ def get_config(arg=None):
   c = shapes_demo.get_config(f'steps={args.steps}')
   c.model.backbone.width = 8
   c.model.fpn.channels = 16
+  c.model.fpn.max_level = 5  # P3-P5: two fewer levels to trace and compile (P6-P7: tests/model)
   c.model.head.channels = 16
   c.model.head.num_convs = 1
   c.data.image_size = 128
