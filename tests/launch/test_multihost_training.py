@@ -328,8 +328,9 @@ def test_the_comparison_catches_real_bugs(runs, initial_state):
   want_metrics = _metrics(runs['b'])[:2]
   want_state, _ = _restore(config, runs['b'], 2, jax.devices()[:1])
 
+  train_step = step_lib.make_train_step(model, config, mesh, shardings)  # one compile for both variants
+
   def run(lose_shard=False):
-    train_step = step_lib.make_train_step(model, config, mesh, shardings)
     state = jax.device_put(initial_tree, shardings)
     logged = []
     for batch in batches:
