@@ -15,7 +15,8 @@ and whole collections by one relative L2 norm, so that a few ill-conditioned ent
 1e-7 entry) cannot decide the verdict while any real bug moves all of them.
 
 Measured with `python tests/float_noise.py --steps=6` (the multi-host tests' tiny model and data on fake CPU
-devices; 2-core AMD EPYC, jax 0.10.2, 2026-11-25). Largest relative error against the 1-device run:
+devices; 2-core AMD EPYC, jax 0.10.2, 2026-11-25), first at XLA's default optimization level with FPN P3-P7, before
+the tests moved to tests/xla_env.py's settings. Largest relative error against the 1-device run:
 
   variant                    steps 1-3  step 4     step 5     step 6     state, step 2      state, step 4
   4 devices (other order)    <= 3e-7    gn 3.7e-4  cls1 8e-3  gn 7.9e-2  opt 1e-6 par 3e-6  opt 2.1e-3 par 7.5e-4
@@ -25,8 +26,19 @@ devices; 2-core AMD EPYC, jax 0.10.2, 2026-11-25). Largest relative error agains
   per-device norm. (bug)     step 1: loss 3.0 (x4; the gradient is clipped)  opt 0.62 par 0.56  opt 1.3  par 0.86
 
 (gn = grad_norm, cls1 = cls_loss_1, opt = optimizer state, par = parameter updates.) On an Intel Xeon the 2x2 vs
-1x4 runs differed by 1.2e-4 in grad_norm at step 4, inside what the 4-device variant shows here. The tolerances below
-sit well above the noise and well below the bugs:
+1x4 runs differed by 1.2e-4 in grad_norm at step 4, inside what the 4-device variant shows here.
+Again at the tests' settings (tests/xla_env.py: optimization level 0; tiny_shapes with FPN P3-P5), 19:56 UTC:
+
+  variant                    steps 1-3  step 4     step 5     step 6     state, step 2      state, step 4
+  4 devices (= 4 reversed)   <= 2.6e-7  8.7e-7     gn 4.9e-3  cls1 1.8e-2 opt 1e-6 par 3e-6  opt 2.9e-4 par 1.0e-4
+  8 devices                  <= 3.1e-7  7.9e-7     gn 4.9e-3  cls1 1.8e-2 opt 2e-5 par 1e-5  opt 2.9e-4 par 1.0e-4
+  1 ulp on every parameter   <= 4.6e-7  2.1e-7     gn 4.9e-3  cls1 1.8e-2 opt 2e-6           opt 2.9e-4 par 1.0e-4
+  lost batch shard (bug)     step 1: num_pos_0 2e-2, gn 9e-3, loss 1e-3  opt 0.58 par 0.53  opt 0.75 par 0.60
+  per-device norm. (bug)     step 1: loss 3.0                            opt 0.62 par 0.56  opt 1.3  par 0.87
+
+Every perturbed run agrees with every other from step 4 on: the 1-device reference alone sits on the other side of
+one refined-label flip there. The comparisons stop at step 4 (metrics, parameters) and step 2 (optimizer state).
+The tolerances below sit well above the noise and well below the bugs (margins from the first table):
 
   metric / state                            tolerance   noise margin                  bug margin
   num_pos_0, learning_rate                  exact       a function of the data/step   -
@@ -253,7 +265,9 @@ def main(argv=None) -> None:
   parser.add_argument('--json', default='')
   parser.add_argument('--variants', default='', help='comma-separated subset (default: all)')
   args = parser.parse_args(argv)
-  os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  import xla_env  # the tests' XLA settings (tests/xla_env.py): the noise the tolerances must cover
+
+  os.environ.setdefault('XLA_FLAGS', xla_env.xla_flags(8))
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   summary = summarize(run_variants(args.steps, pathlib.Path(args.cache), [v for v in args.variants.split(',') if v]))
   for name, steps in summary.items():
