@@ -6,7 +6,7 @@
 The dataset (overlapping shapes of several classes told apart by form, with inter-class occlusion, the situation
 of the paper's Figure 2) is generated on first use into ~/.cache/conret_jax/shapes. A narrow ResNet-18 trained from
 scratch with GroupNorm, 256x256 inputs, 4000 training images, 800 steps of batch 16: the whole run, evaluation
-included, took under 9 minutes on two CPU cores and reached AP 0.715 (README; bench/RESULTS.md has the RetinaNet
+included, took under 9 minutes on two CPU cores and reaches AP 72.1 (README; bench/RESULTS.md has the RetinaNet
 baseline on the same budget).
 """
 
