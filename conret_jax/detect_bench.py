@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import conret_jax
-from conret_jax import detectors
-from conret_jax.core import nms
+from conret_jax import detectors, inference
 from conret_jax.data import sizes
 from conret_jax.model import detector as detector_lib
 
@@ -64,16 +63,7 @@ def run_detect_bench(config, steps: int) -> dict:
 
   def post(outputs):
     logits, boxes = detector.decode(outputs, anchors)
-    return nms.postprocess(
-      logits,
-      boxes,
-      detector.level_counts(hw),
-      hw,
-      score_threshold=e.score_threshold,
-      topk_per_level=e.topk_per_level,
-      nms_iou=e.nms_iou,
-      max_detections=e.max_detections,
-    )
+    return inference.postprocess(detector, logits, boxes, hw, e)
 
   outputs = forward(variables, images)
   forward_s = _timed(forward, (variables, images), steps)
