@@ -18,10 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('train_e2e')
   config = os.path.join(REPO, 'tests', 'configs', f'tiny_shapes.py:steps=8,batch=4,cache={root / "shapes"}')
-  env = dict(
-    os.environ,
-    XLA_FLAGS=xla_env.xla_flags(1),
-    JAX_PLATFORMS='cpu',
+  env = xla_env.cpu_env(
+    1,
     # The test-wide compilation cache (tests/conftest.py): the runs here, tests/train/test_loop.py and
     # tests/cli/test_analyze.py compile the same one-device programs.
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',

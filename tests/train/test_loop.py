@@ -64,12 +64,7 @@ def _logged(workdir):
 def test_a_skipped_nan_batch_continues_and_without_the_key_the_run_stops(tmp_path):
   script = tmp_path / 'poisoned.py'
   script.write_text(textwrap.dedent(SCRIPT))
-  env = dict(
-    os.environ,
-    XLA_FLAGS=xla_env.xla_flags(1),
-    JAX_PLATFORMS='cpu',
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-  )
+  env = xla_env.cpu_env(1, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   proc = subprocess.run(
     [sys.executable, str(script), str(ROOT), str(tmp_path / 'shapes'), str(POISONED_STEP)],
     capture_output=True,
