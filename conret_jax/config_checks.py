@@ -12,6 +12,7 @@ from conret_jax.data import sizes
 from conret_jax.defaults import schedule_steps
 from conret_jax.detectors import FAMILIES
 from conret_jax.errors import ConfigError
+from conret_jax.model.conv_lowering import CONV_LOWERINGS
 from conret_jax.model.detector import COMPUTE_DTYPES as _DTYPES
 from conret_jax.model.detector import MATMUL_PRECISIONS
 from conret_jax.model.heads import VARIANTS as _VARIANTS
@@ -44,6 +45,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(
     m.matmul_precision in MATMUL_PRECISIONS,
     f'config.model.matmul_precision={m.matmul_precision!r} must be one of {tuple(MATMUL_PRECISIONS)}',
+  )
+  _check(
+    m.conv_lowering in CONV_LOWERINGS,
+    f'config.model.conv_lowering={m.conv_lowering!r} must be one of {CONV_LOWERINGS}',
   )
   _check(
     3 <= m.fpn.min_level <= 5 <= m.fpn.max_level,

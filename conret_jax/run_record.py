@@ -24,7 +24,12 @@ CONFIG_FILE = 'config.json'
 RUN_FILE = 'run.json'
 # Keys that may differ between the run that wrote a checkpoint and a later reader: they change numerics or inference
 # only (Table 3's "2*" evaluates a 2-regression model with one regression step).
-RUNTIME_KEYS = ('model.compute_dtype', 'model.matmul_precision', 'consistent.inference_reg_steps')
+RUNTIME_KEYS = (
+  'model.compute_dtype',
+  'model.matmul_precision',
+  'model.conv_lowering',
+  'consistent.inference_reg_steps',
+)
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:

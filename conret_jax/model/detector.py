@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from conret_jax import stages
 from conret_jax.core import boxes as box_ops
 from conret_jax.defaults import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
+from conret_jax.model import conv_lowering
 from conret_jax.model.anchor_spec import AnchorSpec
 from conret_jax.model.fpn import FPN, fpn_from_config
 from conret_jax.model.heads import RetinaHead
@@ -73,6 +74,7 @@ class RetinaNet(nn.Module):
     m = config.model
     dtype = compute_dtype(m)
     precision = matmul_precision(m)
+    lowering = conv_lowering.resolve(m.conv_lowering)
     h = m.head
     if h.variant == 'gated_cascade' and h.channels != m.fpn.channels:
       raise ValueError('gated_cascade adds tower features to FPN features: head.channels must equal fpn.channels')
@@ -89,8 +91,8 @@ class RetinaNet(nn.Module):
       precision=precision,
     )
     return cls(
-      backbone=resnet_from_config(m.backbone, dtype, precision),
-      fpn=fpn_from_config(m.fpn, dtype, precision),
+      backbone=resnet_from_config(m.backbone, dtype, precision, lowering),
+      fpn=fpn_from_config(m.fpn, dtype, precision, lowering),
       head=head,
       pixel_mean=tuple(float(v) for v in m.pixel_mean),
       pixel_std=tuple(float(v) for v in m.pixel_std),

@@ -32,6 +32,7 @@ class FPN(nn.Module):
   p6_from: str = 'c5'
   dtype: Any = jnp.float32
   precision: Any = None
+  conv_lowering: str = 'xla'  # 'xla' | 'matmul' (conret_jax/model/conv_lowering.py)
 
   @nn.compact
   def __call__(self, features):
@@ -42,7 +43,15 @@ class FPN(nn.Module):
     if self.p6_from not in ('c5', 'p5'):
       raise ValueError(f"fpn.p6_from must be 'c5' or 'p5', got {self.p6_from!r}")
     mk = lambda k, s, name: conv(
-      self.channels, k, s, self.dtype, name, use_bias=True, kernel_init=_kaiming_uniform_a1, precision=self.precision
+      self.channels,
+      k,
+      s,
+      self.dtype,
+      name,
+      use_bias=True,
+      kernel_init=_kaiming_uniform_a1,
+      precision=self.precision,
+      lowering=self.conv_lowering,
     )
     c = dict(zip((3, 4, 5), features))
     outputs = {}
@@ -68,7 +77,7 @@ class FPN(nn.Module):
     return tuple(outputs[level] for level in range(self.min_level, self.max_level + 1))
 
 
-def fpn_from_config(fpn_config, dtype, precision=None) -> FPN:
+def fpn_from_config(fpn_config, dtype, precision=None, conv_lowering='xla') -> FPN:
   f = fpn_config
   return FPN(
     channels=f.channels,
@@ -77,5 +86,6 @@ def fpn_from_config(fpn_config, dtype, precision=None) -> FPN:
     p6_from=f.p6_from,
     dtype=dtype,
     precision=precision,
+    conv_lowering=conv_lowering,
     name='fpn',
   )

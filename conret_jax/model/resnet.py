@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from conret_jax.model.conv_lowering import conv_function
+
 BN_EPS = 1e-5  # torchvision BatchNorm2d / FrozenBatchNorm2d
 GN_EPS = 1e-5
 
@@ -75,9 +77,11 @@ def conv(
   kernel_init=_kaiming_fan_out,
   bias_init=nn.initializers.zeros,
   precision=None,
+  lowering: str = 'xla',
 ) -> nn.Conv:
   """A square conv with torchvision's symmetric padding (k // 2 each side), float32 params. `precision` is the
-  matmul precision of the convolution (None: the platform's default; see model.matmul_precision)."""
+  matmul precision of the convolution (None: the platform's default; see model.matmul_precision); `lowering` how it
+  reaches the compiler ('xla' | 'matmul', resolved from model.conv_lowering; conret_jax/model/conv_lowering.py)."""
   pad = kernel // 2
   return nn.Conv(
     features,
@@ -90,6 +94,7 @@ def conv(
     kernel_init=kernel_init,
     bias_init=bias_init,
     precision=precision,
+    conv_general_dilated=conv_function(lowering),
     name=name,
   )
 
@@ -156,19 +161,17 @@ class BasicBlock(nn.Module):
   frozen: bool = False
   stride_in_1x1: bool = False  # unused: a basic block has no 1x1
   precision: Any = None
+  conv_lowering: str = 'xla'  # 'xla' | 'matmul' (conret_jax/model/conv_lowering.py)
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = lambda name: Norm(self.norm, self.frozen, name=name)
-    y = conv(self.features, 3, self.stride, self.dtype, 'conv1', precision=self.precision)(x)
-    y = nn.relu(norm('norm1')(y, train))
-    y = conv(self.features, 3, 1, self.dtype, 'conv2', precision=self.precision)(y)
-    y = norm('norm2')(y, train)
+    mk = lambda f, k, s, name: conv(f, k, s, self.dtype, name, precision=self.precision, lowering=self.conv_lowering)
+    y = nn.relu(norm('norm1')(mk(self.features, 3, self.stride, 'conv1')(x), train))
+    y = norm('norm2')(mk(self.features, 3, 1, 'conv2')(y), train)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = norm('downsample_norm')(
-        conv(self.features, 1, self.stride, self.dtype, 'downsample_conv', precision=self.precision)(x), train
-      )
+      shortcut = norm('downsample_norm')(mk(self.features, 1, self.stride, 'downsample_conv')(x), train)
     return nn.relu(y + shortcut)
 
 
@@ -183,20 +186,20 @@ class Bottleneck(nn.Module):
   frozen: bool = False
   stride_in_1x1: bool = False
   precision: Any = None
+  conv_lowering: str = 'xla'  # 'xla' | 'matmul' (conret_jax/model/conv_lowering.py)
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = lambda name: Norm(self.norm, self.frozen, name=name)
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     out = self.features * 4
-    y = nn.relu(norm('norm1')(conv(self.features, 1, s1, self.dtype, 'conv1', precision=self.precision)(x), train))
-    y = nn.relu(norm('norm2')(conv(self.features, 3, s3, self.dtype, 'conv2', precision=self.precision)(y), train))
-    y = norm('norm3')(conv(out, 1, 1, self.dtype, 'conv3', precision=self.precision)(y), train)
+    mk = lambda f, k, s, name: conv(f, k, s, self.dtype, name, precision=self.precision, lowering=self.conv_lowering)
+    y = nn.relu(norm('norm1')(mk(self.features, 1, s1, 'conv1')(x), train))
+    y = nn.relu(norm('norm2')(mk(self.features, 3, s3, 'conv2')(y), train))
+    y = norm('norm3')(mk(out, 1, 1, 'conv3')(y), train)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out:
-      shortcut = norm('downsample_norm')(
-        conv(out, 1, self.stride, self.dtype, 'downsample_conv', precision=self.precision)(x), train
-      )
+      shortcut = norm('downsample_norm')(mk(out, 1, self.stride, 'downsample_conv')(x), train)
     return nn.relu(y + shortcut)
 
 
@@ -212,6 +215,7 @@ class ResNetStage(nn.Module):
   frozen: bool
   stride_in_1x1: bool
   precision: Any = None
+  conv_lowering: str = 'xla'  # 'xla' | 'matmul' (conret_jax/model/conv_lowering.py)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -225,6 +229,7 @@ class ResNetStage(nn.Module):
         self.frozen,
         self.stride_in_1x1,
         precision=self.precision,
+        conv_lowering=self.conv_lowering,
         name=f'block{j}',
       )(x, train)
     return x
@@ -244,6 +249,7 @@ class ResNet(nn.Module):
   stride_in_1x1: bool = False
   dtype: Any = jnp.float32
   precision: Any = None
+  conv_lowering: str = 'xla'  # 'xla' | 'matmul' (conret_jax/model/conv_lowering.py)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -251,7 +257,7 @@ class ResNet(nn.Module):
       raise ValueError(f'backbone.depth must be one of {sorted(DEPTHS)}, got {self.depth}')
     frozen = frozen_module_names(self.freeze_at)
     block, counts = DEPTHS[self.depth]
-    x = conv(self.width, 7, 2, self.dtype, 'conv1', precision=self.precision)(x)
+    x = conv(self.width, 7, 2, self.dtype, 'conv1', precision=self.precision, lowering=self.conv_lowering)(x)
     x = nn.relu(Norm(self.norm, 'norm1' in frozen, name='norm1')(x, train))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
     if self.freeze_at >= 1:
@@ -269,6 +275,7 @@ class ResNet(nn.Module):
         name in frozen,
         self.stride_in_1x1,
         precision=self.precision,
+        conv_lowering=self.conv_lowering,
         name=name,
       )(x, train)
       if name in frozen:
@@ -277,7 +284,7 @@ class ResNet(nn.Module):
     return tuple(outputs[1:])
 
 
-def resnet_from_config(backbone_config, dtype, precision=None) -> ResNet:
+def resnet_from_config(backbone_config, dtype, precision=None, conv_lowering='xla') -> ResNet:
   """The ResNet of config.model.backbone."""
   b = backbone_config
   if b.norm not in NORMS:
@@ -290,6 +297,7 @@ def resnet_from_config(backbone_config, dtype, precision=None) -> ResNet:
     stride_in_1x1=b.stride_in_1x1,
     dtype=dtype,
     precision=precision,
+    conv_lowering=conv_lowering,
     name='backbone',
   )
 

@@ -157,23 +157,29 @@ def test_bad_settings():
 
 
 def _convolutions(jaxpr):
+  """Every convolution of a jaxpr, and every matrix product (model.conv_lowering='matmul' lowers convs to them)."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'conv_general_dilated':
+    if eqn.primitive.name in ('conv_general_dilated', 'dot_general'):
       yield eqn
     for sub in jex_core.jaxprs_in_params(eqn.params):
       yield from _convolutions(sub)
 
 
+@pytest.mark.parametrize('lowering', ['xla', 'matmul'])
 @pytest.mark.parametrize('name,want', [('default', None), ('highest', jax.lax.Precision.HIGHEST)])
-def test_matmul_precision_reaches_every_convolution(name, want):
+def test_matmul_precision_reaches_every_convolution(name, want, lowering):
   """model.matmul_precision='highest' asks for full float32 in every conv of the network, backbone, FPN and head,
-  forward and backward (GPUs otherwise run float32 convolutions in TF32)."""
-  config = ref.tiny_config(**{'model.matmul_precision': name, 'consistent.enabled': True})
+  forward and backward (GPUs otherwise run float32 convolutions in TF32), under either conv lowering."""
+  config = ref.tiny_config(
+    **{'model.matmul_precision': name, 'consistent.enabled': True, 'model.conv_lowering': lowering}
+  )
   model = detector.build_model(config)
   variables = _shapes(config)
   images = jnp.zeros((1, 128, 128, 3))
   loss = lambda v: sum(jnp.sum(o) for o in jax.tree.leaves(model.apply(v, images)))
   convs = list(_convolutions(jax.make_jaxpr(jax.grad(loss))(variables).jaxpr))
   assert len(convs) > 40
+  kinds = {eqn.primitive.name for eqn in convs}
+  assert kinds == ({'conv_general_dilated'} if lowering == 'xla' else {'conv_general_dilated', 'dot_general'}), kinds
   precisions = {eqn.params['precision'] for eqn in convs}
   assert precisions == ({None} if want is None else {(want, want)}), precisions

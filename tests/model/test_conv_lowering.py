@@ -1,0 +1,104 @@
+"""model.conv_lowering: convolutions as matrix products give the convolution, its gradients and the network's outputs
+of lax.conv_general_dilated, checked against a float64 NumPy convolution."""
+
+import jax
+import jax.numpy as jnp
+import model_reference as ref
+import numpy as np
+import pytest
+
+from conret_jax import config_checks
+from conret_jax.errors import ConfigError
+from conret_jax.model import conv_lowering, detector
+
+DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _lax_dn(rank=4):
+  return jax.lax.conv_dimension_numbers((1,) * rank, (1,) * rank, DN)
+
+
+def _conv(fn, x, w, stride):
+  k = w.shape[0]
+  return fn(x, w, (stride, stride), ((k // 2, k // 2), (k // 2, k // 2)), dimension_numbers=_lax_dn())
+
+
+# (kernel, stride, H, W): square and odd sides, so a strided window's last row/column and the padding are exercised.
+CASES = [(1, 1, 9, 8), (1, 2, 9, 8), (3, 2, 9, 8), (3, 2, 8, 8), (7, 2, 11, 10), (3, 1, 9, 8)]
+
+
+@pytest.mark.parametrize('kernel,stride,h,w', CASES)
+def test_matmul_conv_is_the_convolution(kernel, stride, h, w):
+  rng = np.random.default_rng(kernel * 10 + stride)
+  x = rng.normal(size=(2, h, w, 5)).astype(np.float32)
+  k = rng.normal(size=(kernel, kernel, 5, 6)).astype(np.float32)
+  got = _conv(conv_lowering.matmul_conv, jnp.asarray(x), jnp.asarray(k), stride)
+  want = ref.conv(x, np.transpose(k, (3, 2, 0, 1)), stride=stride)  # the reference takes torch's OIHW
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kernel,stride,h,w', CASES)
+def test_matmul_conv_gradients_match_xla(kernel, stride, h, w):
+  rng = np.random.default_rng(kernel * 10 + stride + 1)
+  x = jnp.asarray(rng.normal(size=(2, h, w, 5)).astype(np.float32))
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 6)).astype(np.float32))
+  cot = jnp.asarray(rng.normal(size=_conv(jax.lax.conv_general_dilated, x, k, stride).shape).astype(np.float32))
+
+  def grads(fn):
+    _, vjp = jax.vjp(lambda x, k: _conv(fn, x, k, stride), x, k)
+    return vjp(cot)
+
+  for got, want in zip(grads(conv_lowering.matmul_conv), grads(jax.lax.conv_general_dilated)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_other_convolutions_go_to_xla_unchanged():
+  """Dilated, grouped and stride-1 kxk convolutions are lax.conv_general_dilated itself in the jaxpr."""
+  x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+  pad = ((1, 1), (1, 1))
+  calls = [
+    lambda: conv_lowering.matmul_conv(x, k, (1, 1), pad, dimension_numbers=_lax_dn()),
+    lambda: conv_lowering.matmul_conv(x, k, (2, 2), pad, rhs_dilation=(2, 2), dimension_numbers=_lax_dn()),
+    lambda: conv_lowering.matmul_conv(x, k[:, :, :2], (2, 2), pad, feature_group_count=2, dimension_numbers=_lax_dn()),
+    lambda: conv_lowering.matmul_conv(x, k, (2, 2), 'SAME', dimension_numbers=_lax_dn()),
+  ]
+  for call in calls:
+    names = {e.primitive.name for e in jax.make_jaxpr(call)().jaxpr.eqns}
+    assert 'conv_general_dilated' in names and 'dot_general' not in names, names
+  strided = jax.make_jaxpr(lambda: conv_lowering.matmul_conv(x, k, (2, 2), pad, dimension_numbers=_lax_dn()))()
+  names = {e.primitive.name for e in strided.jaxpr.eqns}
+  assert 'dot_general' in names and 'conv_general_dilated' not in names, names
+
+
+def test_resolve():
+  assert conv_lowering.resolve('auto', 'cpu') == 'matmul'
+  assert conv_lowering.resolve('auto', 'gpu') == 'xla'
+  assert conv_lowering.resolve('auto', 'tpu') == 'xla'
+  assert conv_lowering.resolve('xla', 'cpu') == 'xla'
+  assert conv_lowering.resolve('matmul', 'gpu') == 'matmul'
+  with pytest.raises(ValueError, match='conv_lowering'):
+    conv_lowering.resolve('im2col')
+  with pytest.raises(ConfigError, match='config.model.conv_lowering'):
+    config_checks.validate(ref.tiny_config(**{'model.conv_lowering': 'im2col'}))
+
+
+def test_network_is_the_same_under_both_lowerings():
+  """Same parameter tree (a checkpoint loads under either), same outputs and gradients up to float summation order,
+  for a bottleneck backbone with a strided 3x3 and projection shortcuts, FPN laterals and the P6/P7 convs."""
+  configs = {low: ref.tiny_config(depth=50, **{'model.conv_lowering': low}) for low in ('xla', 'matmul')}
+  models = {low: detector.build_model(c) for low, c in configs.items()}
+  variables = detector.init_variables(models['xla'], jax.random.key(0), (128, 128))
+  other = jax.eval_shape(lambda: detector.init_variables(models['matmul'], jax.random.key(0), (128, 128)))
+  assert jax.tree.structure(other) == jax.tree.structure(variables)
+  images = jax.random.uniform(jax.random.key(1), (2, 128, 128, 3), maxval=255.0)
+
+  def loss(params, model):
+    out = model.apply({**variables, 'params': params}, images)
+    return sum(jnp.mean(leaf**2) for leaf in jax.tree.leaves(out))
+
+  got = {low: jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables['params'], m) for low, m in models.items()}
+  np.testing.assert_allclose(float(got['matmul'][0]), float(got['xla'][0]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got['matmul'][1]), jax.tree.leaves(got['xla'][1])):
+    scale = float(jnp.max(jnp.abs(b))) + 1e-12
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * scale, (float(jnp.max(jnp.abs(a - b))), scale)
