@@ -1,6 +1,7 @@
 """Our train step against torchvision's RetinaNet train step, side by side in one process, on the same machine.
 
   python bench/step_vs_torchvision.py [--size=512] [--batch=2] [--pairs=3] [--steps=3] [--json_out=FILE]
+      [--also_lowering=xla]
   XLA_FLAGS=--xla_cpu_use_onednn=true python bench/step_vs_torchvision.py ...   # an XLA:CPU variant
 
 Needs torch and torchvision (a separate venv with this package installed, as for the parity test). Both sides train
@@ -77,7 +78,7 @@ def torchvision_step(size, batch, rng):
   return step
 
 
-def our_runner(size, batch, consistent):
+def our_runner(size, batch, consistent, lowering='auto'):
   from conret_jax.train import bench
 
   spec = importlib.util.spec_from_file_location('tv_cfg', os.path.join(ROOT, 'configs', 'retinanet_torchvision.py'))
@@ -87,8 +88,16 @@ def our_runner(size, batch, consistent):
   config.data.resize, config.data.image_size = 'square', size
   config.train.global_batch_size = config.eval.global_batch_size = batch
   config.consistent.enabled = consistent
+  config.model.conv_lowering = lowering
   config.model.backbone.allow_random_frozen = True  # random weights are all a timing needs
   return bench.StepRunner(config, (size, size), jax.devices()[:1])
+
+
+def jax_conv_lowering():
+  """What model.conv_lowering='auto' (the 'retinanet' and 'conretinanet' columns) resolves to here."""
+  from conret_jax.model import conv_lowering
+
+  return conv_lowering.resolve('auto')
 
 
 def main(argv=None):
@@ -98,11 +107,18 @@ def main(argv=None):
   parser.add_argument('--pairs', type=int, default=3)
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--json_out', default='')
+  parser.add_argument(
+    '--also_lowering',
+    default='',
+    help="also time RetinaNet with this model.conv_lowering (e.g. 'xla': the lowering before 'auto' existed)",
+  )
   args = parser.parse_args(argv)
   import torch
 
   tv = torchvision_step(args.size, args.batch, np.random.default_rng(0))
   ours = {name: our_runner(args.size, args.batch, name == 'conretinanet') for name in ('retinanet', 'conretinanet')}
+  if args.also_lowering:
+    ours[f'retinanet/{args.also_lowering}'] = our_runner(args.size, args.batch, False, args.also_lowering)
   steps = {'torchvision': tv, **{k: (lambda r=r: r.run(1)) for k, r in ours.items()}}
   for step in steps.values():  # warm-up (torch's first steps allocate; ours ran one after compiling)
     step()
@@ -131,6 +147,7 @@ def main(argv=None):
     torch_threads=torch.get_num_threads(),
     jax=jax.__version__,
     xla_flags=os.environ.get('XLA_FLAGS', ''),
+    conv_lowering=jax_conv_lowering(),
     step_tflops=ours['retinanet'].flops / 1e12,
   )
   print('| variant | wall median s (min) | CPU median s |\n|---|---|---|')

@@ -24,7 +24,10 @@ def _conv_flops(eqn) -> float:
   rhs_spec = eqn.params['dimension_numbers'].rhs_spec  # (out feature, in feature, spatial...)
   window = math.prod(rhs[d] for d in rhs_spec[2:])
   in_per_group = rhs[rhs_spec[1]]  # the kernel's input-feature dim already is the per-group count
-  return 2.0 * math.prod(out) * window * in_per_group
+  # The input gradient of a strided convolution is a convolution over the output gradient with zeros inserted between
+  # its elements (lhs_dilation = stride): only 1 in prod(lhs_dilation) of its window positions multiplies a value.
+  inserted_zeros = math.prod(eqn.params.get('lhs_dilation') or (1,))
+  return 2.0 * math.prod(out) * window * in_per_group / inserted_zeros
 
 
 def _dot_flops(eqn) -> float:

@@ -11,6 +11,7 @@ import numpy as np
 import conret_jax
 from conret_jax import flops
 from conret_jax import mesh as mesh_lib
+from conret_jax.model import conv_lowering
 from conret_jax.train import bench
 from conret_jax.train import state as state_lib
 
@@ -40,6 +41,19 @@ def test_a_convolution_and_a_matrix_product_count_two_flops_per_multiply_add():
   assert flops.count_flops(jax.grad(lambda a, b: jnp.sum(a @ b), (0, 1)), jnp.zeros((4, 6)), jnp.zeros((6, 5))) == (
     3 * 2 * 4 * 6 * 5
   )
+
+
+def test_a_strided_convolution_counts_its_multiplies_forward_and_backward():
+  """Forward, input gradient and kernel gradient of a stride-2 conv: three times the forward's multiply-adds. XLA
+  writes the input gradient as a convolution over a zero-dilated output gradient: its zeros are not counted. A 1x1
+  lowered to matrix products (model.conv_lowering='matmul') counts the same as the convolution."""
+  x = jnp.zeros((2, 16, 12, 8))
+  dn = jax.lax.conv_dimension_numbers(x.shape, (3, 3, 8, 32), ('NHWC', 'HWIO', 'NHWC'))
+  for k, fn in ((3, jax.lax.conv_general_dilated), (1, jax.lax.conv_general_dilated), (1, conv_lowering.matmul_conv)):
+    pad = ((k // 2, k // 2), (k // 2, k // 2))
+    loss = lambda x, w: jnp.sum(fn(x, w, (2, 2), pad, dimension_numbers=dn))
+    forward_macs = (2 * 8 * 6 * 32) * (k * k * 8)
+    assert flops.count_flops(jax.grad(loss, (0, 1)), x, jnp.zeros((k, k, 8, 32))) == 3 * 2 * forward_macs, (k, fn)
 
 
 def _r50_fpn_retinanet_macs(size: int, num_classes: int, anchors: int = 9) -> int:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import model_reference as ref
 import numpy as np
 import pytest
+from jax.extend import core as jex_core
 
 from conret_jax import config_checks
 from conret_jax.errors import ConfigError
@@ -23,8 +24,8 @@ def _conv(fn, x, w, stride):
   return fn(x, w, (stride, stride), ((k // 2, k // 2), (k // 2, k // 2)), dimension_numbers=_lax_dn())
 
 
-# (kernel, stride, H, W): square and odd sides, so a strided window's last row/column and the padding are exercised.
-CASES = [(1, 1, 9, 8), (1, 2, 9, 8), (3, 2, 9, 8), (3, 2, 8, 8), (7, 2, 11, 10), (3, 1, 9, 8)]
+# (kernel, stride, H, W): odd and even sides, so a strided 1x1 keeps the last row; 3x3 and 7x7 pass through to XLA.
+CASES = [(1, 1, 9, 8), (1, 2, 9, 8), (1, 2, 8, 8), (3, 2, 9, 8), (7, 2, 11, 10), (3, 1, 9, 8)]
 
 
 @pytest.mark.parametrize('kernel,stride,h,w', CASES)
@@ -53,22 +54,40 @@ def test_matmul_conv_gradients_match_xla(kernel, stride, h, w):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
-def test_other_convolutions_go_to_xla_unchanged():
-  """Dilated, grouped and stride-1 kxk convolutions are lax.conv_general_dilated itself in the jaxpr."""
+def _primitives(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn.primitive.name
+    for sub in jex_core.jaxprs_in_params(eqn.params):
+      yield from _primitives(sub)
+
+
+def _lowered_to(call, x, k):
+  """The conv and matrix-product primitives of call(x, k) and of its gradients."""
+  grad = jax.grad(lambda x, k: jnp.sum(call(x, k)), argnums=(0, 1))
+  names = set(_primitives(jax.make_jaxpr(grad)(x, k).jaxpr))
+  return names & {'conv_general_dilated', 'dot_general'}
+
+
+def test_which_convolutions_are_lowered():
+  """Unpadded 1x1 convolutions (any stride): matrix products only, forward and backward. Everything else:
+  lax.conv_general_dilated alone."""
   x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
-  pad = ((1, 1), (1, 1))
-  calls = [
-    lambda: conv_lowering.matmul_conv(x, k, (1, 1), pad, dimension_numbers=_lax_dn()),
-    lambda: conv_lowering.matmul_conv(x, k, (2, 2), pad, rhs_dilation=(2, 2), dimension_numbers=_lax_dn()),
-    lambda: conv_lowering.matmul_conv(x, k[:, :, :2], (2, 2), pad, feature_group_count=2, dimension_numbers=_lax_dn()),
-    lambda: conv_lowering.matmul_conv(x, k, (2, 2), 'SAME', dimension_numbers=_lax_dn()),
+  dn, none = _lax_dn(), ((0, 0), (0, 0))
+  mc = conv_lowering.matmul_conv
+  for stride in (1, 2):
+    assert _lowered_to(lambda x, k: mc(x, k[:1, :1], (stride, stride), none, dimension_numbers=dn), x, k) == {
+      'dot_general'
+    }
+  unchanged = [
+    lambda x, k: mc(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn),
+    lambda x, k: mc(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn),
+    lambda x, k: mc(x, k[:1, :1], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn),
+    lambda x, k: mc(x, k[:1, :1], (2, 2), none, rhs_dilation=(2, 2), dimension_numbers=dn),
+    lambda x, k: mc(x, k[:1, :1, :2], (1, 1), none, feature_group_count=2, dimension_numbers=dn),
+    lambda x, k: mc(x, k[:1, :1], (1, 1), 'SAME', dimension_numbers=dn),
   ]
-  for call in calls:
-    names = {e.primitive.name for e in jax.make_jaxpr(call)().jaxpr.eqns}
-    assert 'conv_general_dilated' in names and 'dot_general' not in names, names
-  strided = jax.make_jaxpr(lambda: conv_lowering.matmul_conv(x, k, (2, 2), pad, dimension_numbers=_lax_dn()))()
-  names = {e.primitive.name for e in strided.jaxpr.eqns}
-  assert 'dot_general' in names and 'conv_general_dilated' not in names, names
+  for call in unchanged:
+    assert _lowered_to(call, x, k) == {'conv_general_dilated'}
 
 
 def test_resolve():
@@ -85,7 +104,7 @@ def test_resolve():
 
 def test_network_is_the_same_under_both_lowerings():
   """Same parameter tree (a checkpoint loads under either), same outputs and gradients up to float summation order,
-  for a bottleneck backbone with a strided 3x3 and projection shortcuts, FPN laterals and the P6/P7 convs."""
+  for a bottleneck backbone (1x1 convs, strided projection shortcuts) and the FPN's 1x1 laterals."""
   configs = {low: ref.tiny_config(depth=50, **{'model.conv_lowering': low}) for low in ('xla', 'matmul')}
   models = {low: detector.build_model(c) for low, c in configs.items()}
   variables = detector.init_variables(models['xla'], jax.random.key(0), (128, 128))
