@@ -10,7 +10,8 @@ from jax.extend import core as jex_core
 
 from conret_jax import config_checks
 from conret_jax.errors import ConfigError
-from conret_jax.model import conv_lowering, detector
+from conret_jax.model import conv_lowering, resnet
+from conret_jax.model import fpn as fpn_lib
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -102,21 +103,40 @@ def test_resolve():
     config_checks.validate(ref.tiny_config(**{'model.conv_lowering': 'im2col'}))
 
 
-def test_network_is_the_same_under_both_lowerings():
-  """Same parameter tree (a checkpoint loads under either), same outputs and gradients up to float summation order,
-  for a bottleneck backbone (1x1 convs, strided projection shortcuts) and the FPN's 1x1 laterals."""
-  configs = {low: ref.tiny_config(depth=50, **{'model.conv_lowering': low}) for low in ('xla', 'matmul')}
-  models = {low: detector.build_model(c) for low, c in configs.items()}
-  variables = detector.init_variables(models['xla'], jax.random.key(0), (128, 128))
-  other = jax.eval_shape(lambda: detector.init_variables(models['matmul'], jax.random.key(0), (128, 128)))
-  assert jax.tree.structure(other) == jax.tree.structure(variables)
-  images = jax.random.uniform(jax.random.key(1), (2, 128, 128, 3), maxval=255.0)
+def _block_and_fpn(lowering):
+  """A strided bottleneck block (1x1 convs, a strided 1x1 projection shortcut) feeding the FPN's 1x1 laterals."""
+  block = resnet.Bottleneck(8, 2, 'bn', jnp.float32, conv_lowering=lowering)
+  fpn = fpn_lib.FPN(channels=16, min_level=3, max_level=5, dtype=jnp.float32, conv_lowering=lowering)
 
-  def loss(params, model):
-    out = model.apply({**variables, 'params': params}, images)
-    return sum(jnp.mean(leaf**2) for leaf in jax.tree.leaves(out))
+  def apply(variables, x):
+    c3 = block.apply(variables['block'], x, train=False)
+    c4, c5 = c3[:, ::2, ::2], c3[:, ::4, ::4]
+    return fpn.apply(variables['fpn'], (c3, c4, c5))
 
-  got = {low: jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables['params'], m) for low, m in models.items()}
+  def init(key, x):
+    block_vars = block.init(key, x, train=False)
+    c3 = block.apply(block_vars, x, train=False)
+    return {'block': block_vars, 'fpn': fpn.init(key, (c3, c3[:, ::2, ::2], c3[:, ::4, ::4]))}
+
+  return init, apply
+
+
+def test_layers_are_the_same_under_both_lowerings():
+  """Same parameter tree (a checkpoint loads under either lowering: flax's Conv makes the parameters, the lowering
+  only computes with them), same outputs and gradients up to float summation order."""
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 16))
+  init, apply = {}, {}
+  for low in ('xla', 'matmul'):
+    init[low], apply[low] = _block_and_fpn(low)
+  variables = init['xla'](jax.random.key(0), x)
+  assert jax.tree.structure(jax.eval_shape(lambda: init['matmul'](jax.random.key(0), x))) == jax.tree.structure(
+    variables
+  )
+
+  def loss(variables, low):
+    return sum(jnp.mean(jnp.sin(p)) for p in apply[low](variables, x))
+
+  got = {low: jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables, low) for low in ('xla', 'matmul')}
   np.testing.assert_allclose(float(got['matmul'][0]), float(got['xla'][0]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got['matmul'][1]), jax.tree.leaves(got['xla'][1])):
     scale = float(jnp.max(jnp.abs(b))) + 1e-12
