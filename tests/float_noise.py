@@ -51,13 +51,27 @@ and every parameter.
 The optimizer state is compared after two steps only: from step 5 on its trace of the latest gradient follows the
 GroupNorm noise above (6e-2 at step 5 in the 4-device run), which no tolerance could separate from a bug.
 
+Again on 2026-12-02 (same box and settings), after model.conv_lowering='auto' made every 1x1 convolution on CPU a
+matrix product; xla_convs is the same run with XLA convolutions, i.e. the summation order of the code before:
+
+  variant                    steps 1-3  step 4     step 5     step 6     state, step 2      state, step 4
+  xla_convs                  <= 3.4e-7  1.0e-6     1.1e-6     gn 1.2e-4  opt 1e-6 par 3e-6  opt 2e-6   par 2e-6
+  4 devices (= 4 reversed)   <= 4.6e-7  gn 1.1e-5  gn 5.9e-4  gn 1.0e-2  opt 1e-6 par 3e-6  opt 3.4e-5 par 1.2e-5
+  8 devices                  <= 4.6e-7  3.2e-7     1.7e-7     gn 1.2e-4  opt 1e-6 par 3e-6  opt 2e-6   par 2e-6
+  1 ulp on every parameter   <= 3.4e-7  gn 1.2e-5  gn 6.7e-3  gn 2.2e-2 opt 2e-6           opt 1.2e-3 par 4.4e-4
+  lost batch shard (bug)     step 1: num_pos_0 2e-2, gn 9e-3, loss 1e-3  opt 0.58 par 0.53  opt 0.67 par 0.57
+  per-device norm. (bug)     step 1: loss 3.0                            opt 0.62 par 0.56  opt 1.3  par 0.87
+
+The same tolerances hold with the same margins (grad_norm at step 4: 800x; parameter updates: 45x the ulp run).
+
   python tests/float_noise.py [--steps=6] [--json=OUT.json]
 
 runs these variants: reference (1 device); 4dev and 8dev (the same batches over 4 and 8 devices); 4dev_rev (4 devices
-in reverse order); ulp (1 device, every float32 parameter moved by about one ulp before step 1); lost_shard (a bug:
-on 4 devices, the last device's quarter of every global batch lost and replaced by the first device's); wrong_norm
-(a bug: the loss divided by one device's positives instead of the global count, i.e. x4 on 4 devices). It prints,
-per step, the
+in reverse order); xla_convs (1 device, every convolution an XLA convolution; the reference lowers 1x1 convolutions to
+matrix products, as model.conv_lowering='auto' does on CPU); ulp (1 device, every float32 parameter moved by about
+one ulp before step 1); lost_shard (a bug: on 4 devices, the last device's quarter of every global batch lost and
+replaced by the first device's); wrong_norm (a bug: the loss divided by one device's positives instead of the global
+count, i.e. x4 on 4 devices). It prints, per step, the
 largest relative errors of the metrics and of each state collection.
 """
 
@@ -201,8 +215,14 @@ def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
   real_loss = consistent.ConsistentLoss.__call__
   wrong_norm_loss = scaled_loss(real_loss, 4.0)
 
+  # The reference runs the model as config.model.conv_lowering='auto' builds it on CPU (1x1 convs as products);
+  # 'xla_convs' runs the same parameters with every conv an XLA convolution: another summation order.
+  xla_config = config.copy_and_resolve_references()
+  xla_config.model.conv_lowering = 'xla'
+  xla_model = conret_jax.build_model(xla_config)
   variants = {
     'reference': (jax.devices()[:1], init, None),
+    'xla_convs': (jax.devices()[:1], init, 'xla_convs'),
     '4dev': (jax.devices()[:4], init, None),
     '8dev': (jax.devices()[:8], init, None),
     '4dev_rev': (jax.devices()[:4][::-1], init, None),
@@ -215,10 +235,11 @@ def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
     if only and name not in only and name != 'reference':
       continue
     mesh = mesh_lib.make_mesh(config, devices)
-    shardings = state_lib.shardings_of(state_lib.abstract_state(model, config, mesh))
+    run_model = xla_model if bug == 'xla_convs' else model
+    shardings = state_lib.shardings_of(state_lib.abstract_state(run_model, config, mesh))
     consistent.ConsistentLoss.__call__ = wrong_norm_loss if bug == 'wrong_norm' else real_loss
     try:
-      train_step = step_lib.make_train_step(model, config, mesh, shardings)
+      train_step = step_lib.make_train_step(run_model, config, mesh, shardings)
       state = jax.device_put(start, shardings)
       metrics, states = [], []
       for batch in batches:
