@@ -56,7 +56,8 @@ def test_uninterrupted_run_writes_everything(uninterrupted):
   for key in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AP60', 'AP70', 'AP80', 'AP90', 'AR1', 'AR10', 'AR100'):
     assert key in metrics
   detections = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'detections.json')))
-  assert isinstance(detections, list)
+  assert len(detections) > 0 and {'image_id', 'category_id', 'bbox', 'score'} <= set(detections[0])
+  assert metrics['AP'] >= 0.0  # scored: COCO reports -1 when there is nothing to score
   assert os.path.exists(os.path.join(workdir, 'eval', 'step_8', 'detections.png'))
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   assert 'step 8/8' in proc.stderr  # the console progress line
