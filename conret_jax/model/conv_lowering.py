@@ -4,9 +4,9 @@ A 1x1 convolution is a matrix product: y = x[:, ::s, ::s] @ W, with W the kernel
 computes its kernel gradient as a convolution whose window is the whole feature map, which is slow; as a matrix
 product it is fast. On the 2-core AMD EPYC dev box (2026-12-02), a 1x1 256->512 convolution at 64x64, batch 2,
 forward and both gradients: 62 ms as an XLA convolution, 23 ms as a matrix product; at 128x128 with stride 2, 149 ms
-and 45 ms. R50-FPN RetinaNet, whose bottlenecks are two-thirds 1x1 convolutions, trains about 15% faster at 512x512
-(bench/RESULTS.md). Lowering the strided 3x3 convolutions too (im2col) was measured and made both that step and the
-shapes demo's slower, so they, like every other convolution, stay XLA convolutions.
+and 45 ms. R50-FPN RetinaNet, whose bottlenecks are two-thirds 1x1 convolutions, takes about 18% less time per
+training step at 512x512 (bench/RESULTS.md). Lowering the strided 3x3 convolutions too (im2col) was measured and
+made both that step and the shapes demo's slower, so they, like every other convolution, stay XLA convolutions.
 
 Lowerings:
   'xla'     every convolution is lax.conv_general_dilated (what GPUs and TPUs want: cuDNN / the TPU's conv units)
