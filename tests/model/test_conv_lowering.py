@@ -1,5 +1,6 @@
-"""model.conv_lowering: convolutions as matrix products give the convolution, its gradients and the network's outputs
-of lax.conv_general_dilated, checked against a float64 NumPy convolution."""
+"""model.conv_lowering: 1x1 convolutions as matrix products give the convolution (against a float64 NumPy one), the
+gradients of lax.conv_general_dilated, and a bottleneck block's and the FPN's outputs and gradients; every other
+convolution is left to XLA."""
 
 import jax
 import jax.numpy as jnp
