@@ -21,5 +21,7 @@ def xla_flags(devices: int) -> str:
 
 
 def cpu_env(devices: int, **extra: str) -> dict:
-  """This process's environment for a JAX subprocess on `devices` fake CPU devices."""
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags(devices), **extra}
+  """This process's environment for a JAX subprocess on `devices` fake CPU devices. The command-line tools' own XLA
+  flags (conret_jax/cli/xla_flags.py) are turned off: every process of a test computes with XLA's defaults, like
+  the pytest process, so that runs in and out of it compare within the noise measured in tests/float_noise.py."""
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags(devices), 'CONRET_XLA_DEFAULTS': '0', **extra}

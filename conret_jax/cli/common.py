@@ -28,6 +28,7 @@ from conret_jax import (
   distributed,  # noqa: E402
   run_record,  # noqa: E402
 )
+from conret_jax.cli import xla_flags  # noqa: E402
 from conret_jax.errors import CheckpointNotFoundError, ConfigError, UserError, WeightFileError, WorkdirError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -162,6 +163,7 @@ def _config_error_message(error: Exception, argv) -> str:
 
 def run(tool_main, *, tool: str, doc: str, flag_names) -> None:
   """Runs `tool_main(argv)` as the console script `tool` (see the module docstring)."""
+  xla_flags.apply()  # before any backend starts: XLA reads its flags once
   argv = list(sys.argv)
   if any(a in _HELP for a in argv[1:]):
     print(help_text(tool, doc, flag_names))

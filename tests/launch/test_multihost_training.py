@@ -76,7 +76,8 @@ for name, workdir, step in (('b', sys.argv[4], int(sys.argv[5])), ('c', sys.argv
 
 def _env(devices: int | None = None) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith('CONRET_')}
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  # XLA's defaults, as in this process (conret-train would add its own CPU flags: tests/xla_env.py's cpu_env).
+  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', CONRET_XLA_DEFAULTS='0')
   if devices is not None:
     env['XLA_FLAGS'] = xla_env.xla_flags(devices)
   return env
