@@ -220,7 +220,7 @@ def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
   xla_config = config.copy_and_resolve_references()
   xla_config.model.conv_lowering = 'xla'
   xla_model = conret_jax.build_model(xla_config)
-  variants = {
+  variants = {  # name: (devices, starting state, what differs from the reference: a bug or the conv lowering)
     'reference': (jax.devices()[:1], init, None),
     'xla_convs': (jax.devices()[:1], init, 'xla_convs'),
     '4dev': (jax.devices()[:4], init, None),
@@ -231,20 +231,20 @@ def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
     'wrong_norm': (jax.devices()[:4], init, 'wrong_norm'),
   }
   out = {}
-  for name, (devices, start, bug) in variants.items():
+  for name, (devices, start, change) in variants.items():
     if only and name not in only and name != 'reference':
       continue
     mesh = mesh_lib.make_mesh(config, devices)
-    run_model = xla_model if bug == 'xla_convs' else model
+    run_model = xla_model if change == 'xla_convs' else model
     shardings = state_lib.shardings_of(state_lib.abstract_state(run_model, config, mesh))
-    consistent.ConsistentLoss.__call__ = wrong_norm_loss if bug == 'wrong_norm' else real_loss
+    consistent.ConsistentLoss.__call__ = wrong_norm_loss if change == 'wrong_norm' else real_loss
     try:
       train_step = step_lib.make_train_step(run_model, config, mesh, shardings)
       state = jax.device_put(start, shardings)
       metrics, states = [], []
       for batch in batches:
         batch = dict(batch)
-        if bug == 'lost_shard':
+        if change == 'lost_shard':
           batch = lose_last_shard(batch, len(devices))
         state, m = train_step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
         metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
