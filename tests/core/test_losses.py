@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conret_jax.core import losses
+from conret_jax.core.constants import IGNORE
 
 
 def np_focal(x, t, alpha=0.25, gamma=2.0):
@@ -124,3 +125,46 @@ def test_classification_losses_equal_separate_terms():
     onehot = (labels[..., None] == np.arange(5)).astype(np.float32)
     want = np.sum(np_focal(logits, onehot) * (labels >= -1)[..., None])
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def np_focal_derivative(x, t, alpha, gamma, h=1e-6):
+  """d np_focal / dx elementwise by central differences in float64."""
+  x = np.asarray(x, np.float64)
+  return (np_focal(x + h, t, alpha, gamma) - np_focal(x - h, t, alpha, gamma)) / (2 * h)
+
+
+@pytest.mark.parametrize('alpha, gamma', [(0.25, 2.0), (None, 2.0), (0.5, 0.0), (0.25, 1.5)])
+def test_classification_losses_gradient_matches_numpy(alpha, gamma):
+  """The hand-written gradient of the summed focal terms: weighted sets, ignored anchors, extreme logits."""
+  rng = np.random.default_rng(5)
+  logits = rng.normal(-1, 3, (2, 12, 4)).astype(np.float32)
+  logits[0, 0] = [-40.0, 40.0, 0.0, 17.0]
+  sets = [rng.integers(IGNORE, 4, (2, 12)).astype(np.int32) for _ in range(2)]
+  for labels in sets:
+    labels[1, :2] = IGNORE  # ignored by every set: no gradient
+  weights = (1.0, 0.7)
+
+  def total(lg):
+    sums = losses.classification_losses(lg, sets, alpha=alpha, gamma=gamma)
+    return sum(w * s for w, s in zip(weights, sums))
+
+  got = np.asarray(jax.jit(jax.grad(total))(logits))
+  want = np.zeros(logits.shape)
+  for w, labels in zip(weights, sets):
+    onehot = (labels[..., None] == np.arange(4)).astype(np.float64)
+    want += w * (labels != IGNORE)[..., None] * np_focal_derivative(logits, onehot, alpha, gamma)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  assert np.all(got[1, :2] == 0)
+
+
+def test_classification_losses_bfloat16_logits():
+  """bf16 logits: float32 sums, a bf16 gradient equal to the float32 one up to bf16 rounding."""
+  rng = np.random.default_rng(6)
+  logits = rng.normal(-1, 2, (1, 20, 3)).astype(np.float32)
+  labels = [rng.integers(IGNORE, 3, (1, 20)).astype(np.int32)]
+  f = lambda lg: losses.classification_losses(lg, labels, alpha=0.25, gamma=2.0)[0]
+  bf = jnp.asarray(logits, jnp.bfloat16)
+  assert f(bf).dtype == jnp.float32
+  g16, g32 = jax.grad(f)(bf), jax.grad(f)(jnp.asarray(bf, jnp.float32))
+  assert g16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(g16, np.float32), np.asarray(g32), rtol=1e-2, atol=1e-3)
