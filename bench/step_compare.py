@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from conret_jax import consistent
+from conret_jax import consistent, stages
 from conret_jax.model import anchor_spec as anchor_ops
 from conret_jax.train import bench
 
@@ -76,7 +76,7 @@ def loss_only(configs: dict, image_hw, repeats: int) -> dict:
   b = batch['boxes'].shape[0]
   funcs, args = {}, {}
   for name, config in configs.items():
-    n_reg = consistent.num_regression_stages(config)
+    n_reg = stages.num_regression_stages(config)
     n_logits = 1 if config.model.head.variant == 'consistent' else n_reg  # one classifier per stage otherwise
     outputs = {  # logits near the prior (p ~ 0.01); small offsets so refined anchors stay near their objects
       'cls_logits': tuple(jnp.asarray(rng.normal(-4.6, 1.0, (b, a, k)), jnp.float32) for _ in range(n_logits)),
@@ -97,7 +97,7 @@ def loss_only(configs: dict, image_hw, repeats: int) -> dict:
         times[name][kind][1].extend(cpu)
   result = {'anchors': a, 'num_classes': k, 'batch': b}
   for name in names:
-    n_cls, n_reg = consistent.num_terms(configs[name])
+    n_cls, n_reg = stages.num_terms(configs[name])
     result[name] = {'terms': [n_cls, n_reg]}
     for kind, (wall, cpu) in times[name].items():
       result[name][kind] = {
@@ -131,7 +131,7 @@ def step_pairs(configs: dict, pairs: int, steps: int) -> dict:
     wall = [t for pair in blocks for t in pair[name]['wall_s']]
     cpu = [t for pair in blocks for t in pair[name]['cpu_s']]
     result['variants'][name] = {
-      'terms': list(consistent.num_terms(runner.config)),
+      'terms': list(stages.num_terms(runner.config)),
       'wall_median_s': statistics.median(wall),
       'wall_min_s': min(wall),
       'wall_max_s': max(wall),

@@ -122,6 +122,13 @@ def classification_losses(logits, label_sets, *, alpha: float, gamma: float) -> 
   return list(_focal_sums(logits, tuple(label_sets), alpha, gamma))
 
 
+def classification_losses_autodiff(logits, label_sets, *, alpha: float, gamma: float) -> list[jnp.ndarray]:
+  """`classification_losses` through autodiff of `focal_loss_parts`: the reference its hand-written gradient is
+  tested against, and the baseline of bench/focal_gradient.py. Same arguments and values."""
+  pos, neg = focal_loss_parts(logits, alpha, gamma)
+  return [jnp.sum(_select(pos, neg, labels)) for labels in label_sets]
+
+
 def classification_loss(logits, cls_labels, *, alpha: float, gamma: float) -> jnp.ndarray:
   """Focal loss summed over all classes of the non-ignored anchors.
 

@@ -168,3 +168,17 @@ def test_classification_losses_bfloat16_logits():
   g16, g32 = jax.grad(f)(bf), jax.grad(f)(jnp.asarray(bf, jnp.float32))
   assert g16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(g16, np.float32), np.asarray(g32), rtol=1e-2, atol=1e-3)
+
+
+def test_classification_losses_equal_autodiff_reference():
+  """Values and gradients of the hand-written focal gradient against autodiff of focal_loss_parts."""
+  rng = np.random.default_rng(7)
+  logits = rng.normal(-2, 3, (2, 50, 6)).astype(np.float32)
+  sets = [rng.integers(IGNORE, 6, (2, 50)).astype(np.int32) for _ in range(2)]
+  for alpha, gamma in [(0.25, 2.0), (None, 1.0), (0.25, 0.5)]:
+    kw = dict(alpha=alpha, gamma=gamma)
+    hand = jax.jit(jax.value_and_grad(lambda lg: sum(losses.classification_losses(lg, sets, **kw)) / 100))
+    auto = jax.jit(jax.value_and_grad(lambda lg: sum(losses.classification_losses_autodiff(lg, sets, **kw)) / 100))
+    (v1, g1), (v2, g2) = hand(logits), auto(logits)
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-5, atol=1e-8)
