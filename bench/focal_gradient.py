@@ -22,9 +22,9 @@ import statistics
 import time
 
 import jax
+import step_compare  # bench/step_compare.py, next to this file (python puts the script's folder on sys.path)
 from absl import app, flags
 
-import step_compare  # bench/step_compare.py, next to this file (python puts the script's folder on sys.path)
 from conret_jax.core import losses
 from conret_jax.train import bench
 
