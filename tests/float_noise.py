@@ -78,10 +78,10 @@ The two gradients differ by float rounding only, less than the two convolution l
 runs these variants: reference (1 device); 4dev and 8dev (the same batches over 4 and 8 devices); 4dev_rev (4 devices
 in reverse order); xla_convs (1 device, every convolution an XLA convolution; the reference lowers 1x1 convolutions to
 matrix products, as model.conv_lowering='auto' does on CPU); focal_autodiff (1 device, the focal loss's gradient by
-autodiff, losses.classification_losses_autodiff, instead of the hand-written one training uses); ulp (1 device, every float32 parameter moved by about
-one ulp before step 1); lost_shard (a bug: on 4 devices, the last device's quarter of every global batch lost and
-replaced by the first device's); wrong_norm (a bug: the loss divided by one device's positives instead of the global
-count, i.e. x4 on 4 devices). It prints, per step, the
+autodiff, losses.classification_losses_autodiff, instead of the hand-written one training uses); ulp (1 device, every
+float32 parameter moved by about one ulp before step 1); lost_shard (a bug: on 4 devices, the last device's quarter
+of every global batch lost and replaced by the first device's); wrong_norm (a bug: the loss divided by one device's
+positives instead of the global count, i.e. x4 on 4 devices). It prints, per step, the
 largest relative errors of the metrics and of each state collection.
 """
 
