@@ -180,5 +180,6 @@ def test_classification_losses_equal_autodiff_reference():
     hand = jax.jit(jax.value_and_grad(lambda lg: sum(losses.classification_losses(lg, sets, **kw)) / 100))
     auto = jax.jit(jax.value_and_grad(lambda lg: sum(losses.classification_losses_autodiff(lg, sets, **kw)) / 100))
     (v1, g1), (v2, g2) = hand(logits), auto(logits)
-    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-5, atol=1e-8)
+    # Different formulas for the same values: float32 rounding (~1e-7 relative) apart, any bug O(1).
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-7)
