@@ -15,13 +15,10 @@ agrees between the two implementations up to float rounding (the same sums, eval
 outputs) runs once per implementation. Prints a Markdown table and, last, one JSON line. Imports no TensorFlow.
 """
 
-import json
 import os
-import platform
 import statistics
 import time
 
-import jax
 import step_compare  # bench/step_compare.py, next to this file (python puts the script's folder on sys.path)
 from absl import app, flags
 
@@ -104,20 +101,12 @@ def main(argv):
         cells = [f'{1e3 * loss[model][kind]["wall_s"]:.1f}' for kind in ('targets', 'forward', 'forward_backward')]
         lines.append(f'| {model} | {grad} | {" | ".join(cells)} |')
   result.update(
-    finished=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-    machine=platform.processor() or platform.machine(),
-    cpu_count=os.cpu_count(),
-    jax=jax.__version__,
-    device=str(jax.devices()[0]),
+    step_compare.run_environment(),
     xla_flags=os.environ.get('XLA_FLAGS', ''),
     batch=config.train.global_batch_size,
     image_hw=list(runners[('retinanet', 'hand')].image_hw),
   )
-  print('\n'.join(lines), flush=True)
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, 'w') as f:
-      json.dump(result, f, indent=1)
-  print(json.dumps(result), flush=True)
+  step_compare.emit('\n'.join(lines), result)
 
 
 if __name__ == '__main__':

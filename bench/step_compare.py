@@ -190,6 +190,26 @@ def _table(steps: dict, loss: dict | None) -> str:
   return '\n'.join(lines)
 
 
+def run_environment() -> dict:
+  """When the run finished and on what: the fields every benchmark's JSON result carries."""
+  return {
+    'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+    'machine': platform.processor() or platform.machine(),
+    'cpu_count': os.cpu_count(),
+    'jax': jax.__version__,
+    'device': str(jax.devices()[0]),
+  }
+
+
+def emit(table: str, result: dict) -> None:
+  """Prints the Markdown table, then the result as one JSON line; also writes it to --json_out if given."""
+  print(table, flush=True)
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, 'w') as f:
+      json.dump(result, f, indent=1)
+  print(json.dumps(result), flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -202,11 +222,7 @@ def main(argv):
   loss = loss_only(configs, steps['image_hw'], _LOSS_REPEATS.value) if _LOSS_REPEATS.value else None
   result = {
     'started': started,
-    'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-    'machine': platform.processor() or platform.machine(),
-    'cpu_count': os.cpu_count(),
-    'jax': jax.__version__,
-    'device': str(jax.devices()[0]),
+    **run_environment(),
     'device_count': jax.device_count(),
     'batch': config.train.global_batch_size,
     'depth': config.model.backbone.depth,
@@ -215,11 +231,7 @@ def main(argv):
     'step': steps,
     'loss_only': loss,
   }
-  print(_table(steps, loss), flush=True)
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, 'w') as f:
-      json.dump(result, f, indent=1)
-  print(json.dumps(result), flush=True)
+  emit(_table(steps, loss), result)
 
 
 if __name__ == '__main__':
