@@ -1,4 +1,4 @@
-"""Our train step against torchvision's RetinaNet train step, side by side in one process, on the same machine.
+"""Our train step against torchvision's RetinaNet train step, side by side in one run, on the same machine.
 
   python bench/step_vs_torchvision.py [--size=512] [--batch=2] [--pairs=3] [--steps=3] [--json_out=FILE]
       [--also_lowering=xla]
@@ -15,6 +15,12 @@ R50-FPN RetinaNet for 91 classes on `--batch` random `--size` x `--size` images 
 Each is timed in blocks of --steps steps, alternating (torchvision, ours, ConRetinaNet, then again), after warm-up
 steps, so a drift of the machine's load falls on all alike; per step the wall time and the process CPU time (all
 threads) are recorded. Prints a table and, last, one JSON line.
+
+torchvision runs in a child process of the same Python (this script with --torch_worker), which runs a block of
+steps when asked and then waits on its stdin; this process never imports torch. With both in one process, torch's
+OpenMP threads and XLA's thread pool slowed each other on the 2-core dev box (2026-12-02: our step 2.94 s there
+against 2.59 s alone in the same hour, 2.76 s with OMP_WAIT_POLICY=PASSIVE; torchvision's: 2.57 s there, 2.36 s in its
+own process six minutes later): each side now runs as its users run it.
 """
 
 import argparse
@@ -23,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -100,6 +107,45 @@ def jax_conv_lowering():
   return conv_lowering.resolve('auto')
 
 
+def torch_worker(size, batch):
+  """The child process: builds torchvision's step, warms it up, prints one JSON line about itself, then for each
+  line N read from stdin runs N timed steps and prints their {"wall": [...], "cpu": [...]} as one JSON line."""
+  import torch
+
+  step = torchvision_step(size, batch, np.random.default_rng(0))
+  step()  # warm-up: torch's first steps allocate
+  step()
+  print(json.dumps({'torch': torch.__version__, 'torch_threads': torch.get_num_threads()}), flush=True)
+  for line in sys.stdin:
+    wall, cpu = _timed(step, int(line))
+    print(json.dumps({'wall': wall, 'cpu': cpu}), flush=True)
+
+
+class TorchvisionProcess:
+  """Runs torch_worker in a child process of this Python; `run(n)` times n of its steps there."""
+
+  def __init__(self, size, batch):
+    cmd = [sys.executable, os.path.abspath(__file__), '--torch_worker', f'--size={size}', f'--batch={batch}']
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.info = self._reply()
+
+  def _reply(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'the torchvision worker exited (status {self.proc.wait()}); is torch installed here?')
+    return json.loads(line)
+
+  def run(self, n):
+    self.proc.stdin.write(f'{n}\n')
+    self.proc.stdin.flush()
+    reply = self._reply()
+    return reply['wall'], reply['cpu']
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--size', type=int, default=512)
@@ -112,22 +158,23 @@ def main(argv=None):
     default='',
     help="also time RetinaNet with this model.conv_lowering (e.g. 'xla': the lowering before 'auto' existed)",
   )
+  parser.add_argument('--torch_worker', action='store_true', help='(internal) be the torchvision child process')
   args = parser.parse_args(argv)
-  import torch
+  if args.torch_worker:
+    return torch_worker(args.size, args.batch)
 
-  tv = torchvision_step(args.size, args.batch, np.random.default_rng(0))
+  tv = TorchvisionProcess(args.size, args.batch)
   ours = {name: our_runner(args.size, args.batch, name == 'conretinanet') for name in ('retinanet', 'conretinanet')}
   if args.also_lowering:
     ours[f'retinanet/{args.also_lowering}'] = our_runner(args.size, args.batch, False, args.also_lowering)
-  steps = {'torchvision': tv, **{k: (lambda r=r: r.run(1)) for k, r in ours.items()}}
-  for step in steps.values():  # warm-up (torch's first steps allocate; ours ran one after compiling)
-    step()
-  times = {k: ([], []) for k in steps}
+  runners = {'torchvision': tv.run, **{k: r.run for k, r in ours.items()}}  # ours ran one step after compiling
+  times = {k: ([], []) for k in runners}
   for _ in range(args.pairs):
-    for name, step in steps.items():
-      wall, cpu = _timed(step, args.steps)
+    for name, run in runners.items():
+      wall, cpu = run(args.steps)
       times[name][0].extend(wall)
       times[name][1].extend(cpu)
+  tv.close()
   result = {
     name: {'wall_median_s': statistics.median(w), 'wall_min_s': min(w), 'cpu_median_s': statistics.median(c)}
     for name, (w, c) in times.items()
@@ -143,15 +190,16 @@ def main(argv=None):
     batch=args.batch,
     steps_per_variant=args.pairs * args.steps,
     machine=platform.processor() or platform.machine(),
-    torch=torch.__version__,
-    torch_threads=torch.get_num_threads(),
+    torch=tv.info['torch'],
+    torch_threads=tv.info['torch_threads'],
+    torch_in_own_process=True,
     jax=jax.__version__,
     xla_flags=os.environ.get('XLA_FLAGS', ''),
     conv_lowering=jax_conv_lowering(),
     step_tflops=ours['retinanet'].flops / 1e12,
   )
   print('| variant | wall median s (min) | CPU median s |\n|---|---|---|')
-  for name in steps:
+  for name in runners:
     r = result[name]
     print(f'| {name} | {r["wall_median_s"]:.3f} ({r["wall_min_s"]:.3f}) | {r["cpu_median_s"]:.3f} |')
   line = json.dumps(result)
