@@ -62,12 +62,15 @@ if [[ -z "$HOSTS" ]]; then
 fi
 
 # Runs "$@" (an ssh command) with its output prefixed by "[$1] "; a TERM/INT stops the ssh client, and with it
-# (-tt: the remote command has a terminal, which hangs up) the remote process.
+# (-tt: the remote command has a terminal, which hangs up) the remote process. The trap is set before the client
+# starts, so a TERM that comes while it starts still stops it.
 run_prefixed() {
   local label="$1"; shift
+  local child='' stop=0
+  trap 'stop=1; if [[ -n "$child" ]]; then kill "$child" 2>/dev/null || true; fi' INT TERM
   "$@" > >(sed -u "s/^/[$label] /") 2>&1 &
-  local child=$!
-  trap 'kill "$child" 2>/dev/null || true' INT TERM
+  child=$!
+  if ((stop)); then kill "$child" 2>/dev/null || true; fi
   wait "$child"
 }
 

@@ -309,8 +309,22 @@ def test_multinode_dry_run_over_ssh(tmp_path):
 FAKE_SSH = """
 import os, signal, subprocess, sys
 args = [a for a in sys.argv[1:] if a != '-tt']
-proc = subprocess.Popen(['bash', '-c', args[1]], start_new_session=True)
+# A TERM that comes before the handler is in place waits for it (on a loaded machine this process may not run again
+# until its remote command has started, and the launcher may stop it then).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+unblock = lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def remote_session():
+  # A remote command starts with default signal handling: a hang-up ends it even when this test runs under nohup
+  # (which would otherwise pass SIGHUP's 'ignore' down to it).
+  unblock()
+  signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+proc = subprocess.Popen(['bash', '-c', args[1]], start_new_session=True, preexec_fn=remote_session)
 signal.signal(signal.SIGTERM, lambda *a: (os.killpg(proc.pid, signal.SIGHUP), sys.exit(129)))
+unblock()
 sys.exit(proc.wait())
 """
 FAKE_TRAIN = """
