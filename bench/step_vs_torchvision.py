@@ -20,7 +20,7 @@ torchvision runs in a child process of the same Python (this script with --torch
 steps when asked and then waits on its stdin; this process never imports torch. With both in one process, torch's
 OpenMP threads and XLA's thread pool slowed each other on the 2-core dev box (2026-12-02: our step 2.94 s there
 against 2.59 s alone in the same hour, 2.76 s with OMP_WAIT_POLICY=PASSIVE; torchvision's: 2.57 s there, 2.36 s in its
-own process six minutes later): each side now runs as its users run it.
+own process seven minutes later): each side now runs as its users run it.
 """
 
 import argparse

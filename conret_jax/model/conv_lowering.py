@@ -7,8 +7,8 @@ forward and both gradients: 62 ms as an XLA convolution, 23 ms as a matrix produ
 and 45 ms. R50-FPN RetinaNet, whose bottlenecks are two-thirds 1x1 convolutions, takes about 18% less time per
 training step at 512x512 (bench/RESULTS.md); making the product 2-D ([B*H*W, C] @ [C, O]) took another 10-13% off
 that step, because XLA:CPU runs the kernel gradient of a 4-D product behind a transpose of the output gradient.
-Lowering the strided 3x3 convolutions too (im2col) was measured and
-made both that step and the shapes demo's slower, so they, like every other convolution, stay XLA convolutions.
+Lowering the strided 3x3 convolutions too (im2col) was measured and made both that step and the shapes demo's
+slower, so they, like every other convolution, stay XLA convolutions.
 
 Lowerings:
   'xla'     every convolution is lax.conv_general_dilated (what GPUs and TPUs want: cuDNN / the TPU's conv units)
