@@ -1,23 +1,30 @@
 """How the network's convolutions reach the compiler (config.model.conv_lowering).
 
-A 1x1 convolution is a matrix product: y = x[:, ::s, ::s] @ W, with W the kernel as a [C, O] matrix. XLA:CPU
-computes its kernel gradient as a convolution whose window is the whole feature map, which is slow; as a matrix
-product it is fast. On the 2-core AMD EPYC dev box (2026-12-02), a 1x1 256->512 convolution at 64x64, batch 2,
-forward and both gradients: 62 ms as an XLA convolution, 23 ms as a matrix product; at 128x128 with stride 2, 149 ms
-and 45 ms. R50-FPN RetinaNet, whose bottlenecks are two-thirds 1x1 convolutions, takes about 18% less time per
-training step at 512x512 (bench/RESULTS.md); making the product 2-D ([B*H*W, C] @ [C, O]) took another 10-13% off
-that step, because XLA:CPU runs the kernel gradient of a 4-D product behind a transpose of the output gradient.
-Lowering the strided 3x3 convolutions too (im2col) was measured and made both that step and the shapes demo's
-slower, so they, like every other convolution, stay XLA convolutions.
+Two rewrites help XLA:CPU, each giving the same convolution and gradients up to float summation order:
+
+- A 1x1 convolution is a matrix product: y = x[:, ::s, ::s] @ W, with W the kernel as a [C, O] matrix. XLA:CPU
+  computes its kernel gradient as a convolution whose window is the whole feature map, which is slow; as a matrix
+  product it is fast. On the 2-core AMD EPYC dev box (2026-12-02), a 1x1 256->512 convolution at 64x64, batch 2,
+  forward and both gradients: 62 ms as an XLA convolution, 23 ms as a matrix product; at 128x128 with stride 2,
+  149 ms and 45 ms. The product is 2-D ([B*H*W, C] @ [C, O]): XLA:CPU runs the kernel gradient of a 4-D product
+  behind a transpose of the output gradient. R50-FPN RetinaNet's training step at 512x512 took about 18% less time,
+  then another 10-13% with the 2-D product (bench/RESULTS.md).
+- A padded stride-1 convolution (the 3x3s of the head, the FPN and the bottlenecks) keeps XLA's forward and input
+  gradient, but its kernel gradient is computed on the input padded beforehand: a convolution with a whole-map
+  window and no padding of its own. Given the padding to apply itself, XLA:CPU ran that convolution about 1.4x
+  slower (3x3, 256->256 at 64x64, batch 2: 41 against 29 ms), with the same result to the bit. Strided convolutions
+  gained nothing this way and stay as they are.
+Lowering the strided 3x3 convolutions to im2col products was measured and made both that step and the shapes demo's
+slower, so every other convolution stays an XLA convolution.
 
 Lowerings:
   'xla'     every convolution is lax.conv_general_dilated (what GPUs and TPUs want: cuDNN / the TPU's conv units)
-  'matmul'  1x1 convolutions as matrix products, every other one lax.conv_general_dilated
+  'matmul'  the CPU lowering: both rewrites above, every other convolution lax.conv_general_dilated
   'auto'    'matmul' on the CPU backend, 'xla' elsewhere (resolved when the model is built)
-The result is the same convolution; only the order of float additions differs, as between any two conv algorithms.
 Parameters and their layout do not change, so a checkpoint or imported weights work under every lowering.
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -36,14 +43,51 @@ def resolve(lowering: str, backend: str | None = None) -> str:
   return 'matmul' if (backend or jax.default_backend()) == 'cpu' else 'xla'
 
 
-def _is_plain_1x1(rhs, dimension_numbers, padding, lhs_dilation, rhs_dilation, feature_group_count) -> bool:
-  """True for what this module lowers: an NHWC/HWIO 1x1 convolution without padding, dilation or groups."""
+def _rewritable(dimension_numbers, padding, lhs_dilation, rhs_dilation, feature_group_count) -> bool:
+  """NHWC/HWIO, explicit non-negative padding, no dilation or groups: the convolutions this module may rewrite."""
   dn = dimension_numbers
   if dn is None or (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != tuple(_NHWC):
     return False
-  unpadded = not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding)
+  if isinstance(padding, str) or any(lo < 0 or hi < 0 for lo, hi in padding):
+    return False
   undilated = all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
-  return rhs.shape[:2] == (1, 1) and unpadded and undilated and feature_group_count == 1
+  return undilated and feature_group_count == 1
+
+
+def _xla_conv(lhs, rhs, padding, precision):
+  return lax.conv_general_dilated(lhs, rhs, (1, 1), padding, dimension_numbers=_NHWC, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_padded_kernel_grad(lhs, rhs, padding, precision):
+  """lhs [B, H, W, C], rhs [kh, kw, C, O] -> [B, H', W', O]: XLA's stride-1 convolution; see the custom gradient."""
+  return _xla_conv(lhs, rhs, padding, precision)
+
+
+def _conv_padded_kernel_grad_fwd(lhs, rhs, padding, precision):
+  return _xla_conv(lhs, rhs, padding, precision), (lhs, rhs)
+
+
+def _conv_padded_kernel_grad_bwd(padding, precision, residuals, g):
+  """Input gradient as XLA differentiates it; kernel gradient dW[i, j, c, o] = sum_{b,y,x} x_pad[b, y+i, x+j, c]
+  g[b, y, x, o] as a convolution of the padded input (batch dim C, feature dim B) by g (window H' x W') with no
+  padding of its own, which XLA:CPU runs faster (module docstring)."""
+  lhs, rhs = residuals
+  (d_lhs,) = jax.vjp(lambda x: _xla_conv(x, rhs, padding, precision), lhs)[1](g)
+  (pad_h, pad_w) = padding
+  x_pad = lax.pad(lhs, lax.full((), 0, lhs.dtype), ((0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)))
+  d_rhs = lax.conv_general_dilated(
+    x_pad,
+    g,
+    (1, 1),
+    'VALID',
+    dimension_numbers=lax.ConvDimensionNumbers(lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1, 2), out_spec=(2, 3, 0, 1)),
+    precision=precision,
+  )
+  return d_lhs, d_rhs.astype(rhs.dtype)
+
+
+_conv_padded_kernel_grad.defvjp(_conv_padded_kernel_grad_fwd, _conv_padded_kernel_grad_bwd)
 
 
 def matmul_conv(
@@ -58,24 +102,34 @@ def matmul_conv(
   precision=None,
   preferred_element_type=None,
 ):
-  """lax.conv_general_dilated's signature (flax's Conv calls it so), with 1x1 convolutions as matrix products.
+  """lax.conv_general_dilated's signature (flax's Conv calls it so), lowered for XLA:CPU (module docstring).
 
-  lhs [B, H, W, C] (NHWC), rhs [1, 1, C, O] (HWIO) -> [B, ceil(H / sh), ceil(W / sw), O]. Every other convolution
-  (larger kernels, padding, other layouts, dilation, groups) goes to lax.conv_general_dilated unchanged.
+  lhs [B, H, W, C] (NHWC), rhs [kh, kw, C, O] (HWIO) -> [B, H', W', O]. Unpadded 1x1 convolutions are matrix
+  products; padded stride-1 ones get the padded-input kernel gradient; every other convolution (strides, other
+  layouts, dilation, groups) goes to lax.conv_general_dilated unchanged.
   """
-  if not _is_plain_1x1(rhs, dimension_numbers, padding, lhs_dilation, rhs_dilation, feature_group_count):
-    return lax.conv_general_dilated(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      precision=precision,
-      preferred_element_type=preferred_element_type,
-    )
+  if _rewritable(dimension_numbers, padding, lhs_dilation, rhs_dilation, feature_group_count):
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if rhs.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+      return _matmul_1x1(lhs, rhs, window_strides, precision, preferred_element_type)
+    if tuple(window_strides) == (1, 1) and preferred_element_type is None and lhs.dtype == rhs.dtype:
+      return _conv_padded_kernel_grad(lhs, rhs, padding, precision)
+  return lax.conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+
+
+def _matmul_1x1(lhs, rhs, window_strides, precision, preferred_element_type):
+  """lhs [B, H, W, C], rhs [1, 1, C, O] -> [B, ceil(H / sh), ceil(W / sw), O] as one 2-D matrix product."""
   sh, sw = window_strides
   x = lhs[:, ::sh, ::sw] if (sh, sw) != (1, 1) else lhs
   # A 2-D product, not a 4-D one: the kernel gradient is then x^T g with one contracting dimension, for which

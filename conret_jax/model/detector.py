@@ -89,6 +89,7 @@ class RetinaNet(nn.Module):
       num_stages=stages.num_regression_stages(config),
       dtype=dtype,
       precision=precision,
+      conv_lowering=lowering,
     )
     return cls(
       backbone=resnet_from_config(m.backbone, dtype, precision, lowering),

@@ -44,6 +44,7 @@ class Tower(nn.Module):
   norm: str
   dtype: Any
   precision: Any = None
+  conv_lowering: str = 'xla'  # 'xla' | 'matmul' (conret_jax/model/conv_lowering.py)
 
   @nn.compact
   def __call__(self, x):
@@ -59,6 +60,7 @@ class Tower(nn.Module):
         use_bias=not self.norm,
         kernel_init=_normal_001,
         precision=self.precision,
+        lowering=self.conv_lowering,
       )(x)
       if self.norm:
         x = Norm('gn', name=f'norm{i}')(x, train=False)
@@ -85,6 +87,7 @@ class RetinaHead(nn.Module):
   num_stages: int = 1
   dtype: Any = jnp.float32
   precision: Any = None
+  conv_lowering: str = 'xla'  # 'xla' | 'matmul' (conret_jax/model/conv_lowering.py)
 
   def _pred(self, outputs_per_anchor: int, name: str, bias: float = 0.0):
     return conv(
@@ -97,6 +100,7 @@ class RetinaHead(nn.Module):
       kernel_init=_normal_001,
       bias_init=nn.initializers.constant(bias),
       precision=self.precision,
+      lowering=self.conv_lowering,
     )
 
   @nn.compact
@@ -106,7 +110,9 @@ class RetinaHead(nn.Module):
     if self.num_stages < 1:
       raise ValueError(f'need at least one regression stage, got {self.num_stages}')
     k, r = self.num_classes, self.num_stages
-    tower = lambda name: Tower(self.num_convs, self.channels, self.norm, self.dtype, self.precision, name=name)
+    tower = lambda name: Tower(
+      self.num_convs, self.channels, self.norm, self.dtype, self.precision, self.conv_lowering, name=name
+    )
     suffix = lambda s: '' if s == 0 else f'_{s}'
     cls_bias = prior_bias(self.prior_prob)
 

@@ -1,6 +1,7 @@
-"""model.conv_lowering: 1x1 convolutions as matrix products give the convolution (against a float64 NumPy one), the
-gradients of lax.conv_general_dilated, and a bottleneck block's and the FPN's outputs and gradients; every other
-convolution is left to XLA."""
+"""model.conv_lowering: 1x1 convolutions as matrix products, and padded stride-1 convolutions with their kernel
+gradient on a pre-padded input, give the convolution (against a float64 NumPy one), the gradients of
+lax.conv_general_dilated (and of a float64 NumPy reference), and a bottleneck block's and the FPN's outputs and
+gradients; every other convolution is left to XLA."""
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,9 @@ def _conv(fn, x, w, stride):
   return fn(x, w, (stride, stride), ((k // 2, k // 2), (k // 2, k // 2)), dimension_numbers=_lax_dn())
 
 
-# (kernel, stride, H, W): odd and even sides, so a strided 1x1 keeps the last row; 3x3 and 7x7 pass through to XLA.
-CASES = [(1, 1, 9, 8), (1, 2, 9, 8), (1, 2, 8, 8), (3, 2, 9, 8), (7, 2, 11, 10), (3, 1, 9, 8)]
+# (kernel, stride, H, W): odd and even sides, so a strided 1x1 keeps the last row; stride-1 3x3 and 5x5 take the
+# padded-input kernel gradient; strided 3x3 and 7x7 pass through to XLA.
+CASES = [(1, 1, 9, 8), (1, 2, 9, 8), (1, 2, 8, 8), (3, 2, 9, 8), (7, 2, 11, 10), (3, 1, 9, 8), (5, 1, 7, 9)]
 
 
 @pytest.mark.parametrize('kernel,stride,h,w', CASES)
@@ -111,6 +113,70 @@ def test_products_are_two_dimensional():
       (lhs_contract, rhs_contract), _ = eqn.params['dimension_numbers']
       assert [v.aval.ndim for v in eqn.invars] == [2, 2]
       assert len(lhs_contract) == len(rhs_contract) == 1
+
+
+def _numpy_kernel_gradient(x, g, kernel, pads):
+  """float64 dW[i, j, c, o] = sum_{b,y,x} x_pad[b, y+i, x+j, c] g[b, y, x, o] of a stride-1 convolution."""
+  (top, bottom), (left, right) = pads
+  xp = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+  _, h, w, _ = g.shape
+  return np.stack(
+    [
+      np.stack([np.einsum('byxc,byxo->co', xp[:, i : i + h, j : j + w], g.astype(np.float64)) for j in range(kernel)])
+      for i in range(kernel)
+    ]
+  )
+
+
+@pytest.mark.parametrize(
+  'kernel,pads', [(3, ((1, 1), (1, 1))), (3, ((0, 0), (0, 0))), (3, ((2, 0), (1, 2))), (1, ((1, 1), (0, 1)))]
+)
+def test_padded_stride_1_kernel_gradient(kernel, pads):
+  """Stride-1 convolutions with any non-negative padding (symmetric, none, uneven): the custom kernel gradient is a
+  float64 NumPy one's, and the input gradient is lax's; the kernel gradient is a convolution with no padding of its
+  own (what makes it fast on XLA:CPU), its input padded before it."""
+  rng = np.random.default_rng(kernel + sum(map(sum, pads)))
+  x = rng.normal(size=(2, 7, 6, 5)).astype(np.float32)
+  k = rng.normal(size=(kernel, kernel, 5, 4)).astype(np.float32)
+  call = lambda fn, x, k: fn(x, k, (1, 1), pads, dimension_numbers=_lax_dn())
+  out = call(jax.lax.conv_general_dilated, jnp.asarray(x), jnp.asarray(k))
+  g = rng.normal(size=out.shape).astype(np.float32)
+
+  def grads(fn):
+    return jax.vjp(lambda x, k: call(fn, x, k), jnp.asarray(x), jnp.asarray(k))[1](jnp.asarray(g))
+
+  (dx, dk), (dx_lax, _) = grads(conv_lowering.matmul_conv), grads(jax.lax.conv_general_dilated)
+  np.testing.assert_allclose(np.asarray(dk), _numpy_kernel_gradient(x, g, kernel, pads), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_lax), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(call(conv_lowering.matmul_conv, jnp.asarray(x), jnp.asarray(k))), out)
+
+  grad_k = jax.grad(lambda k: jnp.sum(call(conv_lowering.matmul_conv, jnp.asarray(x), k) * g))
+  jaxpr = jax.make_jaxpr(grad_k)(jnp.asarray(k)).jaxpr
+  kernel_grads = [
+    e for e in _equations(jaxpr) if e.primitive.name == 'conv_general_dilated' and e.outvars[0].aval.shape == k.shape
+  ]
+  assert len(kernel_grads) == 1
+  assert all(tuple(p) == (0, 0) for p in kernel_grads[0].params['padding'])
+  assert 'pad' in set(_primitives(jaxpr))
+
+
+def test_padded_stride_1_keeps_bfloat16():
+  """In bfloat16 the custom gradients keep the dtypes of lax's and agree with them to bfloat16 rounding."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.bfloat16)
+  k = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) * 0.1, jnp.bfloat16)
+  call = lambda fn, x, k: fn(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_lax_dn())
+  g = jnp.asarray(rng.normal(size=(2, 8, 8, 8)), jnp.bfloat16)
+  got = jax.vjp(lambda x, k: call(conv_lowering.matmul_conv, x, k), x, k)[1](g)
+  want = jax.vjp(lambda x, k: call(jax.lax.conv_general_dilated, x, k), x, k)[1](g)
+  for a, b in zip(got, want):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32),
+      np.asarray(b, np.float32),
+      rtol=2e-2,
+      atol=2e-2 * float(jnp.max(jnp.abs(b.astype(jnp.float32)))),
+    )
 
 
 def test_resolve():

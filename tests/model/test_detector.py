@@ -183,3 +183,32 @@ def test_matmul_precision_reaches_every_convolution(name, want, lowering):
   assert kinds == ({'conv_general_dilated'} if lowering == 'xla' else {'conv_general_dilated', 'dot_general'}), kinds
   precisions = {eqn.params['precision'] for eqn in convs}
   assert precisions == ({None} if want is None else {(want, want)}), precisions
+
+
+@pytest.mark.parametrize('lowering', ['xla', 'matmul'])
+def test_conv_lowering_reaches_every_stride_1_kernel_gradient(lowering):
+  """model.conv_lowering='matmul' reaches the backbone, the FPN and the head: every stride-1 k x k kernel gradient
+  (k > 1) of the network is then a convolution with no padding of its own, on a pre-padded input
+  (conret_jax/model/conv_lowering.py); under 'xla' they carry the padding, as lax differentiates them."""
+  config = ref.tiny_config(**{'consistent.enabled': True, 'model.conv_lowering': lowering})
+  model = detector.build_model(config)
+  variables = _shapes(config)
+  kernel_shapes = {
+    p.shape for p in jax.tree.leaves(variables['params']) if p.ndim == 4 and p.shape[0] == p.shape[1] > 1
+  }
+  images = jnp.zeros((1, 128, 128, 3))
+  loss = lambda v: sum(jnp.sum(o) for o in jax.tree.leaves(model.apply(v, images)))
+  convs = [
+    e for e in _convolutions(jax.make_jaxpr(jax.grad(loss))(variables).jaxpr) if e.primitive.name != 'dot_general'
+  ]
+  kernel_grads = [
+    e
+    for e in convs
+    if e.outvars[0].aval.shape in kernel_shapes
+    and tuple(e.params['rhs_dilation']) == (1, 1)
+    and e.outvars[0].aval.shape != e.invars[1].aval.shape  # not a forward conv whose output happens to match
+  ]
+  head_grads = [e for e in kernel_grads if e.outvars[0].aval.shape[2] == config.model.head.channels]
+  assert len(head_grads) >= 5 * 2 * config.model.head.num_convs  # towers: every level, class and box
+  unpadded = [all(tuple(p) == (0, 0) for p in e.params['padding']) for e in kernel_grads]
+  assert all(unpadded) if lowering == 'matmul' else not any(unpadded), unpadded
