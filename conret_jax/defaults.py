@@ -60,9 +60,10 @@ def _model() -> ml_collections.ConfigDict:
   # Convolution precision: 'default' (the platform's: TF32 for float32 on recent GPUs) | 'high' | 'highest' (full
   # float32, e.g. for parity with a float32 reference).
   m.matmul_precision = 'default'
-  # How 1x1 convolutions reach the compiler: 'auto' (as matrix products on the CPU backend, where XLA's kernel
-  # gradient for them is slow; XLA convolutions elsewhere) | 'xla' | 'matmul'. Numerics only: the same convolution up
-  # to float summation order (conret_jax/model/conv_lowering.py).
+  # How convolutions reach the compiler: 'auto' (on the CPU backend 'matmul': 1x1 convolutions as matrix products
+  # and stride-1 kernel gradients on a pre-padded input, where XLA's kernel gradients are slow; XLA convolutions
+  # elsewhere) | 'xla' | 'matmul'. Numerics only: the same convolution up to float summation order
+  # (conret_jax/model/conv_lowering.py).
   m.conv_lowering = 'auto'
   m.pixel_mean = IMAGENET_PIXEL_MEAN  # RGB on the [0, 255] scale; must match the pretrained weights
   m.pixel_std = IMAGENET_PIXEL_STD
