@@ -14,8 +14,9 @@ Two rewrites help XLA:CPU, each giving the same convolution and gradients up to 
   window and no padding of its own. Given the padding to apply itself, XLA:CPU ran that convolution about 1.4x
   slower (3x3, 256->256 at 64x64, batch 2: 41 against 29 ms), with the same result to the bit. Strided convolutions
   gained nothing this way and stay as they are.
-Lowering the strided 3x3 convolutions to im2col products was measured and made both that step and the shapes demo's
-slower, so every other convolution stays an XLA convolution.
+Strided 3x3 convolutions as im2col products (slower, for R50 and for the shapes demo), and their backward as four
+stride-1 convolutions on the input's phases (no change to the R50 step), were measured too (bench/RESULTS.md), so
+every other convolution stays an XLA convolution.
 
 Lowerings:
   'xla'     every convolution is lax.conv_general_dilated (what GPUs and TPUs want: cuDNN / the TPU's conv units)
