@@ -182,6 +182,9 @@ def main(argv=None):
   result['ratio_ours_to_torchvision_wall'] = (
     result['retinanet']['wall_median_s'] / result['torchvision']['wall_median_s']
   )
+  result['ratio_consistent_to_torchvision_wall'] = (
+    result['conretinanet']['wall_median_s'] / result['torchvision']['wall_median_s']
+  )
   result['ratio_consistent_to_retinanet_wall'] = (
     result['conretinanet']['wall_median_s'] / result['retinanet']['wall_median_s']
   )
