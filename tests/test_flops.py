@@ -56,6 +56,17 @@ def test_a_strided_convolution_counts_its_multiplies_forward_and_backward():
     assert flops.count_flops(jax.grad(loss, (0, 1)), x, jnp.zeros((k, k, 8, 32))) == 3 * 2 * forward_macs, (k, fn)
 
 
+def test_a_stride_1_convolution_counts_three_times_its_forward_under_either_lowering():
+  """Forward, input gradient and kernel gradient of a padded stride-1 3x3 conv: three times the forward's
+  multiply-adds, also under the CPU lowering, whose custom gradient must not add a convolution of its own."""
+  x = jnp.zeros((2, 16, 12, 8))
+  dn = jax.lax.conv_dimension_numbers(x.shape, (3, 3, 8, 32), ('NHWC', 'HWIO', 'NHWC'))
+  forward_macs = (2 * 16 * 12 * 32) * (3 * 3 * 8)
+  for fn in (jax.lax.conv_general_dilated, conv_lowering.matmul_conv):
+    loss = lambda x, w: jnp.sum(fn(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))
+    assert flops.count_flops(jax.grad(loss, (0, 1)), x, jnp.zeros((3, 3, 8, 32))) == 3 * 2 * forward_macs, fn
+
+
 def _r50_fpn_retinanet_macs(size: int, num_classes: int, anchors: int = 9) -> int:
   """Multiply-adds of torchvision's R50-FPN RetinaNet at size x size, counted layer by layer from its definition."""
   r = size // 2

@@ -74,8 +74,10 @@ def _conv_padded_kernel_grad_bwd(padding, precision, residuals, g):
   g[b, y, x, o] as a convolution of the padded input (batch dim C, feature dim B) by g (window H' x W') with no
   padding of its own, which XLA:CPU runs faster (module docstring)."""
   lhs, rhs = residuals
-  (d_lhs,) = jax.vjp(lambda x: _xla_conv(x, rhs, padding, precision), lhs)[1](g)
-  (pad_h, pad_w) = padding
+  # The transpose of the (linear in lhs) convolution, not jax.vjp: a vjp would trace the forward convolution again,
+  # dead under jit but counted by conret_jax.flops.
+  (d_lhs,) = jax.linear_transpose(lambda x: _xla_conv(x, rhs, padding, precision), lhs)(g)
+  pad_h, pad_w = padding
   x_pad = lax.pad(lhs, lax.full((), 0, lhs.dtype), ((0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)))
   d_rhs = lax.conv_general_dilated(
     x_pad,
