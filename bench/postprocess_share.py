@@ -38,7 +38,6 @@ from conret_jax.model.detector import build_model, init_variables
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, 'tests', 'core'))
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from core_ops import peak_rss_mb, realistic_logits, timed  # noqa: E402 (bench/, the script's folder)
 from core_reference import flat_topk_candidates, flat_topk_postprocess  # noqa: E402
 

@@ -22,7 +22,6 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow is imported (bench imports it)
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import platform
 import statistics
 import time

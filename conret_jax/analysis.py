@@ -232,7 +232,7 @@ def analyze(model, variables, config, mesh, *, batches=None, info=None, cache=No
     `Accumulator.results()` plus regressions (how many inference applied) and method ('ConRetinaNet' or
     'RetinaNet'), identical on every process.
   """
-  from conret_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax import mesh as mesh_lib
 
   batches, info = evaluation.eval_inputs(config, mesh, batches=batches, info=info, cache=cache)
   known = ClassLayout.of(info, config).category_of >= 0

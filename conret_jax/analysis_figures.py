@@ -37,8 +37,8 @@ def _counts(ax, runs, fig: str, edges: str, key: str, xlabel: str, ylabel: str) 
 
 def plot_localization(runs: list, path: str, *, caption: str = '') -> None:
   """localization.png (Figure 3): per run a 2-D histogram of IoU before vs after regression, and the marginals."""
-  from matplotlib import colors  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (no pyplot: no global backend)
+  from matplotlib import colors
+  from matplotlib.figure import Figure  # no pyplot: no global backend
 
   n = len(runs)
   fig = Figure(figsize=(5.5 * n + 5.0, 6.5))
@@ -68,7 +68,7 @@ def plot_localization(runs: list, path: str, *, caption: str = '') -> None:
 def plot_score_iou(runs: list, path: str, *, caption: str = '') -> None:
   """score_iou.png (Figure 5): (a, b) score mean and std by output IoU, (c, d) output IoU mean and std by input IoU,
   and the counts per bin below."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure
 
   fig = Figure(figsize=(12.0, 12.5))
   grid = fig.add_gridspec(3, 2, height_ratios=(3, 3, 2), left=0.07, right=0.98, bottom=0.1, top=0.9, hspace=0.45)

@@ -84,11 +84,11 @@ def resolve_backend(backend: str = 'auto') -> str:
 def _api(backend: str):
   """(COCO, COCOeval) classes of a resolved backend; both share pycocotools' interface."""
   if backend == 'faster_coco_eval':
-    from faster_coco_eval import COCO, COCOeval_faster  # pylint: disable=g-import-not-at-top
+    from faster_coco_eval import COCO, COCOeval_faster
 
     return COCO, COCOeval_faster
-  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
-  from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
+  from pycocotools.coco import COCO
+  from pycocotools.cocoeval import COCOeval
 
   return COCO, COCOeval
 

@@ -201,7 +201,7 @@ def resolve(
 
 def _cpu_only(environ: Mapping[str, str]) -> bool:
   """True when JAX will run on CPU only (decided without starting a backend)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   platforms = environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or ''
   if platforms:
@@ -226,7 +226,7 @@ def initialize(
     return _initialized_plan
   plan = resolve(coordinator_address, num_processes, process_id, local_device_ids)
   if plan.mode != 'single':
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
 
     if _cpu_only(os.environ):
       # CPU devices of different processes can only run collectives through gloo.
@@ -240,16 +240,16 @@ def initialize(
 
 def is_main_process() -> bool:
   """True on the process that writes logs, summaries and (non-collective) files: process 0."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   return jax.process_index() == 0
 
 
 def process_info() -> str:
   """One log line about this process, e.g. 'process 1/2 on host1: 2 local / 4 global cpu devices'."""
-  import socket  # pylint: disable=g-import-not-at-top
+  import socket
 
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   return (
     f'process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}: '
@@ -262,7 +262,7 @@ def define_flags(flag_values=None) -> None:
 
   flag_values: absl FlagValues to define them in (default: absl.flags.FLAGS).
   """
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
 
   fv = flags.FLAGS if flag_values is None else flag_values
   if 'coordinator_address' in fv:
@@ -291,7 +291,7 @@ def define_flags(flag_values=None) -> None:
 
 def initialize_from_flags(flag_values=None) -> Plan:
   """initialize() with the values of the flags defined by define_flags() (absl must have parsed argv)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
 
   fv = flags.FLAGS if flag_values is None else flag_values
   return initialize(fv.coordinator_address, fv.num_processes, fv.process_id, fv.local_device_ids)

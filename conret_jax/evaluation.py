@@ -184,7 +184,7 @@ class _Collected:
 def _save_picture(collected: _Collected, class_names, path: str, *, threshold: float, title: str) -> None:
   """detections.png: the pictured images, ground truth beside detections. short_side batches come in up to two
   padded shapes; the grid takes those of the first image's shape."""
-  from conret_jax import visualize  # pylint: disable=g-import-not-at-top
+  from conret_jax import visualize
 
   rows = [r for r in collected.pictured if r[0].shape == collected.pictured[0][0].shape]
   stack = lambda i: {k: np.stack([r[i][k] for r in rows]) for k in rows[0][i]}
@@ -204,11 +204,11 @@ def eval_inputs(config, mesh, *, batches: Iterable | None = None, info=None, cac
   """(batches, info) of a pass over the eval split: those given, else `data.make_eval_iterator` on `mesh` (batches
   sharded over all its devices) and `data.dataset_info(config.data.eval, config)`."""
   if batches is None or info is None:
-    from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    from conret_jax import data as data_lib
 
     info = info or data_lib.dataset_info(config.data.eval, config, cache=cache)
     if batches is None:
-      from conret_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+      from conret_jax import mesh as mesh_lib
 
       batches = data_lib.make_eval_iterator(config, mesh, mesh_lib.batch_sharding(mesh), cache=cache)
   return batches, info
@@ -245,14 +245,14 @@ def evaluate(
   Returns:
     {name: float} for METRIC_NAMES, identical on every process.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.experimental import multihost_utils
 
-  from conret_jax.data.info import ClassLayout  # pylint: disable=g-import-not-at-top
+  from conret_jax.data.info import ClassLayout
 
   batches, info = eval_inputs(config, mesh, batches=batches, info=info, cache=cache)
   if detect_fn is None:
-    import conret_jax  # pylint: disable=g-import-not-at-top
+    import conret_jax
 
     detect_fn = conret_jax.detect
   gather = lambda tree: jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

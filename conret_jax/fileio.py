@@ -18,7 +18,7 @@ def absolute(path: str) -> str:
 
 def open_file(path: str, mode: str = 'r'):
   if is_remote(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf
 
     return tf.io.gfile.GFile(path, mode)
   return open(path, mode, encoding=None if 'b' in mode else 'utf-8')
@@ -26,7 +26,7 @@ def open_file(path: str, mode: str = 'r'):
 
 def exists(path: str) -> bool:
   if is_remote(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf
 
     return tf.io.gfile.exists(path)
   return os.path.exists(path)

@@ -84,7 +84,7 @@ def save(workdir: str, config, layout, *, step: int, processes: int, devices: in
   if fileio.exists(os.path.join(workdir, RUN_FILE)):
     with fileio.open_file(os.path.join(workdir, RUN_FILE)) as f:
       run = json.load(f)
-  from conret_jax import __version__  # pylint: disable=g-import-not-at-top
+  from conret_jax import __version__
 
   run['classes'] = {
     'layout': layout.kind,

@@ -67,7 +67,7 @@ def read_safetensors(path: str) -> dict:
 
 def _load_torch(path: str) -> dict:
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
   except ImportError as e:
     raise ImportError(f'{path}: .pth files need torch; convert to .safetensors or .npz, or install torch') from e
   obj = torch.load(path, map_location='cpu', weights_only=True)
@@ -167,7 +167,7 @@ def load_state_dict(path: str) -> dict:
     raise FileNotFoundError(f'{path}: no such file')
   if ext == '.safetensors':
     try:
-      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+      from safetensors.numpy import load_file
     except ImportError:
       return read_safetensors(path)
     return {k: np.asarray(v) for k, v in load_file(path).items()}

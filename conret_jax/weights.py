@@ -296,7 +296,7 @@ def from_detectron_resnet(blobs: dict, config) -> dict:
 
 def save_imported(directory: str, variables: dict) -> None:
   """Write `variables` as an orbax StandardCheckpointer checkpoint at `directory` (must not exist yet)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
 
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(absolute(directory), variables)

@@ -118,7 +118,7 @@ class Launcher:
     for proc in self.procs:
       proc.wait()
 
-  def _on_signal(self, signum, frame) -> None:  # pylint: disable=unused-argument
+  def _on_signal(self, signum, frame) -> None:
     self.stop_signal = signum
 
   def run(self) -> int:

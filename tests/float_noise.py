@@ -183,7 +183,7 @@ def scaled_loss(loss_call, factor: float):
 
 
 def _config(base: pathlib.Path, steps: int):
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
 
   spec = importlib.util.spec_from_file_location('noise_cfg', ROOT / 'tests' / 'configs' / 'tiny_shapes.py')
   module = importlib.util.module_from_spec(spec)
@@ -193,22 +193,22 @@ def _config(base: pathlib.Path, steps: int):
 
 def flatten(tree) -> dict:
   """{keystr(path): numpy array} of every leaf (the form the comparisons take)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
 
 
 def run_variants(steps: int, cache_dir: pathlib.Path, only=()) -> dict:
   """Trains every variant of the module docstring for `steps` steps; returns their metrics and final states."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  import conret_jax  # pylint: disable=g-import-not-at-top
-  from conret_jax import consistent  # pylint: disable=g-import-not-at-top
+  import conret_jax
+  from conret_jax import consistent
   from conret_jax import mesh as mesh_lib
-  from conret_jax.core import losses  # pylint: disable=g-import-not-at-top
-  from conret_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from conret_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax.core import losses
+  from conret_jax.data import pipeline
+  from conret_jax.train import state as state_lib
+  from conret_jax.train import step as step_lib
 
   config = _config(cache_dir, steps)
   batches = [b for _, b in zip(range(steps), pipeline.host_batches(config, train=True))]

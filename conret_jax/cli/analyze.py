@@ -38,10 +38,10 @@ def label(workdir: str, method: str) -> str:
 def run(config, workdir: str, step: int | None = None, num_images: int | None = None) -> dict:
   """Restores and analyzes one run; returns `analysis.analyze`'s results with workdir, step and label."""
   from conret_jax import (
-    analysis,  # pylint: disable=g-import-not-at-top
-    config_checks,  # pylint: disable=g-import-not-at-top
+    analysis,
+    config_checks,
   )
-  from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax import data as data_lib
 
   config_checks.validate(config)
   if num_images is not None:
@@ -59,7 +59,7 @@ def compare_config(workdir: str | None):
   """The config of the --compare run (its own config.json), checked before anything heavy; None without one."""
   if workdir is None:
     return None
-  from conret_jax import run_record  # pylint: disable=g-import-not-at-top
+  from conret_jax import run_record
 
   common.check_workdir(workdir, create=False, flag='compare')
   if not run_record.has_record(workdir):
@@ -78,9 +78,9 @@ def _main(argv):
   other = compare_config(_COMPARE.value)
   config, workdir = common.setup('analyze', writes_workdir=False, log_to_workdir=False)
   output = common.check_workdir(_OUTPUT.value, create=True, flag='output')
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from conret_jax import analysis  # pylint: disable=g-import-not-at-top
+  from conret_jax import analysis
 
   common.setup_logging(output, 'analyze')  # OUT/analyze.log on process 0
   runs = [run(config, workdir, flags.FLAGS.step, _NUM_IMAGES.value)]

@@ -34,16 +34,16 @@ def _main(argv):
     raise ConfigError('--config is required, e.g. --config=configs/conretinanet_coco.py')
   common.setup_logging(None, 'bench')
   if argv[1] == 'step':  # imports no TensorFlow: the GPU image has none
-    from conret_jax.train import bench  # pylint: disable=g-import-not-at-top
+    from conret_jax.train import bench
 
     result = bench.run_step_bench(config, _STEPS.value)
   elif argv[1] == 'detect':
-    from conret_jax import detect_bench  # pylint: disable=g-import-not-at-top
+    from conret_jax import detect_bench
 
     result = detect_bench.run_detect_bench(config, _STEPS.value)
   else:
     common.hide_accelerators_from_tf()
-    from conret_jax.data import bench  # pylint: disable=g-import-not-at-top
+    from conret_jax.data import bench
 
     result = bench.run_input_bench(config, _BATCHES.value)
   print(json.dumps(result), flush=True)

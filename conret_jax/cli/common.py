@@ -115,14 +115,14 @@ def _parse_flags(tool: str, argv: list, flag_names) -> list:
     fail(tool, f'config file {config.split(":", 1)[0]!r} not found (--config={config})')
   try:
     rest = FLAGS(argv)
-    FLAGS.config  # pylint: disable=pointless-statement  (ml_collections loads the file lazily)
+    FLAGS.config  # ml_collections loads the file lazily
   except flags.UnrecognizedFlagError as e:
     close = difflib.get_close_matches(e.flagname, flag_names, n=1)
     fail(
       tool,
       f'unknown flag --{e.flagname}' + (f'; did you mean --{close[0]}?' if close else '') + f' (see {tool} --help)',
     )
-  except Exception as e:  # pylint: disable=broad-except  (config files and overrides raise anything)
+  except Exception as e:  # config files and overrides raise anything
     if _debug(argv):
       raise
     fail(tool, _config_error_message(e, argv))
@@ -131,7 +131,7 @@ def _parse_flags(tool: str, argv: list, flag_names) -> list:
 
 def _closest_key(dotted: str) -> str | None:
   """The existing config key nearest to a misspelt one: the first unknown part replaced by its closest sibling."""
-  from conret_jax import defaults  # pylint: disable=g-import-not-at-top
+  from conret_jax import defaults
 
   node, parts = defaults.base_config(), dotted.split('.')
   for i, part in enumerate(parts):
@@ -187,7 +187,7 @@ def run(tool_main, *, tool: str, doc: str, flag_names) -> None:
 
 def hide_accelerators_from_tf() -> None:
   """TensorFlow only feeds data: keep it off GPUs so it never takes memory that JAX needs."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
 
   try:
     tf.config.set_visible_devices([], 'GPU')
@@ -213,7 +213,7 @@ def setup_logging(workdir: str | None, name: str) -> None:
   quiet = _QuietLibraries()
   if not any(isinstance(f, _QuietLibraries) for f in logging.get_absl_handler().filters):
     logging.get_absl_handler().addFilter(quiet)
-  import jax  # pylint: disable=g-import-not-at-top  (after distributed initialization)
+  import jax  # after distributed initialization
 
   if workdir and '://' not in workdir and os.path.isdir(workdir) and jax.process_index() == 0:
     path = os.path.join(workdir, f'{name}.log')
@@ -269,7 +269,7 @@ def setup(name: str, *, writes_workdir: bool, distributed_init: bool = True, log
 
 def abstract_train_state(model, config, mesh):
   """The TrainState's shapes, dtypes and shardings on `mesh` (see train.step.abstract_state)."""
-  from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax.train import state as state_lib
 
   return state_lib.abstract_state(model, config, mesh)
 
@@ -282,11 +282,11 @@ def restore_for_inference(config, workdir: str, step: int | None = None, devices
   Returns:
     (model, variables, step, mesh); step is 0 for variables from config.init_from.
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  import conret_jax  # pylint: disable=g-import-not-at-top
-  from conret_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from conret_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  import conret_jax
+  from conret_jax import mesh as mesh_lib
+  from conret_jax.train import checkpoint as ckpt_lib
 
   model = conret_jax.build_model(config)
   mesh = mesh_lib.make_mesh(config, devices)
@@ -301,7 +301,7 @@ def restore_for_inference(config, workdir: str, step: int | None = None, devices
     return model, state.variables(), step, mesh
   check_weights_available(config, workdir, step)
   logging.info('no checkpoint in %s: using the weights of config.init_from=%s', directory, config.init_from)
-  from conret_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax.train import state as state_lib
 
   fresh, _ = state_lib.init_state(model, config, mesh, jax.random.PRNGKey(0))
   # Inference needs every weight from the file: nothing may stay at its random initial value.

@@ -20,10 +20,10 @@ common.define_step_flag()
 def run(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
   """Restores and evaluates; returns (step, metrics)."""
   from conret_jax import (
-    config_checks,  # pylint: disable=g-import-not-at-top
-    evaluation,  # pylint: disable=g-import-not-at-top
+    config_checks,
+    evaluation,
   )
-  from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax import data as data_lib
 
   config_checks.validate(config)
   cache = data_lib.SourceCache()
@@ -39,9 +39,9 @@ def _main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   common.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
   config, workdir = common.setup('eval', writes_workdir=False)
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from conret_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from conret_jax import evaluation
 
   step, metrics = run(config, workdir, flags.FLAGS.step)
   if jax.process_index() == 0:

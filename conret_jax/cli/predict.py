@@ -42,7 +42,7 @@ def list_images(patterns: str) -> list[str]:
 
 def load_image(path: str) -> np.ndarray:
   """uint8 [H, W, 3] RGB, with the EXIF orientation applied (what an image viewer shows)."""
-  from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
+  from PIL import Image, ImageOps
 
   with Image.open(path) as image:
     return np.asarray(ImageOps.exif_transpose(image).convert('RGB'))
@@ -56,9 +56,9 @@ def prepare_image(image: np.ndarray, data_config) -> tuple[np.ndarray, float]:
   Returns:
     (float32 [Hp, Wp, 3] on the 0..255 scale, scale = resized / original).
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
 
-  from conret_jax.data import sizes  # pylint: disable=g-import-not-at-top
+  from conret_jax.data import sizes
 
   h, w = image.shape[:2]
   shapes = sizes.padded_shapes(data_config)
@@ -79,8 +79,8 @@ def prepare_image(image: np.ndarray, data_config) -> tuple[np.ndarray, float]:
 def class_metadata(config, workdir: str):
   """The model's classes (a data.info.ClassLayout): as the run recorded them at training time (W/run.json); without
   a record, the eval dataset's categories where reading them generates nothing; else class indices, with a warning."""
-  from conret_jax import run_record  # pylint: disable=g-import-not-at-top
-  from conret_jax.data import info as info_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax import run_record
+  from conret_jax.data import info as info_lib
 
   classes = (run_record.load_run(workdir) or {}).get('classes')
   if classes:
@@ -89,11 +89,11 @@ def class_metadata(config, workdir: str):
     )
   try:
     if config.data.eval.source == 'shapes':  # its fixed categories, without generating the dataset
-      from conret_jax.data import shapes  # pylint: disable=g-import-not-at-top
+      from conret_jax.data import shapes
 
       info = info_lib.DatasetInfo(list(shapes.CATEGORY_IDS), list(shapes.SHAPE_NAMES), 0)
     else:
-      from conret_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+      from conret_jax import data as data_lib
 
       info = data_lib.dataset_info(config.data.eval, config, train=True)  # the categories only
     return info_lib.ClassLayout.of(info, config)
@@ -123,10 +123,10 @@ def run(
   class_layout=None,
 ) -> list[dict]:
   """Detects on each image, writes OUTPUT/<name>.png and OUTPUT/detections.json; returns the json's entries."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  import conret_jax  # pylint: disable=g-import-not-at-top
-  from conret_jax import evaluation, visualize  # pylint: disable=g-import-not-at-top
+  import conret_jax
+  from conret_jax import evaluation, visualize
 
   if not image_paths:
     raise FileNotFoundError('no input images')

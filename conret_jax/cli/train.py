@@ -22,15 +22,15 @@ from conret_jax.cli import common
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from conret_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from conret_jax import config_checks
 
   if flags.FLAGS.config is not None:  # in seconds, before TensorFlow, devices or compilation
     config_checks.validate_training(flags.FLAGS.config)
   config, workdir = common.setup('train', writes_workdir=True)
-  import jax  # pylint: disable=g-import-not-at-top  (after distributed initialization)
+  import jax  # after distributed initialization
 
-  from conret_jax import distributed, evaluation  # pylint: disable=g-import-not-at-top
-  from conret_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from conret_jax import distributed, evaluation
+  from conret_jax.train import loop
 
   logging.info('%s', distributed.process_info())
   try:

@@ -111,7 +111,7 @@ def run_input_bench(config, num_batches: int, *, num_images: int = 200, image_hw
 
 
 def main():
-  from conret_jax import defaults  # pylint: disable=g-import-not-at-top
+  from conret_jax import defaults
 
   config = defaults.base_config()
   config.data.image_size = 640

@@ -260,7 +260,7 @@ class DeviceIterator:
     self._meta = dict(meta or {})
 
   def _to_global(self, local: Batch) -> Batch:
-    import jax  # pylint: disable=g-import-not-at-top  (keeps this module importable without jax for tools)
+    import jax  # keeps this module importable without jax for tools
 
     out = {}
     for k, x in local.items():
@@ -294,7 +294,7 @@ class DeviceIterator:
 
 
 def _process():
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   return jax.process_index(), jax.process_count()
 

@@ -68,13 +68,13 @@ def _open_coco_json(annotation_file, image_dir, *, train, max_boxes, cache):
 
 
 def _open_tfds(source_config, *, max_boxes, build_gt):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only this source needs it)
+  import tensorflow_datasets as tfds  # heavy; only this source needs it
 
   try:
     builder = tfds.builder(source_config.name, data_dir=source_config.data_dir or None)
     try:
       num_examples = builder.info.splits[source_config.split].num_examples
-    except Exception:  # pylint: disable=broad-except  (tfds: no split metadata; counted below)
+    except Exception:  # tfds: no split metadata; counted below
       num_examples = None
     if not isinstance(num_examples, int) or num_examples <= 0:  # no split metadata (tfds mock): count the records
       ds = builder.as_dataset(split=source_config.split, decoders={'image': tfds.decode.SkipDecoding()})
@@ -114,7 +114,7 @@ def _open_tfds(source_config, *, max_boxes, build_gt):
 
 def _tfds_coco_gt(builder, split, names) -> dict:
   """COCO-format ground truth from the examples of a tfds split (one pass reading image headers, no decode)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   ds = builder.as_dataset(split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
   ds = ds.map(

@@ -166,7 +166,7 @@ def load_variables(path: str) -> dict:
   checkpointer = ocp.StandardCheckpointer()
   try:
     metadata = checkpointer.metadata(path)
-  except Exception as e:  # pylint: disable=broad-except  (orbax raises assorted errors for a foreign folder)
+  except Exception as e:  # orbax raises assorted errors for a foreign folder
     raise WeightFileError(f'config.init_from={path} is not a checkpoint written by conret-import: {e}') from None
   tree = getattr(metadata, 'item_metadata', metadata)
   tree = getattr(tree, 'tree', tree)

@@ -7,18 +7,18 @@ import sys
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def main():
   port, index, annotation_file, image_dir, out = sys.argv[1:6]
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=int(index))
-  from conret_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from tests.data.conftest import small_config  # pylint: disable=g-import-not-at-top
+  from conret_jax.data import pipeline
+  from tests.data.conftest import small_config
 
   config = small_config(annotation_file, image_dir, batch=4, eval_batch=4)
   config.data.scale_jitter = (0.8, 1.2)

@@ -49,7 +49,7 @@ def test_objects_of_different_classes_overlap():
     _, objects = shapes.make_image(rng)
     for i, a in enumerate(objects):
       for b in objects[:i]:
-        overlaps += a[5] != b[5] and shapes._iou(a[:4], b[:4]) > 0.05  # pylint: disable=protected-access
+        overlaps += a[5] != b[5] and shapes._iou(a[:4], b[:4]) > 0.05
   assert overlaps >= 5
 
 

@@ -84,7 +84,7 @@ def _env(devices: int | None = None) -> dict:
 
 
 def _start(log: pathlib.Path, command: list, env: dict) -> tuple:
-  out = open(log, 'w')  # pylint: disable=consider-using-with  (closed in _stop/_finish)
+  out = open(log, 'w')  # closed in _stop/_finish
   proc = subprocess.Popen(
     command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=log.parent
   )

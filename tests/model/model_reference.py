@@ -269,7 +269,7 @@ def assert_close(actual, expected, rel=1e-4):
 def random_like(shapes, seed=0):
   """Random float32 NumPy variables shaped like `shapes` (from jax.eval_shape of an init), without compiling an init:
   kernels ~ N(0, 1/fan_in), scales and variances ~ U(0.5, 1.5), biases and means ~ N(0, 0.1)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   rng = np.random.default_rng(seed)
 

@@ -49,7 +49,7 @@ def _torchvision_model(images):
 
 def _torchvision_detect(model, images):
   """images [B, H, W, 3] float 0..255 -> list of torchvision detections, via the model's own parts."""
-  from torchvision.models.detection.image_list import ImageList  # pylint: disable=g-import-not-at-top
+  from torchvision.models.detection.image_list import ImageList
 
   x = _normalize(images)
   sizes = [tuple(x.shape[-2:])] * x.shape[0]
@@ -113,13 +113,13 @@ def test_imported_weights_score_ap_one_against_their_own_detections(tmp_path):
   (class k = COCO category k) on a COCO-format folder whose ground truth is torchvision's own detections: every
   detection is found again under the same category id, so AP is about 1 (a detection within rounding of the 0.05
   score threshold may appear on one side only)."""
-  import json  # pylint: disable=g-import-not-at-top
+  import json
 
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
 
-  from conret_jax.cli import eval as eval_cli  # pylint: disable=g-import-not-at-top
+  from conret_jax.cli import eval as eval_cli
   from conret_jax.cli import import_weights
-  from conret_jax.data import info as info_lib  # pylint: disable=g-import-not-at-top
+  from conret_jax.data import info as info_lib
 
   rng = np.random.default_rng(1)
   images = np.kron(rng.uniform(0, 255, (2, SIZE // 8, SIZE // 8, 3)), np.ones((1, 8, 8, 1))).round().astype(np.float32)
