@@ -26,7 +26,7 @@ from conret_jax.core.boxes import decode, pairwise_iou
 from conret_jax.core.nms import postprocess
 from conret_jax.core.targets import assign
 from conret_jax.defaults import base_config
-from conret_jax.model.anchor_spec import anchors_from_config, level_anchor_counts
+from conret_jax.model.anchor_spec import AnchorSpec
 
 MB = 2.0**20
 
@@ -93,7 +93,7 @@ def main():
 
   config = base_config()
   hw = (args.size, args.size)
-  anchors = anchors_from_config(hw, config.model)
+  anchors = AnchorSpec.from_config(config.model).anchors(hw)
   rng = np.random.default_rng(0)
   result = dict(
     bench='core_ops',
@@ -128,7 +128,7 @@ def main():
     peak_rss_mb=peak_rss_mb(),
   )
 
-  counts = level_anchor_counts(hw, config.model)
+  counts = AnchorSpec.from_config(config.model).level_counts(hw)
   logits = jnp.asarray(realistic_logits(rng, np.asarray(anchors), args.batch, args.classes, args.size))
   deltas = rng.normal(0, 0.1, (args.batch, anchors.shape[0], 4)).astype(np.float32)
   decoded = jax.jit(decode)(jnp.asarray(deltas), anchors)

@@ -33,8 +33,8 @@ import numpy as np
 from conret_jax.cli.import_weights import load_config
 from conret_jax.core.boxes import decode
 from conret_jax.core.nms import postprocess, select_candidates
-from conret_jax.model.anchor_spec import anchors_from_config, level_anchor_counts
-from conret_jax.model.detector import build_model, init_variables
+from conret_jax.detectors import build_model, init_variables
+from conret_jax.model.anchor_spec import AnchorSpec
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, 'tests', 'core'))
@@ -61,8 +61,8 @@ def main():
 
   config = load_config(args.config)
   hw = (args.size, args.size)
-  anchors = anchors_from_config(hw, config.model)
-  counts = level_anchor_counts(hw, config.model)
+  anchors = AnchorSpec.from_config(config.model).anchors(hw)
+  counts = AnchorSpec.from_config(config.model).level_counts(hw)
   num_classes = config.model.num_classes
   result = dict(
     bench='postprocess_share',

@@ -10,8 +10,8 @@ alternating the variants (A B, B A, A B, ...), so a drift in the load of a share
 step it records wall time and the process's CPU time (all threads; less sensitive to other jobs than wall time).
 The overhead is the ConRetinaNet/RetinaNet ratio of the medians within each pair, summarized over the pairs.
 
-It also times the loss alone under jit: the targets of every stage (`consistent.stage_targets`: matching of the
-regular and refined anchors), `consistent.loss` forward, and forward+backward to the head outputs (what the step
+It also times the loss alone under jit: the targets of every stage (`Stages.targets`: matching of the
+regular and refined anchors), `ConsistentLoss` forward, and forward+backward to the head outputs (what the step
 adds on top of the network), with RetinaNet's (1, 1) terms and the config's terms, on the step's anchors and
 random head outputs: that isolates the extra matching of the refined anchors and the extra loss terms, and it is
 short enough to repeat many times. Prints a Markdown table and, last, one JSON line.
@@ -64,10 +64,10 @@ def _timed_calls(fn, args, repeats):
 
 
 def loss_only(configs: dict, image_hw, repeats: int) -> dict:
-  """Times jitted consistent.loss (forward, and value_and_grad w.r.t. the outputs) per variant, alternating."""
+  """Times the jitted ConsistentLoss (forward, and value_and_grad w.r.t. the outputs) per variant, alternating."""
   rng = np.random.default_rng(1)
   any_config = next(iter(configs.values()))
-  anchors = anchor_ops.anchors_from_config(tuple(image_hw), any_config.model)
+  anchors = anchor_ops.AnchorSpec.from_config(any_config.model).anchors(tuple(image_hw))
   a, k = anchors.shape[0], any_config.model.num_classes
   batch = {
     key: jnp.asarray(v) for key, v in bench.synthetic_batch(any_config, image_hw, rng).items() if key != 'images'
@@ -75,15 +75,16 @@ def loss_only(configs: dict, image_hw, repeats: int) -> dict:
   b = batch['boxes'].shape[0]
   funcs, args = {}, {}
   for name, config in configs.items():
-    n_reg = stages.num_regression_stages(config)
+    n_reg = stages.num_terms(config)[1]
     n_logits = 1 if config.model.head.variant == 'consistent' else n_reg  # one classifier per stage otherwise
     outputs = {  # logits near the prior (p ~ 0.01); small offsets so refined anchors stay near their objects
       'cls_logits': tuple(jnp.asarray(rng.normal(-4.6, 1.0, (b, a, k)), jnp.float32) for _ in range(n_logits)),
       'box_deltas': tuple(jnp.asarray(rng.normal(0.0, 0.1, (b, a, 4)), jnp.float32) for _ in range(n_reg)),
     }
-    fwd = jax.jit(lambda o, c=config: consistent.loss(o, anchors, batch, c)[0])
-    grad = jax.jit(jax.value_and_grad(lambda o, c=config: consistent.loss(o, anchors, batch, c)[0]))
-    tgt = jax.jit(lambda o, c=config: consistent.stage_targets(anchors, o['box_deltas'], batch, c))
+    loss = consistent.ConsistentLoss.from_config(config)
+    fwd = jax.jit(lambda o, loss=loss: loss(o, anchors, batch)[0])
+    grad = jax.jit(jax.value_and_grad(lambda o, loss=loss: loss(o, anchors, batch)[0]))
+    tgt = jax.jit(lambda o, loss=loss: loss.stages.targets(anchors, o['box_deltas'], batch))
     funcs[name] = {'targets': tgt, 'forward': fwd, 'forward_backward': grad}
     args[name] = (outputs,)
   times = {name: {kind: ([], []) for kind in funcs[name]} for name in configs}

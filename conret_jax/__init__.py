@@ -1,7 +1,7 @@
 """conret_jax: ConRetinaNet (consistent optimization for single-shot detection) in JAX/Flax.
 
 The public API:
-  build_model(config) -> flax module            the RetinaNet / ConRetinaNet network of the config
+  build_model(config) -> flax module            the network of the config's detector family
   init_variables(model, rng, image_hw)          its variables ('params' and the non-trained collections)
   detect(model, variables, images, config)      jitted inference: boxes, scores, classes, valid
   weights                                       importers for torchvision / timm / Detectron weights
@@ -13,8 +13,8 @@ import importlib
 __version__ = '0.1.0'
 
 _LAZY = {
-  'build_model': ('conret_jax.model.detector', 'build_model'),
-  'init_variables': ('conret_jax.model.detector', 'init_variables'),
+  'build_model': ('conret_jax.detectors', 'build_model'),
+  'init_variables': ('conret_jax.detectors', 'init_variables'),
   'detect': ('conret_jax.inference', 'detect'),
   'weights': ('conret_jax.weights', None),
 }

@@ -10,7 +10,7 @@ What counts (DEFINITIONS holds the same, and analysis.json and the figure captio
   output IoU      the same for the anchor's box after regression, clipped to the image as inference clips it. Its
                   nearest ground truth may be another object than before (the box is credited with the object it
                   lands on, as COCO credits a detection)
-  regression      the regressions inference applies: stages.inference_steps(config), every trained stage unless
+  regression      the regressions inference applies: Stages.inference_steps, every trained stage unless
                   config.consistent.inference_reg_steps asks for fewer (the detector's decode, as conret-eval)
   Figure 3        anchors whose input or output IoU is >= 0.1: the 2-D histogram (input, output) and its marginals
   Figure 5 (c,d)  every anchor with input IoU > 0: output IoU mean and std per input-IoU bin
@@ -38,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from conret_jax import analysis_figures, detectors, evaluation, inference, stages
+from conret_jax import analysis_figures, detectors, evaluation, inference
 from conret_jax.core import boxes as box_ops
 from conret_jax.data.info import ClassLayout
+from conret_jax.stages import Stages
 
 EDGES = tuple(round(0.05 * i, 2) for i in range(21))
 NEAR_IOU = 0.1  # Figure 3: anchors near an object before or after regression
@@ -51,7 +52,7 @@ DEFINITIONS = {
   'truth (what training matches anchors by); 0 in an image without any',
   'output_iou': "the same for the anchor's box after regression, clipped to the image as inference clips it; its "
   'nearest ground truth may be another object than before',
-  'regression': 'the regressions inference applies (stages.inference_steps(config): every trained stage unless '
+  'regression': 'the regressions inference applies (Stages.inference_steps: every trained stage unless '
   'config.consistent.inference_reg_steps asks for fewer), counted per run in `regressions`',
   'fig3_anchors': f'anchors whose input or output IoU is >= {NEAR_IOU}',
   'fig5cd_anchors': 'every anchor with input IoU > 0, binned by its input IoU',
@@ -229,21 +230,21 @@ def analyze(model, variables, config, mesh, *, batches=None, info=None, cache=No
   """One pass over the eval split (as `evaluation.evaluate` makes it; the same batches on every process).
 
   Returns:
-    `Accumulator.results()` plus regressions (how many inference applied) and method ('ConRetinaNet' or
-    'RetinaNet'), identical on every process.
+    `Accumulator.results()` plus regressions (how many inference applied) and method (the detector's name, e.g.
+    'ConRetinaNet' or 'RetinaNet'), identical on every process.
   """
   from conret_jax import mesh as mesh_lib
 
   batches, info = evaluation.eval_inputs(config, mesh, batches=batches, info=info, cache=cache)
   known = ClassLayout.of(info, config).category_of >= 0
-  run = statistics_fn(detectors.from_config(config, model), config.eval, known, mesh_lib.replicated(mesh))
+  detector = detectors.from_config(config, model)
+  run = statistics_fn(detector, config.eval, known, mesh_lib.replicated(mesh))
   total = Accumulator()
   for batch in batches:
     total.add(run(variables, {k: batch[k] for k in ('images', 'boxes', 'classes', 'valid', 'crowd', 'example_valid')}))
   results = total.results()
   logging.info('Analyzed %d images: %d anchors near objects.', results['num_images'], results['fig3']['num_anchors'])
-  method = 'ConRetinaNet' if config.consistent.enabled else 'RetinaNet'
-  return dict(results, regressions=stages.inference_steps(config), method=method)
+  return dict(results, regressions=Stages.from_config(config).inference_steps, method=detector.name)
 
 
 # ---------------------------------------------------------------------------------------------------- the files

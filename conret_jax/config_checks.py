@@ -6,23 +6,16 @@ cover values that are individually valid but cannot work together.
 
 import ml_collections
 
-from conret_jax import stages
+from conret_jax import detectors
 from conret_jax.coco_metrics import BACKENDS
 from conret_jax.data import sizes
 from conret_jax.defaults import schedule_steps
-from conret_jax.detectors import FAMILIES
 from conret_jax.errors import ConfigError
 from conret_jax.model.conv_lowering import CONV_LOWERINGS
-from conret_jax.model.detector import COMPUTE_DTYPES as _DTYPES
-from conret_jax.model.detector import MATMUL_PRECISIONS
-from conret_jax.model.heads import VARIANTS as _VARIANTS
-from conret_jax.model.resnet import DEPTHS
-from conret_jax.model.resnet import NORMS as _NORMS
+from conret_jax.model.layers import COMPUTE_DTYPES, MATMUL_PRECISIONS
 
-_DEPTHS = tuple(sorted(DEPTHS))
 _RESIZE = sizes.RESIZE_MODES
 _CLASS_LAYOUTS = ('contiguous', 'category_id')
-_FAMILIES = tuple(sorted(FAMILIES))
 _SOURCES = ('tfds', 'coco_json', 'tfrecord', 'shapes')  # data/sources.py (which imports TensorFlow)
 _COCO_BACKENDS = ('auto',) + BACKENDS
 
@@ -33,15 +26,24 @@ def _check(condition: bool, message: str) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the offending config key."""
-  m, d = config.model, config.data
-  _check(m.family in _FAMILIES, f'config.model.family={m.family!r} must be one of {_FAMILIES}')
+  """Raises ConfigError (a ValueError) naming the offending config key."""
+  _check_model(config.model)
+  detectors.validate(config)  # the family's own keys and config.consistent
+  _check_data(config.data)
+  _check_input_size(config)
+  _check_train(config.train)
+  _check_schedule(config.train)
+  _check_eval(config)
+
+
+def _check_model(m) -> None:
+  """The keys every family reads."""
   _check(m.num_classes >= 1, f'config.model.num_classes={m.num_classes} must be >= 1')
-  _check(m.backbone.depth in _DEPTHS, f'config.model.backbone.depth={m.backbone.depth} must be one of {_DEPTHS}')
-  _check(m.backbone.norm in _NORMS, f'config.model.backbone.norm={m.backbone.norm!r} must be one of {_NORMS}')
-  _check(0 <= m.backbone.freeze_at <= 5, f'config.model.backbone.freeze_at={m.backbone.freeze_at} must be in [0, 5]')
-  _check(m.head.variant in _VARIANTS, f'config.model.head.variant={m.head.variant!r} must be one of {_VARIANTS}')
-  _check(m.compute_dtype in _DTYPES, f'config.model.compute_dtype={m.compute_dtype!r} must be one of {sorted(_DTYPES)}')
+  _check(
+    m.class_layout in _CLASS_LAYOUTS, f'config.model.class_layout={m.class_layout!r} must be one of {_CLASS_LAYOUTS}'
+  )
+  dtypes = tuple(sorted(COMPUTE_DTYPES))
+  _check(m.compute_dtype in dtypes, f'config.model.compute_dtype={m.compute_dtype!r} must be one of {dtypes}')
   _check(
     m.matmul_precision in MATMUL_PRECISIONS,
     f'config.model.matmul_precision={m.matmul_precision!r} must be one of {tuple(MATMUL_PRECISIONS)}',
@@ -50,30 +52,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     m.conv_lowering in CONV_LOWERINGS,
     f'config.model.conv_lowering={m.conv_lowering!r} must be one of {CONV_LOWERINGS}',
   )
-  _check(
-    3 <= m.fpn.min_level <= 5 <= m.fpn.max_level,
-    f'config.model.fpn levels P{m.fpn.min_level}-P{m.fpn.max_level}: need 3 <= min_level <= 5 <= max_level '
-    '(C3-C5 feed the pyramid)',
-  )
+
+
+def _check_data(d) -> None:
   _check(d.resize in _RESIZE, f'config.data.resize={d.resize!r} must be one of {_RESIZE}')
   for split in ('train', 'eval'):
     _check(d[split].source in _SOURCES, f'config.data.{split}.source={d[split].source!r} must be one of {_SOURCES}')
-  stride = 2**m.fpn.max_level
-  _check(
-    sizes.PAD_MULTIPLE % stride == 0,
-    f'config.model.fpn.max_level={m.fpn.max_level}: the input pipeline pads to multiples of {sizes.PAD_MULTIPLE}, '
-    f'which the stride {stride} must divide',
-  )
-  if d.resize == 'square':
-    _check(
-      d.image_size % stride == 0,
-      f'config.data.image_size={d.image_size} cannot be tiled by the anchors: the padded side must be a '
-      f'multiple of the largest stride {stride} (P{m.fpn.max_level}); '
-      f'try {max(stride, d.image_size // stride * stride)}',
-    )
-  _check(
-    m.class_layout in _CLASS_LAYOUTS, f'config.model.class_layout={m.class_layout!r} must be one of {_CLASS_LAYOUTS}'
-  )
   _check(len(d.scale_jitter) == 2, f'config.data.scale_jitter={tuple(d.scale_jitter)} must be (low, high)')
   lo, hi = d.scale_jitter
   _check(0 < lo <= hi, f'config.data.scale_jitter={tuple(d.scale_jitter)} must satisfy 0 < low <= high')
@@ -90,19 +74,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'other than {scales[0]} lies in steps of {sizes.SCALE_STEP} from image_size={d.image_size} within the range',
     )
   _check(d.max_boxes >= 1, f'config.data.max_boxes={d.max_boxes} must be >= 1')
-  t = config.train
+
+
+def _check_input_size(config: ml_collections.ConfigDict) -> None:
+  """Every padded shape the pipeline produces must be one the detector takes."""
+  d = config.data
+  rule = detectors.from_config(config).input_size
+  _check(
+    d.resize != 'short_side' or sizes.PAD_MULTIPLE % rule.multiple == 0,
+    f"config.data.resize=short_side pads to multiples of {sizes.PAD_MULTIPLE}, which the detector's input "
+    f'multiple {rule.multiple} must divide',
+  )
+  for name, hw in sizes.padded_shapes(d).items():
+    problem = rule.problem(hw)
+    if problem and d.resize == 'square' and not rule.fixed:
+      side = max(rule.multiple, d.image_size // rule.multiple * rule.multiple)
+      problem = f'{problem}; try {side}'
+    _check(not problem, f'config.data.image_size={d.image_size} ({d.resize}, {name} inputs): {problem}')
+
+
+def _check_train(t) -> None:
   _check(t.global_batch_size >= 1, f'config.train.global_batch_size={t.global_batch_size} must be >= 1')
   _check(t.num_steps >= 1, f'config.train.num_steps={t.num_steps} must be >= 1')
   _check(t.learning_rate > 0, f'config.train.learning_rate={t.learning_rate} must be > 0')
-  _check_schedule(t)
   _check(t.log_every_steps >= 1, f'config.train.log_every_steps={t.log_every_steps} must be >= 1')
-  _check(
-    config.checkpoint.every_steps >= 1, f'config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1'
-  )
-  _check(config.checkpoint.keep >= 1, f'config.checkpoint.keep={config.checkpoint.keep} must be >= 1')
-  _check(config.eval.every_steps >= 0, f'config.eval.every_steps={config.eval.every_steps} must be >= 0')
   _check(t.skip_nonfinite_steps >= 0, f'config.train.skip_nonfinite_steps={t.skip_nonfinite_steps} must be >= 0')
-  e = config.eval
+
+
+def _check_eval(config: ml_collections.ConfigDict) -> None:
+  k, e = config.checkpoint, config.eval
+  _check(k.every_steps >= 1, f'config.checkpoint.every_steps={k.every_steps} must be >= 1')
+  _check(k.keep >= 1, f'config.checkpoint.keep={k.keep} must be >= 1')
+  _check(e.every_steps >= 0, f'config.eval.every_steps={e.every_steps} must be >= 0')
   _check(e.visualize >= 0, f'config.eval.visualize={e.visualize} must be >= 0')
   _check(
     0.0 <= e.visualize_score_threshold <= 1.0,
@@ -111,7 +114,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(
     e.coco_backend in _COCO_BACKENDS, f'config.eval.coco_backend={e.coco_backend!r} must be one of {_COCO_BACKENDS}'
   )
-  stages.validate(config)
 
 
 def _check_schedule(t) -> None:
@@ -137,27 +139,7 @@ def _check_schedule(t) -> None:
   )
 
 
-def frozen_layers(config: ml_collections.ConfigDict) -> str:
-  """What the backbone keeps frozen, in words ('' if nothing): frozen_bn statistics, and layers below freeze_at."""
-  b = config.model.backbone
-  parts = []
-  if b.norm == 'frozen_bn':
-    parts.append("norm='frozen_bn'")
-  if b.freeze_at > 0:
-    parts.append(f'freeze_at={b.freeze_at}')
-  return ', '.join(parts)
-
-
 def validate_training(config: ml_collections.ConfigDict) -> None:
   """Start-up checks of a training run, on top of `validate`: no silently random frozen backbone."""
   validate(config)
-  frozen = frozen_layers(config)
-  if frozen and not config.init_from and not config.model.backbone.allow_random_frozen:
-    depth = config.model.backbone.depth
-    raise ConfigError(
-      f'config.model.backbone has frozen layers ({frozen}) but config.init_from is empty: they would keep '
-      f'their random initial values for the whole run. Import ImageNet weights first, e.g. '
-      f'`conret-import --format=torchvision_resnet --input=resnet{depth}.pth --output=weights/r{depth}` '
-      f"(or --format=detectron_resnet --input=R-{depth}.pkl, the paper's weights), then pass "
-      f'--config.init_from=weights/r{depth}. To train anyway, set --config.model.backbone.allow_random_frozen=true.'
-    )
+  detectors.validate_training(config)

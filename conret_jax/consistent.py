@@ -1,7 +1,7 @@
 """The loss of consistent optimization (the paper, Section 4): Eq. 1 and Eq. 2 over every stage's targets.
 
-The stages themselves (counts, thresholds, the refined anchors) are conret_jax/stages.py. With the targets of stage
-0 on the regular anchors and of stage s on the anchors refined s times:
+The stages themselves (counts, thresholds, refined anchors and their targets) are conret_jax/stages.py, which SSD's
+loss shares. With the targets of stage 0 on the regular anchors and of stage s on the anchors refined s times:
 
   L_cls = 1/N_cls * sum_i [ L(c_i, c*_i) + alpha * L(c_i, c†_i) (+ alpha * one term per further stage) ]   (Eq. 1)
   L_reg = sum_s 1/N_reg^s * sum_i L^s_reg(t^s_i, t^s*_i)                                                     (Eq. 2)
@@ -16,29 +16,20 @@ global (XLA inserts the all-reduce), which is what synchronous SGD on one big ba
 """
 
 import dataclasses
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from conret_jax import stages
-from conret_jax.core import losses, targets
-from conret_jax.core.constants import BOX_DELTA_CLAMP
+from conret_jax.core import losses
+from conret_jax.stages import Stages
 
 
 @dataclasses.dataclass(frozen=True)
 class ConsistentLoss:
-  """Eq. 1 + Eq. 2 (RetinaNet's loss with one term of each). Thresholds are per stage (stage 0 first)."""
+  """Eq. 1 + Eq. 2 (RetinaNet's loss when `stages` has one term of each)."""
 
-  num_cls_terms: int = 2
-  num_reg_terms: int = 2
-  alpha: float = 1.0
-  pos_iou: tuple = (0.5, 0.6, 0.7)
-  neg_iou: tuple = (0.4, 0.5, 0.6)
-  allow_low_quality_matches: bool = True  # stage 0 only; refined stages match on quality alone
-  box_weights: tuple = (1.0, 1.0, 1.0, 1.0)
-  box_clamp: float = BOX_DELTA_CLAMP
+  stages: Stages = Stages()
   focal_alpha: float = 0.25
   focal_gamma: float = 2.0
   smooth_l1_beta: float = 0.11
@@ -46,53 +37,14 @@ class ConsistentLoss:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'ConsistentLoss':
-    n_cls, n_reg = stages.num_terms(config)
-    c, lc, m = config.consistent, config.loss, config.model
+    lc = config.loss
     return cls(
-      num_cls_terms=n_cls,
-      num_reg_terms=n_reg,
-      alpha=float(c.alpha),
-      pos_iou=tuple(float(v) for v in c.pos_iou_thresholds),
-      neg_iou=tuple(float(v) for v in c.neg_iou_thresholds),
-      allow_low_quality_matches=bool(lc.allow_low_quality_matches),
-      box_weights=tuple(float(v) for v in m.box_weights),
-      box_clamp=float(m.box_clamp),
+      stages=Stages.from_config(config),
       focal_alpha=float(lc.focal_alpha),
       focal_gamma=float(lc.focal_gamma),
       smooth_l1_beta=float(lc.smooth_l1_beta),
       box_loss_weight=float(lc.box_loss_weight),
     )
-
-  def stage_targets(self, anchors: jax.Array, box_deltas: Sequence[jax.Array], batch) -> list[dict]:
-    """Targets of every stage: stage 0 on the regular anchors, stage s on anchors refined s times.
-
-    Args:
-      anchors: [A, 4] regular anchors.
-      box_deltas: per regression stage, [B, A, 4].
-      batch: a Batch (conret_jax/batch.py) or mapping with boxes [B, M, 4], classes [B, M], valid [B, M], crowd [B, M].
-    Returns:
-      One dict per stage from `targets.assign`, plus 'anchors' ([A, 4] or [B, A, 4]).
-    """
-    gt_valid = batch['valid'] & ~batch['crowd']  # crowd regions never make a positive
-    result = []
-    stage_anchors = anchors
-    for s in range(max(self.num_cls_terms, self.num_reg_terms)):
-      if s > 0:
-        stage_anchors = stages.refine(
-          stage_anchors, box_deltas[s - 1], box_weights=self.box_weights, clamp=self.box_clamp
-        )
-      t = targets.assign(
-        stage_anchors,
-        batch['boxes'],
-        batch['classes'],
-        gt_valid,
-        pos_iou=self.pos_iou[s],
-        neg_iou=self.neg_iou[s],
-        allow_low_quality_matches=self.allow_low_quality_matches and s == 0,
-        box_weights=self.box_weights,
-      )
-      result.append(dict(t, anchors=stage_anchors))
-    return result
 
   def __call__(self, outputs: dict, anchors: jax.Array, batch) -> tuple[jax.Array, dict]:
     """The loss of the model's outputs on a batch.
@@ -100,22 +52,23 @@ class ConsistentLoss:
     Args:
       outputs: the model's {'cls_logits': tuple of [B, A, K], 'box_deltas': tuple of [B, A, 4]} (float32).
       anchors: [A, 4] regular anchors of the input size.
-      batch: the training batch (boxes, classes, valid, crowd; see `stage_targets`).
+      batch: the training batch (boxes, classes, valid, crowd; see `Stages.targets`).
     Returns:
       (scalar float32 loss, metrics): cls_loss_<s>, box_loss_<s> (each already normalized and weighted as it enters
       the loss) and num_pos_<s> (global positive counts) per stage, and loss.
     """
+    st = self.stages
     cls_logits, box_deltas = outputs['cls_logits'], outputs['box_deltas']
-    if len(box_deltas) < self.num_reg_terms:
-      raise ValueError(f'the model predicts {len(box_deltas)} regression stages; the loss needs {self.num_reg_terms}')
-    per_stage = self.stage_targets(anchors, box_deltas, batch)
+    if len(box_deltas) < st.num_reg_terms:
+      raise ValueError(f'the model predicts {len(box_deltas)} regression stages; the loss needs {st.num_reg_terms}')
+    per_stage = st.targets(anchors, box_deltas, batch)
     metrics = {f'num_pos_{s}': jnp.sum(t['num_positives']) for s, t in enumerate(per_stage)}
     total = jnp.zeros((), jnp.float32)
     n_cls_norm = losses.normalizer(metrics['num_pos_0'])
     # Terms that score the same classifier share one focal-loss evaluation (Figure 4(d): all of them).
-    classifier_of = [min(s, len(cls_logits) - 1) for s in range(self.num_cls_terms)]
+    classifier_of = [min(s, len(cls_logits) - 1) for s in range(st.num_cls_terms)]
     for c in sorted(set(classifier_of)):
-      terms = [s for s in range(self.num_cls_terms) if classifier_of[s] == c]
+      terms = [s for s in range(st.num_cls_terms) if classifier_of[s] == c]
       sums = losses.classification_losses(
         cls_logits[c].astype(jnp.float32),
         [per_stage[s]['cls_labels'] for s in terms],
@@ -123,9 +76,9 @@ class ConsistentLoss:
         gamma=self.focal_gamma,
       )
       for s, term_sum in zip(terms, sums):
-        metrics[f'cls_loss_{s}'] = (1.0 if s == 0 else self.alpha) * term_sum / n_cls_norm
+        metrics[f'cls_loss_{s}'] = (1.0 if s == 0 else st.alpha) * term_sum / n_cls_norm
         total = total + metrics[f'cls_loss_{s}']
-    for s in range(self.num_reg_terms):
+    for s in range(st.num_reg_terms):
       t = per_stage[s]
       metrics[f'box_loss_{s}'] = (
         self.box_loss_weight
@@ -135,15 +88,3 @@ class ConsistentLoss:
       total = total + metrics[f'box_loss_{s}']
     metrics['loss'] = total
     return total, metrics
-
-
-def stage_targets(
-  anchors: jax.Array, box_deltas: Sequence[jax.Array], batch, config: ml_collections.ConfigDict
-) -> list[dict]:
-  """`ConsistentLoss.stage_targets` of the config's loss."""
-  return ConsistentLoss.from_config(config).stage_targets(anchors, box_deltas, batch)
-
-
-def loss(outputs: dict, anchors: jax.Array, batch, config: ml_collections.ConfigDict) -> tuple[jax.Array, dict]:
-  """The config's `ConsistentLoss` on `outputs` (see its __call__)."""
-  return ConsistentLoss.from_config(config)(outputs, anchors, batch)

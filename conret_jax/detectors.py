@@ -1,25 +1,61 @@
-"""A detector as the train step, inference and evaluation see it: a network, its anchors, its loss, its decoding.
+"""A detector family as every caller sees it: the only module that knows which families exist.
 
-  detector = detectors.from_config(config)        (or from_config(config, module) to reuse a built network)
+  detector = detectors.from_config(config)     config.model.family's detector (config checked); from_config(config,
+                                               module) reuses a built network
   outputs = detector.module.apply(variables, images, train=...)
   anchors = detector.anchors(image_hw)                            [A, 4]
   loss, metrics = detector.loss(outputs, anchors, batch)          training
   logits, boxes = detector.decode(outputs, anchors)               inference: [B, A, K], [B, A, 4] before NMS
-  detector.level_counts(image_hw)                                 anchors per pyramid level (post-processing)
+  detector.level_counts(image_hw)                                 anchors per level (post-processing)
+  detector.trainable_mask(params)                                 False for the frozen prefix
+  detector.input_size                                             the input sizes the network takes
+  detector.name                                                   e.g. 'ConRetinaNet', for reports
 
-None of these callers names a family. A family (config.model.family) is a model module, a loss module and a
-config; adding one means adding those and its entry in FAMILIES below, not editing the step.
+  detectors.validate(config)            the family's own config checks (config_checks.validate calls them)
+  detectors.validate_training(config)   and those of training (e.g. a frozen backbone needs init_from)
+  detectors.build_model(config)     the network; init_variables(model, rng, image_hw) its fresh variables
+
+No caller names a family or reads a family's own config keys (tests/test_seam.py checks it). Adding a family means
+adding its modules (network, loss, anchors) and one entry in FAMILIES below.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
-from conret_jax import consistent, stages
-from conret_jax.model import detector as retinanet
+from conret_jax import consistent
+from conret_jax.errors import ConfigError
+from conret_jax.model import resnet, retinanet
 from conret_jax.model.anchor_spec import AnchorSpec
+from conret_jax.stages import Stages
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSize:
+  """The input sizes a network takes: sides that are multiples of `multiple`, and, if `fixed` is not empty, square
+  inputs of exactly one of those sides (SSD's 300 or 512)."""
+
+  multiple: int = 1
+  fixed: tuple = ()
+
+  def problem(self, hw) -> str:
+    """'' if an input of hw = (height, width) is accepted, else what is wrong with it."""
+    h, w = (int(v) for v in hw)
+    if self.fixed and not (h == w and h in self.fixed):
+      return f'{h}x{w} is not one of the square sizes {self.fixed} this detector takes'
+    if h % self.multiple or w % self.multiple:
+      return f'{h}x{w} is not divisible by {self.multiple}; pad images at the bottom/right to a multiple of it'
+    return ''
+
+  def smallest(self) -> tuple[int, int]:
+    """The smallest accepted (height, width): parameters do not depend on the size, so initialization uses it."""
+    side = min(self.fixed) if self.fixed else self.multiple
+    return side, side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,31 +65,75 @@ class Detector:
   level_counts: Callable  # image_hw -> anchors per level, in the anchors' order
   loss: Callable  # (outputs, anchors [A, 4], batch) -> (scalar loss, metrics)
   decode: Callable  # (outputs, anchors) -> (logits [B, A, K], boxes [B, A, 4]) for post-processing
+  trainable_mask: Callable  # params -> pytree of bool like params, False where frozen
+  input_size: InputSize
+  name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One entry of FAMILIES: how to build the family's detector and check its config."""
+
+  build: Callable  # (config, module or None) -> Detector; the config is already validated
+  validate: Callable  # config -> None, ConfigError naming the key
+  validate_training: Callable  # config -> None, the checks only training needs
 
 
 def _retinanet(config: ml_collections.ConfigDict, module: nn.Module | None) -> Detector:
+  stages = Stages.from_config(config)
   spec = AnchorSpec.from_config(config.model)
-  m = config.model
-  steps, weights, clamp = stages.inference_steps(config), tuple(m.box_weights), float(m.box_clamp)
-
-  def decode(outputs, anchors):
-    return retinanet.decode_stages(outputs, anchors, steps=steps, box_weights=weights, clamp=clamp)
-
   return Detector(
-    module=module or retinanet.RetinaNet.from_config(config),
+    module=module or retinanet.RetinaNet.from_config(config, stages.num_reg_terms),
     anchors=spec.anchors,
     level_counts=spec.level_counts,
     loss=consistent.ConsistentLoss.from_config(config),
-    decode=decode,
+    decode=stages.decode,
+    trainable_mask=functools.partial(resnet.trainable_mask, freeze_at=int(config.model.backbone.freeze_at)),
+    input_size=InputSize(multiple=retinanet.size_multiple(config.model)),
+    name='ConRetinaNet' if config.consistent.enabled else 'RetinaNet',
   )
 
 
-FAMILIES = {'retinanet': _retinanet}
+FAMILIES = {
+  'retinanet': Family(
+    build=_retinanet, validate=lambda c: retinanet.validate(c.model), validate_training=retinanet.validate_training
+  ),
+}
+
+
+def family_of(config: ml_collections.ConfigDict) -> Family:
+  family = config.model.family
+  if family not in FAMILIES:
+    raise ConfigError(f'config.model.family={family!r} must be one of {tuple(sorted(FAMILIES))}')
+  return FAMILIES[family]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The family's checks of its own config keys, and of config.consistent, which every family reads."""
+  family_of(config).validate(config)
+  Stages.from_config(config)
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+  family_of(config).validate_training(config)
 
 
 def from_config(config: ml_collections.ConfigDict, module: nn.Module | None = None) -> Detector:
   """The detector of `config` (config.model.family), around `module` if given (it must be that config's network)."""
-  family = config.model.family
-  if family not in FAMILIES:
-    raise ValueError(f'config.model.family={family!r} must be one of {sorted(FAMILIES)}')
-  return FAMILIES[family](config, module)
+  validate(config)
+  return family_of(config).build(config, module)
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The network of `config`, whatever its family (the public `conret_jax.build_model`)."""
+  return from_config(config).module
+
+
+def init_variables(model: nn.Module, rng, image_hw, batch_size: int = 1) -> dict:
+  """Fresh variables of a network: {'params': ..., and its other collections ('frozen', 'batch_stats')}, float32.
+
+  Shapes do not depend on image_hw (any size the network takes); use jax.eval_shape on this to get shapes without
+  computing.
+  """
+  images = jnp.zeros((batch_size, *image_hw, 3), jnp.float32)
+  return dict(jax.jit(lambda r, x: model.init(r, x, train=False))(rng, images))

@@ -24,9 +24,10 @@ import jax
 import numpy as np
 from absl import logging
 
+from conret_jax import detectors
 from conret_jax.fileio import absolute
-from conret_jax.model import detector
-from conret_jax.model.resnet import BN_EPS, DEPTHS
+from conret_jax.model.layers import BN_EPS
+from conret_jax.model.resnet import DEPTHS
 from conret_jax.weight_files import load_state_dict, read_safetensors  # noqa: F401 (re-exported)
 
 _BN = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
@@ -135,9 +136,9 @@ def detectron_key(path) -> str:
 
 
 def _target_shapes(config) -> dict:
-  model = detector.build_model(config)
-  side = 2**config.model.fpn.max_level
-  return jax.eval_shape(lambda: detector.init_variables(model, jax.random.key(0), (side, side)))
+  detector = detectors.from_config(config)
+  hw = detector.input_size.smallest()
+  return jax.eval_shape(lambda: detectors.init_variables(detector.module, jax.random.key(0), hw))
 
 
 def _check_config(config, source: str = 'torchvision/timm ResNets', stride_in_1x1: bool = False):

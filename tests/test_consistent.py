@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conret_jax import consistent, defaults, stages
+from conret_jax.stages import Stages
 
 K = 3  # classes
 
@@ -102,7 +103,9 @@ def test_plain_retinanet_loss_is_reproduced(enabled, n_cls, n_reg, alpha):
   anchors, gt, gt_cls, gt_valid, logits, deltas, batch = _random_case(0)
   config = _config(enabled, n_cls, n_reg, alpha)
   outputs = {'cls_logits': (jnp.asarray(logits),), 'box_deltas': tuple(jnp.asarray(d) for d in deltas[:n_reg])}
-  loss, metrics = jax.jit(lambda o: consistent.loss(o, jnp.asarray(anchors), batch, config))(outputs)
+  loss, metrics = jax.jit(lambda o: consistent.ConsistentLoss.from_config(config)(o, jnp.asarray(anchors), batch))(
+    outputs
+  )
   want = _np_retinanet_loss(logits, deltas[0], anchors, gt, gt_cls, gt_valid)
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   assert float(metrics['num_pos_0']) > 0
@@ -114,8 +117,8 @@ def test_refined_term_uses_refined_labels_on_the_same_prediction():
   anchors, gt, gt_cls, gt_valid, logits, deltas, batch = _random_case(1)
   config = _config(True, 2, 2, alpha=0.5)
   outputs = {'cls_logits': (jnp.asarray(logits),), 'box_deltas': (jnp.asarray(deltas[0]), jnp.asarray(deltas[1]))}
-  loss, metrics = consistent.loss(outputs, jnp.asarray(anchors), batch, config)
-  per_stage = consistent.stage_targets(jnp.asarray(anchors), outputs['box_deltas'], batch, config)
+  loss, metrics = consistent.ConsistentLoss.from_config(config)(outputs, jnp.asarray(anchors), batch)
+  per_stage = Stages.from_config(config).targets(jnp.asarray(anchors), outputs['box_deltas'], batch)
   refined = np.asarray(per_stage[1]['anchors'])
   aw, ah = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
   cx, cy = anchors[:, 0] + aw / 2 + deltas[0][..., 0] * aw, anchors[:, 1] + ah / 2 + deltas[0][..., 1] * ah
@@ -162,7 +165,7 @@ def test_figure2_occlusion_changes_the_refined_label():
     valid=jnp.ones((1, 2), bool),
     crowd=jnp.zeros((1, 2), bool),
   )
-  per_stage = consistent.stage_targets(jnp.asarray(anchors), (jnp.asarray(d0), jnp.zeros_like(d0)), batch, config)
+  per_stage = Stages.from_config(config).targets(jnp.asarray(anchors), (jnp.asarray(d0), jnp.zeros_like(d0)), batch)
   assert np.asarray(per_stage[0]['cls_labels'])[0].tolist() == [bicycle, -1, -1]
   assert np.asarray(per_stage[1]['cls_labels'])[0].tolist() == [person, bicycle, -1]
   # The second regression's targets start from the refined anchors: they land exactly, so the offsets are zero.
@@ -180,7 +183,7 @@ def test_crowd_and_padding_never_make_positives():
   )
   config = _config(True, 2, 2)
   zeros = jnp.zeros((1, 3, 4))
-  per_stage = consistent.stage_targets(jnp.asarray(anchors), (zeros, zeros), batch, config)
+  per_stage = Stages.from_config(config).targets(jnp.asarray(anchors), (zeros, zeros), batch)
   for t in per_stage:
     assert np.asarray(t['positive'])[0].tolist() == [True, False, False]
 
@@ -192,15 +195,14 @@ def test_no_gradient_flows_through_the_refined_anchors():
 
   def refined_terms(d0, d1):
     outputs = {'cls_logits': (jnp.asarray(logits),), 'box_deltas': (d0, d1)}
-    _, m = consistent.loss(outputs, jnp.asarray(anchors), batch, config)
+    _, m = consistent.ConsistentLoss.from_config(config)(outputs, jnp.asarray(anchors), batch)
     return m['cls_loss_1'] + m['box_loss_1']
 
   d0 = jnp.asarray(0.05 * deltas[0])  # small first regression: the refined stage keeps positives
-  _, m = consistent.loss(
+  _, m = consistent.ConsistentLoss.from_config(config)(
     {'cls_logits': (jnp.asarray(logits),), 'box_deltas': (d0, jnp.asarray(deltas[1]))},
     jnp.asarray(anchors),
     batch,
-    config,
   )
   assert float(m['num_pos_1']) > 0
   g0, g1 = jax.grad(refined_terms, argnums=(0, 1))(d0, jnp.asarray(deltas[1]))
@@ -213,7 +215,7 @@ def test_normalizers_are_global_over_the_batch():
   anchors, gt, gt_cls, gt_valid, logits, deltas, batch = _random_case(3)
   config = _config(False)
   outputs = {'cls_logits': (jnp.asarray(logits),), 'box_deltas': (jnp.asarray(deltas[0]),)}
-  loss, m = consistent.loss(outputs, jnp.asarray(anchors), batch, config)
+  loss, m = consistent.ConsistentLoss.from_config(config)(outputs, jnp.asarray(anchors), batch)
   whole = _np_retinanet_loss(logits, deltas[0], anchors, gt, gt_cls, gt_valid)
   np.testing.assert_allclose(float(loss), whole, rtol=1e-5)
 
@@ -238,7 +240,7 @@ def test_validate_names_the_key(key, value, match):
 
 def test_inference_steps():
   config = _config(True, 2, 2)
-  assert stages.inference_steps(config) == 2
+  assert Stages.from_config(config).inference_steps == 2
   config.consistent.inference_reg_steps = 1
-  assert stages.inference_steps(config) == 1
-  assert stages.inference_steps(_config(False)) == 1
+  assert Stages.from_config(config).inference_steps == 1
+  assert Stages.from_config(_config(False)).inference_steps == 1

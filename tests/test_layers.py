@@ -138,7 +138,7 @@ class NoTensorFlow(importlib.abc.MetaPathFinder):
       raise ImportError(f'{name} is blocked: this import must work without TensorFlow')
 
 sys.meta_path.insert(0, NoTensorFlow())
-import conret_jax.model.detector, conret_jax.consistent, conret_jax.detectors, conret_jax.train.step
+import conret_jax.model.retinanet, conret_jax.consistent, conret_jax.detectors, conret_jax.train.step
 import conret_jax.train.state, conret_jax.train.bench, conret_jax.config_checks, conret_jax.inference
 from conret_jax import config_checks, defaults
 config = defaults.base_config()

@@ -1,4 +1,5 @@
-"""The anchors of a config (config.model.fpn levels and config.model.anchors), read once: AnchorSpec.from_config.
+"""RetinaNet's anchors of a config (config.model.fpn levels and config.model.anchors), read once:
+AnchorSpec.from_config.
 
 core.anchors computes anchors from plain arguments; this adapter holds them for a model and answers the three
 questions its users ask: the anchors of an input size, the anchors per level (post-processing), and the anchors per
@@ -26,9 +27,7 @@ class AnchorSpec:
 
   @classmethod
   def from_config(cls, model_config) -> 'AnchorSpec':
-    """From config.model (or the whole config)."""
-    if 'anchors' not in model_config and 'model' in model_config:
-      model_config = model_config.model
+    """From config.model."""
     a, f = model_config.anchors, model_config.fpn
     return cls(
       min_level=int(f.min_level),
@@ -53,18 +52,3 @@ class AnchorSpec:
 
   def level_counts(self, image_hw: Sequence[int]) -> tuple[int, ...]:
     return anchor_ops.level_counts(image_hw, self.min_level, self.max_level, self.per_location)
-
-
-def anchors_from_config(image_hw: Sequence[int], model_config) -> jnp.ndarray:
-  """Anchors [A_total, 4] of config.model for an input of image_hw."""
-  return AnchorSpec.from_config(model_config).anchors(image_hw)
-
-
-def num_anchors_per_location(model_config) -> int:
-  """Anchors per feature-map cell of config.model."""
-  return AnchorSpec.from_config(model_config).per_location
-
-
-def level_anchor_counts(image_hw: Sequence[int], model_config) -> tuple[int, ...]:
-  """Anchors of each level of config.model for an input of image_hw, in level order."""
-  return AnchorSpec.from_config(model_config).level_counts(image_hw)

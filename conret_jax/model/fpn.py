@@ -8,12 +8,10 @@
 All convs have a bias and torchvision's init (kaiming uniform with a=1, i.e. variance 1/fan_in; zero bias).
 """
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from conret_jax.model.resnet import conv
+from conret_jax.model.layers import Compute
 
 _kaiming_uniform_a1 = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
@@ -30,9 +28,7 @@ class FPN(nn.Module):
   min_level: int = 3
   max_level: int = 7
   p6_from: str = 'c5'
-  dtype: Any = jnp.float32
-  precision: Any = None
-  conv_lowering: str = 'xla'  # 'xla' | 'matmul' (conret_jax/model/conv_lowering.py)
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, features):
@@ -42,16 +38,8 @@ class FPN(nn.Module):
       )
     if self.p6_from not in ('c5', 'p5'):
       raise ValueError(f"fpn.p6_from must be 'c5' or 'p5', got {self.p6_from!r}")
-    mk = lambda k, s, name: conv(
-      self.channels,
-      k,
-      s,
-      self.dtype,
-      name,
-      use_bias=True,
-      kernel_init=_kaiming_uniform_a1,
-      precision=self.precision,
-      lowering=self.conv_lowering,
+    mk = lambda k, s, name: self.compute.conv(
+      self.channels, k, s, name=name, use_bias=True, kernel_init=_kaiming_uniform_a1
     )
     c = dict(zip((3, 4, 5), features))
     outputs = {}
@@ -77,15 +65,8 @@ class FPN(nn.Module):
     return tuple(outputs[level] for level in range(self.min_level, self.max_level + 1))
 
 
-def fpn_from_config(fpn_config, dtype, precision=None, conv_lowering='xla') -> FPN:
+def fpn_from_config(fpn_config, compute: Compute) -> FPN:
   f = fpn_config
   return FPN(
-    channels=f.channels,
-    min_level=f.min_level,
-    max_level=f.max_level,
-    p6_from=f.p6_from,
-    dtype=dtype,
-    precision=precision,
-    conv_lowering=conv_lowering,
-    name='fpn',
+    channels=f.channels, min_level=f.min_level, max_level=f.max_level, p6_from=f.p6_from, compute=compute, name='fpn'
   )

@@ -20,12 +20,11 @@ ordered level, y, x, anchor-in-location (the reshape of channel a*K + k to [.., 
 """
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from conret_jax.model.resnet import Norm, conv
+from conret_jax.model.layers import Compute, Norm
 
 VARIANTS = ('consistent', 'cascade', 'gated_cascade')
 _normal_001 = nn.initializers.normal(0.01)
@@ -42,26 +41,14 @@ class Tower(nn.Module):
   num_convs: int
   channels: int
   norm: str
-  dtype: Any
-  precision: Any = None
-  conv_lowering: str = 'xla'  # 'xla' | 'matmul' (conret_jax/model/conv_lowering.py)
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x):
     if self.norm not in ('', 'gn'):
       raise ValueError(f"head.norm must be '' or 'gn', got {self.norm!r}")
     for i in range(self.num_convs):
-      x = conv(
-        self.channels,
-        3,
-        1,
-        self.dtype,
-        f'conv{i}',
-        use_bias=not self.norm,
-        kernel_init=_normal_001,
-        precision=self.precision,
-        lowering=self.conv_lowering,
-      )(x)
+      x = self.compute.conv(self.channels, 3, name=f'conv{i}', use_bias=not self.norm, kernel_init=_normal_001)(x)
       if self.norm:
         x = Norm('gn', name=f'norm{i}')(x, train=False)
       x = nn.relu(x)
@@ -85,22 +72,16 @@ class RetinaHead(nn.Module):
   prior_prob: float = 0.01
   variant: str = 'consistent'
   num_stages: int = 1
-  dtype: Any = jnp.float32
-  precision: Any = None
-  conv_lowering: str = 'xla'  # 'xla' | 'matmul' (conret_jax/model/conv_lowering.py)
+  compute: Compute = Compute()
 
   def _pred(self, outputs_per_anchor: int, name: str, bias: float = 0.0):
-    return conv(
+    return self.compute.conv(
       self.num_anchors * outputs_per_anchor,
       3,
-      1,
-      self.dtype,
-      name,
+      name=name,
       use_bias=True,
       kernel_init=_normal_001,
       bias_init=nn.initializers.constant(bias),
-      precision=self.precision,
-      lowering=self.conv_lowering,
     )
 
   @nn.compact
@@ -110,9 +91,7 @@ class RetinaHead(nn.Module):
     if self.num_stages < 1:
       raise ValueError(f'need at least one regression stage, got {self.num_stages}')
     k, r = self.num_classes, self.num_stages
-    tower = lambda name: Tower(
-      self.num_convs, self.channels, self.norm, self.dtype, self.precision, self.conv_lowering, name=name
-    )
+    tower = lambda name: Tower(self.num_convs, self.channels, self.norm, self.compute, name=name)
     suffix = lambda s: '' if s == 0 else f'_{s}'
     cls_bias = prior_bias(self.prior_prob)
 

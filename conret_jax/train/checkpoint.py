@@ -228,7 +228,7 @@ def init_from(state, path: str, trainable=None):
   Args:
     state: a TrainState (params, batch_stats, frozen = {collection: tree}) with its final shardings.
     path: a variables checkpoint written by `conret-import` ({'params': ..., 'frozen': ..., ...}).
-    trainable: optional pytree of bools like params (model.detector.trainable_mask; all False for inference).
+    trainable: optional pytree of bools like params (Detector.trainable_mask; all False for inference).
       Parameters it marks False, and every leaf of the non-trained collections (frozen BN statistics), never
       change: if the file lacks any of them, WeightFileError instead of a silently random frozen layer.
   Collections that the state and the file share are merged leaf by leaf (`merge_init`); the others are logged.

@@ -17,13 +17,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-import conret_jax
-from conret_jax import config_checks, evaluation, run_record
+from conret_jax import config_checks, detectors, evaluation, run_record
 from conret_jax import mesh as mesh_lib
 from conret_jax.data import info as info_lib
 from conret_jax.data import pipeline as data_lib
 from conret_jax.data import sources
-from conret_jax.model import detector
 from conret_jax.train import checkpoint as ckpt_lib
 from conret_jax.train import state as state_lib
 from conret_jax.train import step as step_lib
@@ -104,7 +102,7 @@ class FiniteGuard:
     )
 
 
-def _initial_state(model, config, mesh, abstract, checkpointer):
+def _initial_state(detector, config, mesh, abstract, checkpointer):
   """(state, start step): the latest checkpoint, restored straight into its shardings (a resumed run never builds
   or compiles a fresh state, and a checkpoint of another model is refused before anything compiles); else a fresh
   state, with config.init_from's weights."""
@@ -116,10 +114,10 @@ def _initial_state(model, config, mesh, abstract, checkpointer):
   if config.init_from:  # a missing or foreign file fails here, before the initialization compiles
     ckpt_lib.load_variables(config.init_from)
   state, _ = state_lib.init_state(
-    model, config, mesh, jax.random.PRNGKey(config.train.seed), shardings=state_lib.shardings_of(abstract)
+    detector.module, config, mesh, jax.random.PRNGKey(config.train.seed), shardings=state_lib.shardings_of(abstract)
   )
   if config.init_from:
-    state = ckpt_lib.init_from(state, config.init_from, detector.trainable_mask(state.params, config))
+    state = ckpt_lib.init_from(state, config.init_from, detector.trainable_mask(state.params))
   return state, 0
 
 
@@ -141,8 +139,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     train_info.num_examples,
     train_info.num_classes,
   )
-  model = conret_jax.build_model(config)
-  abstract = state_lib.abstract_state(model, config, mesh)
+  detector = detectors.from_config(config)
+  abstract = state_lib.abstract_state(detector.module, config, mesh)
   with contextlib.ExitStack() as resources:
     checkpointer = resources.enter_context(
       contextlib.closing(
@@ -151,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         )
       )
     )
-    state, start_step = _initial_state(model, config, mesh, abstract, checkpointer)
+    state, start_step = _initial_state(detector, config, mesh, abstract, checkpointer)
     if main:
       run_record.save(
         workdir, config, layout, step=start_step, processes=jax.process_count(), devices=jax.device_count()
@@ -160,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       contextlib.closing(MetricsWriter(workdir, start_step=start_step, num_steps=config.train.num_steps, enabled=main))
     )
     stop = resources.enter_context(_StopFlag())
-    return _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop, cache)
+    return _train(detector.module, config, mesh, state, start_step, workdir, checkpointer, writer, stop, cache)
 
 
 def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop, cache) -> dict:

@@ -71,29 +71,39 @@ def weight_decay_mask(params):
   return jax.tree_util.tree_map(lambda g: g == 'weight', param_groups(params))
 
 
-def _sgd(config: ml_collections.ConfigDict, lr_factor: float, weight_decay: float) -> optax.GradientTransformation:
-  t = config.train
-  schedule = learning_rate_schedule(t)
+def _sgd(
+  train_config: ml_collections.ConfigDict, lr_factor: float, weight_decay: float
+) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(train_config)
   # Always both links, even at weight decay 0: the state's layout must not depend on the settings.
   return optax.chain(
-    optax.add_decayed_weights(weight_decay), optax.sgd(lambda step: lr_factor * schedule(step), momentum=t.momentum)
+    optax.add_decayed_weights(weight_decay),
+    optax.sgd(lambda step: lr_factor * schedule(step), momentum=train_config.momentum),
   )
 
 
-def make_optimizer(config: ml_collections.ConfigDict, trainable=None) -> optax.GradientTransformation:
+def make_optimizer(train_config: ml_collections.ConfigDict, trainable=None) -> optax.GradientTransformation:
   """Optional global-norm clipping, then per-group SGD(momentum) with coupled weight decay.
 
   Args:
-    config: the full config (reads `config.train`).
+    train_config: config.train.
     trainable: optional pytree of bools like params; False leaves are frozen (no update, no decay).
+  The schedule reads the optimizer state's step counts; `at_step` keeps them equal to the train step.
   """
-  t = config.train
+  t = train_config
   groups = {
-    'weight': _sgd(config, 1.0, float(t.weight_decay)),
-    'bias': _sgd(config, float(t.bias_lr_factor), float(t.bias_weight_decay)),
-    'norm': _sgd(config, 1.0, 0.0),
+    'weight': _sgd(t, 1.0, float(t.weight_decay)),
+    'bias': _sgd(t, float(t.bias_lr_factor), float(t.bias_weight_decay)),
+    'norm': _sgd(t, 1.0, 0.0),
     'frozen': optax.set_to_zero(),
   }
   # Clipping sees every gradient (frozen ones are zero: the forward stops them); identity keeps the layout when off.
   clip = optax.clip_by_global_norm(t.grad_clip_norm) if t.grad_clip_norm > 0 else optax.identity()
   return optax.chain(clip, optax.multi_transform(groups, lambda params: param_groups(params, trainable)))
+
+
+def at_step(opt_state, step: jax.Array):
+  """`opt_state` with every step count set to `step`, so the rate the update applies is `learning_rate_schedule`
+  at the train step. The counts advance with each update, but a dropped (non-finite) update restores them while the
+  train step moves on: without this the schedule would lag by one step per skip."""
+  return optax.tree_utils.tree_set(opt_state, count=jnp.asarray(step, jnp.int32))

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from conret_jax import detectors
 from conret_jax import mesh as mesh_lib
-from conret_jax.model import detector
 from conret_jax.train import optim
 
 
@@ -38,9 +38,22 @@ class TrainState:
 
 
 def optimizer(config: ml_collections.ConfigDict, params_tree):
-  """The run's optax transformation, with the backbone's frozen prefix (`backbone.freeze_at`) masked out.
-  `params_tree`: anything with the params' structure (arrays or shapes); the model owns its module names."""
-  return optim.make_optimizer(config, detector.trainable_mask(params_tree, config))
+  """The run's optax transformation, with the detector's frozen parameters masked out.
+  `params_tree`: anything with the params' structure (arrays or shapes); the detector owns its module names."""
+  return optim.make_optimizer(config.train, detectors.from_config(config).trainable_mask(params_tree))
+
+
+def init_compiler_options(devices) -> dict | None:
+  """Compiler options for a one-off initialization program on `devices`: on CPU, LLVM's lowest optimization level.
+
+  LLVM spends almost all of that compile on the unrolled threefry generators of the parameter initializers (about 4x
+  faster at level 0: bench/RESULTS.md). The program runs once, so its own speed does not matter. A few normal draws
+  can then differ from the default level's in the last bit, the same way for every run and topology. Other
+  platforms keep their defaults.
+  """
+  if all(d.platform == 'cpu' for d in devices):
+    return {'xla_backend_optimization_level': 0}
+  return None
 
 
 def split_variables(variables: dict) -> tuple[Any, Any, dict]:
@@ -57,7 +70,7 @@ def create_train_state(
   """A fresh state: initialized variables, zero optimizer state, step 0. Pure, so it can run under
   `jax.jit(..., out_shardings=...)` and materialize each shard on its own device."""
   init_rng, state_rng = jax.random.split(rng)
-  params, batch_stats, frozen = split_variables(detector.init_variables(model, init_rng, image_hw))
+  params, batch_stats, frozen = split_variables(detectors.init_variables(model, init_rng, image_hw))
   tx = optimizer(config, params)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -70,9 +83,8 @@ def create_train_state(
 
 
 def _create_fn(model: nn.Module, config: ml_collections.ConfigDict, image_hw=None):
-  # Parameters do not depend on the image size: initialize on the smallest input the anchors can tile.
-  stride = 2 ** int(config.model.fpn.max_level)
-  image_hw = tuple(image_hw or (stride, stride))
+  # Parameters do not depend on the image size: initialize on the smallest input the network takes.
+  image_hw = tuple(image_hw or detectors.from_config(config, model).input_size.smallest())
   return lambda rng: create_train_state(model, config, rng, image_hw)
 
 
@@ -105,6 +117,6 @@ def init_state(
   create = jax.jit(
     _create_fn(model, config, image_hw),
     out_shardings=shardings,
-    compiler_options=detector.init_compiler_options(mesh.devices.flat),
+    compiler_options=init_compiler_options(mesh.devices.flat),
   )
   return create(rng), shardings

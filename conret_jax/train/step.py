@@ -5,7 +5,8 @@ everything the paper adds runs inside it on the devices: decoding the first regr
 matching them at the stage's thresholds, and the losses of Eq. 1 and 2 (`conret_jax.consistent`). The state is
 donated, so parameters and optimizer state are updated in place. A non-finite loss or gradient leaves the state
 unchanged (the update is dropped on device) and is reported in `metrics['finite']`, so the loop can stop with the
-last good state instead of training on NaNs.
+last good state instead of training on NaNs. The learning rate applied at step t is the schedule's at t (the logged
+`learning_rate`), skipped steps or not.
 """
 
 from typing import Callable
@@ -17,7 +18,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from conret_jax import detectors, stages
+from conret_jax import detectors
 from conret_jax import mesh as mesh_lib
 from conret_jax.batch import Batch
 from conret_jax.train import optim
@@ -28,7 +29,6 @@ from conret_jax.train.state import TrainState
 def make_step_fn(model: nn.Module, config: ml_collections.ConfigDict, params_tree) -> Callable:
   """The un-jitted step. `params_tree` is any pytree with the params' structure (arrays or shapes); the batch is a
   Batch or a mapping of its training fields (conret_jax/batch.py)."""
-  stages.validate(config)
   detector = detectors.from_config(config, model)
   tx = state_lib.optimizer(config, params_tree)
   schedule = optim.learning_rate_schedule(config.train)
@@ -52,7 +52,7 @@ def make_step_fn(model: nn.Module, config: ml_collections.ConfigDict, params_tre
       return loss, (metrics, batch_stats)
 
     (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, optim.at_step(state.opt_state, state.step), state.params)
     new_state = state.replace(
       params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
     )

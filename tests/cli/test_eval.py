@@ -6,7 +6,7 @@ import os
 import pytest
 
 for _module in (
-  'conret_jax.model.detector',
+  'conret_jax.detectors',
   'conret_jax.inference',
   'conret_jax.train.state',
   'conret_jax.mesh',

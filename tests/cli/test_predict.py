@@ -12,7 +12,7 @@ import xla_env
 from PIL import Image
 
 for _module in (
-  'conret_jax.model.detector',
+  'conret_jax.detectors',
   'conret_jax.inference',
   'conret_jax.train.state',
   'conret_jax.mesh',

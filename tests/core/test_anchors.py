@@ -92,10 +92,11 @@ def test_torchvision_parity_exact():
 def test_config_helpers_and_order_for_head_layout():
   cfg = base_config().model
   hw = (128, 128)
-  counts = anchor_spec.level_anchor_counts(hw, cfg)
+  spec = anchor_spec.AnchorSpec.from_config(cfg)
+  counts = spec.level_counts(hw)
   assert counts == (16 * 16 * 9, 8 * 8 * 9, 4 * 4 * 9, 2 * 2 * 9, 1 * 9)
-  assert anchor_spec.num_anchors_per_location(cfg) == 9
-  a = np.asarray(anchor_spec.anchors_from_config(hw, cfg))
+  assert spec.per_location == 9
+  a = np.asarray(spec.anchors(hw))
   assert a.shape == (sum(counts), 4)
   # A head output [H, W, 9, 4] flattened: index (y * W + x) * 9 + anchor -> centre of cell (y, x).
   p3 = a[: counts[0]].reshape(16, 16, 9, 4)
@@ -114,7 +115,9 @@ def test_explicit_sizes_from_config():
   cfg.anchors.sizes = TV_SIZES
   cfg.anchors.offset = 0.0
   cfg.anchors.round_base = True
-  np.testing.assert_array_equal(np.asarray(anchor_spec.anchors_from_config((128, 128), cfg)), tv_anchors((128, 128)))
+  np.testing.assert_array_equal(
+    np.asarray(anchor_spec.AnchorSpec.from_config(cfg).anchors((128, 128))), tv_anchors((128, 128))
+  )
   cfg.anchors.sizes = ((32, 40), (64,), (128,), (256,), (512,))
   with pytest.raises(ValueError):
     anchors.generate_anchors((128, 128), sizes=cfg.anchors.sizes)

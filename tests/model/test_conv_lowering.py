@@ -14,6 +14,7 @@ from conret_jax import config_checks
 from conret_jax.errors import ConfigError
 from conret_jax.model import conv_lowering, resnet
 from conret_jax.model import fpn as fpn_lib
+from conret_jax.model.layers import Compute
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -193,8 +194,8 @@ def test_resolve():
 
 def _block_and_fpn(lowering):
   """A strided bottleneck block (1x1 convs, a strided 1x1 projection shortcut) feeding the FPN's 1x1 laterals."""
-  block = resnet.Bottleneck(8, 2, 'bn', jnp.float32, conv_lowering=lowering)
-  fpn = fpn_lib.FPN(channels=16, min_level=3, max_level=5, dtype=jnp.float32, conv_lowering=lowering)
+  block = resnet.Bottleneck(8, 2, 'bn', Compute(lowering=lowering))
+  fpn = fpn_lib.FPN(channels=16, min_level=3, max_level=5, compute=Compute(lowering=lowering))
 
   def apply(variables, x):
     c3 = block.apply(variables['block'], x, train=False)

@@ -7,9 +7,8 @@ import model_reference as ref
 import numpy as np
 import pytest
 
-from conret_jax import weights
+from conret_jax import detectors, weights
 from conret_jax.cli import import_weights
-from conret_jax.model import detector
 from conret_jax.train import checkpoint
 
 TINY_CONFIG = """
@@ -153,8 +152,8 @@ def test_detectron_pickle_to_init_from(tmp_path, detectron_config_file, capsys):
   want = weights.from_detectron_resnet(blobs, config)
   assert jax.tree.structure(restored) == jax.tree.structure(want)
   jax.tree.map(np.testing.assert_array_equal, restored, want)
-  model = detector.build_model(config)
-  fresh = ref.random_like(jax.eval_shape(lambda: detector.init_variables(model, jax.random.key(0), (128, 128))))
+  model = detectors.build_model(config)
+  fresh = ref.random_like(jax.eval_shape(lambda: detectors.init_variables(model, jax.random.key(0), (128, 128))))
   merged = checkpoint.merge_init(fresh['frozen'], restored['frozen'])
   jax.tree.map(np.testing.assert_array_equal, merged['backbone'], want['frozen']['backbone'])
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from test_detector import np_decode
 
-from conret_jax import inference
+from conret_jax import detectors, inference
 from conret_jax.model import anchor_spec as anchor_ops
-from conret_jax.model import detector
 
 
 def _config(**overrides):
@@ -23,8 +22,8 @@ def _config(**overrides):
 @pytest.fixture(scope='module')
 def setup():
   config = _config()
-  model = detector.build_model(config)
-  shapes = jax.eval_shape(lambda: detector.init_variables(model, jax.random.key(0), (128, 128)))
+  model = detectors.build_model(config)
+  shapes = jax.eval_shape(lambda: detectors.init_variables(model, jax.random.key(0), (128, 128)))
   variables = ref.random_like(shapes, seed=3)
   images = np.random.default_rng(4).uniform(0, 255, (2, 128, 128, 3)).astype(np.float32)
   return config, model, variables, images
@@ -70,8 +69,9 @@ def test_detect_matches_numpy_reference(setup):
   out = inference.detect(model, variables, images, config)
   assert out['boxes'].shape == (2, 25, 4) and out['classes'].dtype == jnp.int32 and out['valid'].dtype == jnp.bool_
   raw = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
-  anchors = np.asarray(anchor_ops.anchors_from_config((128, 128), config.model), np.float64)
-  counts = anchor_ops.level_anchor_counts((128, 128), config.model)
+  spec = anchor_ops.AnchorSpec.from_config(config.model)
+  anchors = np.asarray(spec.anchors((128, 128)), np.float64)
+  counts = spec.level_counts((128, 128))
   for i in range(2):
     boxes = np_decode(np.asarray(raw['box_deltas'][0][i], np.float64), anchors)
     want_b, want_s, want_c = np_postprocess(np.asarray(raw['cls_logits'][0][i]), boxes, counts, (128, 128), config.eval)
@@ -99,11 +99,11 @@ def test_detect_is_jitted_batched_and_cached(setup):
 def test_detect_bfloat16(setup):
   config, _, variables, images = setup
   c16 = _config(**{'model.compute_dtype': 'bfloat16'})
-  model16 = detector.build_model(c16)
+  model16 = detectors.build_model(c16)
   out = inference.detect(model16, variables, images, c16)
   assert out['boxes'].dtype == jnp.float32 and out['scores'].dtype == jnp.float32
   assert int(out['valid'].sum()) > 5
-  out32 = inference.detect(detector.build_model(config), variables, images, config)
+  out32 = inference.detect(detectors.build_model(config), variables, images, config)
   # The best detection survives bfloat16 compute (scores are sigmoids of O(1) logits here).
   np.testing.assert_allclose(out['scores'][:, 0], out32['scores'][:, 0], atol=0.03)
 

@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import model_reference as ref
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from conret_jax.model import resnet
-from conret_jax.model.resnet import Bottleneck, Norm, ResNet, count_params
+from conret_jax.model.layers import Compute
+from conret_jax.model.resnet import Bottleneck, ResNet, count_params
 
 # torchvision's published totals minus the ImageNet classifier (fc: C5 * 1000 + 1000).
 TRUNK_PARAMS = {
@@ -59,7 +58,7 @@ def test_bottleneck_matches_numpy(stride_in_1x1):
   ref._bn(rng, sd, 'downsample.1', 16)
   x = rng.standard_normal((2, 10, 10, 8)).astype(np.float32)
 
-  block = Bottleneck(features=4, stride=2, norm='frozen_bn', dtype=jnp.float32, stride_in_1x1=stride_in_1x1)
+  block = Bottleneck(features=4, stride=2, norm='frozen_bn', stride_in_1x1=stride_in_1x1)
   v = {'params': {}, 'frozen': {}}
   for ours, theirs in [('conv1', 'conv1'), ('conv2', 'conv2'), ('conv3', 'conv3'), ('downsample_conv', 'downsample.0')]:
     v['params'][ours] = {'kernel': sd[theirs + '.weight'].transpose(2, 3, 1, 0)}
@@ -76,36 +75,6 @@ def test_bottleneck_matches_numpy(stride_in_1x1):
   y = ref.batch_norm(ref.conv(y, sd['conv3.weight']), sd, 'bn3')
   want = ref.relu(y + ref.batch_norm(ref.conv(x, sd['downsample.0.weight'], stride=2), sd, 'downsample.1'))
   ref.assert_close(got, want)
-
-
-def test_sync_batch_norm_uses_global_batch_statistics():
-  """Under jit over a batch sharded on 8 devices, training BN normalizes with the whole batch's statistics."""
-  rng = np.random.default_rng(0)
-  x = (rng.standard_normal((8, 3, 3, 4)) * np.arange(1, 9)[:, None, None, None] + 2).astype(np.float32)
-  norm = Norm('bn')
-  variables = norm.init(jax.random.key(0), x, train=False)
-  mesh = jax.make_mesh((8,), ('data',))
-  xs = jax.device_put(x, NamedSharding(mesh, P('data')))
-  y, updates = jax.jit(lambda v, x: norm.apply(v, x, train=True, mutable=['batch_stats']))(variables, xs)
-  mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
-  ref.assert_close(y, (x - mean) / np.sqrt(var + 1e-5))
-  ref.assert_close(updates['batch_stats']['mean'], 0.1 * mean)
-  ref.assert_close(updates['batch_stats']['var'], 0.9 + 0.1 * var)
-
-
-@pytest.mark.parametrize('channels,groups', [(64, 32), (8, 8), (12, 12), (48, 24)])
-def test_group_norm(channels, groups):
-  assert resnet.group_count(channels) == groups
-  rng = np.random.default_rng(channels)
-  x = (rng.standard_normal((2, 4, 4, channels)) * 3 + 1).astype(np.float32)
-  v = {
-    'params': {
-      'scale': rng.uniform(0.5, 2, channels).astype(np.float32),
-      'bias': rng.standard_normal(channels).astype(np.float32),
-    }
-  }
-  got = Norm('gn').apply(v, x, train=True)
-  ref.assert_close(got, ref.group_norm(x, v['params']['scale'], v['params']['bias'], groups))
 
 
 def test_freeze_at_stops_gradients_and_mask():
@@ -137,7 +106,7 @@ def test_frozen_prefix_bn_keeps_running_stats_in_training():
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  model = ResNet(depth=18, width=8, dtype=jnp.bfloat16)
+  model = ResNet(depth=18, width=8, compute=Compute(dtype=jnp.bfloat16))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 64, 3)), jnp.float32)
   shapes = _shapes(model, x.shape)
   assert {a.dtype for a in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}  # params stay float32

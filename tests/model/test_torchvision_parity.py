@@ -10,8 +10,11 @@ torchvision = pytest.importorskip('torchvision')
 
 from test_detector import torchvision_config  # noqa: E402 (after the importorskip above)
 
-from conret_jax import inference, weights  # noqa: E402
-from conret_jax.model import detector  # noqa: E402
+from conret_jax import (  # noqa: E402
+  detectors,  # noqa: E402
+  inference,
+  weights,
+)
 
 SIZE = 256
 
@@ -81,7 +84,7 @@ def test_detections_match_torchvision():
   config = torchvision_config()
   state_dict = {k: v.numpy() for k, v in tv_model.state_dict().items()}
   variables = weights.from_torchvision_retinanet(state_dict, config)
-  got = inference.detect(detector.build_model(config), variables, images, config)
+  got = inference.detect(detectors.build_model(config), variables, images, config)
 
   for i, w in enumerate(want):
     w_boxes, w_scores, w_labels = (w[k].numpy() for k in ('boxes', 'scores', 'labels'))

@@ -6,9 +6,9 @@ import model_reference as ref
 import numpy as np
 import pytest
 
-from conret_jax import defaults, weights
-from conret_jax.model import detector
-from conret_jax.model.resnet import BN_EPS, ResNet
+from conret_jax import defaults, detectors, weights
+from conret_jax.model.layers import BN_EPS
+from conret_jax.model.resnet import ResNet
 
 
 @pytest.fixture(scope='module')
@@ -23,7 +23,7 @@ def test_retinanet_import_matches_numpy_forward(tiny):
   variables = weights.from_torchvision_retinanet(sd, config)
   assert set(variables) == {'params', 'frozen'}
   images = np.random.default_rng(1).uniform(0, 255, (2, 128, 128, 3)).astype(np.float32)
-  out = detector.build_model(config).apply(variables, images, train=False)
+  out = detectors.build_model(config).apply(variables, images, train=False)
   want_cls, want_box = ref.retinanet(sd, images, config)
   ref.assert_close(out['cls_logits'][0], want_cls)
   ref.assert_close(out['box_deltas'][0], want_box)

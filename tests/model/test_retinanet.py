@@ -1,4 +1,4 @@
-"""The detector: published parameter counts, output layout, dtypes, trainable mask, predict_boxes."""
+"""RetinaNet: published parameter counts, output layout, dtypes, trainable mask, the inference regressions."""
 
 import importlib.util
 import os
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
+from conret_jax import detectors
 from conret_jax import stages as stage_lib
-from conret_jax.model import detector
 from conret_jax.model.resnet import count_params
 
 TORCHVISION_RETINANET_PARAMS = 34_068_119  # retinanet_resnet50_fpn(num_classes=91), BN affine included
@@ -28,8 +28,8 @@ def torchvision_config():
 
 
 def _shapes(config, hw=(128, 128)):
-  model = detector.build_model(config)
-  return jax.eval_shape(lambda: detector.init_variables(model, jax.random.key(0), hw))
+  model = detectors.build_model(config)
+  return jax.eval_shape(lambda: detectors.init_variables(model, jax.random.key(0), hw))
 
 
 def test_torchvision_config():
@@ -87,7 +87,7 @@ def test_output_layout(variant, enabled, stages, num_cls):
       'model.compute_dtype': 'bfloat16',
     }
   )
-  model = detector.build_model(c)
+  model = detectors.build_model(c)
   variables = _shapes(c)
   out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 256, 128, 3)), train=False), variables)
   num_anchors = 9 * sum((256 >> lv) * (128 >> lv) for lv in range(3, 8))
@@ -103,13 +103,13 @@ def test_output_layout(variant, enabled, stages, num_cls):
 def test_trainable_mask():
   c = ref.tiny_config(**{'model.backbone.freeze_at': 2})
   params = _shapes(c)['params']
-  mask = detector.trainable_mask(params, c)
+  mask = detectors.from_config(c).trainable_mask(params)
   assert jax.tree.structure(mask) == jax.tree.structure(params)
   flat = {'/'.join(k.key for k in path): m for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert not flat['backbone/conv1/kernel'] and not flat['backbone/layer1/block1/conv2/kernel']
   assert flat['backbone/layer2/block0/conv1/kernel'] and flat['fpn/p6/kernel'] and flat['head/cls_pred/bias']
   c.model.backbone.freeze_at = 0
-  assert all(jax.tree.leaves(detector.trainable_mask(params, c)))
+  assert all(jax.tree.leaves(detectors.from_config(c).trainable_mask(params)))
 
 
 def np_decode(deltas, anchors, clamp=np.log(1000 / 16)):
@@ -124,7 +124,7 @@ def np_decode(deltas, anchors, clamp=np.log(1000 / 16)):
   'variant,stages,steps,cls_index',
   [('consistent', 2, 0, 0), ('consistent', 2, 1, 0), ('cascade', 3, 0, 2), ('cascade', 3, 2, 1)],
 )
-def test_predict_boxes(variant, stages, steps, cls_index):
+def test_decode_applies_the_inference_regressions(variant, stages, steps, cls_index):
   c = ref.tiny_config(
     **{
       'model.head.variant': variant,
@@ -140,7 +140,7 @@ def test_predict_boxes(variant, stages, steps, cls_index):
     'cls_logits': tuple(rng.standard_normal((2, 6, 3)).astype(np.float32) for _ in range(num_cls)),
     'box_deltas': tuple(rng.normal(0, 0.3, (2, 6, 4)).astype(np.float32) for _ in range(stages)),
   }
-  logits, boxes = detector.predict_boxes(outputs, jnp.asarray(anchors), c)
+  logits, boxes = detectors.from_config(c).decode(outputs, jnp.asarray(anchors))
   want = np.broadcast_to(anchors, (2, 6, 4)).astype(np.float64)
   for s in range(steps or stages):
     want = np_decode(outputs['box_deltas'][s], want)
@@ -150,10 +150,10 @@ def test_predict_boxes(variant, stages, steps, cls_index):
 
 def test_bad_settings():
   with pytest.raises(ValueError, match='compute_dtype'):
-    detector.build_model(ref.tiny_config(**{'model.compute_dtype': 'float16'}))
+    detectors.build_model(ref.tiny_config(**{'model.compute_dtype': 'float16'}))
   c = ref.tiny_config(**{'consistent.enabled': True, 'consistent.inference_reg_steps': 3})
   with pytest.raises(ValueError, match='inference_reg_steps'):
-    stage_lib.inference_steps(c)
+    stage_lib.Stages.from_config(c)
 
 
 def _convolutions(jaxpr):
@@ -173,7 +173,7 @@ def test_matmul_precision_reaches_every_convolution(name, want, lowering):
   config = ref.tiny_config(
     **{'model.matmul_precision': name, 'consistent.enabled': True, 'model.conv_lowering': lowering}
   )
-  model = detector.build_model(config)
+  model = detectors.build_model(config)
   variables = _shapes(config)
   images = jnp.zeros((1, 128, 128, 3))
   loss = lambda v: sum(jnp.sum(o) for o in jax.tree.leaves(model.apply(v, images)))
@@ -191,7 +191,7 @@ def test_conv_lowering_reaches_every_stride_1_kernel_gradient(lowering):
   (k > 1) of the network is then a convolution with no padding of its own, on a pre-padded input
   (conret_jax/model/conv_lowering.py); under 'xla' they carry the padding, as lax differentiates them."""
   config = ref.tiny_config(**{'consistent.enabled': True, 'model.conv_lowering': lowering})
-  model = detector.build_model(config)
+  model = detectors.build_model(config)
   variables = _shapes(config)
   kernel_shapes = {
     p.shape for p in jax.tree.leaves(variables['params']) if p.ndim == 4 and p.shape[0] == p.shape[1] > 1
