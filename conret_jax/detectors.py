@@ -72,11 +72,13 @@ class Detector:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """One entry of FAMILIES: how to build the family's detector and check its config."""
+  """One entry of FAMILIES: how to build the family's detector and check its config, and the config keys that are
+  the family's own (dotted prefixes under config): only its modules read them."""
 
   build: Callable  # (config, module or None) -> Detector; the config is already validated
   validate: Callable  # config -> None, ConfigError naming the key
   validate_training: Callable  # config -> None, the checks only training needs
+  own_keys: tuple = ()
 
 
 def _retinanet(config: ml_collections.ConfigDict, module: nn.Module | None) -> Detector:
@@ -96,7 +98,18 @@ def _retinanet(config: ml_collections.ConfigDict, module: nn.Module | None) -> D
 
 FAMILIES = {
   'retinanet': Family(
-    build=_retinanet, validate=lambda c: retinanet.validate(c.model), validate_training=retinanet.validate_training
+    build=_retinanet,
+    validate=lambda c: retinanet.validate(c.model),
+    validate_training=retinanet.validate_training,
+    own_keys=(
+      'model.backbone',
+      'model.fpn',
+      'model.head',
+      'model.anchors',
+      'loss.focal_alpha',
+      'loss.focal_gamma',
+      'loss.smooth_l1_beta',
+    ),
   ),
 }
 

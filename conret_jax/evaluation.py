@@ -206,7 +206,7 @@ def eval_inputs(config, mesh, *, batches: Iterable | None = None, info=None, cac
   if batches is None or info is None:
     from conret_jax import data as data_lib
 
-    info = info or data_lib.dataset_info(config.data.eval, config, cache=cache)
+    info = info or data_lib.dataset_info(config.data.eval, config, train=False, cache=cache)
     if batches is None:
       from conret_jax import mesh as mesh_lib
 

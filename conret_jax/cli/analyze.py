@@ -48,7 +48,7 @@ def run(config, workdir: str, step: int | None = None, num_images: int | None = 
     config = config.copy_and_resolve_references()
     config.eval.num_images = int(num_images)
   cache = data_lib.SourceCache()
-  info = data_lib.dataset_info(config.data.eval, config, cache=cache)
+  info = data_lib.dataset_info(config.data.eval, config, train=False, cache=cache)
   data_lib.check_num_classes(info, config)
   model, variables, step, mesh = common.restore_for_inference(config, workdir, step)
   results = analysis.analyze(model, variables, config, mesh, info=info, cache=cache)

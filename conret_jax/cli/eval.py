@@ -27,7 +27,7 @@ def run(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
 
   config_checks.validate(config)
   cache = data_lib.SourceCache()
-  info = data_lib.dataset_info(config.data.eval, config, cache=cache)
+  info = data_lib.dataset_info(config.data.eval, config, train=False, cache=cache)
   data_lib.check_num_classes(info, config)  # a model of other classes would be scored under the wrong names
   model, variables, step, mesh = common.restore_for_inference(config, workdir, step)
   metrics = evaluation.evaluate(model, variables, config, mesh, workdir=workdir, step=step, info=info, cache=cache)

@@ -7,8 +7,8 @@ The focal loss is the paper's (Lin et al.) and torchvision.ops.sigmoid_focal_los
 targets 1 and 1 - alpha for targets 0, times (1 - p_t)^gamma. Training uses `classification_losses`: each logit's
 exponential and logarithm are evaluated once for both targets, so the terms of Eq. 1 that score the same logits
 share them, and its gradient is written by hand, one elementwise pass, where autodiff left a chain of [B, A, K]
-intermediates that XLA recomputed inside each consumer (on the 2-core CPU, ConRetinaNet's R50 step 4-6% faster;
-bench/RESULTS.md). `focal_loss_parts` (log-sigmoids, autodiff) and `sigmoid_focal_loss` (optax's, for soft targets
+intermediates that XLA recomputed inside each consumer (measured: bench/RESULTS.md, "Focal loss with a hand-written
+gradient"). `focal_loss_parts` (log-sigmoids, autodiff) and `sigmoid_focal_loss` (optax's, for soft targets
 too) are the same function elementwise; the tests check them against each other and against NumPy.
 """
 

@@ -17,11 +17,10 @@ Rows with gt_valid False (padding and crowd rows; the caller passes valid & ~cro
 valid gt gets all negatives.
 
 Memory: the [G, A] IoU matrix is the big intermediate (about 196k anchors x 100 gt = 78 MB at 1024x1024). A vmap over
-a batch of 16 would hold 1.25 GB of it; one image at a time (jax.lax.map) holds one matrix but runs the batch as a
-sequence of small programs, which on a GPU costs more than the matching itself (B=16, 76,725 anchors, 100 gt: 1.49 ms
-one by one against 0.85 ms vmapped, measured on an H100). So images go in chunks: as many per vmap as fit
-IOU_BYTES_PER_CHUNK of IoU matrices (a whole 640x640 batch of 16 in two chunks, the demo's batch in one). The
-result is the same whatever the chunking: every image is matched on its own.
+a whole batch would hold one per image; one image at a time (jax.lax.map) runs the batch as a sequence of small
+programs, which on a GPU costs more than the matching itself (bench/RESULTS.md, "Target assignment"). So images go
+in chunks: as many per vmap as fit IOU_BYTES_PER_CHUNK of IoU matrices. The result is the same whatever the
+chunking: every image is matched on its own.
 """
 
 from typing import NamedTuple

@@ -125,25 +125,15 @@ def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_
   That is one lax.top_k over the level's n * K pairs (lax.top_k puts the lower index first among equal values);
   this function gets the same pairs without sorting them all:
 
-  1. Rank the level's anchors by their best masked score and keep the first topk (equal keys: lower anchor first).
-     Every pair of the answer is on a kept anchor: for a pair (a, c), each anchor ranked before a has a pair scoring
-     at least as high, with a lower flattened index where equal, so if topk anchors ranked before a, topk pairs
-     would precede (a, c). The best masked score is taken as sigmoid(max over K of the logits), so the sigmoid
-     runs on one maximum per anchor, not K logits; that is exact because float32 sigmoid is monotone
-     non-decreasing (bench/sigmoid_monotone.py checks every float32 input; done on XLA CPU with jax 0.10.2).
-     Ranking by the logits themselves would not be exact: sigmoid maps distinct logits to one score (all logits
-     above about 17.3 to 1.0), and those ties are broken by index, not by logit.
-  2. Sort the kept anchors by index and gather their logits, [B, topk, K]: flattened, their pairs stand in the same
-     relative order as in the full level, so lax.top_k over these topk * K pairs breaks ties exactly as over all
-     n * K. A level with n <= topk keeps all its anchors.
-  The candidates are therefore the full top-k's, slot for slot: same scores, anchors, classes and valid flags,
-  equal scores and invalid slots (score -1: the lowest indices among invalid pairs) included. This holds given
-  that XLA computes the same float32 sigmoid of a value wherever it fuses it (tests/core/test_nms.py compares with
-  the full top-k, on CPU).
-  Work per image: one max over K of all logits (fused, no copy), then per level a top-k over n keys and one over
-  topk * K pairs (the full top-k sorts n * K = 5.2 M pairs on P3 at 640x640 with 91 classes); the largest
-  temporaries are the [A] keys and a level's [topk, K] gathered logits (XLA CPU also converts bfloat16 logits to
-  float32 whole, one logits-sized temporary).
+  1. Rank the level's anchors by their best masked score, sigmoid(max over K of the logits), and keep the first
+     topk (equal keys: lower anchor first). Every pair of the answer lies on a kept anchor: each anchor ranked
+     before a pair's anchor has a pair scoring at least as high (sigmoid is monotone; bench/sigmoid_monotone.py
+     checks every float32 input), so topk anchors ranked before it would put topk pairs before it.
+  2. Sort the kept anchors by index and gather their logits, [B, topk, K]: their pairs keep their relative order,
+     so lax.top_k over these topk * K pairs breaks ties exactly as over all n * K.
+  The candidates are the full top-k's slot for slot, ties and invalid slots included; tests/core/test_nms.py
+  compares the two. The work per level is a top-k over n keys and one over topk * K pairs, instead of a sort of
+  n * K pairs (5.2 M on P3 at 640x640 with 91 classes).
 
   Args:
     cls_logits: [B, A, K] (any float dtype; scored in float32); level_counts: anchors per level (sum = A).

@@ -4,7 +4,7 @@ Public API (loaded lazily, so `import conret_jax.data.info` does not pull in Ten
   make_train_iterator(config, mesh, data_sharding, *, start_step=0, cache=None)  endless, resumable global batches
   make_eval_iterator(config, mesh, data_sharding, *, cache=None)                  one pass, padded last batch
   host_batches(config, process_index, process_count, *, train, start_step)       this host's numpy batches
-  dataset_info(source_config, config) -> DatasetInfo;  check_num_classes(info, config);  DatasetError
+  dataset_info(source_config, config, train=...) -> DatasetInfo;  check_num_classes(info, config);  DatasetError
   SourceCache()                                  opened sources, shared by the calls it is passed to
   run_input_bench(config, num_batches) -> dict   the input benchmark
 

@@ -230,15 +230,10 @@ def host_batches(
 
 
 def dataset_info(
-  source_config, config, *, train: bool | None = None, cache: sources.SourceCache | None = None
+  source_config, config, *, train: bool, cache: sources.SourceCache | None = None
 ) -> info_lib.DatasetInfo:
-  """DatasetInfo of a source (train: the training filters, no coco_gt needed). For evaluation the
-  coco_gt is restricted to the images the eval iterator visits (config.eval.num_images)."""
-  if train is None:  # identity first; a copy of the train section that differs from the eval one counts too
-    as_dict = source_config.to_dict()
-    train = source_config is config.data.train or (
-      as_dict == config.data.train.to_dict() and as_dict != config.data.eval.to_dict()
-    )
+  """DatasetInfo of a source, read as training reads it (train=True: the training filters, no coco_gt needed) or as
+  evaluation does (the coco_gt restricted to the images the eval iterator visits, config.eval.num_images)."""
   info = sources.open_source(source_config, config, train=train, cache=cache).info
   limit = int(config.eval.num_images)
   if not train and limit and info.coco_gt is not None and limit < len(info.coco_gt['images']):

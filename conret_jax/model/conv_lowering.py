@@ -1,22 +1,18 @@
 """How the network's convolutions reach the compiler (config.model.conv_lowering).
 
-Two rewrites help XLA:CPU, each giving the same convolution and gradients up to float summation order:
+Two rewrites help XLA:CPU, each giving the same convolution and gradients up to float summation order (measured in
+bench/RESULTS.md, "Train step": the R50 step and each convolution, before and after each rewrite):
 
 - A 1x1 convolution is a matrix product: y = x[:, ::s, ::s] @ W, with W the kernel as a [C, O] matrix. XLA:CPU
-  computes its kernel gradient as a convolution whose window is the whole feature map, which is slow; as a matrix
-  product it is fast. On the 2-core AMD EPYC dev box (2026-12-02), a 1x1 256->512 convolution at 64x64, batch 2,
-  forward and both gradients: 62 ms as an XLA convolution, 23 ms as a matrix product; at 128x128 with stride 2,
-  149 ms and 45 ms. The product is 2-D ([B*H*W, C] @ [C, O]): XLA:CPU runs the kernel gradient of a 4-D product
-  behind a transpose of the output gradient. R50-FPN RetinaNet's training step at 512x512 took about 18% less time,
-  then another 10-13% with the 2-D product (bench/RESULTS.md).
+  computes its kernel gradient as a convolution whose window is the whole feature map, which is slow; as a 2-D
+  matrix product ([B*H*W, C] @ [C, O]) it is a plain GEMM (a 4-D product's kernel gradient runs behind a transpose
+  of the output gradient).
 - A padded stride-1 convolution (the 3x3s of the head, the FPN and the bottlenecks) keeps XLA's forward and input
   gradient, but its kernel gradient is computed on the input padded beforehand: a convolution with a whole-map
-  window and no padding of its own. Given the padding to apply itself, XLA:CPU ran that convolution about 1.4x
-  slower (3x3, 256->256 at 64x64, batch 2: 41 against 29 ms), with the same result to the bit. Strided convolutions
-  gained nothing this way and stay as they are.
-Strided 3x3 convolutions as im2col products (slower, for R50 and for the shapes demo), and their backward as four
-stride-1 convolutions on the input's phases (no change to the R50 step), were measured too (bench/RESULTS.md), so
-every other convolution stays an XLA convolution.
+  window and no padding of its own, which XLA:CPU runs faster than the same convolution applying the padding, with
+  the same result to the bit. Strided convolutions gained nothing this way and stay as they are.
+Other rewrites were measured and not kept (im2col for strided convolutions, their backward as stride-1 convolutions
+on the input's phases), so every other convolution stays an XLA convolution.
 
 Lowerings:
   'xla'     every convolution is lax.conv_general_dilated (what GPUs and TPUs want: cuDNN / the TPU's conv units)

@@ -128,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config, devices)
   cache = sources.SourceCache()  # each dataset is opened once for the run: training and every evaluation
-  train_info = data_lib.dataset_info(config.data.train, config, cache=cache)
+  train_info = data_lib.dataset_info(config.data.train, config, train=True, cache=cache)
   layout = info_lib.ClassLayout.of(train_info, config)
   layout.check()
   logging.info(

@@ -42,7 +42,7 @@ def test_eval_run_on_shapes(trained_workdir, make_tiny_config, tmp_path):
 
   out = os.path.join(workdir, 'eval', 'step_7')
   results = json.load(open(os.path.join(out, 'detections.json')))
-  info = data_lib.dataset_info(config.data.eval, config)
+  info = data_lib.dataset_info(config.data.eval, config, train=False)
   gt_ids = [im['id'] for im in info.coco_gt['images']]
   # Score threshold 0 and 5 detections per image: every one of the 10 images (8 + 2 in a padded batch) is covered,
   # no padding example leaks in.

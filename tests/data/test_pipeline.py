@@ -94,7 +94,7 @@ def test_eval_num_images_limits_iterator_and_coco_gt(rect_dataset):
   config.eval.num_images = 5
   ids = np.concatenate([b['image_id'][b['example_valid']] for b in pipeline.host_batches(config, train=False)])
   np.testing.assert_array_equal(ids, np.arange(100, 105))
-  info = pipeline.dataset_info(config.data.eval, config)
+  info = pipeline.dataset_info(config.data.eval, config, train=False)
   assert [im['id'] for im in info.coco_gt['images']] == list(range(100, 105))
   assert {a['image_id'] for a in info.coco_gt['annotations']} <= set(range(100, 105))
   assert info.category_ids == [2, 5, 9]
@@ -120,7 +120,7 @@ def test_num_classes_and_small_datasets_are_start_up_errors(rect_dataset):
   config = small_config(*rect_dataset[:2], batch=16)
   with pytest.raises(info_lib.DatasetError, match='cannot fill one batch'):
     pipeline.host_batches(config)
-  info = pipeline.dataset_info(config.data.train, config)
+  info = pipeline.dataset_info(config.data.train, config, train=True)
   with pytest.raises(info_lib.DatasetError, match='num_classes'):
     info_lib.check_num_classes(info, config)
   with pytest.raises(ValueError, match='not divisible by the process count'):

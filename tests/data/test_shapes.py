@@ -60,7 +60,7 @@ def test_shapes_source_generates_once_into_cache(tmp_path):
   config.model.num_classes = 5
   batch = next(pipeline.host_batches(config))
   assert batch['images'].shape == (4, 128, 128, 3) and batch['valid'].any()
-  info = pipeline.dataset_info(config.data.eval, config)
+  info = pipeline.dataset_info(config.data.eval, config, train=False)
   assert info.category_ids == [3, 7, 11, 15, 19] and info.num_examples == 8
   assert sorted(os.listdir(tmp_path)) == [
     f'v{shapes.FORMAT_VERSION}_train_n8_seed0',

@@ -81,7 +81,7 @@ def test_tfds_eval_batches_and_coco_gt(tfds_config):
   np.testing.assert_array_equal(b['crowd'][0, :3], [False, True, False])
   np.testing.assert_array_equal(batches[1]['example_valid'], [True, False, False, False])
 
-  info = pipeline.dataset_info(tfds_config.data.eval, tfds_config)
+  info = pipeline.dataset_info(tfds_config.data.eval, tfds_config, train=False)
   assert info.num_examples == 5 and info.category_ids == list(info_lib.COCO_CATEGORY_IDS)
   assert info.class_names[0] == 'person' and len(info.class_names) == 80
   gt = info.coco_gt

@@ -39,8 +39,9 @@ def test_tfrecord_eval_matches_coco_json(rect_dataset, tmp_path):
   got = list(pipeline.host_batches(config, train=False))
   want = list(pipeline.host_batches(small_config(*rect_dataset[:2], eval_batch=5), train=False))
   _assert_same(got, want)  # round-robin shards read interleaved give back the json order
-  info = pipeline.dataset_info(config.data.eval, config)
-  json_info = pipeline.dataset_info(small_config(*rect_dataset[:2]).data.eval, small_config(*rect_dataset[:2]))
+  info = pipeline.dataset_info(config.data.eval, config, train=False)
+  json_config = small_config(*rect_dataset[:2])
+  json_info = pipeline.dataset_info(json_config.data.eval, json_config, train=False)
   assert info.category_ids == json_info.category_ids == [2, 5, 9] and info.num_examples == 12
   assert info.coco_gt == json_info.coco_gt
 

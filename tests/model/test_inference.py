@@ -6,7 +6,7 @@ import ml_collections
 import model_reference as ref
 import numpy as np
 import pytest
-from test_detector import np_decode
+from test_retinanet import np_decode
 
 from conret_jax import detectors, inference
 from conret_jax.model import anchor_spec as anchor_ops

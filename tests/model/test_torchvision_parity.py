@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 
-from test_detector import torchvision_config  # noqa: E402 (after the importorskip above)
+from test_retinanet import torchvision_config  # noqa: E402 (after the importorskip above)
 
 from conret_jax import (  # noqa: E402
   detectors,  # noqa: E402
