@@ -6,6 +6,7 @@ Defaults follow Detectron's RetinaNet R50-FPN 1x and the paper (Section 6.1: alp
 """
 
 import ml_collections
+import numpy as np
 
 from conret_jax.core.constants import BOX_DELTA_CLAMP
 
@@ -213,6 +214,24 @@ def schedule_steps(train_config: ml_collections.ConfigDict) -> tuple[int, tuple[
   else:
     decays = tuple(inside(f, 1) for f in t.decay_fractions)
   return warmup, decays
+
+
+def learning_rate(train_config: ml_collections.ConfigDict, step, xp=np):
+  """The rate of the schedule at `step`: linear warm-up from `warmup_factor`, then x`decay_factor` at each decay
+  step, on `learning_rate` scaled linearly with the global batch. `xp`: numpy, or jax.numpy inside the step (one
+  formula for the step and for the messages about a run's schedule)."""
+  t = train_config
+  base = t.learning_rate * t.global_batch_size / t.reference_batch_size
+  warmup, boundaries = schedule_steps(t)
+  step = xp.asarray(step, xp.float32)
+  if warmup > 0:
+    progress = xp.minimum(step / warmup, 1.0)
+    factor = t.warmup_factor * (1.0 - progress) + progress
+  else:
+    factor = xp.ones_like(step)
+  for boundary in boundaries:
+    factor = factor * xp.where(step >= boundary, t.decay_factor, 1.0)
+  return base * factor
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

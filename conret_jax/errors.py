@@ -25,6 +25,10 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
   """No checkpoint (or not the asked-for step) in a workdir, and nothing to fall back on."""
 
 
+class CheckpointDamagedError(UserError, ValueError):
+  """A checkpoint whose files do not restore (damaged after it was written), with no intact one to fall back on."""
+
+
 class CheckpointMismatchError(UserError, ValueError):
   """A workdir holds a run of another model than the one the config describes."""
 

@@ -30,3 +30,21 @@ def exists(path: str) -> bool:
 
     return tf.io.gfile.exists(path)
   return os.path.exists(path)
+
+
+def listdir(path: str) -> list[str]:
+  if is_remote(path):
+    import tensorflow as tf
+
+    return tf.io.gfile.listdir(path)
+  return os.listdir(path)
+
+
+def rename(source: str, target: str) -> None:
+  """Moves a file or folder (gs://: gfile's copy-and-delete, which is what a bucket offers)."""
+  if is_remote(source):
+    import tensorflow as tf
+
+    tf.io.gfile.rename(source, target, overwrite=False)
+  else:
+    os.rename(source, target)

@@ -1,13 +1,13 @@
 """What a run records about itself in its workdir, so later tools need no --config: W/config.json and W/run.json.
 
-  config.json  the resolved config `conret-train` ran with, every key (rewritten at each start: a resumed run may
-               extend num_steps or change an inference-only key)
+  config.json  the resolved config `conret-train` runs with, every key (rewritten at each start)
   run.json     {"classes": {"layout", "num_classes", "category_ids", "names"}: the training set's categories, so
-               predictions are named as in training without opening any dataset,
-                "starts": [{"argv", "time", "step", "processes", "devices", "version"}, ...]: every command that
-               started or resumed the run}
+               predictions and evaluations are named as in training without opening any dataset,
+                "starts": [{"argv", "time", "step", "processes", "devices", "version", "config_changes"}, ...]: every
+               command that started or resumed the run, and the changes of training settings it accepted}
 Also the model settings a workdir's checkpoints depend on (`model_settings`), shared by the checkpoint fingerprint
-and the check that a given --config still describes the saved model.
+and the check that a given --config still describes the saved model, and the check of a resumed run's config
+(`resume_changes`): a change that alters training is refused unless accepted, and recorded when it is.
 """
 
 import datetime
@@ -30,6 +30,11 @@ RUNTIME_KEYS = (
   'model.conv_lowering',
   'consistent.inference_reg_steps',
 )
+
+
+# Keys whose meaning in a record written before they existed is not their default: the value that earlier code
+# behaved as. load_config and the checkpoint fingerprint read a missing key as this.
+LEGACY_VALUES = {}
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
@@ -57,17 +62,35 @@ def model_settings(config) -> dict:
   return _json_ready({k: v for k, v in settings.items() if k not in RUNTIME_KEYS})
 
 
-def settings_differences(stored: dict, current: dict, what: str = 'config') -> list[str]:
-  """Readable differences between two `model_settings` (stored first); empty if they match."""
+def missing_key_values() -> dict:
+  """{dotted key: value} that a key missing from an older record stands for: LEGACY_VALUES, else its default."""
+  return _json_ready(dict(_flatten(defaults.base_config().to_dict()), **LEGACY_VALUES))
+
+
+def differences(old: dict, new: dict, *, what='config', old_name='saved run', new_name='given config', fill=None):
+  """Readable differences between two flat {key: value} records (old first); empty if they match.
+
+  `fill`: values for keys missing from `old` because it was written before they existed (`missing_key_values()`):
+  such a key differs only if `new` holds another value. Without it, a key on one side only is a difference."""
   diffs = []
-  for key in sorted(set(stored) | set(current)):
-    if key not in current:
-      diffs.append(f'{what} {key} only in the saved run ({stored[key]})')
-    elif key not in stored:
-      diffs.append(f'{what} {key} only in this config ({current[key]})')
-    elif stored[key] != current[key]:
-      diffs.append(f'{what} {key}: saved {stored[key]} vs given {current[key]}')
+  for key in sorted(set(old) | set(new)):
+    if key not in new:
+      diffs.append(f'{what} {key} only in the {old_name} ({old[key]})')
+      continue
+    if key in old:
+      value = old[key]
+    elif fill is not None and key in fill:
+      value = fill[key]
+    else:
+      diffs.append(f'{what} {key} only in the {new_name} ({new[key]})')
+      continue
+    if value != new[key]:
+      diffs.append(f'{what} {key}: {old_name} {value} vs {new_name} {new[key]}')
   return diffs
+
+
+def listed(diffs: list, most: int = 8) -> str:
+  return '; '.join(diffs[:most]) + (f'; and {len(diffs) - most} more' if len(diffs) > most else '')
 
 
 def has_record(workdir: str) -> bool:
@@ -75,9 +98,11 @@ def has_record(workdir: str) -> bool:
   return fileio.exists(os.path.join(workdir, CONFIG_FILE))
 
 
-def save(workdir: str, config, layout, *, step: int, processes: int, devices: int, argv=None) -> None:
+def save(
+  workdir: str, config, layout, *, step: int, processes: int, devices: int, argv=None, config_changes=None
+) -> None:
   """Writes W/config.json and adds this start to W/run.json (call on one process). `layout`: the run's
-  data.info.ClassLayout."""
+  data.info.ClassLayout; `config_changes`: {key: [old, new]} accepted at this start (`resume_changes`)."""
   with fileio.open_file(os.path.join(workdir, CONFIG_FILE), 'w') as f:
     f.write(config.to_json_best_effort(indent=1, sort_keys=True) + '\n')
   run = {'starts': []}
@@ -101,6 +126,7 @@ def save(workdir: str, config, layout, *, step: int, processes: int, devices: in
       'version': __version__,
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
     }
+    | ({'config_changes': dict(config_changes)} if config_changes else {})
   )
   with fileio.open_file(os.path.join(workdir, RUN_FILE), 'w') as f:
     json.dump(run, f, indent=1)
@@ -133,11 +159,35 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise ConfigError(
       f'no --config given and {path} does not exist: pass --config, or a --workdir that conret-train wrote'
     )
-  with fileio.open_file(path) as f:
-    saved = json.load(f)
+  saved = _read_json(path)
+  if not isinstance(saved, dict):
+    raise ConfigError(f'{path} is damaged: it holds a json {type(saved).__name__}, not a config')
   config = defaults.base_config()
+  for key, value in LEGACY_VALUES.items():  # keys newer than the record: what the run that wrote it did
+    if not _has_key(saved, key):
+      node = config
+      *sections, name = key.split('.')
+      for section in sections:
+        node = node[section]
+      node[name] = value
   _update(config, saved, '', path)
   return config
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+  for part in dotted.split('.'):
+    if not isinstance(tree, dict) or part not in tree:
+      return False
+    tree = tree[part]
+  return True
+
+
+def _read_json(path: str):
+  try:
+    with fileio.open_file(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{path} is damaged and cannot be read ({e}): restore it, or pass --config') from None
 
 
 def load_run(workdir: str) -> dict | None:
@@ -145,18 +195,77 @@ def load_run(workdir: str) -> dict | None:
   path = os.path.join(workdir, RUN_FILE)
   if not fileio.exists(path):
     return None
-  with fileio.open_file(path) as f:
-    return json.load(f)
+  return _read_json(path)
 
 
-def check_config_matches(workdir: str, config) -> None:
-  """CheckpointMismatchError when the given config describes another model than the run saved in `workdir`."""
+def check_config_matches(workdir: str, config, *, config_given: bool = True) -> None:
+  """CheckpointMismatchError when the config describes another model than the run saved in `workdir`.
+  `config_given`: the user passed --config (else the differences come from --config.* overrides of the saved one)."""
   if not has_record(workdir):
     return
-  diffs = settings_differences(model_settings(load_config(workdir)), model_settings(config))
+  diffs = differences(model_settings(load_config(workdir)), model_settings(config), fill=missing_key_values())
   if diffs:
-    listed = '; '.join(diffs[:8]) + (f'; and {len(diffs) - 8} more' if len(diffs) > 8 else '')
+    what = '--config' if config_given else 'the --config.* overrides'
+    hint = f" Leave out --config to use the run's own {CONFIG_FILE}." if config_given else ''
     raise CheckpointMismatchError(
-      f'--config describes a different model than the one trained in {workdir} ({listed}). Leave out --config to '
-      f"use the run's own {CONFIG_FILE}."
+      f'{what} describe a different model than the one trained in {workdir} ({listed(diffs)}).{hint}'
     )
+
+
+# Keys a resumed run may change freely: they do not alter what is trained (inference-only settings, evaluation,
+# logging and checkpoint cadence, input prefetching, the weights a fresh start would load).
+FREE_ON_RESUME = RUNTIME_KEYS + (
+  'init_from',
+  'checkpoint.',
+  'eval.',
+  'data.eval.',
+  'data.prefetch',
+  'data.num_parallel_calls',
+  'train.log_every_steps',
+  'train.skip_nonfinite_steps',
+)
+_SCHEDULE_KEYS = ('train.num_steps', 'train.warmup_steps', 'train.warmup_fraction', 'train.decay_steps')
+
+
+def _training_settings(config) -> dict:
+  flat = _json_ready(_flatten(config.to_dict()))
+  return {k: v for k, v in flat.items() if not k.startswith(FREE_ON_RESUME)}
+
+
+def resume_changes(workdir: str, config, *, step: int | None, accept: bool) -> dict:
+  """The changes of training settings between the run saved in `workdir` and `config`, resumed at `step` (None: no
+  checkpoint yet, so nothing was trained and nothing is checked): {key: [saved, new]}.
+
+  ConfigError naming each key with its old and new value unless `accept`. A change of the schedule's length says
+  where the warm-up and decays move and what the learning rate becomes at the resumed step."""
+  if step is None or not has_record(workdir):
+    return {}
+  saved = load_config(workdir)
+  old, new = _training_settings(saved), _training_settings(config)
+  keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  if not keys:
+    return {}
+  changes = {k: [old.get(k), new.get(k)] for k in keys}
+  text = ', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changes.items())
+  schedule = _schedule_note(saved.train, config.train, step) if any(k.startswith(_SCHEDULE_KEYS) for k in keys) else ''
+  if not accept:
+    raise ConfigError(
+      f'resuming {workdir} at step {step} with changed training settings ({text}) would train its remaining steps '
+      f'differently from the ones already trained.{schedule} Rerun without these overrides, or pass '
+      '--accept_config_changes to continue with them (they are recorded in run.json)'
+    )
+  from absl import logging
+
+  logging.warning('resuming at step %d with accepted config changes: %s.%s', step, text, schedule)
+  return changes
+
+
+def _schedule_note(old_train, new_train, step: int) -> str:
+  """Where the schedule's warm-up and decays were and will be, and the learning rate at `step` before and after."""
+  rate = lambda t: float(defaults.learning_rate(t, step))
+  (w0, d0), (w1, d1) = defaults.schedule_steps(old_train), defaults.schedule_steps(new_train)
+  return (
+    f' The schedule follows num_steps: warm-up {w0} -> {w1} steps, decays at {list(d0)} -> {list(d1)}, so the '
+    f'learning rate at step {step} goes from {rate(old_train):.4g} to {rate(new_train):.4g}. To keep the old '
+    f'schedule, add --config.train.warmup_steps={w0} --config.train.decay_steps="{tuple(d0)}".'
+  )

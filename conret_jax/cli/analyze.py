@@ -19,15 +19,17 @@ import os
 
 from absl import app, flags, logging
 
-from conret_jax.cli import common
+from conret_jax.cli import startup, tool, tool_flags
 from conret_jax.errors import ConfigError
+
+tool_flags.define_common_flags()
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for localization.png, score_iou.png and analysis.json.')
 _NUM_IMAGES = flags.DEFINE_integer(
   'num_images', None, 'Analyze the first N eval images (default: config.eval.num_images; 0: all).'
 )
 _COMPARE = flags.DEFINE_string('compare', None, 'A second workdir (written by conret-train) drawn beside --workdir.')
-common.define_step_flag()
+tool_flags.define_step_flag()
 
 
 def label(workdir: str, method: str) -> str:
@@ -42,6 +44,7 @@ def run(config, workdir: str, step: int | None = None, num_images: int | None = 
     config_checks,
   )
   from conret_jax import data as data_lib
+  from conret_jax.train import restore as restore_lib
 
   config_checks.validate(config)
   if num_images is not None:
@@ -50,39 +53,43 @@ def run(config, workdir: str, step: int | None = None, num_images: int | None = 
   cache = data_lib.SourceCache()
   info = data_lib.dataset_info(config.data.eval, config, train=False, cache=cache)
   data_lib.check_num_classes(info, config)
-  model, variables, step, mesh = common.restore_for_inference(config, workdir, step)
+  model, variables, step, mesh = restore_lib.restore_for_inference(config, workdir, step)
   results = analysis.analyze(model, variables, config, mesh, info=info, cache=cache)
   return dict(workdir=workdir, step=step, label=label(workdir, results['method']), **results)
 
 
 def compare_config(workdir: str | None):
   """The config of the --compare run (its own config.json), checked before anything heavy; None without one."""
+  from conret_jax.train import restore as restore_lib
+
   if workdir is None:
     return None
   from conret_jax import run_record
 
-  common.check_workdir(workdir, create=False, flag='compare')
+  startup.check_workdir(workdir, create=False, flag='compare')
   if not run_record.has_record(workdir):
     raise ConfigError(f'--compare={workdir} holds no {run_record.CONFIG_FILE}: name a workdir that conret-train wrote')
   config = run_record.load_config(workdir)
-  common.check_weights_available(config, workdir, None)
+  restore_lib.check_weights_available(config, workdir, None)
   return config
 
 
 def _main(argv):
+  from conret_jax.train import restore as restore_lib
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _OUTPUT.value:
     raise app.UsageError('--output is required')
-  common.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
+  restore_lib.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
   other = compare_config(_COMPARE.value)
-  config, workdir = common.setup('analyze', writes_workdir=False, log_to_workdir=False)
-  output = common.check_workdir(_OUTPUT.value, create=True, flag='output')
+  config, workdir = startup.setup('analyze', writes_workdir=False, log_to_workdir=False)
+  output = startup.check_workdir(_OUTPUT.value, create=True, flag='output')
   import jax
 
   from conret_jax import analysis
 
-  common.setup_logging(output, 'analyze')  # OUT/analyze.log on process 0
+  startup.setup_logging(output, 'analyze')  # OUT/analyze.log on process 0
   runs = [run(config, workdir, flags.FLAGS.step, _NUM_IMAGES.value)]
   if other is not None:
     if other.data.eval.to_dict() != config.data.eval.to_dict():
@@ -102,11 +109,11 @@ def _main(argv):
 
 
 def main():
-  common.run(
+  tool.run(
     _main,
     tool='conret-analyze',
     doc=__doc__,
-    flag_names=common.COMMON_FLAGS + ('output', 'step', 'num_images', 'compare') + common.DISTRIBUTED_FLAGS,
+    flag_names=tool_flags.COMMON_FLAGS + ('output', 'step', 'num_images', 'compare') + tool_flags.DISTRIBUTED_FLAGS,
   )
 
 

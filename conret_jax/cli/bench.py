@@ -16,8 +16,10 @@ import json
 
 from absl import app, flags
 
-from conret_jax.cli import common
+from conret_jax.cli import startup, tool, tool_flags
 from conret_jax.errors import ConfigError
+
+tool_flags.define_common_flags()
 
 _STEPS = flags.DEFINE_integer('steps', 10, '`step`, `detect`: timed calls after compilation (median reported).')
 _BATCHES = flags.DEFINE_integer('batches', 50, '`input`: batches timed after a warm-up batch.')
@@ -32,7 +34,7 @@ def _main(argv):
   config = flags.FLAGS.config
   if config is None:
     raise ConfigError('--config is required, e.g. --config=configs/conretinanet_coco.py')
-  common.setup_logging(None, 'bench')
+  startup.setup_logging(None, 'bench')
   if argv[1] == 'step':  # imports no TensorFlow: the GPU image has none
     from conret_jax.train import bench
 
@@ -42,7 +44,7 @@ def _main(argv):
 
     result = detect_bench.run_detect_bench(config, _STEPS.value)
   else:
-    common.hide_accelerators_from_tf()
+    startup.hide_accelerators_from_tf()
     from conret_jax.data import bench
 
     result = bench.run_input_bench(config, _BATCHES.value)
@@ -50,7 +52,7 @@ def _main(argv):
 
 
 def main():
-  common.run(_main, tool='conret-bench', doc=__doc__, flag_names=('config', 'steps', 'batches', 'debug'))
+  tool.run(_main, tool='conret-bench', doc=__doc__, flag_names=('config', 'steps', 'batches', 'debug'))
 
 
 if __name__ == '__main__':

@@ -12,9 +12,11 @@ detections.png} and prints the metrics, per class too. Without --config it uses 
 
 from absl import app, flags
 
-from conret_jax.cli import common
+from conret_jax.cli import startup, tool, tool_flags
 
-common.define_step_flag()
+tool_flags.define_common_flags()
+
+tool_flags.define_step_flag()
 
 
 def run(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
@@ -24,21 +26,24 @@ def run(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
     evaluation,
   )
   from conret_jax import data as data_lib
+  from conret_jax.train import restore as restore_lib
 
   config_checks.validate(config)
   cache = data_lib.SourceCache()
   info = data_lib.dataset_info(config.data.eval, config, train=False, cache=cache)
   data_lib.check_num_classes(info, config)  # a model of other classes would be scored under the wrong names
-  model, variables, step, mesh = common.restore_for_inference(config, workdir, step)
+  model, variables, step, mesh = restore_lib.restore_for_inference(config, workdir, step)
   metrics = evaluation.evaluate(model, variables, config, mesh, workdir=workdir, step=step, info=info, cache=cache)
   return step, metrics
 
 
 def _main(argv):
+  from conret_jax.train import restore as restore_lib
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  common.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
-  config, workdir = common.setup('eval', writes_workdir=False)
+  restore_lib.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
+  config, workdir = startup.setup('eval', writes_workdir=False)
   import jax
 
   from conret_jax import evaluation
@@ -52,8 +57,11 @@ def _main(argv):
 
 
 def main():
-  common.run(
-    _main, tool='conret-eval', doc=__doc__, flag_names=common.COMMON_FLAGS + ('step',) + common.DISTRIBUTED_FLAGS
+  tool.run(
+    _main,
+    tool='conret-eval',
+    doc=__doc__,
+    flag_names=tool_flags.COMMON_FLAGS + ('step',) + tool_flags.DISTRIBUTED_FLAGS,
   )
 
 

@@ -18,14 +18,16 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from conret_jax.cli import common
+from conret_jax.cli import startup, tool, tool_flags
 from conret_jax.errors import UserError
+
+tool_flags.define_common_flags()
 
 _IMAGES = flags.DEFINE_string('images', None, 'Glob of input images; several globs separated by commas.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output folder for the drawn images and detections.json.')
 _SCORE = flags.DEFINE_float('score_threshold', 0.3, 'Keep (and draw) detections scoring at least this.')
 flags.DEFINE_alias('score-threshold', 'score_threshold')
-common.define_step_flag()
+tool_flags.define_step_flag()
 
 _IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
@@ -127,12 +129,13 @@ def run(
 
   import conret_jax
   from conret_jax import evaluation, visualize
+  from conret_jax.train import restore as restore_lib
 
   if not image_paths:
     raise FileNotFoundError('no input images')
   config = config.copy_and_resolve_references()
   config.train.fsdp_axis_size = 1  # one device: nothing to shard
-  model, variables, step, _ = common.restore_for_inference(config, workdir, step, devices=jax.local_devices()[:1])
+  model, variables, step, _ = restore_lib.restore_for_inference(config, workdir, step, devices=jax.local_devices()[:1])
   layout = class_layout or class_metadata(config, workdir)
   names = layout.class_names
   class_of = {int(c): k for k, c in enumerate(layout.category_of) if c >= 0}
@@ -186,13 +189,15 @@ def run(
 
 
 def _main(argv):
+  from conret_jax.train import restore as restore_lib
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _IMAGES.value or not _OUTPUT.value:
     raise app.UsageError('--images and --output are required')
-  common.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
-  config, workdir = common.setup('predict', writes_workdir=False, distributed_init=False)
-  common.check_workdir(_OUTPUT.value, create=True, flag='output')
+  restore_lib.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
+  config, workdir = startup.setup('predict', writes_workdir=False, distributed_init=False)
+  startup.check_workdir(_OUTPUT.value, create=True, flag='output')
   paths = list_images(_IMAGES.value)
   if not paths:
     raise app.UsageError(f'--images={_IMAGES.value!r} matches no image files')
@@ -201,11 +206,11 @@ def _main(argv):
 
 
 def main():
-  common.run(
+  tool.run(
     _main,
     tool='conret-predict',
     doc=__doc__,
-    flag_names=common.COMMON_FLAGS + ('images', 'output', 'score_threshold', 'step'),
+    flag_names=tool_flags.COMMON_FLAGS + ('images', 'output', 'score_threshold', 'step'),
   )
 
 

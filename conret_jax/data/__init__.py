@@ -11,7 +11,7 @@ Public API (loaded lazily, so `import conret_jax.data.info` does not pull in Ten
 Every batch is a conret_jax.batch.Batch (its fields and shapes are defined there). Its `classes` are the model's
 class indices: the dataset's contiguous category numbers mapped through data.info.ClassLayout.
 TensorFlow only feeds the host: the command-line tools keep it off accelerators at start-up
-(conret_jax/cli/common.py); a program that builds the pipeline on a GPU host should do the same first.
+(conret_jax/cli/startup.py); a program that builds the pipeline on a GPU host should do the same first.
 """
 
 import importlib

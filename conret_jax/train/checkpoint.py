@@ -44,19 +44,15 @@ def model_fingerprint(config, params) -> dict:
 
 
 def fingerprint_differences(stored: dict, current: dict) -> list[str]:
-  """Human-readable differences between two fingerprints; empty if they match."""
+  """Human-readable differences between two fingerprints; empty if they match. Model settings newer than the
+  checkpoint count as what the code that wrote it did (run_record.missing_key_values)."""
   diffs = []
-  for section, what in (('config', 'config'), ('params', 'param')):
-    old, new = stored.get(section), current.get(section)
-    if old is None or new is None:
-      continue
-    for key in sorted(set(old) | set(new)):
-      if key not in new:
-        diffs.append(f'{what} {key} only in the checkpoint ({old[key]})')
-      elif key not in old:
-        diffs.append(f'{what} {key} only in this run ({new[key]})')
-      elif old[key] != new[key]:
-        diffs.append(f'{what} {key}: checkpoint {old[key]} vs this run {new[key]}')
+  names = dict(old_name='checkpoint', new_name='this run')
+  if stored.get('config') is not None and current.get('config') is not None:
+    fill = run_record.missing_key_values()
+    diffs += run_record.differences(stored['config'], current['config'], what='config', fill=fill, **names)
+  if stored.get('params') is not None and current.get('params') is not None:
+    diffs += run_record.differences(stored['params'], current['params'], what='param', **names)
   return diffs
 
 
@@ -107,6 +103,10 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def reload(self) -> None:
+    """Reads the checkpoint folder again (after a checkpoint was moved aside)."""
+    self._manager.reload()
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())

@@ -23,6 +23,7 @@ from conret_jax.data import info as info_lib
 from conret_jax.data import pipeline as data_lib
 from conret_jax.data import sources
 from conret_jax.train import checkpoint as ckpt_lib
+from conret_jax.train import restore as restore_lib
 from conret_jax.train import state as state_lib
 from conret_jax.train import step as step_lib
 from conret_jax.train.metrics_writer import MetricsWriter
@@ -103,14 +104,14 @@ class FiniteGuard:
 
 
 def _initial_state(detector, config, mesh, abstract, checkpointer):
-  """(state, start step): the latest checkpoint, restored straight into its shardings (a resumed run never builds
-  or compiles a fresh state, and a checkpoint of another model is refused before anything compiles); else a fresh
-  state, with config.init_from's weights."""
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, _ = checkpointer.restore(latest, abstract)
-    logging.info('resumed from %s at step %d', checkpointer.directory, latest)
-    return state, int(latest)
+  """(state, start step): the newest checkpoint that restores (a damaged one is named, moved aside and skipped),
+  restored straight into its shardings (a resumed run never builds or compiles a fresh state, and a checkpoint of
+  another model is refused before anything compiles); else a fresh state, with config.init_from's weights."""
+  restored = restore_lib.restore_newest(checkpointer, abstract, move_damaged=True)
+  if restored is not None:
+    state, _, step = restored
+    logging.info('resumed from %s at step %d', checkpointer.directory, step)
+    return state, int(step)
   if config.init_from:  # a missing or foreign file fails here, before the initialization compiles
     ckpt_lib.load_variables(config.init_from)
   state, _ = state_lib.init_state(
@@ -121,9 +122,10 @@ def _initial_state(detector, config, mesh, abstract, checkpointer):
   return state, 0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None, config_changes=None) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), evaluates, returns the last eval metrics.
-  `devices`: the mesh's devices (default: all devices of all processes)."""
+  `devices`: the mesh's devices (default: all devices of all processes); `config_changes`: the accepted changes of
+  a resumed run (run_record.resume_changes), recorded in run.json."""
   config_checks.validate_training(config)
   main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config, devices)
@@ -152,7 +154,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state, start_step = _initial_state(detector, config, mesh, abstract, checkpointer)
     if main:
       run_record.save(
-        workdir, config, layout, step=start_step, processes=jax.process_count(), devices=jax.device_count()
+        workdir,
+        config,
+        layout,
+        step=start_step,
+        processes=jax.process_count(),
+        devices=jax.device_count(),
+        config_changes=config_changes,
       )
     writer = resources.enter_context(
       contextlib.closing(MetricsWriter(workdir, start_step=start_step, num_steps=config.train.num_steps, enabled=main))

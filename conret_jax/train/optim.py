@@ -15,6 +15,7 @@ gradient before momentum, as Detectron and torch.optim.SGD do):
 The group structure is the same for every config, so the optimizer state's layout depends only on the parameters.
 """
 
+import functools
 from typing import Callable
 
 import jax
@@ -22,29 +23,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from conret_jax.defaults import schedule_steps
+from conret_jax import defaults
 
 GROUPS = ('weight', 'bias', 'norm', 'frozen')
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
-  """step -> learning rate: linear warm-up from `warmup_factor`, then x`decay_factor` at each decay step."""
-  t = train_config
-  base = t.learning_rate * t.global_batch_size / t.reference_batch_size
-  warmup, boundaries = schedule_steps(t)
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    if warmup > 0:
-      progress = jnp.minimum(step / warmup, 1.0)
-      factor = t.warmup_factor * (1.0 - progress) + progress
-    else:
-      factor = jnp.ones_like(step)
-    for boundary in boundaries:
-      factor = factor * jnp.where(step >= boundary, t.decay_factor, 1.0)
-    return base * factor
-
-  return schedule
+  """step -> learning rate (defaults.learning_rate, traced)."""
+  return functools.partial(defaults.learning_rate, train_config, xp=jnp)
 
 
 def _is_norm_param(names: list[str]) -> bool:

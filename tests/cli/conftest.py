@@ -38,9 +38,9 @@ def tiny_config():
 
 def _filled_state(model, config, mesh):
   """A TrainState of the right structure with small deterministic values, without compiling the init."""
-  from conret_jax.cli import common
+  from conret_jax.train import state as state_lib
 
-  abstract = common.abstract_train_state(model, config, mesh)
+  abstract = state_lib.abstract_state(model, config, mesh)
   rs = np.random.RandomState(0)
 
   def fill(path, leaf):

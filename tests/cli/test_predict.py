@@ -21,20 +21,21 @@ for _module in (
 ):
   pytest.importorskip(_module)
 
-from conret_jax.cli import common, predict  # noqa: E402 (after the importorskip above)
+from conret_jax.cli import predict  # noqa: E402 (after the importorskip above)
 from conret_jax.data.info import ClassLayout  # noqa: E402 (after the importorskip above)
+from conret_jax.train import restore  # noqa: E402 (after the importorskip above)
 
 
 def test_restore_for_inference_on_one_device(trained_workdir, make_tiny_config):
   workdir, saved = trained_workdir
-  model, variables, step, mesh = common.restore_for_inference(make_tiny_config(), workdir, devices=jax.devices()[2:3])
+  model, variables, step, mesh = restore.restore_for_inference(make_tiny_config(), workdir, devices=jax.devices()[2:3])
   assert step == 7 and mesh.devices.size == 1
   leaves = jax.tree.leaves(variables)
   assert {d for x in leaves for d in x.sharding.device_set} == {jax.devices()[2]}
   for x, y in zip(leaves, jax.tree.leaves(saved)):
     np.testing.assert_array_equal(np.asarray(x), y)
   with pytest.raises(FileNotFoundError, match='init_from'):
-    common.restore_for_inference(make_tiny_config(), workdir + '_none')
+    restore.restore_for_inference(make_tiny_config(), workdir + '_none')
 
 
 def test_prepare_image_matches_eval_resize(make_tiny_config):

@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 import conret_jax
-from conret_jax.cli import common
+from conret_jax.train import state as state_lib
 from conret_jax import mesh as mesh_lib
 from conret_jax.train import checkpoint
 
@@ -60,7 +60,7 @@ for name, workdir, step in (('b', sys.argv[4], int(sys.argv[5])), ('c', sys.argv
     config = cfg.get_config(config_arg)
     config.train.fsdp_axis_size = fsdp
     mesh = mesh_lib.make_mesh(config)
-    abstract = common.abstract_train_state(conret_jax.build_model(config), config, mesh)
+    abstract = state_lib.abstract_state(conret_jax.build_model(config), config, mesh)
     ckpt = checkpoint.Checkpointer(workdir, every_steps=0, keep=None, config=config, async_save=False)
     state, data = ckpt.restore(step, abstract)
     ckpt.close()
@@ -231,13 +231,13 @@ def _restore(config, workdir, step, devices, fsdp=1):
   """The full TrainState of workdir's checkpoint `step`, restored onto a mesh over `devices`, as numpy leaves."""
   import conret_jax
   from conret_jax import mesh as mesh_lib
-  from conret_jax.cli import common
   from conret_jax.train import checkpoint
+  from conret_jax.train import state as state_lib
 
   config = config.copy_and_resolve_references()
   config.train.fsdp_axis_size = fsdp
   mesh = mesh_lib.make_mesh(config, devices)
-  abstract = common.abstract_train_state(conret_jax.build_model(config), config, mesh)
+  abstract = state_lib.abstract_state(conret_jax.build_model(config), config, mesh)
   ckpt = checkpoint.Checkpointer(str(workdir), every_steps=0, keep=None, config=config, async_save=False)
   try:
     state, data = ckpt.restore(step, abstract)
