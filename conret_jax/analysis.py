@@ -40,7 +40,7 @@ from absl import logging
 
 from conret_jax import analysis_figures, detectors, evaluation, inference
 from conret_jax.core import boxes as box_ops
-from conret_jax.data.info import ClassLayout
+from conret_jax.data.info import ClassLayout, EvalClasses
 from conret_jax.stages import Stages
 
 EDGES = tuple(round(0.05 * i, 2) for i in range(21))
@@ -226,8 +226,10 @@ class Accumulator:
     return {'num_images': self.num_images, 'fig3': fig3, 'fig5': fig5}
 
 
-def analyze(model, variables, config, mesh, *, batches=None, info=None, cache=None) -> dict:
-  """One pass over the eval split (as `evaluation.evaluate` makes it; the same batches on every process).
+def analyze(model, variables, config, mesh, *, classes=None, data=evaluation.EvalData()) -> dict:
+  """One pass over the eval split (as `evaluation.evaluate` makes it; the same batches on every process), with the
+  run's classes (a data.info.ClassLayout; None: the eval set's): a detection is matched to ground truth of the
+  category it names, and ground truth of categories the run never learned matches none.
 
   Returns:
     `Accumulator.results()` plus regressions (how many inference applied) and method (the detector's name, e.g.
@@ -235,13 +237,17 @@ def analyze(model, variables, config, mesh, *, batches=None, info=None, cache=No
   """
   from conret_jax import mesh as mesh_lib
 
-  batches, info = evaluation.eval_inputs(config, mesh, batches=batches, info=info, cache=cache)
-  known = ClassLayout.of(info, config).category_of >= 0
+  batches, info = data.resolve(config, mesh)
+  names = EvalClasses.of(classes or ClassLayout.of(info, config), info, config)
+  known = names.category_of[: int(config.model.num_classes)] >= 0
   detector = detectors.from_config(config, model)
   run = statistics_fn(detector, config.eval, known, mesh_lib.replicated(mesh))
+  gt_lookup = jnp.asarray(names.gt_lookup)
   total = Accumulator()
   for batch in batches:
-    total.add(run(variables, {k: batch[k] for k in ('images', 'boxes', 'classes', 'valid', 'crowd', 'example_valid')}))
+    fields = {k: batch[k] for k in ('images', 'boxes', 'classes', 'valid', 'crowd', 'example_valid')}
+    fields['classes'] = gt_lookup[jnp.clip(fields['classes'], 0, len(gt_lookup) - 1)]
+    total.add(run(variables, fields))
   results = total.results()
   logging.info('Analyzed %d images: %d anchors near objects.', results['num_images'], results['fig3']['num_anchors'])
   return dict(results, regressions=Stages.from_config(config).inference_steps, method=detector.name)

@@ -26,6 +26,7 @@ import dataclasses
 import gc
 import importlib
 import io
+import types
 from typing import Iterable
 
 import numpy as np
@@ -175,17 +176,20 @@ def _ap(precision: np.ndarray, params, iou: float | None, area: str, k=slice(Non
   return _mean_valid(p)
 
 
-def _per_class(precision: np.ndarray, params, categories: list[dict]) -> dict[str, dict]:
-  """{name: {'category_id', 'AP', 'AP50', 'AP75'}} in category id order; a repeated name gets ' (id N)'."""
+def _class_keys(categories: list[dict], cat_ids) -> list[str]:
+  """The per_class key of each category id: its name, or 'name (id N)' where names repeat."""
   names = {int(c['id']): str(c.get('name', c['id'])) for c in categories}
   repeated = {n for n, count in collections.Counter(names.values()).items() if count > 1}
+  return [f'{names[int(i)]} (id {int(i)})' if names[int(i)] in repeated else names[int(i)] for i in cat_ids]
+
+
+def _per_class(precision: np.ndarray, params, categories: list[dict]) -> dict[str, dict]:
+  """{name: {'category_id', 'AP', 'AP50', 'AP75'}} in category id order (precision None: all undefined)."""
   out = {}
-  for k, cat_id in enumerate(params.catIds):
-    name = names[int(cat_id)]
-    key = f'{name} (id {int(cat_id)})' if name in repeated else name
+  for k, (cat_id, key) in enumerate(zip(params.catIds, _class_keys(categories, params.catIds))):
     out[key] = {'category_id': int(cat_id)}
     for metric, iou in _PER_CLASS_SPECS:
-      out[key][metric] = _ap(precision, params, iou, 'all', k)
+      out[key][metric] = -1.0 if precision is None else _ap(precision, params, iou, 'all', k)
   return out
 
 
@@ -199,8 +203,12 @@ def score(coco_gt: dict, results: list[dict], image_ids: Iterable[int] | None = 
     backend: 'auto', 'faster_coco_eval' or 'pycocotools' (see the module docstring).
   Returns:
     Scores. With no results at all, every summary metric is 0.0 (a run that detects nothing reads as zero, as
-    before per-class AP existed), and per-class AP is 0.0 for classes with ground truth, -1.0 for the others.
+    before per-class AP existed), and per-class AP is 0.0 for classes with ground truth, -1.0 for the others. With
+    no image at all (image_ids empty), every metric is undefined: -1.0.
   """
+  if image_ids is not None and not list(image_ids):
+    params = types.SimpleNamespace(catIds=sorted(int(c['id']) for c in coco_gt['categories']))
+    return Scores({name: -1.0 for name in METRIC_NAMES}, _per_class(None, params, coco_gt['categories']))
   precision, recall, params = _run(coco_gt, results, image_ids, resolve_backend(backend))
   per_class = _per_class(precision, params, coco_gt['categories'])
   if not results:

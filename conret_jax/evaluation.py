@@ -5,16 +5,31 @@ and a number from `conret-eval` on the same checkpoint come from the same code. 
 per-class AP, the faster-coco-eval and pycocotools backends) is `conret_jax.coco_metrics`.
 """
 
-import json
-import os
+import dataclasses
 from typing import Iterable, Sequence
 
 import numpy as np
 from absl import logging
 
 from conret_jax import coco_metrics as metrics_lib
+from conret_jax import eval_files
+from conret_jax.eval_files import Record
 
 METRIC_NAMES = metrics_lib.METRIC_NAMES
+
+
+def run_classes(workdir: str):
+  """The classes a run was trained on, as its run.json recorded them (a data.info.ClassLayout), or None for a
+  workdir without a training record (e.g. weights evaluated straight from config.init_from)."""
+  from conret_jax import run_record
+  from conret_jax.data.info import ClassLayout
+
+  classes = (run_record.load_run(workdir) or {}).get('classes')
+  if not classes:
+    return None
+  return ClassLayout(
+    classes['layout'], int(classes['num_classes']), tuple(classes['category_ids']), tuple(classes['names'])
+  )
 
 
 def detections_to_coco(dets: dict, batch: dict, category_of: Sequence[int]) -> list[dict]:
@@ -64,66 +79,16 @@ def coco_metrics(
   return metrics_lib.score(coco_gt, results, image_ids, backend).summary
 
 
-def format_metrics(metrics: dict, per_class: dict | None = None, *, title: str = '') -> str:
-  """The console table of an evaluation, AP in percent (COCO's usual presentation; the json files keep fractions):
-  the summary metrics in one row, then one row per class if `per_class` is given (-1, undefined, shows as '-')."""
-  pct = lambda v, width: f'{100 * v:>{width}.1f}' if v >= 0 else f'{"-":>{width}}'
-  names = [n for n in METRIC_NAMES if n in metrics]
-  lines = [
-    f'{title} (AP in percent)' if title else '(AP in percent)',
-    ' '.join(f'{n:>6}' for n in names),
-    ' '.join(pct(metrics[n], 6) for n in names),
-  ]
-  if per_class:
-    width = max(8, *(len(n) for n in per_class))
-    lines += ['', f'{"class":<{width}} {"id":>5} {"AP":>6} {"AP50":>6} {"AP75":>6}']
-    for name, row in per_class.items():
-      lines.append(
-        f'{name:<{width}} {row["category_id"]:>5} ' + ' '.join(pct(row[k], 6) for k in ('AP', 'AP50', 'AP75'))
-      )
-  return '\n'.join(lines)
-
-
-def read_per_class(workdir: str, step: int) -> dict | None:
-  """The per-class AP that `evaluate` wrote to DIR/eval/step_N/metrics.json, or None if there is none."""
-  path = os.path.join(eval_dir(workdir, step), 'metrics.json')
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f).get('per_class')
-
-
-def eval_dir(workdir: str, step: int) -> str:
-  """DIR/eval/step_N: where one evaluation's files go."""
-  return os.path.join(workdir, 'eval', f'step_{int(step)}')
-
-
-def write_eval(out_dir: str, results: list[dict], metrics: dict, per_class: dict | None = None) -> None:
-  """Writes OUT_DIR/detections.json (COCO results format) and OUT_DIR/metrics.json.
-
-  metrics.json: {name: float} for the summary metrics and, if per_class is given,
-  "per_class": {category name: {"category_id": int, "AP": float, "AP50": float, "AP75": float}} (-1.0: undefined).
-  """
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'detections.json'), 'w') as f:
-    json.dump(results, f)
-  content = {k: float(v) for k, v in metrics.items()}
-  if per_class is not None:
-    content['per_class'] = per_class
-  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-    json.dump(content, f, indent=2, sort_keys=True)
-
-
-def coco_gt_from_batches(gt_rows: list[dict], layout) -> dict:
+def coco_gt_from_batches(gt_rows: list[dict], classes) -> dict:
   """Builds a COCO gt dict from the batches' own annotations, for sources that carry no instances json.
 
   Args:
-    gt_rows: host batches holding boxes [B, M, 4] (model-input pixels), classes [B, M] (model classes), valid
-      [B, M], crowd [B, M], image_id [B], scale [B], orig_hw [B, 2], example_valid [B].
-    layout: the model's `data.info.ClassLayout` over the dataset.
+    gt_rows: host batches holding boxes [B, M, 4] (model-input pixels), classes [B, M] (indices of `classes`),
+      valid [B, M], crowd [B, M], image_id [B], scale [B], orig_hw [B, 2], example_valid [B].
+    classes: the evaluation's `data.info.EvalClasses`.
   Areas are box areas (COCO's are mask areas), so APs/APm/APl can differ slightly from an official evaluation.
   """
-  category_of = layout.category_of
+  category_of = classes.category_of
   images, annotations = [], []
   for rows in gt_rows:
     for b in np.flatnonzero(np.asarray(rows['example_valid'], bool)):
@@ -144,7 +109,7 @@ def coco_gt_from_batches(gt_rows: list[dict], layout) -> dict:
             'iscrowd': int(bool(rows['crowd'][b, m])),
           }
         )
-  categories = [{'id': c, 'name': n} for c, n in zip(layout.category_ids, layout.names)]
+  categories = [{'id': int(c), 'name': n} for c, n in zip(category_of, classes.names) if c >= 0]
   return {'images': images, 'annotations': annotations, 'categories': categories}
 
 
@@ -164,68 +129,51 @@ class _Collected:
   def done(self) -> bool:
     return bool(self.num_images) and len(self.image_ids) >= self.num_images
 
-  def add(self, dets: dict, host: dict, category_of, pictured) -> None:
-    """One gathered batch: detections `dets`, metadata (and ground truth) `host`; `pictured()` gathers images."""
+  def add(self, dets: dict, host: dict, names, pictured) -> None:
+    """One gathered batch: detections `dets`, metadata (and ground truth, classes already in `names`' indices)
+    `host`; `pictured()` gathers images. `names`: the evaluation's data.info.EvalClasses."""
     # Keep only the first num_images real examples (every process decides the same from the gathered ids).
     valid = host['example_valid'].astype(bool)
     if self.num_images:
       valid &= np.cumsum(valid) <= self.num_images - len(self.image_ids)
     host['example_valid'] = valid
-    self.results += detections_to_coco(dets, host, category_of)
+    self.results += detections_to_coco(dets, host, names.category_of)
     self.image_ids += [int(i) for i in host['image_id'][valid]]
     if self.keep_gt:
       self.gt_rows.append(host)
     if len(self.pictured) < self.num_pictured:
       rows = pictured()
+      rows['classes'] = names.gt_classes(rows['classes'])
       for b in np.flatnonzero(valid)[: self.num_pictured - len(self.pictured)]:
         self.pictured.append((rows['images'][b], {k: v[b] for k, v in dets.items()}, {k: rows[k][b] for k in _GT_KEYS}))
 
 
-def _save_picture(collected: _Collected, class_names, path: str, *, threshold: float, title: str) -> None:
-  """detections.png: the pictured images, ground truth beside detections. short_side batches come in up to two
-  padded shapes; the grid takes those of the first image's shape."""
-  from conret_jax import visualize
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+  """The eval split of one pass: `batches` (global batches, the same on every process) and `info` (its
+  data.DatasetInfo) when given, else the eval iterator over the mesh and the eval source's info, opened through
+  `cache` (a data.SourceCache; the trainer passes its own)."""
 
-  rows = [r for r in collected.pictured if r[0].shape == collected.pictured[0][0].shape]
-  stack = lambda i: {k: np.stack([r[i][k] for r in rows]) for k in rows[0][i]}
-  visualize.save_grid(
-    np.stack([r[0] for r in rows]),
-    stack(1),
-    class_names,
-    path,
-    max_images=len(rows),
-    score_threshold=threshold,
-    ground_truth=stack(2),
-    title=title,
-  )
+  batches: Iterable | None = None
+  info: object = None
+  cache: object = None
 
+  def resolve(self, config, mesh):
+    """(batches, info)."""
+    batches, info = self.batches, self.info
+    if batches is None or info is None:
+      from conret_jax import data as data_lib
 
-def eval_inputs(config, mesh, *, batches: Iterable | None = None, info=None, cache=None):
-  """(batches, info) of a pass over the eval split: those given, else `data.make_eval_iterator` on `mesh` (batches
-  sharded over all its devices) and `data.dataset_info(config.data.eval, config)`."""
-  if batches is None or info is None:
-    from conret_jax import data as data_lib
+      info = info or data_lib.dataset_info(config.data.eval, config, train=False, cache=self.cache)
+      if batches is None:
+        from conret_jax import mesh as mesh_lib
 
-    info = info or data_lib.dataset_info(config.data.eval, config, train=False, cache=cache)
-    if batches is None:
-      from conret_jax import mesh as mesh_lib
-
-      batches = data_lib.make_eval_iterator(config, mesh, mesh_lib.batch_sharding(mesh), cache=cache)
-  return batches, info
+        batches = data_lib.make_eval_iterator(config, mesh, mesh_lib.batch_sharding(mesh), cache=self.cache)
+    return batches, info
 
 
 def evaluate(
-  model,
-  variables,
-  config,
-  mesh=None,
-  *,
-  workdir: str | None = None,
-  step: int = 0,
-  batches: Iterable | None = None,
-  info=None,
-  detect_fn=None,
-  cache=None,
+  model, variables, config, mesh=None, *, classes=None, record: Record | None = None, data=EvalData(), detect_fn=None
 ) -> dict[str, float]:
   """Runs detection over the eval set, gathers across processes, scores it (`coco_metrics.score`), writes files.
 
@@ -234,54 +182,62 @@ def evaluate(
     config: the full config (config.data.eval: the source; config.eval: post-processing, num_images, visualize,
       coco_backend).
     mesh: the device mesh; the eval batches are sharded over all its devices.
-    workdir: if set, process 0 writes DIR/eval/step_N/{detections.json, metrics.json, detections.png};
-      metrics.json also holds per-class AP (`write_eval`).
-    batches: global eval batches (conret_jax.batch.Batch, or mappings of its fields); default
-      `data.make_eval_iterator(config, mesh, ...)`. Every process must iterate the same batches.
-    info: `data.DatasetInfo` of the eval source; default `data.dataset_info(config.data.eval, config)`.
-      Without coco_gt, the ground truth is rebuilt from the batches (box areas stand in for mask areas).
+    classes: the run's classes (data.info.ClassLayout, as training recorded them); None: the eval set's own
+      (weights without a training record). Detections are named by these, never by the eval set's order.
+    record: if set, process 0 writes record.directory/{detections.json, metrics.json (with per-class AP),
+      detections.png, settings.json for an override}.
+    data: the eval split (EvalData); without a COCO json, the ground truth is rebuilt from the batches (box areas
+      stand in for mask areas).
     detect_fn: (model, variables, images, config) -> detections dict; default `conret_jax.detect`.
-    cache: a data.SourceCache to open the eval source through (the trainer passes its own).
   Returns:
-    {name: float} for METRIC_NAMES, identical on every process.
+    {name: float} for METRIC_NAMES, identical on every process (-1 where undefined, e.g. with no image at all).
   """
+  import jax
+
+  from conret_jax.data.info import ClassLayout, EvalClasses
+
+  batches, info = data.resolve(config, mesh)
+  names = EvalClasses.of(classes or ClassLayout.of(info, config), info, config)
+  for line in names.report():
+    logging.warning('%s', line)
+  collected = _collect(
+    model,
+    variables,
+    config,
+    batches,
+    names,
+    detect_fn,
+    keep_gt=info.coco_gt is None,
+    num_pictured=int(config.eval.visualize) if record else 0,
+  )
+  logging.info('Evaluated %d images, %d detections.', len(collected.image_ids), len(collected.results))
+  # Every process holds the same gathered results and scores them itself: identical metrics everywhere, and no
+  # process sits in a collective while COCO val is scored (seconds with faster-coco-eval, a minute with pycocotools).
+  coco_gt = info.coco_gt if not collected.keep_gt else coco_gt_from_batches(collected.gt_rows, names)
+  scores = metrics_lib.score(coco_gt, collected.results, collected.image_ids, backend=config.eval.coco_backend)
+  if record and jax.process_index() == 0:
+    eval_files.write_record(record, collected, scores, names.names, config)
+  return scores.summary
+
+
+def _collect(model, variables, config, batches, names, detect_fn, *, keep_gt: bool, num_pictured: int):
+  """The pass itself: detections of every batch, gathered from every process, until eval.num_images."""
   import jax
   from jax.experimental import multihost_utils
 
-  from conret_jax.data.info import ClassLayout
-
-  batches, info = eval_inputs(config, mesh, batches=batches, info=info, cache=cache)
   if detect_fn is None:
     import conret_jax
 
     detect_fn = conret_jax.detect
   gather = lambda tree: jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-  layout = ClassLayout.of(info, config)
-  collected = _Collected(
-    int(config.eval.num_images), int(config.eval.visualize) if workdir else 0, keep_gt=info.coco_gt is None
-  )
+  collected = _Collected(int(config.eval.num_images), num_pictured, keep_gt=keep_gt)
   for batch in batches:
     dets = gather(detect_fn(model, variables, batch['images'], config))
-    host = gather({k: batch[k] for k in _META_KEYS + (_GT_KEYS if collected.keep_gt else ())})
-    collected.add(dets, host, layout.category_of, lambda b=batch: gather({k: b[k] for k in ('images',) + _GT_KEYS}))
+    host = gather({k: batch[k] for k in _META_KEYS + (_GT_KEYS if keep_gt else ())})
+    if keep_gt:
+      host['classes'] = names.gt_classes(host['classes'])
+    pictured = lambda b=batch: gather({k: b[k] for k in ('images',) + _GT_KEYS})
+    collected.add(dets, host, names, pictured)
     if collected.done:
       break
-  logging.info('Evaluated %d images, %d detections.', len(collected.image_ids), len(collected.results))
-
-  # Every process holds the same gathered results and scores them itself: identical metrics everywhere, and no
-  # process sits in a collective while COCO val is scored (seconds with faster-coco-eval, a minute with pycocotools).
-  coco_gt = info.coco_gt if not collected.keep_gt else coco_gt_from_batches(collected.gt_rows, layout)
-  scores = metrics_lib.score(coco_gt, collected.results, collected.image_ids, backend=config.eval.coco_backend)
-  if workdir and jax.process_index() == 0:
-    out_dir = eval_dir(workdir, step)
-    write_eval(out_dir, collected.results, scores.summary, scores.per_class)
-    if collected.pictured:
-      threshold = float(config.eval.visualize_score_threshold)
-      _save_picture(
-        collected,
-        layout.class_names,
-        os.path.join(out_dir, 'detections.png'),
-        threshold=threshold,
-        title=f'{workdir}, step {step}: ground truth | detections scoring >= {threshold:.2f}',
-      )
-  return scores.summary
+  return collected

@@ -227,9 +227,13 @@ FREE_ON_RESUME = RUNTIME_KEYS + (
 _SCHEDULE_KEYS = ('train.num_steps', 'train.warmup_steps', 'train.warmup_fraction', 'train.decay_steps')
 
 
+def flat_settings(config) -> dict:
+  """{dotted key: value} of every key of a config, json-ready."""
+  return _json_ready(_flatten(config.to_dict()))
+
+
 def _training_settings(config) -> dict:
-  flat = _json_ready(_flatten(config.to_dict()))
-  return {k: v for k, v in flat.items() if not k.startswith(FREE_ON_RESUME)}
+  return {k: v for k, v in flat_settings(config).items() if not k.startswith(FREE_ON_RESUME)}
 
 
 def resume_changes(workdir: str, config, *, step: int | None, accept: bool) -> dict:

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conret_jax import coco_metrics, defaults, evaluation
+from conret_jax import coco_metrics, defaults, eval_files, evaluation
 from conret_jax.data import info as data_info
 from tests.test_coco_metrics import CATEGORY_IDS, _gt, _result
 
@@ -83,13 +83,13 @@ def test_coco_metrics_is_the_summary_of_score():
 
 
 def test_write_eval(tmp_path):
-  out = evaluation.eval_dir(str(tmp_path), 300)
+  out = eval_files.eval_dir(str(tmp_path), 300)
   assert out == os.path.join(str(tmp_path), 'eval', 'step_300')
-  evaluation.write_eval(out, [_result(1, 1, [1, 2, 3, 4], 0.5)], {'AP': np.float32(0.25)})
+  eval_files.write_eval(out, [_result(1, 1, [1, 2, 3, 4], 0.5)], {'AP': np.float32(0.25)})
   assert json.load(open(os.path.join(out, 'detections.json')))[0]['bbox'] == [1, 2, 3, 4]
   assert json.load(open(os.path.join(out, 'metrics.json'))) == {'AP': 0.25}
   per_class = {'person': {'category_id': 1, 'AP': 0.5, 'AP50': 0.75, 'AP75': -1.0}}
-  evaluation.write_eval(out, [], {'AP': 0.25}, per_class)
+  eval_files.write_eval(out, [], {'AP': 0.25}, per_class)
   assert json.load(open(os.path.join(out, 'metrics.json'))) == {'AP': 0.25, 'per_class': per_class}
 
 
@@ -155,7 +155,13 @@ def test_evaluate_end_to_end(tmp_path, with_gt):
   config = defaults.base_config()
   config.eval.visualize = 3
   metrics = evaluation.evaluate(
-    None, None, config, mesh, workdir=str(tmp_path), step=12, batches=batches, info=info, detect_fn=detect_fn
+    None,
+    None,
+    config,
+    mesh,
+    record=eval_files.Record(str(tmp_path), 12),
+    data=evaluation.EvalData(batches, info),
+    detect_fn=detect_fn,
   )
   assert metrics['AP50'] == pytest.approx(1.0) and metrics['AP'] == pytest.approx(1.0)
   out = os.path.join(str(tmp_path), 'eval', 'step_12')
@@ -178,7 +184,13 @@ def test_evaluate_pictures_with_two_padded_shapes(tmp_path):
   config = defaults.base_config()
   config.eval.visualize = 12  # more than the first batch holds: images of both shapes are collected
   metrics = evaluation.evaluate(
-    None, None, config, mesh, workdir=str(tmp_path), step=1, batches=batches, info=info, detect_fn=detect_fn
+    None,
+    None,
+    config,
+    mesh,
+    record=eval_files.Record(str(tmp_path), 1),
+    data=evaluation.EvalData(batches, info),
+    detect_fn=detect_fn,
   )
   assert metrics['AP'] == pytest.approx(1.0)
   assert os.path.getsize(os.path.join(str(tmp_path), 'eval', 'step_1', 'detections.png')) > 0
@@ -196,15 +208,15 @@ def test_evaluate_num_images_limit():
     seen.append(1)
     return detect_fn(*args)
 
-  metrics = evaluation.evaluate(None, None, config, mesh, batches=iter(batches), info=info, detect_fn=counting_detect)
+  data = evaluation.EvalData(iter(batches), info)
+  metrics = evaluation.evaluate(None, None, config, mesh, data=data, detect_fn=counting_detect)
   assert len(seen) == 1  # stopped after the first batch
   assert metrics['AP'] == pytest.approx(1.0)
   # Against the full ground truth, evaluating the same 3 images only: still perfect (the others are not counted).
   info.coco_gt = _gt(images_gt)
   _, batches, detect_fn = _eval_batches(mesh)
-  assert evaluation.evaluate(None, None, config, mesh, batches=batches, info=info, detect_fn=detect_fn)[
-    'AR100'
-  ] == pytest.approx(1.0)
+  data = evaluation.EvalData(batches, info)
+  assert evaluation.evaluate(None, None, config, mesh, data=data, detect_fn=detect_fn)['AR100'] == pytest.approx(1.0)
 
 
 _WORKER = r'''
@@ -218,7 +230,7 @@ jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processe
 import types
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from conret_jax import defaults, evaluation
+from conret_jax import defaults, eval_files, evaluation
 from conret_jax.train import checkpoint
 
 mesh = jax.make_mesh((4,), ('data',))
@@ -239,8 +251,8 @@ dets = {'boxes': batch['boxes'], 'scores': to_global(np.full((8, 2), 0.9, np.flo
         'valid': batch['valid']}
 config = defaults.base_config(); config.eval.visualize = 2
 info = types.SimpleNamespace(category_ids=cats, class_names=['a', 'b'], coco_gt=None)
-metrics = evaluation.evaluate(None, None, config, mesh, workdir=workdir, step=3, batches=[batch], info=info,
-                              detect_fn=lambda *a: dets)
+metrics = evaluation.evaluate(None, None, config, mesh, record=eval_files.Record(workdir, 3),
+                              data=evaluation.EvalData([batch], info), detect_fn=lambda *a: dets)
 
 # Checkpoint: saved sharded over the 4 devices of both processes, restored replicated.
 state = {'w': to_global(np.arange(32, dtype=np.float32).reshape(8, 4))}

@@ -9,7 +9,7 @@ Layers, lowest first (a component is a subpackage, or a top-level module on its 
                                              visualize, analysis_figures, run_record, distributed, weight_files,
                                              flops
   4 detectors (a family's model + loss)      5 config_checks
-  6 inference, weights                       7 evaluation, detect_bench (use inference)       8 analysis
+  6 inference, weights, eval_files          7 evaluation, detect_bench (use inference)       8 analysis
   9 train                                    10 cli
 Function-level imports count like module-level ones.
 """
@@ -46,6 +46,7 @@ LAYERS = {
   'config_checks': 5,
   'inference': 6,
   'weights': 6,
+  'eval_files': 6,
   'evaluation': 7,
   'detect_bench': 7,
   'analysis': 8,

@@ -39,10 +39,7 @@ def label(workdir: str, method: str) -> str:
 
 def run(config, workdir: str, step: int | None = None, num_images: int | None = None) -> dict:
   """Restores and analyzes one run; returns `analysis.analyze`'s results with workdir, step and label."""
-  from conret_jax import (
-    analysis,
-    config_checks,
-  )
+  from conret_jax import analysis, config_checks, evaluation
   from conret_jax import data as data_lib
   from conret_jax.train import restore as restore_lib
 
@@ -52,9 +49,12 @@ def run(config, workdir: str, step: int | None = None, num_images: int | None = 
     config.eval.num_images = int(num_images)
   cache = data_lib.SourceCache()
   info = data_lib.dataset_info(config.data.eval, config, train=False, cache=cache)
-  data_lib.check_num_classes(info, config)
+  classes = evaluation.run_classes(workdir)
+  if classes is None:
+    data_lib.check_num_classes(info, config)
   model, variables, step, mesh = restore_lib.restore_for_inference(config, workdir, step)
-  results = analysis.analyze(model, variables, config, mesh, info=info, cache=cache)
+  data = evaluation.EvalData(info=info, cache=cache)
+  results = analysis.analyze(model, variables, config, mesh, classes=classes, data=data)
   return dict(workdir=workdir, step=step, label=label(workdir, results['method']), **results)
 
 

@@ -3,11 +3,14 @@
   conret-eval --workdir=DIR [--step=N] [--config.eval.num_images=500]
   conret-eval --config=configs/retinanet_torchvision.py --config.init_from=weights/tv_retinanet --workdir=DIR
 
-Restores DIR/checkpoints/<N> (default: the latest; without a checkpoint, the weights of config.init_from), runs
-`evaluation.evaluate` over config.data.eval, writes DIR/eval/step_N/{detections.json, metrics.json,
-detections.png} and prints the metrics, per class too. Without --config it uses the config the run saved
-(DIR/config.json). Inference-only settings may differ from training, e.g. `--config.consistent.inference_reg_steps=1`
-(Table 3's "2*") or `--config.eval.num_images=500`.
+Restores DIR/checkpoints/<N> (default: the newest that restores; without a checkpoint, the weights of
+config.init_from), runs `evaluation.evaluate` over config.data.eval with the classes the run was trained on
+(DIR/run.json), writes DIR/eval/step_N/{detections.json, metrics.json, detections.png} and prints the metrics, per
+class too. Without --config it uses the config the run saved (DIR/config.json). Settings that change the results
+may differ from the run's, e.g. `--config.consistent.inference_reg_steps=1` (Table 3's "2*") or
+`--config.eval.num_images=500`: such an evaluation is written next to the run's own, in
+DIR/eval/step_N+consistent.inference_reg_steps=1/ (one `+key=value` per setting that differs, and a settings.json),
+never over it.
 """
 
 from absl import app, flags
@@ -15,26 +18,27 @@ from absl import app, flags
 from conret_jax.cli import startup, tool, tool_flags
 
 tool_flags.define_common_flags()
-
 tool_flags.define_step_flag()
 
 
-def run(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
-  """Restores and evaluates; returns (step, metrics)."""
-  from conret_jax import (
-    config_checks,
-    evaluation,
-  )
+def run(config, workdir: str, step: int | None = None) -> tuple:
+  """Restores and evaluates; returns (the eval_files.Record written, metrics)."""
+  from conret_jax import config_checks, eval_files, evaluation, run_record
   from conret_jax import data as data_lib
   from conret_jax.train import restore as restore_lib
 
   config_checks.validate(config)
   cache = data_lib.SourceCache()
   info = data_lib.dataset_info(config.data.eval, config, train=False, cache=cache)
-  data_lib.check_num_classes(info, config)  # a model of other classes would be scored under the wrong names
+  classes = evaluation.run_classes(workdir)
+  if classes is None:  # weights without a training record: the eval set's categories must fit the model
+    data_lib.check_num_classes(info, config)
   model, variables, step, mesh = restore_lib.restore_for_inference(config, workdir, step)
-  metrics = evaluation.evaluate(model, variables, config, mesh, workdir=workdir, step=step, info=info, cache=cache)
-  return step, metrics
+  suffix = eval_files.override_suffix(run_record.load_config(workdir), config) if run_record.has_record(workdir) else ''
+  record = eval_files.Record(workdir, step, suffix)
+  data = evaluation.EvalData(info=info, cache=cache)
+  metrics = evaluation.evaluate(model, variables, config, mesh, classes=classes, record=record, data=data)
+  return record, metrics
 
 
 def _main(argv):
@@ -46,14 +50,12 @@ def _main(argv):
   config, workdir = startup.setup('eval', writes_workdir=False)
   import jax
 
-  from conret_jax import evaluation
+  from conret_jax import eval_files
 
-  step, metrics = run(config, workdir, flags.FLAGS.step)
+  record, metrics = run(config, workdir, flags.FLAGS.step)
   if jax.process_index() == 0:
-    print(
-      evaluation.format_metrics(metrics, evaluation.read_per_class(workdir, step), title=f'{workdir}, step {step}'),
-      flush=True,
-    )
+    title = f'{workdir}, step {record.step}{record.suffix}'
+    print(eval_files.format_metrics(metrics, eval_files.read_per_class(record.directory), title=title), flush=True)
 
 
 def main():

@@ -47,7 +47,7 @@ def _main(argv):
   changes = run_record.resume_changes(workdir, config, step=restore.latest_step_on_disk(workdir), accept=_ACCEPT.value)
   import jax  # after distributed initialization
 
-  from conret_jax import distributed, evaluation
+  from conret_jax import distributed, eval_files
   from conret_jax.train import loop
 
   logging.info('%s', distributed.process_info())
@@ -59,10 +59,8 @@ def _main(argv):
     sys.exit(3)
   if metrics and jax.process_index() == 0:
     step = int(config.train.num_steps)
-    print(
-      evaluation.format_metrics(metrics, evaluation.read_per_class(workdir, step), title=f'{workdir}, step {step}'),
-      flush=True,
-    )
+    per_class = eval_files.read_per_class(eval_files.Record(workdir, step).directory)
+    print(eval_files.format_metrics(metrics, per_class, title=f'{workdir}, step {step}'), flush=True)
 
 
 def main():

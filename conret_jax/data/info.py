@@ -269,6 +269,68 @@ class ClassLayout:
       )
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalClasses:
+  """How an evaluation names classes: the run's classes (what the model predicts, `ClassLayout.category_of`),
+  extended by the eval set's categories that the run never learned, each with an index of its own past the model's
+  (their ground truth keeps its category id and name, and no detection can match it).
+
+  category_of: [K + U] int64 class index -> category id (-1: a model class that stands for no category).
+  names: [K + U] class names.
+  gt_table: {eval batch class (the eval pipeline's numbering, ClassLayout.of(eval info)) -> class index here}.
+  unlearned: eval category ids the run never learned; missing: learned category ids the eval set lacks.
+  """
+
+  category_of: np.ndarray
+  names: tuple
+  gt_table: dict
+  unlearned: tuple
+  missing: tuple
+
+  @classmethod
+  def of(cls, run: ClassLayout, eval_info: DatasetInfo, config) -> 'EvalClasses':
+    evaluated = ClassLayout.of(eval_info, config)
+    learned = {int(c): k for k, c in enumerate(run.category_of) if c >= 0}
+    category_of, names = list(run.category_of), list(run.class_names)
+    gt_table, unlearned = {}, []
+    for batch_class, cat_id, name in zip(evaluated.model_class, evaluated.category_ids, evaluated.names):
+      if cat_id not in learned:
+        learned[cat_id] = len(category_of)
+        category_of.append(cat_id)
+        names.append(name)
+        unlearned.append(cat_id)
+      gt_table[int(batch_class)] = learned[cat_id]
+    missing = tuple(c for c in run.category_ids if c not in set(evaluated.category_ids))
+    return cls(np.asarray(category_of, np.int64), tuple(names), gt_table, tuple(unlearned), missing)
+
+  @property
+  def gt_lookup(self) -> np.ndarray:
+    """[max eval batch class + 1] int32: `gt_table` as an array, for a gather (on the host or the device)."""
+    table = np.zeros(max(self.gt_table) + 1 if self.gt_table else 1, np.int32)
+    table[list(self.gt_table)] = list(self.gt_table.values())
+    return table
+
+  def gt_classes(self, classes) -> np.ndarray:
+    """Eval batch classes (any shape, the eval pipeline's numbering) -> class indices here."""
+    table = self.gt_lookup
+    return table[np.clip(np.asarray(classes), 0, len(table) - 1)]
+
+  def report(self) -> list[str]:
+    """One line for the eval categories the run never learned, one for the learned ones the eval set lacks."""
+    lines = []
+    if self.unlearned:
+      lines.append(
+        f'{len(self.unlearned)} eval categories were never learned by this run (their ground truth counts, '
+        f'no detection can match it): ids {list(self.unlearned)[:20]}'
+      )
+    if self.missing:
+      lines.append(
+        f'{len(self.missing)} categories the run learned are not in the eval set (their AP is undefined): '
+        f'ids {list(self.missing)[:20]}'
+      )
+    return lines
+
+
 def check_num_classes(info: DatasetInfo, config) -> None:
   """Stops at start-up when config.model.num_classes does not fit the dataset's categories (see ClassLayout)."""
   ClassLayout.of(info, config).check()

@@ -9,6 +9,7 @@ are closed by one ExitStack whatever ends the run (the last step, a signal, dive
 """
 
 import contextlib
+import dataclasses
 import signal
 import time
 
@@ -17,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from conret_jax import config_checks, detectors, evaluation, run_record
+from conret_jax import config_checks, detectors, eval_files, evaluation, run_record
 from conret_jax import mesh as mesh_lib
 from conret_jax.data import info as info_lib
 from conret_jax.data import pipeline as data_lib
@@ -165,27 +166,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     writer = resources.enter_context(
       contextlib.closing(MetricsWriter(workdir, start_step=start_step, num_steps=config.train.num_steps, enabled=main))
     )
-    stop = resources.enter_context(_StopFlag())
-    return _train(detector.module, config, mesh, state, start_step, workdir, checkpointer, writer, stop, cache)
+    run = _Run(
+      config, detector, mesh, workdir, layout, checkpointer, writer, resources.enter_context(_StopFlag()), cache
+    )
+    return _train(run, state, start_step)
 
 
-def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer, stop, cache) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the loop works with besides the state: the config, the detector, the mesh, where the run lives, its
+  classes (for evaluation), and the resources the ExitStack of `train_and_evaluate` closes."""
+
+  config: ml_collections.ConfigDict
+  detector: detectors.Detector
+  mesh: object
+  workdir: str
+  classes: info_lib.ClassLayout
+  checkpointer: ckpt_lib.Checkpointer
+  writer: MetricsWriter
+  stop: _StopFlag
+  cache: sources.SourceCache
+
+  def evaluate(self, state, step: int) -> dict:
+    metrics = evaluation.evaluate(
+      self.detector.module,
+      state.variables(),
+      self.config,
+      self.mesh,
+      classes=self.classes,
+      record=eval_files.Record(self.workdir, step),
+      data=evaluation.EvalData(cache=self.cache),
+    )
+    self.writer.write_eval(step, metrics)
+    self.writer.reset_clock(step)
+    return metrics
+
+
+def _train(run: _Run, state, start_step: int) -> dict:
   """The loop itself: steps, logs, checks, checkpoints and evaluations, until num_steps or a stop signal."""
-  train_step = step_lib.make_train_step(model, config, mesh, state_lib.shardings_of(state))
+  config, mesh, checkpointer, writer = run.config, run.mesh, run.checkpointer, run.writer
+  train_step = step_lib.make_train_step(run.detector.module, config, mesh, state_lib.shardings_of(state))
   batches = data_lib.make_train_iterator(
-    config, mesh, mesh_lib.batch_sharding(mesh), start_step=start_step, cache=cache
+    config, mesh, mesh_lib.batch_sharding(mesh), start_step=start_step, cache=run.cache
   )
   guard = FiniteGuard(config.train.skip_nonfinite_steps)
   num_steps, eval_every = int(config.train.num_steps), int(config.eval.every_steps)
   log_every = max(int(config.train.log_every_steps), 1)
   eval_metrics = {}
-
-  def run_eval(step):
-    nonlocal eval_metrics
-    eval_metrics = evaluation.evaluate(model, state.variables(), config, mesh, workdir=workdir, step=step, cache=cache)
-    writer.write_eval(step, eval_metrics)
-    writer.reset_clock(step)
-
   step, lagged = start_step, None  # (step, device metrics) checked one step late: the host never stalls the device
   t_compile = time.monotonic()
   while step < num_steps:
@@ -202,7 +229,7 @@ def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer
       guard.check(step, host)
       writer.write(step, host, images_per_step=config.train.global_batch_size)
       lagged = None
-    preempted = stop.signal is not None or checkpointer.reached_preemption(step)
+    preempted = run.stop.signal is not None or checkpointer.reached_preemption(step)
     if checkpointer.should_save(step) or preempted or step == num_steps:
       if lagged is not None:
         guard.check(*lagged)
@@ -210,17 +237,14 @@ def _train(model, config, mesh, state, start_step, workdir, checkpointer, writer
       # The data item records the pipeline's position (derived from the step; kept for inspection).
       checkpointer.save(step, state, batches.state(), force=preempted or step == num_steps)
     if preempted:
-      logging.warning(
-        'stopped at step %d after a %s; rerun the same command to resume',
-        step,
-        'signal' if stop.signal is not None else 'preemption notice',
-      )
+      cause = 'signal' if run.stop.signal is not None else 'preemption notice'
+      logging.warning('stopped at step %d after a %s; rerun the same command to resume', step, cause)
       return {}
     if eval_every and step % eval_every == 0 and step != num_steps:
-      run_eval(step)
+      eval_metrics = run.evaluate(state, step)
   checkpointer.wait()
   if guard.skipped:
     logging.warning('%d non-finite steps were skipped: %s', len(guard.skipped), guard.skipped[:20])
   if config.eval.at_end:
-    run_eval(step)
+    eval_metrics = run.evaluate(state, step)
   return eval_metrics

@@ -40,7 +40,7 @@ def test_schedule_follows_num_steps():
 
 
 def _one_update(config, params, trainable=None):
-  tx = optim.make_optimizer(config, trainable)
+  tx = optim.make_optimizer(config.train, trainable)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates
@@ -88,5 +88,5 @@ def test_parameter_groups_and_a_layout_that_does_not_depend_on_the_settings():
   }
   plain, tuned = defaults.base_config(), defaults.base_config()
   tuned.train.grad_clip_norm, tuned.train.weight_decay, tuned.train.bias_weight_decay = 5.0, 0.0, 1e-4
-  structure = lambda c: jax.tree_util.tree_structure(optim.make_optimizer(c).init(params))
+  structure = lambda c: jax.tree_util.tree_structure(optim.make_optimizer(c.train).init(params))
   assert structure(plain) == structure(tuned)  # a checkpoint restores whatever these values are

@@ -10,7 +10,7 @@ import pytest
 import conret_jax
 from conret_jax import defaults
 from conret_jax import mesh as mesh_lib
-from conret_jax.train import bench
+from conret_jax.train import bench, optim
 from conret_jax.train import state as state_lib
 from conret_jax.train import step as step_lib
 
@@ -125,3 +125,32 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(host_state, one_device):
   assert {x.dtype for x in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype('float32')}
   assert np.isfinite(metrics[0]['loss'])
   np.testing.assert_allclose(metrics[0]['loss'], metrics_f32[0]['loss'], rtol=0.03)
+
+
+def test_the_rate_after_a_skipped_step_is_the_schedules(host_state, one_device):
+  """A dropped non-finite update restores the optimizer state; the next update still applies the schedule's rate at
+  its own step (the logged learning_rate), not one step behind. With warmup_steps=2 the rate at step 1 is twice the
+  rate at step 0 (factors 2/3 and 1/3), so the bias update after a skip at step 0 is twice a first step's."""
+  _, _, train_step, mesh = one_device
+  shardings = state_lib.shardings_of(
+    state_lib.abstract_state(conret_jax.build_model(tiny_config()), tiny_config(), mesh)
+  )
+  batch = bench.synthetic_batch(tiny_config(), HW, np.random.default_rng(0))
+  bad = dict(batch, images=batch['images'].copy())
+  bad['images'][0, 0, 0, 0] = np.nan
+  put = lambda b: jax.device_put(b, mesh_lib.batch_sharding(mesh))
+
+  first, _ = train_step(jax.device_put(host_state, shardings), put(batch))
+  skipped, m0 = train_step(jax.device_put(host_state, shardings), put(bad))
+  assert float(m0['finite']) == 0.0
+  after_skip, m1 = train_step(skipped, put(batch))
+  schedule = optim.learning_rate_schedule(tiny_config().train)
+  assert float(m1['learning_rate']) == pytest.approx(float(schedule(1))) == pytest.approx(2 * float(schedule(0)))
+  bias = lambda tree: tree['head']['cls_pred']['bias']
+  start = np.asarray(bias(host_state.params))
+  step0 = np.asarray(bias(jax.device_get(first.params))) - start
+  step1 = np.asarray(bias(jax.device_get(after_skip.params))) - start
+  assert np.max(np.abs(step0)) > 2e-5  # well above the biases' float32 spacing (about 5e-7 at -4.6)
+  # Each update is read back as a difference of float32 values near -4.6: equal up to two of their spacings. Had the
+  # rate lagged a step, the update would equal step 0's, off by half of it.
+  np.testing.assert_allclose(step1, 2 * step0, rtol=0, atol=1e-6)
