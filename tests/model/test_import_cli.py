@@ -108,7 +108,7 @@ def test_errors(tmp_path, config_file, capsys):
       config_file,
     ]
   )
-  assert rc == 1 and 'layer9.0.conv1.weight' in capsys.readouterr().err
+  assert rc == 2 and 'layer9.0.conv1.weight' in capsys.readouterr().err
   assert not (tmp_path / 'x').exists()
   (tmp_path / 'exists').mkdir()
   with pytest.raises(SystemExit):
@@ -168,7 +168,7 @@ def test_missing_input_is_one_line(tmp_path, config_file, capsys, fmt, name):
   path = str(tmp_path / name)
   assert (
     import_weights.main(['--format', fmt, '--input', path, '--output', str(tmp_path / 'x'), '--config', config_file])
-    == 1
+    == 2
   )
   assert capsys.readouterr().err == f'conret-import: error: {path}: no such file\n'
   assert not (tmp_path / 'x').exists()
@@ -189,7 +189,7 @@ def test_code_in_a_pickle_is_refused(tmp_path, config_file, capsys):
         config_file,
       ]
     )
-    == 1
+    == 2
   )
   err = capsys.readouterr().err
   assert 'refused global __builtin__.print' in err and err.count('\n') == 1
