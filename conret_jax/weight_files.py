@@ -3,9 +3,9 @@
   .safetensors  a NumPy reader (the format is an 8-byte little-endian header length, a JSON header {name: {dtype,
                 shape, data_offsets}}, the data). The header is checked against the file before any tensor is read.
   .npz          numpy (allow_pickle=False), after every member of the zip archive is checked against its CRC
-  .pth / .pt    needs torch; loaded with torch.load(weights_only=True) (torch's restricted unpickler: no pickle code
-                execution). The container is checked first, without torch: a complete zip archive holding a
-                data.pkl (torch >= 1.6), or torch's legacy format.
+  .pth / .pt    (and .bin) need torch; loaded with torch.load(weights_only=True) (torch's restricted unpickler: no
+                pickle code execution). The container is checked first, without torch: a complete zip archive
+                holding a data.pkl (torch >= 1.6), or torch's legacy format.
   .pkl          Detectron (Caffe2) weight pickles such as the ImageNet R-50.pkl / R-101.pkl, written by Python 2: a
                 dict name -> array, possibly nested under 'blobs' (next to a 'cfg' string) and holding '*_momentum'
                 blobs (dropped). Read with a restricted unpickler that can only rebuild NumPy arrays and dtypes out
@@ -174,19 +174,16 @@ def read_npz(path: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- torch
 
-# What a file in torch's legacy (pre-zip) format starts with: torch.save pickles this magic number first.
-_TORCH_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
-
 
 def _check_torch_file(path: str) -> None:
   """WeightFileError unless `path` is laid out as torch.save writes: a complete zip archive with a data.pkl (torch
-  >= 1.6), torch's legacy format (the pickled magic number first), or its oldest, a tar archive. Needs no torch."""
+  >= 1.6), or torch's legacy format, a pickle (of a magic number first) or, oldest, a tar archive. Needs no torch."""
   with open(path, 'rb') as f:
-    head = f.read(len(_TORCH_LEGACY_MAGIC))
-  if head.startswith(b'PK'):
+    head = f.read(2)
+  if head == b'PK':
     if not any(name.rpartition('/')[2] == 'data.pkl' for name in _zip_members(path, 'a torch file')):
       raise WeightFileError(f'{path}: a zip archive without data.pkl, not a file written by torch.save')
-  elif head != _TORCH_LEGACY_MAGIC and not tarfile.is_tarfile(path):
+  elif head[:1] != pickle.PROTO and not tarfile.is_tarfile(path):
     raise _damaged(path, "it is neither a zip archive (torch.save since torch 1.6) nor torch's legacy format")
 
 

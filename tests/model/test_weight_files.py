@@ -285,7 +285,10 @@ _DATA_PKL = pickle.dumps({'conv1.weight': 1.0, 'bn1.weight': 2.0}, protocol=2)
   [
     (_torch_zip(_DATA_PKL)[:-40], 'no zip directory at its end: a torch file is a zip archive'),
     (_flip_inside(_torch_zip(_DATA_PKL), _DATA_PKL), 'member archive/data.pkl of its zip archive is corrupt'),
-    (b'\x80\x02}q\x00.' + bytes(100), r"it is neither a zip archive \(torch.save since torch 1.6\) nor torch's"),
+    (
+      b'<!DOCTYPE html><html>Not Found</html>',
+      r"it is neither a zip archive \(torch.save since torch 1.6\) nor torch's",
+    ),
   ],
 )
 def test_damaged_pth_is_named_without_torch(tmp_path, monkeypatch, raw, damage):
