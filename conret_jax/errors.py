@@ -39,3 +39,7 @@ class WorkdirError(UserError, OSError):
 
 class WeightFileError(UserError, ValueError):
   """A weight file (conret-import input, config.init_from) that is missing, unreadable or of another network."""
+
+
+class WeightFileNotFoundError(WeightFileError, FileNotFoundError):
+  """A weight file named for reading (conret-import --input) that does not exist."""

@@ -18,14 +18,18 @@ collection. The trainer reads it through `config.init_from` (train/checkpoint.py
 which copy the leaves that match by path and shape).
 """
 
+import os
 import re
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 from absl import logging
 
 from conret_jax import detectors
-from conret_jax.fileio import absolute
+from conret_jax.errors import WorkdirError
+from conret_jax.fileio import absolute, is_remote
 from conret_jax.model.layers import BN_EPS
 from conret_jax.model.resnet import DEPTHS
 from conret_jax.weight_files import load_state_dict, read_safetensors  # noqa: F401 (re-exported)
@@ -295,10 +299,53 @@ def from_detectron_resnet(blobs: dict, config) -> dict:
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
+def _staging_folder(directory: str) -> str:
+  """A new empty hidden folder next to local `directory` (in its nearest existing parent, so on its filesystem), or
+  WorkdirError saying why none can be made there."""
+  target = absolute(directory)
+  existing = os.path.dirname(target)
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    return tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.', suffix='.partial', dir=existing)
+  except OSError as e:
+    raise WorkdirError(f'cannot write {directory}: {e.strerror or e} ({existing})') from None
+
+
+def check_output(directory: str) -> None:
+  """WorkdirError, in one line and in milliseconds, unless a checkpoint can be written at `directory`: the folder it
+  goes in must take a new folder (one is made and removed to find out). Meant for before the weights are read:
+  orbax, asked to write where it cannot, waited minutes on its timeouts. Remote (gs://) directories are not checked.
+  """
+  if not is_remote(directory):
+    os.rmdir(_staging_folder(directory))
+
+
 def save_imported(directory: str, variables: dict) -> None:
-  """Write `variables` as an orbax StandardCheckpointer checkpoint at `directory` (must not exist yet)."""
+  """Write `variables` as an orbax StandardCheckpointer checkpoint at `directory` (must not exist yet).
+
+  A local checkpoint is written into a hidden folder next to `directory` and moved into place with one rename when
+  complete, so `directory` never holds half a checkpoint; missing parents are made only for that move, and an
+  error leaves nothing behind (WorkdirError for a failed write). Written synchronously, with the handler
+  StandardCheckpointer uses (the same files): its background write, when it failed, left the tool waiting minutes on
+  orbax's timeouts. A remote (gs://) directory is written in place: orbax commits it atomically itself.
+  """
   import orbax.checkpoint as ocp
 
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(absolute(directory), variables)
-    ckptr.wait_until_finished()
+  def write(path):
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+      checkpointer.save(path, variables)
+
+  if is_remote(directory):
+    write(directory)
+    return
+  target = absolute(directory)
+  staging = _staging_folder(directory)
+  try:
+    write(os.path.join(staging, 'checkpoint'))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(os.path.join(staging, 'checkpoint'), target)
+  except OSError as e:
+    raise WorkdirError(f'cannot write {directory}: {e.strerror or e}') from None
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)

@@ -14,7 +14,10 @@ conret_jax.defaults.base_config() (ResNet-50) for the ResNet formats, with backb
 detectron_resnet. Detectron's weights expect its input normalization: train with model.pixel_mean =
 defaults.DETECTRON_PIXEL_MEAN_RGB and model.pixel_std = defaults.DETECTRON_PIXEL_STD (a note says so otherwise).
 --output DIR: written as an orbax StandardCheckpointer checkpoint of the variables dict; layout in conret_jax/weights.py
-(whole model for torchvision_retinanet, only the 'backbone' subtrees for the ResNet formats). DIR must not exist.
+(whole model for torchvision_retinanet, only the 'backbone' subtrees for the ResNet formats). DIR must not exist; the
+checkpoint is written next to it and moved into place when complete, so DIR never holds half of one.
+A mistake (a missing, damaged or mismatched --input, a bad --config, an --output that cannot be written) ends in one
+line `conret-import: error: ...` and exit status 2.
 """
 
 import argparse
@@ -25,6 +28,7 @@ import sys
 
 from conret_jax import defaults, weights
 from conret_jax.defaults import base_config
+from conret_jax.errors import ConfigError, UserError, WeightFileError
 from conret_jax.model.resnet import count_params
 
 IMPORTERS = {
@@ -72,11 +76,6 @@ def _pixel_note(fmt: str, config) -> str:
   )
 
 
-def _error(message: str) -> int:
-  print(f'conret-import: error: {message}', file=sys.stderr)
-  return 1
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='conret-import', description=__doc__.split('\n')[0])
   parser.add_argument('--format', required=True, choices=sorted(IMPORTERS))
@@ -87,25 +86,35 @@ def main(argv=None) -> int:
 
   if os.path.exists(args.output):
     parser.error(f'--output {args.output} already exists; choose a new directory')
-  try:  # every mistake is one line naming the file, not a traceback
-    config = load_config(args.config) if args.config else default_config(args.format)
-  except (OSError, ValueError, TypeError) as e:
-    return _error(f'--config={args.config}: {e}')
   try:
-    state_dict = weights.load_state_dict(args.input)
-  except (OSError, ValueError, ImportError) as e:
-    return _error(str(e) if args.input in str(e) else f'{args.input}: {e}')
-  try:
-    variables = IMPORTERS[args.format](state_dict, config)
-  except ValueError as e:
-    return _error(f'{args.input}: {e}')
-  weights.save_imported(args.output, variables)
+    config, variables = convert(args)
+  except UserError as e:  # every mistake is one line naming the file, not a traceback
+    print(f'conret-import: error: {e}', file=sys.stderr)
+    return 2
   note = _pixel_note(args.format, config)
   if note:
     print(note, file=sys.stderr)
   counts = ', '.join(f'{c}: {count_params(v):,}' for c, v in variables.items())
   print(f'conret-import: wrote {args.output} ({counts})')
   return 0
+
+
+def convert(args):
+  """(config, variables) of the import `args` asks for, written to args.output. Raises UserError: WorkdirError for
+  an --output that cannot be written (checked first, in milliseconds), ConfigError, WeightFileError for an --input
+  that is missing, damaged, or of another network than the config's."""
+  weights.check_output(args.output)
+  try:
+    config = load_config(args.config) if args.config else default_config(args.format)
+  except (OSError, ValueError, TypeError) as e:
+    raise ConfigError(f'--config={args.config}: {e}') from None
+  state_dict = weights.load_state_dict(args.input)
+  try:
+    variables = IMPORTERS[args.format](state_dict, config)
+  except ValueError as e:
+    raise WeightFileError(f'{args.input}: {e}') from None
+  weights.save_imported(args.output, variables)
+  return config, variables
 
 
 if __name__ == '__main__':

@@ -1,11 +1,17 @@
 """Every user mistake through the real console scripts: a nonzero exit status, one line naming the problem, no
 traceback, nothing created; and --help lists each tool's own flags."""
 
+import io
+import json
 import os
 import re
+import struct
 import subprocess
 import sys
+import time
+import zipfile
 
+import numpy as np
 import pytest
 import xla_env
 
@@ -25,10 +31,10 @@ def _command(tool) -> list:
   return [sys.executable, '-m', module]
 
 
-def _run(tool, args, cwd, **env):
+def _run(tool, args, cwd, timeout=300, **env):
   env = xla_env.cpu_env(1, **env)
   env.pop('CONRET_DEBUG', None)
-  return subprocess.run([*_command(tool), *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+  return subprocess.run([*_command(tool), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 MISTAKES = [
@@ -108,6 +114,126 @@ def test_a_user_mistake_is_one_line(tmp_path, tool, args, message):
   lines = [line for line in proc.stderr.splitlines() if line.startswith(f'{tool}: error:')]
   assert len(lines) == 1, output
   assert not (tmp_path / 'new').exists() and not (tmp_path / 'out').exists()  # nothing created
+
+
+# conret-import's target for the weight-file tests: a width-8 ResNet-18 backbone.
+IMPORT_CONFIG = """
+from conret_jax.defaults import base_config
+
+def get_config():
+  c = base_config()
+  c.model.backbone.depth, c.model.backbone.width = 18, 8
+  return c
+"""
+
+
+def _resnet18_width8() -> dict:
+  """torchvision's names and shapes for a ResNet-18 of width 8 (BasicBlocks, two per stage), random values."""
+  rng, sd = np.random.default_rng(0), {}
+
+  def conv_bn(conv, bn, out, cin, k):
+    sd[f'{conv}.weight'] = rng.standard_normal((out, cin, k, k)).astype(np.float32)
+    for name in ('weight', 'bias', 'running_mean', 'running_var'):
+      sd[f'{bn}.{name}'] = rng.random(out).astype(np.float32)
+    sd[f'{bn}.num_batches_tracked'] = np.zeros((), np.int64)
+
+  conv_bn('conv1', 'bn1', 8, 3, 7)
+  cin = 8
+  for stage in range(4):
+    width = 8 * 2**stage
+    for block in range(2):
+      q = f'layer{stage + 1}.{block}'
+      conv_bn(f'{q}.conv1', f'{q}.bn1', width, cin, 3)
+      conv_bn(f'{q}.conv2', f'{q}.bn2', width, width, 3)
+      if cin != width:
+        conv_bn(f'{q}.downsample.0', f'{q}.downsample.1', width, cin, 1)
+      cin = width
+  return sd
+
+
+def _npz(arrays) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def _safetensors(header, data: bytes = b'', length=None) -> bytes:
+  head = json.dumps(header).encode()
+  return struct.pack('<Q', len(head) if length is None else length) + head + data
+
+
+def _corrupt_pth() -> bytes:
+  """A zip laid out as torch.save writes one (archive/data.pkl, archive/version) with one byte of the pickle flipped."""
+  buf, pkl = io.BytesIO(), b'\x80\x02}q\x00(X\x0c\x00\x00\x00conv1.weightq\x01G?\xf0\x00\x00\x00\x00\x00\x00u.'
+  with zipfile.ZipFile(buf, 'w', zipfile.ZIP_STORED) as archive:
+    archive.writestr('archive/data.pkl', pkl)
+    archive.writestr('archive/version', '3\n')
+  raw = buf.getvalue()
+  i = raw.index(pkl) + 10
+  return raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1 :]
+
+
+_F32 = {'dtype': 'F32', 'shape': [1]}
+WEIGHT_FILE_MISTAKES = [
+  ('truncated.npz', lambda: _npz(_resnet18_width8())[:5000], 'truncated.npz is damaged: no zip directory at its end'),
+  ('empty.npz', lambda: b'', 'empty.npz is empty (0 bytes)'),
+  ('empty.safetensors', lambda: b'', 'empty.safetensors is empty (0 bytes)'),
+  ('list.safetensors', lambda: _safetensors([]), 'list.safetensors is damaged: its header is a JSON list'),
+  (
+    'no_dtype.safetensors',
+    lambda: _safetensors({'conv1.weight': {'shape': [1], 'data_offsets': [0, 4]}}, bytes(4)),
+    "no_dtype.safetensors is damaged: tensor 'conv1.weight' has no 'dtype'",
+  ),
+  (
+    'resnet50.safetensors',
+    lambda: _safetensors({}, bytes(2038), length=123456),
+    'resnet50.safetensors is damaged: header length 123456 runs past the end of the 2048-byte file',
+  ),
+  (
+    'negative.safetensors',
+    lambda: _safetensors({'conv1.weight': {**_F32, 'data_offsets': [-4, 0]}}, bytes(4)),
+    "negative.safetensors is damaged: tensor 'conv1.weight' has data_offsets [-4, 0]",
+  ),
+  ('corrupt.pth', _corrupt_pth, 'corrupt.pth is damaged: member archive/data.pkl of its zip archive is corrupt'),
+  (
+    'other_network.npz',
+    lambda: _npz({**_resnet18_width8(), 'layer5.0.conv1.weight': np.zeros((8, 8, 3, 3), np.float32)}),
+    "unexpected keys (no counterpart in the config's model): ['layer5.0.conv1.weight']",
+  ),
+]
+
+
+@pytest.mark.parametrize('name,make,message', WEIGHT_FILE_MISTAKES, ids=[m[0] for m in WEIGHT_FILE_MISTAKES])
+def test_a_damaged_or_wrong_weight_file_is_one_line(tmp_path, name, make, message):
+  """Exit status 2, one line naming the file and what is wrong with it, nothing written, in seconds."""
+  (tmp_path / name).write_bytes(make())
+  (tmp_path / 'tiny.py').write_text(IMPORT_CONFIG)
+  args = ['--format=torchvision_resnet', f'--input={name}', '--output=out', '--config=tiny.py']
+  proc = _run('conret-import', args, tmp_path, timeout=60)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith(f'conret-import: error: {name}') and proc.stderr.count('\n') == 1, proc.stderr
+  assert message in proc.stderr, proc.stderr
+  assert sorted(os.listdir(tmp_path)) == sorted([name, 'tiny.py'])  # no --output, no half-written folder
+
+
+def test_an_unwritable_output_is_one_line_in_seconds(tmp_path):
+  """A valid import whose --output lies under a file: orbax used to retry for minutes and print five tracebacks."""
+  (tmp_path / 'r18.npz').write_bytes(_npz(_resnet18_width8()))
+  (tmp_path / 'tiny.py').write_text(IMPORT_CONFIG)
+  (tmp_path / 'FILE').write_text('not a directory')
+  args = ['--format=torchvision_resnet', '--input=r18.npz', '--output=FILE/r18', '--config=tiny.py']
+  start = time.monotonic()
+  proc = _run('conret-import', args, tmp_path, timeout=60)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr == f'conret-import: error: cannot write FILE/r18: Not a directory ({tmp_path / "FILE"})\n'
+  assert time.monotonic() - start < 30
+  assert sorted(os.listdir(tmp_path)) == ['FILE', 'r18.npz', 'tiny.py']
+  args[2] = '--output=new/r18'  # the same import, written: the check leaves nothing behind and the layout holds
+  proc = _run('conret-import', args, tmp_path, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert sorted(os.listdir(tmp_path)) == ['FILE', 'new', 'r18.npz', 'tiny.py']
+  assert os.listdir(tmp_path / 'new') == ['r18']
+  assert {'_CHECKPOINT_METADATA', '_METADATA'} <= set(os.listdir(tmp_path / 'new' / 'r18'))
 
 
 def test_unknown_step_of_a_real_checkpoint(trained_workdir, tiny_overrides, tmp_path):

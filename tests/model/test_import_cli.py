@@ -1,10 +1,13 @@
 """conret-import: state-dict file -> orbax checkpoint of the imported variables."""
 
+import errno
+import os
 import pickle
 
 import jax
 import model_reference as ref
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conret_jax import detectors, weights
@@ -108,7 +111,7 @@ def test_errors(tmp_path, config_file, capsys):
       config_file,
     ]
   )
-  assert rc == 1 and 'layer9.0.conv1.weight' in capsys.readouterr().err
+  assert rc == 2 and 'layer9.0.conv1.weight' in capsys.readouterr().err
   assert not (tmp_path / 'x').exists()
   (tmp_path / 'exists').mkdir()
   with pytest.raises(SystemExit):
@@ -163,12 +166,30 @@ def test_detectron_default_config_puts_the_stride_on_the_1x1():
   assert not import_weights.default_config('timm_resnet').model.backbone.stride_in_1x1
 
 
+def test_a_failed_write_leaves_nothing_behind(tmp_path, config_file, capsys, monkeypatch):
+  """orbax fails halfway through the checkpoint (a full disk): one line, exit 2, no --output, no partial folder."""
+  sd, _ = ref.resnet_state_dict(np.random.default_rng(4), depth=18, width=8)
+  np.savez(tmp_path / 'r18.npz', **sd)
+
+  def save(self, path, *args, **kwargs):
+    os.makedirs(path)
+    open(os.path.join(path, 'half_written'), 'w').close()
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(ocp.Checkpointer, 'save', save)
+  out = str(tmp_path / 'weights' / 'r18')
+  args = ['--format', 'torchvision_resnet', '--input', str(tmp_path / 'r18.npz'), '--output', out]
+  assert import_weights.main([*args, '--config', config_file]) == 2
+  assert capsys.readouterr().err == f'conret-import: error: cannot write {out}: {os.strerror(errno.ENOSPC)}\n'
+  assert sorted(os.listdir(tmp_path)) == ['r18.npz', 'tiny.py']
+
+
 @pytest.mark.parametrize('fmt, name', [('detectron_resnet', 'R-50.pkl'), ('torchvision_resnet', 'r50.npz')])
 def test_missing_input_is_one_line(tmp_path, config_file, capsys, fmt, name):
   path = str(tmp_path / name)
   assert (
     import_weights.main(['--format', fmt, '--input', path, '--output', str(tmp_path / 'x'), '--config', config_file])
-    == 1
+    == 2
   )
   assert capsys.readouterr().err == f'conret-import: error: {path}: no such file\n'
   assert not (tmp_path / 'x').exists()
@@ -189,7 +210,7 @@ def test_code_in_a_pickle_is_refused(tmp_path, config_file, capsys):
         config_file,
       ]
     )
-    == 1
+    == 2
   )
   err = capsys.readouterr().err
   assert 'refused global __builtin__.print' in err and err.count('\n') == 1

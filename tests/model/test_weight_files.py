@@ -2,16 +2,21 @@
 pickles, which rebuilds NumPy arrays and nothing else."""
 
 import builtins
+import io
 import json
 import os
 import pickle
 import struct
+import sys
+import types
+import zipfile
 
 import model_reference as ref
 import numpy as np
 import pytest
 
 from conret_jax import weight_files
+from conret_jax.errors import WeightFileError
 
 
 def _write_safetensors(path, tensors, bf16=()):
@@ -50,6 +55,108 @@ def test_safetensors_bf16_is_widened(tmp_path):
   assert got.dtype == np.float32
   np.testing.assert_array_equal(got[:3], x[:3])
   assert abs(got[3] - 1e-3) < 1e-5
+
+
+def _raw_safetensors(header, data=b'', length=None) -> bytes:
+  """A .safetensors file as bytes, exactly as given: the header need not describe the data (`length` overrides the
+  8-byte header length)."""
+  head = json.dumps(header).encode()
+  return struct.pack('<Q', len(head) if length is None else length) + head + data
+
+
+def _f32(offsets, shape=(1,)):
+  return {'dtype': 'F32', 'shape': list(shape), 'data_offsets': list(offsets)}
+
+
+@pytest.mark.parametrize(
+  'raw, damage',
+  [
+    (b'\x10\x00\x00', '3 bytes, fewer than the 8-byte header length'),
+    (_raw_safetensors({}, bytes(2038), length=123456), 'header length 123456 runs past the end of the 2048-byte file'),
+    (struct.pack('<Q', 4) + b'{"a"', 'its 4-byte header is not JSON'),
+    (_raw_safetensors([1, 2]), 'its header is a JSON list, not an object of tensors'),
+    (_raw_safetensors({'a': [0, 4]}, bytes(4)), "tensor 'a' is described by a list, not an object"),
+    (_raw_safetensors({'a': {'shape': [1], 'data_offsets': [0, 4]}}, bytes(4)), "tensor 'a' has no 'dtype'"),
+    (
+      _raw_safetensors({'a': _f32((0, 4), shape=(-1,))}, bytes(4)),
+      r"tensor 'a' has shape \[-1\], not a list of sizes",
+    ),
+    (
+      _raw_safetensors({'a': _f32((-4, 0))}, bytes(4)),
+      r"'a' has data_offsets \[-4, 0\], not a range inside the 4 bytes",
+    ),
+    (_raw_safetensors({'a': _f32((0, 8), (2,))}, bytes(4)), r"'a' has data_offsets \[0, 8\], not a range inside the 4"),
+    (
+      _raw_safetensors({'a': _f32((0, 8))}, bytes(8)),
+      r"tensor 'a' has 8 bytes of data, but shape \[1\] of F32 needs 4",
+    ),
+    (_raw_safetensors({'a': _f32((0, 8), (2,)), 'b': _f32((4, 8))}, bytes(8)), "tensors 'a' and 'b' overlap"),
+    (_raw_safetensors({'a': _f32((0, 4)), 'b': _f32((8, 12))}, bytes(12)), 'bytes 4 to 8 of the data belong to no'),
+    (_raw_safetensors({'a': _f32((0, 4))}, bytes(8)), 'the last 4 bytes of the data belong to no tensor'),
+  ],
+)
+def test_damaged_safetensors_are_named_before_any_tensor_is_read(tmp_path, raw, damage):
+  path = tmp_path / 'resnet50.safetensors'
+  path.write_bytes(raw)
+  with pytest.raises(WeightFileError, match=f'^{path} is damaged: .*{damage}') as e:
+    weight_files.load_state_dict(str(path))
+  assert '\n' not in str(e.value)
+
+
+def test_safetensors_layout_may_list_tensors_in_any_order(tmp_path):
+  """The format orders nothing in the header: only the byte ranges must tile the data (here b, an empty e, a)."""
+  a, b = np.array([1.5, -2.0], np.float32), np.arange(3, dtype=np.int64)
+  header = {
+    'a': _f32((24, 32), (2,)),
+    'e': _f32((24, 24), (0, 3)),
+    'b': {'dtype': 'I64', 'shape': [3], 'data_offsets': [0, 24]},
+  }
+  (tmp_path / 'w.safetensors').write_bytes(_raw_safetensors(header, b.tobytes() + a.tobytes()))
+  got = weight_files.load_state_dict(str(tmp_path / 'w.safetensors'))
+  np.testing.assert_array_equal(got['a'], a)
+  np.testing.assert_array_equal(got['b'], b)
+  assert got['e'].shape == (0, 3)
+
+
+def _npz_bytes(**arrays) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def _flip_inside(raw: bytes, part: bytes) -> bytes:
+  """`raw` with one byte in the middle of its copy of `part` changed, as a disk or a transfer might."""
+  i = raw.index(part) + len(part) // 2
+  return raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1 :]
+
+
+_WEIGHT = np.arange(64, dtype=np.float32)
+
+
+def _stray_member_npz() -> bytes:
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, 'w') as archive:
+    archive.writestr('conv1.weight.npy', _npz_bytes())  # any bytes that are not a .npy
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+  'raw, message',
+  [
+    (b'', r'w.npz is empty \(0 bytes\)'),
+    (_npz_bytes(w=_WEIGHT)[:300], 'w.npz is damaged: no zip directory at its end'),
+    (
+      _flip_inside(_npz_bytes(w=_WEIGHT), _WEIGHT.tobytes()),
+      'w.npz is damaged: member w.npy of its zip archive is corrupt',
+    ),
+    (_npz_bytes(), 'w.npz holds no tensors'),
+    (_stray_member_npz(), "w.npz: member 'conv1.weight' is a bytes, not a numeric array"),
+  ],
+)
+def test_damaged_or_empty_npz(tmp_path, raw, message):
+  (tmp_path / 'w.npz').write_bytes(raw)
+  with pytest.raises(WeightFileError, match=message):
+    weight_files.load_state_dict(str(tmp_path / 'w.npz'))
 
 
 def test_unknown_extension():
@@ -158,3 +265,131 @@ def test_missing_file_is_named(tmp_path, ext):
   path = str(tmp_path / f'absent{ext}')
   with pytest.raises(FileNotFoundError, match=f'{path}: no such file'):
     weight_files.load_state_dict(path)
+
+
+def _torch_zip(data_pkl: bytes) -> bytes:
+  """A .pth laid out as torch.save writes one since torch 1.6: an uncompressed zip of archive/data.pkl (the pickle)
+  and archive/version."""
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, 'w', zipfile.ZIP_STORED) as archive:
+    archive.writestr('archive/data.pkl', data_pkl)
+    archive.writestr('archive/version', '3\n')
+  return buf.getvalue()
+
+
+_DATA_PKL = pickle.dumps({'conv1.weight': 1.0, 'bn1.weight': 2.0}, protocol=2)
+
+
+@pytest.mark.parametrize(
+  'raw, damage',
+  [
+    (_torch_zip(_DATA_PKL)[:-40], 'no zip directory at its end: a torch file is a zip archive'),
+    (_flip_inside(_torch_zip(_DATA_PKL), _DATA_PKL), 'member archive/data.pkl of its zip archive is corrupt'),
+    (
+      b'<!DOCTYPE html><html>Not Found</html>',
+      r"it is neither a zip archive \(torch.save since torch 1.6\) nor torch's",
+    ),
+  ],
+)
+def test_damaged_pth_is_named_without_torch(tmp_path, monkeypatch, raw, damage):
+  monkeypatch.setitem(sys.modules, 'torch', None)  # as if torch were not installed: the check must not need it
+  path = tmp_path / 'resnet50.pth'
+  path.write_bytes(raw)
+  with pytest.raises(WeightFileError, match=f'^{path} is damaged: {damage}'):
+    weight_files.load_state_dict(str(path))
+
+
+def test_pth_zip_without_a_pickle_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, 'w') as archive:
+    archive.writestr('weights/readme.txt', 'not a torch file')
+  (tmp_path / 'w.pth').write_bytes(buf.getvalue())
+  with pytest.raises(WeightFileError, match='w.pth: a zip archive without data.pkl'):
+    weight_files.load_state_dict(str(tmp_path / 'w.pth'))
+
+
+# torch.load(weights_only=True)'s UnpicklingError for a refused global: several lines, advice to allow-list it.
+_TORCH_REFUSAL = (
+  'Weights only load failed. This file can still be loaded, to do so you have two options, do those steps only if '
+  'you trust the source of the checkpoint. \n\t(1) Re-running `torch.load` with `weights_only` set to `False` will '
+  'likely succeed, but it can result in arbitrary code execution.\n\tWeightsUnpickler error: Unsupported global: '
+  'GLOBAL posix.system was not an allowed global by default. Please use `torch.serialization.add_safe_globals('
+  '[system])` to allowlist this global if you trust this class/function.\n\nCheck the documentation of torch.load.'
+)
+
+
+@pytest.mark.parametrize(
+  'error, message',
+  [
+    (
+      pickle.UnpicklingError(_TORCH_REFUSAL),
+      'w.pth: torch refused it: Unsupported global: GLOBAL posix.system was not an allowed global by default '
+      '(nothing in the file was run)',
+    ),
+    (
+      RuntimeError('PytorchStreamReader failed reading file data/0: invalid header or archive is corrupted\nmore'),
+      'w.pth is damaged: PytorchStreamReader failed reading file data/0: invalid header or archive is corrupted',
+    ),
+  ],
+)
+def test_what_torch_refuses_is_one_line(tmp_path, monkeypatch, error, message):
+  """A stand-in for torch raising what torch.load raises: the reader's handling needs no torch to be tested."""
+
+  def load(*args, **kwargs):
+    raise error
+
+  monkeypatch.setitem(sys.modules, 'torch', types.SimpleNamespace(load=load))
+  (tmp_path / 'w.pth').write_bytes(_torch_zip(_DATA_PKL))
+  with pytest.raises(WeightFileError) as e:
+    weight_files.load_state_dict(str(tmp_path / 'w.pth'))
+  assert str(e.value) == f'{tmp_path / "w.pth"}{message[len("w.pth") :]}'
+
+
+def test_real_torch_refuses_code_in_a_pth(tmp_path):
+  torch = pytest.importorskip('torch')
+  marker = tmp_path / 'ran'
+  torch.save({'conv1.weight': torch.ones(2), 'x': _Call(os.system, f'touch {marker}')}, tmp_path / 'evil.pth')
+  with pytest.raises(WeightFileError, match='evil.pth: torch refused it: .*system.*nothing in the file was run'):
+    weight_files.load_state_dict(str(tmp_path / 'evil.pth'))
+  assert not marker.exists()
+
+
+def _x(text: str) -> bytes:
+  """A pickle's BINUNICODE: opcode X, 4-byte length, UTF-8."""
+  return b'X' + struct.pack('<I', len(text.encode())) + text.encode()
+
+
+_DEFAULTS_STATE = b'}' + _x('__defaults__') + _x('F') + b'\x85s'  # {'__defaults__': ('F',)}
+
+
+@pytest.mark.parametrize(
+  'state',
+  [
+    _DEFAULTS_STATE,  # a dict state: fills the function's __dict__
+    b'N' + _DEFAULTS_STATE + b'\x86',  # (None, slot state): setattr, which changes its real defaults
+  ],
+  ids=['dict', 'slots'],
+)
+def test_pickle_build_on_a_global_is_refused_and_changes_nothing(tmp_path, state):
+  """GLOBAL numpy._core.numeric _frombuffer (an allowed global: protocol 5 rebuilds arrays with it), then BUILD:
+  on the real function that would set its axis_order default to 'F' for the whole process."""
+  fn = weight_files._array_global('numpy._core.numeric', '_frombuffer')
+  defaults, attributes = fn.__defaults__, dict(fn.__dict__)
+  raw = b'\x80\x02}' + _x('conv1_w') + b'cnumpy._core.numeric\n_frombuffer\n' + state + b'bs.'
+  (tmp_path / 'evil.pkl').write_bytes(raw)
+  try:
+    with pytest.raises(WeightFileError, match='evil.pkl: .*refused BUILD on numpy._core.numeric._frombuffer'):
+      weight_files.load_state_dict(str(tmp_path / 'evil.pkl'))
+    assert fn.__defaults__ == defaults and fn.__dict__ == attributes
+  finally:  # undo what a reader without the check did, for the tests after this one
+    fn.__defaults__ = defaults
+    fn.__dict__.clear()
+    fn.__dict__.update(attributes)
+
+
+def test_truncated_pickle_is_damaged(tmp_path):
+  raw = pickle.dumps({'conv1_w': np.ones((4, 3), np.float32)}, protocol=2)
+  (tmp_path / 'R-50.pkl').write_bytes(raw[: len(raw) // 2])
+  with pytest.raises(WeightFileError, match='R-50.pkl is damaged: not a pickle it can read to the end'):
+    weight_files.load_state_dict(str(tmp_path / 'R-50.pkl'))
