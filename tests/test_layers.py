@@ -5,7 +5,7 @@ Layers, lowest first (a component is a subpackage, or a top-level module on its 
   0 core                                     box math, anchors, matching, targets, losses, NMS: nothing else
   1 errors, fileio                           no imports from the package
   2 the config schema and shared contracts   defaults, stages, batch
-  3 components, which do not import each other: model, data, the loss (consistent), mesh, coco_metrics,
+  3 components, which do not import each other: model, data, the losses (consistent, multibox), mesh, coco_metrics,
                                              visualize, analysis_figures, run_record, distributed, weight_files,
                                              flops
   4 detectors (a family's model + loss)      5 config_checks
@@ -34,6 +34,7 @@ LAYERS = {
   'model': 3,
   'data': 3,
   'consistent': 3,
+  'multibox': 3,
   'mesh': 3,
   'coco_metrics': 3,
   'visualize': 3,
@@ -139,7 +140,8 @@ class NoTensorFlow(importlib.abc.MetaPathFinder):
       raise ImportError(f'{name} is blocked: this import must work without TensorFlow')
 
 sys.meta_path.insert(0, NoTensorFlow())
-import conret_jax.model.retinanet, conret_jax.consistent, conret_jax.detectors, conret_jax.train.step
+import conret_jax.model.retinanet, conret_jax.consistent, conret_jax.multibox, conret_jax.detectors
+import conret_jax.train.step
 import conret_jax.train.state, conret_jax.train.bench, conret_jax.config_checks, conret_jax.inference
 from conret_jax import config_checks, defaults
 config = defaults.base_config()
