@@ -91,7 +91,7 @@ def test_detect_is_jitted_batched_and_cached(setup):
     for key in batch:
       np.testing.assert_allclose(batch[key][i], single[key][0], rtol=1e-5, atol=1e-4)
   hits = inference._detect_fn.cache_info().hits
-  fn = inference._detect_fn(model, ml_collections.FrozenConfigDict(config))
+  _, fn = inference._detect_fn(model, ml_collections.FrozenConfigDict(config))
   assert inference._detect_fn.cache_info().hits == hits + 1  # same jitted function for an equal config
   assert fn._cache_size() == 2  # traced once per input shape (batch 2, batch 1), not per call
 
