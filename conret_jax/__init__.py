@@ -4,6 +4,7 @@ The public API:
   build_model(config) -> flax module            the network of the config's detector family
   init_variables(model, rng, image_hw)          its variables ('params' and the non-trained collections)
   detect(model, variables, images, config)      jitted inference: boxes, scores, classes, valid
+  load(workdir, step=None) -> Predictor         a trained run; .predict(uint8 images) -> detections in image pixels
   weights                                       importers for torchvision / timm / Detectron weights
 Attributes load lazily, so `import conret_jax.core...` never pulls in Flax or TensorFlow.
 """
@@ -16,6 +17,7 @@ _LAZY = {
   'build_model': ('conret_jax.detectors', 'build_model'),
   'init_variables': ('conret_jax.detectors', 'init_variables'),
   'detect': ('conret_jax.inference', 'detect'),
+  'load': ('conret_jax.predictor', 'load'),
   'weights': ('conret_jax.weights', None),
 }
 

@@ -40,7 +40,9 @@ from absl import logging
 
 from conret_jax import analysis_figures, detectors, evaluation, inference
 from conret_jax.core import boxes as box_ops
+from conret_jax.core import nms
 from conret_jax.data.info import ClassLayout, EvalClasses
+from conret_jax.data.sizes import pad_value_of
 from conret_jax.stages import Stages
 
 EDGES = tuple(round(0.05 * i, 2) for i in range(21))
@@ -157,15 +159,16 @@ def batch_statistics(anchors, boxes, dets: dict, gt: dict, example_valid, known_
   }
 
 
-def statistics_fn(detector: detectors.Detector, eval_config, known_class=None, out_sharding=None):
+def statistics_fn(detector: detectors.Detector, eval_config, pad_value, known_class=None, out_sharding=None):
   """jit((variables, batch) -> batch_statistics): the network, the detector's decoding and conret-eval's
-  post-processing, then the statistics. batch: images, boxes, classes, valid, crowd, example_valid."""
+  post-processing, then the statistics. batch: images, boxes, classes, valid, crowd, example_valid, input_hw."""
 
   def run(variables, batch):
-    images = batch['images']
+    images, sizes = batch['images'], batch['input_hw']
+    images = inference.fill_padding(images.astype(jnp.float32), sizes, pad_value)
     anchors, logits, boxes = inference.decode(detector, variables, images)
-    boxes = box_ops.clip_boxes(boxes, images.shape[1:3])  # as post-processing clips its candidates
-    dets = inference.postprocess(detector, logits, boxes, images.shape[1:3], eval_config)
+    boxes = nms.clip_to_images(boxes, sizes)  # as post-processing clips them
+    dets = inference.postprocess(detector, logits, boxes, images.shape[1:3], eval_config, sizes)
     gt = {k: batch[k] for k in ('boxes', 'classes', 'valid', 'crowd')}
     return batch_statistics(anchors, boxes, dets, gt, batch['example_valid'], known_class)
 
@@ -241,11 +244,13 @@ def analyze(model, variables, config, mesh, *, classes=None, data=evaluation.Eva
   names = EvalClasses.of(classes or ClassLayout.of(info, config), info, config)
   known = names.category_of[: int(config.model.num_classes)] >= 0
   detector = detectors.from_config(config, model)
-  run = statistics_fn(detector, config.eval, known, mesh_lib.replicated(mesh))
+  run = statistics_fn(detector, config.eval, pad_value_of(config.model), known, mesh_lib.replicated(mesh))
   gt_lookup = jnp.asarray(names.gt_lookup)
   total = Accumulator()
   for batch in batches:
     fields = {k: batch[k] for k in ('images', 'boxes', 'classes', 'valid', 'crowd', 'example_valid')}
+    b, h, w = fields['images'].shape[:3]
+    fields['input_hw'] = batch['input_hw'] if 'input_hw' in batch else np.full((b, 2), (h, w), np.int32)
     fields['classes'] = gt_lookup[jnp.clip(fields['classes'], 0, len(gt_lookup) - 1)]
     total.add(run(variables, fields))
   results = total.results()

@@ -11,6 +11,7 @@ global-batch axis B on every field; M = config.data.max_boxes:
   image_id       int32   [B]           the dataset's image id (-1 for padding examples)
   orig_hw        int32   [B, 2]        original image height, width
   scale          float32 [B]           resized / original size (same for x and y)
+  input_hw       int32   [B, 2]        the resized image's height, width in `images`; the rest is padding
   example_valid  bool    [B]           False for the examples that pad the last eval batch
 
 The training fields are the first five; the rest only evaluation needs (`train_view` drops them). Fields may be
@@ -24,7 +25,7 @@ from typing import Any
 import flax
 
 TRAIN_FIELDS = ('images', 'boxes', 'classes', 'valid', 'crowd')
-EVAL_FIELDS = ('image_id', 'orig_hw', 'scale', 'example_valid')
+EVAL_FIELDS = ('image_id', 'orig_hw', 'scale', 'input_hw', 'example_valid')
 FIELDS = TRAIN_FIELDS + EVAL_FIELDS
 
 
@@ -38,6 +39,7 @@ class Batch:
   image_id: Any = None
   orig_hw: Any = None
   scale: Any = None
+  input_hw: Any = None
   example_valid: Any = None
 
   @classmethod

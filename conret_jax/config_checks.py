@@ -48,6 +48,7 @@ def _check_model(m) -> None:
     m.matmul_precision in MATMUL_PRECISIONS,
     f'config.model.matmul_precision={m.matmul_precision!r} must be one of {tuple(MATMUL_PRECISIONS)}',
   )
+  _check(m.pad_pixels in ('mean', 'black'), f"config.model.pad_pixels={m.pad_pixels!r} must be 'mean' or 'black'")
   _check(
     m.conv_lowering in CONV_LOWERINGS,
     f'config.model.conv_lowering={m.conv_lowering!r} must be one of {CONV_LOWERINGS}',

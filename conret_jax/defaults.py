@@ -68,6 +68,9 @@ def _model() -> ml_collections.ConfigDict:
   m.conv_lowering = 'auto'
   m.pixel_mean = IMAGENET_PIXEL_MEAN  # RGB on the [0, 255] scale; must match the pretrained weights
   m.pixel_std = IMAGENET_PIXEL_STD
+  # What fills the padding around an image: 'mean' (pixel_mean, zero after normalization: torchvision and Detectron)
+  # or 'black' (0, what runs trained before this key existed saw; their saved configs read as 'black').
+  m.pad_pixels = 'mean'
 
   b = m.backbone = ml_collections.ConfigDict()
   b.depth = 50  # 18 | 34 | 50 | 101 | 152

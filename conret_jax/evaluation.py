@@ -46,17 +46,11 @@ def detections_to_coco(dets: dict, batch: dict, category_of: Sequence[int]) -> l
     [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}]: padded examples, invalid detections and
     detections of classes that are not dataset categories (torchvision's background 0, unused COCO ids) dropped.
   """
-  boxes = np.asarray(dets['boxes'], np.float64)
   scores = np.asarray(dets['scores'], np.float64)
   classes = np.asarray(dets['classes'])
   cat_ids = np.asarray(category_of, np.int64)
   keep = np.asarray(dets['valid'], bool) & np.asarray(batch['example_valid'], bool)[:, None] & (cat_ids[classes] >= 0)
-  scale = np.asarray(batch['scale'], np.float64)
-  orig_hw = np.asarray(batch['orig_hw'], np.float64)
-  # Back to original pixels, clipped to the original image (padding lies outside it).
-  boxes = boxes / scale[:, None, None]
-  limits = np.stack([orig_hw[:, 1], orig_hw[:, 0], orig_hw[:, 1], orig_hw[:, 0]], axis=-1)[:, None, :]
-  boxes = np.clip(boxes, 0.0, limits)
+  boxes = to_image_coords(dets['boxes'], batch['scale'], batch['orig_hw'])
   xywh = np.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
   image_ids = np.asarray(batch['image_id'])
   results = []
@@ -70,6 +64,20 @@ def detections_to_coco(dets: dict, batch: dict, category_of: Sequence[int]) -> l
       }
     )
   return results
+
+
+def to_image_coords(boxes, scale, image_hw) -> np.ndarray:
+  """Boxes in model-input pixels -> the original image's pixels: divided by the resize scale, clipped to the image.
+
+  boxes [..., N, 4] x1y1x2y2; scale [...] (one factor; or [..., 2] (sy, sx) for a stretching resize); image_hw
+  [..., 2] (h, w). Returns float64 [..., N, 4]."""
+  boxes = np.asarray(boxes, np.float64)
+  scale = np.asarray(scale, np.float64)
+  hw = np.asarray(image_hw, np.float64)
+  sy, sx = (scale[..., 0], scale[..., 1]) if scale.shape[-1:] == (2,) and scale.ndim == hw.ndim else (scale, scale)
+  factor = np.stack([sx, sy, sx, sy], axis=-1)[..., None, :]
+  limits = np.stack([hw[..., 1], hw[..., 0], hw[..., 1], hw[..., 0]], axis=-1)[..., None, :]
+  return np.clip(boxes / factor, 0.0, limits)
 
 
 def coco_metrics(
@@ -188,7 +196,7 @@ def evaluate(
       detections.png, settings.json for an override}.
     data: the eval split (EvalData); without a COCO json, the ground truth is rebuilt from the batches (box areas
       stand in for mask areas).
-    detect_fn: (model, variables, images, config) -> detections dict; default `conret_jax.detect`.
+    detect_fn: (model, variables, images, config, image_sizes=) -> detections dict; default `conret_jax.detect`.
   Returns:
     {name: float} for METRIC_NAMES, identical on every process (-1 where undefined, e.g. with no image at all).
   """
@@ -232,7 +240,8 @@ def _collect(model, variables, config, batches, names, detect_fn, *, keep_gt: bo
   gather = lambda tree: jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
   collected = _Collected(int(config.eval.num_images), num_pictured, keep_gt=keep_gt)
   for batch in batches:
-    dets = gather(detect_fn(model, variables, batch['images'], config))
+    sizes = batch['input_hw'] if 'input_hw' in batch else None
+    dets = gather(detect_fn(model, variables, batch['images'], config, image_sizes=sizes))
     host = gather({k: batch[k] for k in _META_KEYS + (_GT_KEYS if keep_gt else ())})
     if keep_gt:
       host['classes'] = names.gt_classes(host['classes'])

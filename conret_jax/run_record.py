@@ -34,7 +34,7 @@ RUNTIME_KEYS = (
 
 # Keys whose meaning in a record written before they existed is not their default: the value that earlier code
 # behaved as. load_config and the checkpoint fingerprint read a missing key as this.
-LEGACY_VALUES = {}
+LEGACY_VALUES = {'model.pad_pixels': 'black'}
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:

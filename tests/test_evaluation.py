@@ -141,7 +141,7 @@ def _eval_batches(mesh, second_hw=(32, 32)):
       }
     )
   queue = list(outputs)
-  detect_fn = lambda model, variables, images, config: queue.pop(0)
+  detect_fn = lambda model, variables, images, config, image_sizes=None: queue.pop(0)
   return images_gt, batches, detect_fn
 
 
@@ -204,9 +204,9 @@ def test_evaluate_num_images_limit():
   info = types.SimpleNamespace(category_ids=CATEGORY_IDS, class_names=['a', 'b', 'c'], coco_gt=None)
   seen = []
 
-  def counting_detect(*args):
+  def counting_detect(*args, **kwargs):
     seen.append(1)
-    return detect_fn(*args)
+    return detect_fn(*args, **kwargs)
 
   data = evaluation.EvalData(iter(batches), info)
   metrics = evaluation.evaluate(None, None, config, mesh, data=data, detect_fn=counting_detect)
@@ -252,7 +252,7 @@ dets = {'boxes': batch['boxes'], 'scores': to_global(np.full((8, 2), 0.9, np.flo
 config = defaults.base_config(); config.eval.visualize = 2
 info = types.SimpleNamespace(category_ids=cats, class_names=['a', 'b'], coco_gt=None)
 metrics = evaluation.evaluate(None, None, config, mesh, record=eval_files.Record(workdir, 3),
-                              data=evaluation.EvalData([batch], info), detect_fn=lambda *a: dets)
+                              data=evaluation.EvalData([batch], info), detect_fn=lambda *a, **k: dets)
 
 # Checkpoint: saved sharded over the 4 devices of both processes, restored replicated.
 state = {'w': to_global(np.arange(32, dtype=np.float32).reshape(8, 4))}

@@ -10,7 +10,7 @@ Layers, lowest first (a component is a subpackage, or a top-level module on its 
                                              flops
   4 detectors (a family's model + loss)      5 config_checks
   6 inference, weights, eval_files          7 evaluation, detect_bench (use inference)       8 analysis
-  9 train                                    10 cli
+  9 train                                    10 predictor (conret_jax.load)                  11 cli
 Function-level imports count like module-level ones.
 """
 
@@ -52,7 +52,8 @@ LAYERS = {
   'detect_bench': 7,
   'analysis': 8,
   'train': 9,
-  'cli': 10,
+  'predictor': 10,
+  'cli': 11,
 }
 
 

@@ -2,9 +2,9 @@
 
   conret-predict --workdir=DIR --images='photos/*.jpg' --output=OUT [--score_threshold=0.3] [--step=N]
 
-Each image is resized and padded exactly as the eval pipeline does (same scale rule, same TF bilinear resize, zero
-padding at the bottom/right), run through `conret_jax.detect` on one device, and its boxes are mapped back to the
-original pixels. Class names are those the run recorded at training time (DIR/run.json); without --config the
+Built on `conret_jax.load(DIR).predict` (conret_jax/predictor.py): each image is resized and padded exactly as the
+eval pipeline does, run through `conret_jax.detect` on one device with its true size, and its boxes are mapped back
+to the original pixels. Class names are those the run recorded at training time (DIR/run.json); without --config the
 run's own config (DIR/config.json) is used. Writes OUT/<image name>.png (boxes, class names, scores) and
 OUT/detections.json:
   [{'image': path, 'output': png path, 'height', 'width',
@@ -19,7 +19,6 @@ import numpy as np
 from absl import app, flags, logging
 
 from conret_jax.cli import startup, tool, tool_flags
-from conret_jax.errors import UserError
 
 tool_flags.define_common_flags()
 
@@ -50,61 +49,6 @@ def load_image(path: str) -> np.ndarray:
     return np.asarray(ImageOps.exif_transpose(image).convert('RGB'))
 
 
-def prepare_image(image: np.ndarray, data_config) -> tuple[np.ndarray, float]:
-  """One image as the eval pipeline feeds it: resized (TF bilinear) and zero-padded at the bottom/right.
-
-  Args:
-    image: uint8 [H, W, 3].
-  Returns:
-    (float32 [Hp, Wp, 3] on the 0..255 scale, scale = resized / original).
-  """
-  import tensorflow as tf
-
-  from conret_jax.data import sizes
-
-  h, w = image.shape[:2]
-  shapes = sizes.padded_shapes(data_config)
-  size = float(data_config.image_size)
-  if data_config.resize == 'square':
-    scale = np.float32(size) / np.float32(max(h, w))
-    pad_hw = shapes['square']
-  else:
-    scale = min(np.float32(size) / np.float32(min(h, w)), np.float32(data_config.max_size) / np.float32(max(h, w)))
-    pad_hw = shapes['landscape'] if w >= h else shapes['portrait']
-  new_hw = np.maximum(np.round(np.array([h, w], np.float32) * scale).astype(np.int32), 1)
-  resized = tf.image.resize(tf.constant(image), new_hw, method='bilinear').numpy()
-  padded = np.zeros(tuple(pad_hw) + (3,), np.float32)
-  padded[: new_hw[0], : new_hw[1]] = resized[: pad_hw[0], : pad_hw[1]]
-  return padded, float(scale)
-
-
-def class_metadata(config, workdir: str):
-  """The model's classes (a data.info.ClassLayout): as the run recorded them at training time (W/run.json); without
-  a record, the eval dataset's categories where reading them generates nothing; else class indices, with a warning."""
-  from conret_jax import run_record
-  from conret_jax.data import info as info_lib
-
-  classes = (run_record.load_run(workdir) or {}).get('classes')
-  if classes:
-    return info_lib.ClassLayout(
-      classes['layout'], int(classes['num_classes']), tuple(classes['category_ids']), tuple(classes['names'])
-    )
-  try:
-    if config.data.eval.source == 'shapes':  # its fixed categories, without generating the dataset
-      from conret_jax.data import shapes
-
-      info = info_lib.DatasetInfo(list(shapes.CATEGORY_IDS), list(shapes.SHAPE_NAMES), 0)
-    else:
-      from conret_jax import data as data_lib
-
-      info = data_lib.dataset_info(config.data.eval, config, train=True)  # the categories only
-    return info_lib.ClassLayout.of(info, config)
-  except (UserError, OSError, ImportError) as e:
-    logging.warning('no class names (%s): %s has no run.json; labelling detections by class index', e, workdir)
-    n = int(config.model.num_classes)
-    return info_lib.ClassLayout('category_id', n, tuple(range(n)), tuple(str(i) for i in range(n)))
-
-
 def _output_name(path: str, taken: set) -> str:
   stem = os.path.splitext(os.path.basename(path))[0]
   name, k = stem, 1
@@ -114,78 +58,42 @@ def _output_name(path: str, taken: set) -> str:
   return name + '.png'
 
 
-def run(
-  config,
-  workdir: str,
-  image_paths: list[str],
-  output: str,
-  *,
-  score_threshold: float = 0.3,
-  step: int | None = None,
-  class_layout=None,
-) -> list[dict]:
-  """Detects on each image, writes OUTPUT/<name>.png and OUTPUT/detections.json; returns the json's entries."""
-  import jax
-
-  import conret_jax
-  from conret_jax import evaluation, visualize
-  from conret_jax.train import restore as restore_lib
+def run(predictor, image_paths: list[str], output: str, *, score_threshold: float = 0.3) -> list[dict]:
+  """Detects on each image with a `conret_jax.load` predictor, writes OUTPUT/<name>.png and
+  OUTPUT/detections.json; returns the json's entries."""
+  from conret_jax import visualize
 
   if not image_paths:
     raise FileNotFoundError('no input images')
-  config = config.copy_and_resolve_references()
-  config.train.fsdp_axis_size = 1  # one device: nothing to shard
-  model, variables, step, _ = restore_lib.restore_for_inference(config, workdir, step, devices=jax.local_devices()[:1])
-  layout = class_layout or class_metadata(config, workdir)
-  names = layout.class_names
-  class_of = {int(c): k for k, c in enumerate(layout.category_of) if c >= 0}
   os.makedirs(output, exist_ok=True)
   entries, taken = [], set()
-  for index, path in enumerate(image_paths):
+  class_of = {int(c): k for k, c in enumerate(predictor.classes.category_of) if c >= 0}
+  for path in image_paths:
     image = load_image(path)
-    padded, scale = prepare_image(image, config.data)
-    dets = jax.tree.map(np.asarray, conret_jax.detect(model, variables, padded[None], config))
-    meta = {
-      'image_id': np.array([index]),
-      'scale': np.array([scale], np.float32),
-      'orig_hw': np.array([image.shape[:2]]),
-      'example_valid': np.array([True]),
-    }
-    results = [
-      r for r in evaluation.detections_to_coco(dets, meta, layout.category_of) if r['score'] >= score_threshold
-    ]
-    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r['bbox'] for r in results)], np.float32)
-    drawn = visualize.draw_detections(
-      image,
-      boxes,
-      np.array([r['score'] for r in results]),
-      np.array([class_of[r['category_id']] for r in results], int),
-      names,
-    )
+    found = predictor.predict([image], min_score=score_threshold)[0]
     out_path = os.path.join(output, _output_name(path, taken))
-    drawn.save(out_path, format='PNG')
-    entries.append(
-      {
-        'image': path,
-        'output': out_path,
-        'height': int(image.shape[0]),
-        'width': int(image.shape[1]),
-        'detections': [
-          {
-            'bbox': r['bbox'],
-            'score': r['score'],
-            'category_id': r['category_id'],
-            'class_name': names[class_of[r['category_id']]],
-          }
-          for r in results
-        ],
-      }
+    classes = np.array([class_of[int(c)] for c in found['category_ids']], int)
+    visualize.draw_detections(image, found['boxes'], found['scores'], classes, predictor.classes.class_names).save(
+      out_path, format='PNG'
     )
-    logging.info('%s: %d detections >= %.2f', path, len(results), score_threshold)
+    entries.append(_entry(path, out_path, image, found))
+    logging.info('%s: %d detections >= %.2f', path, len(found['scores']), score_threshold)
   with open(os.path.join(output, 'detections.json'), 'w') as f:
     json.dump(entries, f, indent=1)
-  logging.info('wrote %d images and detections.json to %s (checkpoint step %d)', len(entries), output, step)
+  logging.info('wrote %d images and detections.json to %s (checkpoint step %d)', len(entries), output, predictor.step)
   return entries
+
+
+def _entry(path: str, out_path: str, image: np.ndarray, found: dict) -> dict:
+  """One image's record in detections.json: boxes as COCO's [x, y, w, h] to 0.01 px, scores to 1e-5."""
+  detections = []
+  for (x1, y1, x2, y2), score, category, name in zip(
+    found['boxes'], found['scores'], found['category_ids'], found['names']
+  ):
+    bbox = [round(float(v), 2) for v in (x1, y1, x2 - x1, y2 - y1)]
+    detections.append({'bbox': bbox, 'score': round(float(score), 5), 'category_id': int(category), 'class_name': name})
+  h, w = image.shape[:2]
+  return {'image': path, 'output': out_path, 'height': int(h), 'width': int(w), 'detections': detections}
 
 
 def _main(argv):
@@ -201,7 +109,10 @@ def _main(argv):
   paths = list_images(_IMAGES.value)
   if not paths:
     raise app.UsageError(f'--images={_IMAGES.value!r} matches no image files')
-  entries = run(config, workdir, paths, _OUTPUT.value, score_threshold=_SCORE.value, step=flags.FLAGS.step)
+  import conret_jax
+
+  predictor = conret_jax.load(workdir, flags.FLAGS.step, config=config)
+  entries = run(predictor, paths, _OUTPUT.value, score_threshold=_SCORE.value)
   print(f'{sum(len(e["detections"]) for e in entries)} detections on {len(entries)} images -> {_OUTPUT.value}')
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from conret_jax.core.boxes import clip_boxes, pairwise_iou
+from conret_jax.core.boxes import pairwise_iou
 
 TILE_SIZE = 256
 
@@ -119,7 +119,7 @@ def _masked_scores(logits, score_threshold: float):
   return jnp.where(scores > score_threshold, scores, -1.0)
 
 
-def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_threshold: float):
+def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_threshold: float, usable=None):
   """Per level, the first k = min(topk, n * K) of its n anchors x K classes in the order (masked score descending,
   flattened index anchor * K + class ascending), masked score = sigmoid(logit) if above the threshold, else -1.
   That is one lax.top_k over the level's n * K pairs (lax.top_k puts the lower index first among equal values);
@@ -137,6 +137,7 @@ def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_
 
   Args:
     cls_logits: [B, A, K] (any float dtype; scored in float32); level_counts: anchors per level (sum = A).
+    usable: optional [B, A] bool; an anchor that is not (its box lies outside the image) scores -1 in every class.
   Returns, concatenated over the levels (sum of k = min(topk, n * K) candidates):
     scores [B, N] float32 (-1 where not valid), anchors [B, N] int32 in 0..A-1, classes [B, N] int32,
     valid [B, N] bool (score > score_threshold).
@@ -149,6 +150,8 @@ def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_
   key = _masked_scores(best, score_threshold)  # [B, A]
   if score_threshold < 0:  # sigmoid(-inf) = 0 passes a negative threshold: an all-NaN anchor's key is -1
     key = jnp.where(jnp.any(~jnp.isnan(cls_logits), axis=-1), key, -1.0)
+  if usable is not None:
+    key = jnp.where(usable, key, -1.0)
   parts = []
   start = 0
   for n in level_counts:
@@ -158,6 +161,8 @@ def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_
     else:
       rows = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (b, n))
     pairs = _masked_scores(jnp.take_along_axis(cls_logits, rows[..., None], axis=1), score_threshold)
+    if usable is not None:
+      pairs = jnp.where(jnp.take_along_axis(usable, rows, axis=1)[..., None], pairs, -1.0)
     top, idx = jax.lax.top_k(pairs.reshape(b, -1), min(topk, n * num_classes))
     parts.append(
       (
@@ -171,11 +176,16 @@ def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_
   return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
 
 
-def detections_from_candidates(
-  boxes, scores, classes, valid, image_hw: Sequence[int], *, nms_iou: float, max_detections: int
-) -> dict:
-  """Clip candidate boxes [B, N, 4] to the image, then class-aware NMS: postprocess's outputs (see there)."""
-  boxes = clip_boxes(boxes, image_hw)
+def clip_to_images(boxes, image_sizes) -> jax.Array:
+  """boxes [B, N, 4] x1y1x2y2 clamped to each image: x to [0, W_b], y to [0, H_b]; image_sizes [B, 2] (h, w) or one
+  static (h, w) for all."""
+  sizes = jnp.broadcast_to(jnp.asarray(image_sizes, jnp.float32), (boxes.shape[0], 2))
+  limits = jnp.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], axis=-1)[:, None, :]
+  return jnp.clip(jnp.asarray(boxes, jnp.float32), 0.0, limits)
+
+
+def detections_from_candidates(boxes, scores, classes, valid, *, nms_iou: float, max_detections: int) -> dict:
+  """Class-aware NMS of candidate boxes [B, N, 4] (already clipped): postprocess's outputs (see there)."""
   keep, kept = batched_nms(boxes, scores, classes, valid, iou_threshold=nms_iou, max_output=max_detections)
   gather = lambda x: jnp.take_along_axis(x, keep, axis=1)
   return dict(
@@ -190,7 +200,7 @@ def postprocess(
   cls_logits,
   boxes,
   level_counts: Sequence[int],
-  image_hw: Sequence[int],
+  image_sizes,
   *,
   score_threshold: float = 0.05,
   topk_per_level: int = 1000,
@@ -199,22 +209,23 @@ def postprocess(
 ) -> dict:
   """Detections from decoded boxes and class logits (torchvision's RetinaNet postprocess_detections).
 
-  Per level: the top `topk_per_level` (anchor, class) pairs by sigmoid score among those above `score_threshold`
-  become candidates; equal scores are taken in flattened order (anchor * K + class), lower first
-  (`select_candidates`: the same pairs as one top-k over all anchors x classes, without sorting them all).
-  Candidate boxes are clipped to the image, then class-aware NMS keeps the best `max_detections`.
+  Boxes are first clipped to each image's own size, so padding never holds a detection: an anchor whose box lies
+  outside the image (empty once clipped) takes no candidate slot. Per level: the top `topk_per_level` (anchor, class)
+  pairs by sigmoid score among those above `score_threshold` become candidates; equal scores are taken in flattened
+  order (anchor * K + class), lower first (`select_candidates`: the same pairs as one top-k over all anchors x
+  classes, without sorting them all). Then class-aware NMS keeps the best `max_detections`.
 
   Args:
     cls_logits: [B, A, K] (float32 or bfloat16); boxes: [B, A, 4] decoded x1y1x2y2; level_counts: anchors per
       level (sum = A).
-    image_hw: the (static) model input size boxes are clipped to.
+    image_sizes: [B, 2] int (h, w) of each image inside the (padded) input, or one static (h, w) for all.
   Returns dict: boxes [B, D, 4] float32, scores [B, D] float32 (the sigmoid of the logit), classes [B, D] int32,
     valid [B, D] bool, by descending score; zeros where not valid.
   """
   if sum(level_counts) != cls_logits.shape[1]:
     raise ValueError(f'level_counts sum to {sum(level_counts)}, logits have {cls_logits.shape[1]} anchors')
-  scores, anchors, classes, valid = select_candidates(cls_logits, level_counts, topk_per_level, score_threshold)
-  boxes = jnp.take_along_axis(jnp.asarray(boxes, jnp.float32), anchors[..., None], axis=1)
-  return detections_from_candidates(
-    boxes, scores, classes, valid, image_hw, nms_iou=nms_iou, max_detections=max_detections
-  )
+  boxes = clip_to_images(boxes, image_sizes)
+  usable = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+  scores, anchors, classes, valid = select_candidates(cls_logits, level_counts, topk_per_level, score_threshold, usable)
+  boxes = jnp.take_along_axis(boxes, anchors[..., None], axis=1)
+  return detections_from_candidates(boxes, scores, classes, valid, nms_iou=nms_iou, max_detections=max_detections)

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from conret_jax.batch import FIELDS, Batch
 from conret_jax.data import info as info_lib
-from conret_jax.data import preprocess, sources
+from conret_jax.data import preprocess, sizes, sources
 
 BATCH_KEYS = FIELDS
 
@@ -100,9 +100,12 @@ def _finish(refs, load, config, source, *, train, local_batch):
   seed = int(config.train.seed)
   data_config = config.data
   class_table = info_lib.ClassLayout.of(source.info, config).model_class
+  pad_value = sizes.pad_value_of(config.model)
   calls = tf.data.AUTOTUNE if int(data_config.num_parallel_calls) < 0 else int(data_config.num_parallel_calls)
   ds = refs.map(
-    lambda *r: preprocess.preprocess_example(load(*r), data_config, train=train, seed=seed, class_table=class_table),
+    lambda *r: preprocess.preprocess_example(
+      load(*r), data_config, train=train, seed=seed, class_table=class_table, pad_value=pad_value
+    ),
     num_parallel_calls=calls,
     deterministic=True,
   )

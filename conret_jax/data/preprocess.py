@@ -37,9 +37,19 @@ def _resize(image, scale):
   return tf.image.resize(image, new_hw, method='bilinear'), new_hw
 
 
-def _square(image, boxes, data_config, *, train, scale_seed, crop_seed):
-  """Long side to S (times the jitter), a random S x S window when jitter makes it larger, padded to S x S.
-  Returns (image [S, S, 3], boxes, scale)."""
+def pad_to(image, hw, fill):
+  """image [h, w, 3] at the top left of an [H, W, 3] canvas filled with `fill` (RGB, or a scalar). Returns
+  (canvas, (h, w)). The fill is exact: normalized by a mean equal to it, padding is exactly zero."""
+  image_hw = tf.shape(image)[:2]
+  inside = tf.pad(tf.ones(image_hw, tf.bool), [[0, hw[0] - image_hw[0]], [0, hw[1] - image_hw[1]]])
+  canvas = tf.pad(image, [[0, hw[0] - image_hw[0]], [0, hw[1] - image_hw[1]], [0, 0]])
+  fill = tf.broadcast_to(tf.cast(fill, image.dtype), tf.shape(canvas))
+  return tf.where(inside[..., None], canvas, fill), image_hw
+
+
+def _square(image, boxes, data_config, *, train, scale_seed, crop_seed, fill):
+  """Long side to S (times the jitter), a random S x S window when jitter makes it larger, padded to S x S with
+  `fill`. Returns (image [S, S, 3], boxes, scale, the image's size inside the padding)."""
   size = int(data_config.image_size)
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = size / tf.maximum(hw[0], hw[1])
@@ -59,14 +69,14 @@ def _square(image, boxes, data_config, *, train, scale_seed, crop_seed):
   off = tf.cast(tf.stack([offset[1], offset[0], offset[1], offset[0]]), tf.float32)
   limit = tf.cast(tf.stack([crop_hw[1], crop_hw[0], crop_hw[1], crop_hw[0]]), tf.float32)
   boxes = tf.clip_by_value(boxes - off, 0.0, limit)
-  image = tf.pad(image, [[0, size - tf.shape(image)[0]], [0, size - tf.shape(image)[1]], [0, 0]])
+  image, image_hw = pad_to(image, (size, size), fill)
   image.set_shape([size, size, 3])
-  return image, boxes, scale
+  return image, boxes, scale, image_hw
 
 
-def _short_side(image, boxes, data_config, *, train, scale_seed):
+def _short_side(image, boxes, data_config, *, train, scale_seed, fill):
   """Short side to S (one of short_side_scales in training), long side at most max_size, padded to the landscape
-  or portrait bucket. Returns (image, boxes, scale)."""
+  or portrait bucket with `fill`. Returns (image, boxes, scale, the image's size inside the padding)."""
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   h, w = hw[0], hw[1]
   short = float(data_config.image_size)
@@ -78,13 +88,16 @@ def _short_side(image, boxes, data_config, *, train, scale_seed):
   image, _ = _resize(image, scale)
   shapes = padded_shapes(data_config)
   pad_hw = tf.where(w >= h, tf.constant(shapes['landscape'], tf.int32), tf.constant(shapes['portrait'], tf.int32))
-  image = tf.pad(image, [[0, pad_hw[0] - tf.shape(image)[0]], [0, pad_hw[1] - tf.shape(image)[1]], [0, 0]])
-  return image, boxes * scale, scale
+  image, image_hw = pad_to(image, pad_hw, fill)
+  return image, boxes * scale, scale, image_hw
 
 
-def preprocess_example(raw: dict, data_config, *, train: bool, seed: int, class_table=None) -> dict:
+def preprocess_example(
+  raw: dict, data_config, *, train: bool, seed: int, class_table=None, pad_value=(0.0, 0.0, 0.0)
+) -> dict:
   """raw example (layout above) -> one batch row; train enables flip and scale jitter. `class_table` [C] int32 maps
-  the source's contiguous category numbers to the model's classes (data.info.ClassLayout.model_class; None: as is)."""
+  the source's contiguous category numbers to the model's classes (data.info.ClassLayout.model_class; None: as is).
+  `pad_value`: the RGB value padding takes (`pad_value_of`: the model's pixel mean, which it normalizes to zero)."""
   image = decode.decode_image(raw['image_data'])
   hw = tf.shape(image)[:2]
   boxes, valid = raw['boxes'], raw['valid']
@@ -97,9 +110,13 @@ def preprocess_example(raw: dict, data_config, *, train: bool, seed: int, class_
       lambda: (image, boxes),
     )
   if data_config.resize == 'square':
-    image, boxes, scale = _square(image, boxes, data_config, train=train, scale_seed=scale_seed, crop_seed=crop_seed)
+    image, boxes, scale, image_hw = _square(
+      image, boxes, data_config, train=train, scale_seed=scale_seed, crop_seed=crop_seed, fill=pad_value
+    )
   else:
-    image, boxes, scale = _short_side(image, boxes, data_config, train=train, scale_seed=scale_seed)
+    image, boxes, scale, image_hw = _short_side(
+      image, boxes, data_config, train=train, scale_seed=scale_seed, fill=pad_value
+    )
 
   classes = raw['classes'] if class_table is None else tf.gather(tf.constant(class_table, tf.int32), raw['classes'])
   # Boxes cropped away entirely (zero area) stop being ground truth; padding rows stay zero.
@@ -114,5 +131,6 @@ def preprocess_example(raw: dict, data_config, *, train: bool, seed: int, class_
     'image_id': tf.where(raw['example_valid'], tf.cast(raw['image_id'], tf.int32), -1),
     'orig_hw': tf.cast(hw, tf.int32),
     'scale': tf.cast(scale, tf.float32),
+    'input_hw': tf.cast(image_hw, tf.int32),
     'example_valid': raw['example_valid'],
   }

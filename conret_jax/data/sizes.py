@@ -37,3 +37,10 @@ def short_side_scales(data_config) -> tuple[int, ...]:
   low, high = (float(v) for v in data_config.scale_jitter)
   scales = [s for s in range(size, 0, -SCALE_STEP) if low * size - 1e-6 <= s <= high * size + 1e-6]
   return tuple(sorted(scales)) or (size,)
+
+
+def pad_value_of(model_config) -> tuple:
+  """The RGB value (0..255) padding takes: config.model.pad_pixels 'mean' is the normalization's mean, which the
+  network sees as zero (torchvision and Detectron pad the normalized image with zeros); 'black' is 0, what runs
+  trained before the key existed saw."""
+  return tuple(float(v) for v in model_config.pixel_mean) if model_config.pad_pixels == 'mean' else (0.0, 0.0, 0.0)

@@ -23,6 +23,8 @@ for _module in (
 
 from conret_jax.cli import predict  # noqa: E402 (after the importorskip above)
 from conret_jax.data.info import ClassLayout  # noqa: E402 (after the importorskip above)
+from conret_jax.data.sizes import pad_value_of  # noqa: E402 (after the importorskip above)
+from conret_jax.predictor import prepare_image  # noqa: E402 (after the importorskip above)
 from conret_jax.train import restore  # noqa: E402 (after the importorskip above)
 
 
@@ -41,22 +43,23 @@ def test_restore_for_inference_on_one_device(trained_workdir, make_tiny_config):
 def test_prepare_image_matches_eval_resize(make_tiny_config):
   config = make_tiny_config()
   rs = np.random.RandomState(0)
+  mean = (123.5, 116.25, 103.75)
   small = rs.randint(0, 256, (64, 128, 3)).astype(np.uint8)  # long side already 128: scale 1, pad below
-  padded, scale = predict.prepare_image(small, config.data)
-  assert scale == 1.0 and padded.shape == (128, 128, 3)
+  padded, scale, hw = prepare_image(small, config.data, mean)
+  assert scale == 1.0 and padded.shape == (128, 128, 3) and hw == (64, 128)
   np.testing.assert_allclose(padded[:64], small, atol=1e-4)
-  assert not padded[64:].any()
+  assert np.all(padded[64:] == np.asarray(mean, np.float32))  # the padding takes the given value, exactly
 
   big = rs.randint(0, 256, (256, 128, 3)).astype(np.uint8)  # scale 0.5: bilinear = mean of 2x2 blocks
-  padded, scale = predict.prepare_image(big, config.data)
-  assert scale == 0.5
+  padded, scale, hw = prepare_image(big, config.data)
+  assert scale == 0.5 and hw == (128, 64)
   blocks = big.astype(np.float64).reshape(128, 2, 64, 2, 3).mean(axis=(1, 3))
   np.testing.assert_allclose(padded[:, :64], blocks, atol=1e-3)
   assert not padded[:, 64:].any()
 
   config.data.resize, config.data.image_size, config.data.max_size = 'short_side', 128, 256
-  padded, scale = predict.prepare_image(rs.randint(0, 256, (100, 150, 3)).astype(np.uint8), config.data)
-  assert scale == pytest.approx(1.28) and padded.shape == (128, 256, 3)
+  padded, scale, hw = prepare_image(rs.randint(0, 256, (100, 150, 3)).astype(np.uint8), config.data)
+  assert scale == pytest.approx(1.28) and padded.shape == (128, 256, 3) and hw == (128, 192)
   assert padded[:, 192:].max() == 0 and padded[:, 191].max() > 0
 
 
@@ -79,7 +82,9 @@ def test_predict_run_maps_boxes_to_original_pixels(trained_workdir, tmp_path, ma
   paths = _write_images(str(tmp_path / 'in'))
   out = str(tmp_path / 'out')
   layout = ClassLayout('contiguous', 5, (3, 5, 9, 12, 20), ('a', 'b', 'c', 'd', 'e'))
-  entries = predict.run(config, workdir, paths, out, score_threshold=0.0, class_layout=layout)
+  predictor = conret_jax.load(workdir, config=config)
+  predictor.classes = layout
+  entries = predict.run(predictor, paths, out, score_threshold=0.0)
   assert json.load(open(os.path.join(out, 'detections.json'))) == json.loads(json.dumps(entries))
 
   model = conret_jax.build_model(config)
@@ -89,9 +94,9 @@ def test_predict_run_maps_boxes_to_original_pixels(trained_workdir, tmp_path, ma
     assert (entry['height'], entry['width']) == (h, w)
     drawn = np.asarray(Image.open(entry['output']))
     assert drawn.shape == image.shape and (drawn != image).any()
-    # Reference: detect on the padded input, then divide by the scale and clip to the original image.
-    padded, scale = predict.prepare_image(image, config.data)
-    ref = jax.tree.map(np.asarray, conret_jax.detect(model, saved, padded[None], config))
+    # Reference: detect on the padded input with the image's size, then divide by the scale and clip to the image.
+    padded, scale, hw = prepare_image(image, config.data, pad_value_of(config.model))
+    ref = jax.tree.map(np.asarray, conret_jax.detect(model, saved, padded[None], config, image_sizes=np.array([hw])))
     keep = ref['valid'][0]
     assert 1 <= len(entry['detections']) == keep.sum() <= 5
     ref_boxes = np.clip(ref['boxes'][0][keep] / scale, 0, [w, h, w, h])

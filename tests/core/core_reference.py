@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conret_jax.core.nms import detections_from_candidates
+from conret_jax.core.nms import clip_to_images, detections_from_candidates
 
 
 def np_iou(b1, b2):
@@ -78,9 +78,10 @@ def random_boxes(rng, n, lo=0.0, hi=100.0, min_size=1.0, max_size=50.0):
   return np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
 
 
-def flat_topk_candidates(cls_logits, level_counts, topk, score_threshold):
+def flat_topk_candidates(cls_logits, level_counts, topk, score_threshold, usable=None):
   """core.nms.postprocess's candidates up to commit ce92a47 (frozen, do not optimise): per level, one lax.top_k
-  over all its anchors x classes flattened. Same arguments and outputs as core.nms.select_candidates."""
+  over all its anchors x classes flattened; pairs of anchors that are not `usable` [B, A] score -1. Same arguments
+  and outputs as core.nms.select_candidates."""
   num_classes = cls_logits.shape[-1]
   parts = []
   start = 0
@@ -88,6 +89,8 @@ def flat_topk_candidates(cls_logits, level_counts, topk, score_threshold):
     logits = jnp.asarray(cls_logits[:, start : start + count], jnp.float32)
     scores = jax.nn.sigmoid(logits).reshape(logits.shape[0], -1)  # [B, count * K]
     above = scores > score_threshold
+    if usable is not None:
+      above &= jnp.repeat(usable[:, start : start + count], num_classes, axis=1)
     k = min(topk, scores.shape[1])
     top, idx = jax.lax.top_k(jnp.where(above, scores, -1.0), k)
     parts.append((top, start + idx // num_classes, (idx % num_classes).astype(jnp.int32), top > score_threshold))
@@ -106,10 +109,12 @@ def flat_topk_postprocess(
   nms_iou=0.5,
   max_detections=100,
 ):
-  """core.nms.postprocess up to commit ce92a47: flat_topk_candidates, then the (unchanged) clipping and
-  class-aware NMS of core.nms.detections_from_candidates."""
-  scores, anchors, classes, valid = flat_topk_candidates(cls_logits, level_counts, topk_per_level, score_threshold)
-  boxes = jnp.take_along_axis(jnp.asarray(boxes, jnp.float32), anchors[..., None], axis=1)
-  return detections_from_candidates(
-    boxes, scores, classes, valid, image_hw, nms_iou=nms_iou, max_detections=max_detections
+  """core.nms.postprocess with flat_topk_candidates for select_candidates: boxes clipped to each image first,
+  anchors whose box is then empty never candidates, and the class-aware NMS of detections_from_candidates."""
+  boxes = clip_to_images(boxes, image_hw)
+  usable = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+  scores, anchors, classes, valid = flat_topk_candidates(
+    cls_logits, level_counts, topk_per_level, score_threshold, usable
   )
+  boxes = jnp.take_along_axis(boxes, anchors[..., None], axis=1)
+  return detections_from_candidates(boxes, scores, classes, valid, nms_iou=nms_iou, max_detections=max_detections)

@@ -118,18 +118,22 @@ def test_hypothesis_ties_on_a_grid(raw, scores, classes, valid):
 
 
 def np_postprocess(logits, boxes, counts, hw, thr, k, nms_iou, det):
-  """torchvision postprocess_detections for one image, with ties broken by index."""
+  """torchvision postprocess_detections for one image, with ties broken by index, and boxes clipped to the image
+  (hw) before candidates are chosen: an anchor whose clipped box is empty is never one."""
   num_classes = logits.shape[-1]
   scores = np.asarray(jax.nn.sigmoid(jnp.asarray(logits)))  # same float32 sigmoid as the code under test
+  boxes = np.asarray(boxes, np.float32).copy()
+  boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, hw[1])
+  boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, hw[0])
+  empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
   cb, cs, cc = [], [], []
   start = 0
   for n in counts:
     s = scores[start : start + n].ravel()
-    cand = [i for i in sorted(range(len(s)), key=lambda i: (-s[i], i)) if s[i] > thr][:k]
+    usable = lambda i, start=start: not empty[start + i // num_classes]
+    cand = [i for i in sorted(range(len(s)), key=lambda i: (-s[i], i)) if s[i] > thr and usable(i)][:k]
     for i in cand:
-      box = boxes[start + i // num_classes].copy()
-      box[0::2] = np.clip(box[0::2], 0, hw[1])
-      box[1::2] = np.clip(box[1::2], 0, hw[0])
+      box = boxes[start + i // num_classes]
       cb.append(box)
       cs.append(s[i])
       cc.append(i % num_classes)
@@ -170,6 +174,35 @@ def test_postprocess_matches_reference():
   per = jax.jit(jax.vmap(one))(logits, boxes)
   for key in out:
     np.testing.assert_array_equal(np.asarray(per[key])[:, 0], np.asarray(out[key]))
+
+
+def test_postprocess_clips_to_each_images_own_size():
+  """Images of different true sizes in one padded batch: boxes are clipped to each image's size before candidates
+  are chosen, so a box in the padding never takes a candidate or detection slot, and none comes out empty."""
+  rng = np.random.default_rng(5)
+  counts, num_classes = (60, 20), 3
+  sizes = np.array([[40, 50], [64, 96], [13, 77]], np.int32)
+  a = sum(counts)
+  logits = rng.normal(-2, 2, (3, a, num_classes)).astype(np.float32)
+  centres = rng.uniform(0, 96, (3, a, 2))
+  wh = rng.uniform(2, 30, (3, a, 2))
+  boxes = np.concatenate([centres - wh / 2, centres + wh / 2], -1).astype(np.float32)
+  logits[0, :10] = 6.0  # the best scores of image 0 ...
+  boxes[0, :10] = [60.0, 45.0, 90.0, 60.0]  # ... lie wholly in its padding
+  out = jax.jit(lambda lg, b, hw: postprocess(lg, b, counts, hw, topk_per_level=25, max_detections=12))(
+    logits, boxes, sizes
+  )
+  for b in range(3):
+    wb, ws, wc = np_postprocess(logits[b], boxes[b], counts, tuple(sizes[b]), 0.05, 25, 0.5, 12)
+    n = len(ws)
+    assert np.asarray(out['valid'][b]).tolist() == [True] * n + [False] * (12 - n)
+    np.testing.assert_allclose(np.asarray(out['boxes'][b])[:n], wb, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out['scores'][b])[:n], ws)
+    np.testing.assert_array_equal(np.asarray(out['classes'][b])[:n], wc)
+    got = np.asarray(out['boxes'][b])[:n]
+    assert np.all(got[:, 2] > got[:, 0]) and np.all(got[:, 3] > got[:, 1])  # no empty box
+    assert np.all(got[:, 2] <= sizes[b, 1]) and np.all(got[:, 3] <= sizes[b, 0])
+  assert float(np.asarray(out['scores'][0]).max()) < float(jax.nn.sigmoid(6.0))  # the padding's boxes are gone
 
 
 def test_postprocess_rejects_bad_counts():
