@@ -3,6 +3,7 @@
 import numpy as np
 
 from conret_jax.data import pipeline, tfrecord
+from tests.data import conftest
 from tests.data.conftest import small_config
 from tests.data.test_pipeline import _assert_same, _global, _take
 
@@ -44,6 +45,24 @@ def test_tfrecord_eval_matches_coco_json(rect_dataset, tmp_path):
   json_info = pipeline.dataset_info(json_config.data.eval, json_config, train=False)
   assert info.category_ids == json_info.category_ids == [2, 5, 9] and info.num_examples == 12
   assert info.coco_gt == json_info.coco_gt
+
+
+def test_more_shards_than_readers_keep_the_json_order(tmp_path):
+  """20 shards (more than tf.data's 16 readers used to be): the eval stream is still the json's order, so an eval of
+  the first N images keeps the ground truth of the images it visits."""
+  sizes = [(40 + i, 60) for i in range(21)]
+  annotation_file, image_dir, _ = conftest.write_rect_dataset(str(tmp_path / 'rects'), sizes)
+  tfrecord.main(
+    ['--annotation_file', annotation_file, '--image_dir', image_dir, '--output_prefix', str(tmp_path / 'out' / 'r')]
+    + ['--num_shards', '20']
+  )
+  config = small_config(annotation_file, image_dir, eval_batch=7)
+  config.data.eval.source, config.data.eval.tfrecord_pattern = 'tfrecord', str(tmp_path / 'out' / 'r-*.tfrecord')
+  config.eval.num_images = 18  # past the 16th record, where 16 readers would have started the shards' second round
+  ids = np.concatenate([b['image_id'][b['example_valid']] for b in pipeline.host_batches(config, train=False)])
+  assert ids.tolist() == list(range(100, 118))
+  info = pipeline.dataset_info(config.data.eval, config, train=False)
+  assert sorted(im['id'] for im in info.coco_gt['images']) == ids.tolist()
 
 
 def test_tfrecord_train_hosts_and_resume(rect_dataset, tmp_path):
