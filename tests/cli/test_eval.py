@@ -14,14 +14,14 @@ for _module in (
 ):
   pytest.importorskip(_module)
 
-from conret_jax import defaults, evaluation  # noqa: E402 (after the importorskip above)
+from conret_jax import defaults, eval_files, evaluation  # noqa: E402 (after the importorskip above)
 from conret_jax.cli import eval as eval_cli  # noqa: E402 (after the importorskip above)
 
 
 def test_format_metrics_in_percent_with_a_row_per_class():
   """conret-train and conret-eval print this one table: AP in percent, '-' where undefined."""
   per_class = {'circle': {'category_id': 3, 'AP': 0.5, 'AP50': 0.75, 'AP75': -1.0}}
-  lines = evaluation.format_metrics({'AP': 0.3651, 'APs': -1.0}, per_class, title='run, step 12').splitlines()
+  lines = eval_files.format_metrics({'AP': 0.3651, 'APs': -1.0}, per_class, title='run, step 12').splitlines()
   assert lines[0] == 'run, step 12 (AP in percent)'
   assert lines[1].split() == ['AP', 'APs'] and lines[2].split() == ['36.5', '-']
   assert lines[4].split() == ['class', 'id', 'AP', 'AP50', 'AP75']
@@ -37,10 +37,10 @@ def test_eval_run_on_shapes(trained_workdir, make_tiny_config, tmp_path):
     source='shapes', split='val', num_examples=10, cache_dir=str(tmp_path / 'shapes')
   )
   config.consistent.inference_reg_steps = 1  # inference-only settings may differ from the checkpoint's run
-  step, metrics = eval_cli.run(config, workdir)
-  assert step == 7 and set(metrics) == set(evaluation.METRIC_NAMES)
+  record, metrics = eval_cli.run(config, workdir)
+  assert record.step == 7 and set(metrics) == set(evaluation.METRIC_NAMES)
 
-  out = os.path.join(workdir, 'eval', 'step_7')
+  out = record.directory
   results = json.load(open(os.path.join(out, 'detections.json')))
   info = data_lib.dataset_info(config.data.eval, config, train=False)
   gt_ids = [im['id'] for im in info.coco_gt['images']]

@@ -38,20 +38,22 @@ def np_iou(a, b):
 
 
 def np_postprocess(logits, boxes, level_counts, hw, e):
-  """torchvision RetinaNet.postprocess_detections for one image, in NumPy."""
+  """torchvision RetinaNet.postprocess_detections for one image, in NumPy, with its clipping moved before the
+  candidates are chosen: an anchor whose box is empty once clipped to the image is never a candidate."""
   k = logits.shape[1]
+  boxes = boxes.copy()
+  boxes[:, 0::2] = boxes[:, 0::2].clip(0, hw[1])
+  boxes[:, 1::2] = boxes[:, 1::2].clip(0, hw[0])
+  usable = np.repeat((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]), k)
   cand_boxes, cand_scores, cand_classes = [], [], []
   start = 0
   for count in level_counts:
     scores = (1 / (1 + np.exp(-logits[start : start + count].astype(np.float64)))).ravel()
-    idx = np.nonzero(scores > e.score_threshold)[0]
+    idx = np.nonzero((scores > e.score_threshold) & usable[start * k : (start + count) * k])[0]
     idx = idx[np.argsort(-scores[idx], kind='stable')][: e.topk_per_level]
     cand_scores.append(scores[idx])
     cand_classes.append(idx % k)
-    b = boxes[start + idx // k].copy()
-    b[:, 0::2] = b[:, 0::2].clip(0, hw[1])
-    b[:, 1::2] = b[:, 1::2].clip(0, hw[0])
-    cand_boxes.append(b)
+    cand_boxes.append(boxes[start + idx // k])
     start += count
   b, s, c = (np.concatenate(x) for x in (cand_boxes, cand_scores, cand_classes))
   order = np.argsort(-s, kind='stable')
