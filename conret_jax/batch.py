@@ -3,14 +3,15 @@
 A Batch is a flax.struct.dataclass (a pytree, so it is sharded, donated and traced like a dict), with a leading
 global-batch axis B on every field; M = config.data.max_boxes:
 
-  images         float32 [B, H, W, 3]  RGB in [0, 255], resized and padded at the bottom/right
+  images         float32 [B, H, W, 3]  RGB in [0, 255], resized and padded at the bottom/right ('stretch': no padding)
   boxes          float32 [B, M, 4]     x1y1x2y2 in the resized image's pixels
   classes        int32   [B, M]        the model's class index (config.model.class_layout; 0 on padding rows)
   valid          bool    [B, M]        real annotation rows (crowd rows are valid too)
   crowd          bool    [B, M]        iscrowd rows: never matched as positives
   image_id       int32   [B]           the dataset's image id (-1 for padding examples)
   orig_hw        int32   [B, 2]        original image height, width
-  scale          float32 [B]           resized / original size (same for x and y)
+  scale          float32 [B, 2]        (sy, sx): resized / original height and width; 'square' and 'short_side'
+                                       keep the aspect and repeat one factor, 'stretch' warps to S x S
   input_hw       int32   [B, 2]        the resized image's height, width in `images`; the rest is padding
   example_valid  bool    [B]           False for the examples that pad the last eval batch
 

@@ -15,6 +15,7 @@ from conret_jax.model.conv_lowering import CONV_LOWERINGS
 from conret_jax.model.layers import COMPUTE_DTYPES, MATMUL_PRECISIONS
 
 _RESIZE = sizes.RESIZE_MODES
+_AUGMENTS = ('none', 'ssd')  # data/preprocess.py (which imports TensorFlow)
 _CLASS_LAYOUTS = ('contiguous', 'category_id')
 _SOURCES = ('tfds', 'coco_json', 'tfrecord', 'shapes')  # data/sources.py (which imports TensorFlow)
 _COCO_BACKENDS = ('auto',) + BACKENDS
@@ -30,6 +31,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_model(config.model)
   detectors.validate(config)  # the family's own keys and config.consistent
   _check_data(config.data)
+  _check_augment(config.data)
   _check_input_size(config)
   _check_train(config.train)
   _check_schedule(config.train)
@@ -77,6 +79,26 @@ def _check_data(d) -> None:
   _check(d.max_boxes >= 1, f'config.data.max_boxes={d.max_boxes} must be >= 1')
 
 
+def _check_augment(d) -> None:
+  """SSD's augmentation needs its stretch resize; settings it would ignore or repeat are refused."""
+  _check(d.augment in _AUGMENTS, f'config.data.augment={d.augment!r} must be one of {_AUGMENTS}')
+  _check(
+    d.augment != 'ssd' or d.resize == 'stretch',
+    f"config.data.augment='ssd' needs config.data.resize='stretch' (SSD's warp to image_size x image_size), "
+    f'not {d.resize!r}',
+  )
+  _check(
+    d.resize != 'stretch' or tuple(d.scale_jitter) == (1.0, 1.0),
+    f"config.data.scale_jitter={tuple(d.scale_jitter)} would do nothing with config.data.resize='stretch' (every "
+    f"image is warped to image_size x image_size); augment='ssd' varies the scale by its zoom-out and crop",
+  )
+  _check(
+    d.augment != 'ssd' or not d.random_flip,
+    "config.data.random_flip=True with config.data.augment='ssd' would flip twice (the SSD augmentation flips "
+    'itself, p 0.5): set config.data.random_flip=False',
+  )
+
+
 def _check_input_size(config: ml_collections.ConfigDict) -> None:
   """Every padded shape the pipeline produces must be one the detector takes."""
   d = config.data
@@ -88,7 +110,7 @@ def _check_input_size(config: ml_collections.ConfigDict) -> None:
   )
   for name, hw in sizes.padded_shapes(d).items():
     problem = rule.problem(hw)
-    if problem and d.resize == 'square' and not rule.fixed:
+    if problem and d.resize in ('square', 'stretch') and not rule.fixed:
       side = max(rule.multiple, d.image_size // rule.multiple * rule.multiple)
       problem = f'{problem}; try {side}'
     _check(not problem, f'config.data.image_size={d.image_size} ({d.resize}, {name} inputs): {problem}')

@@ -135,8 +135,14 @@ def _consistent() -> ml_collections.ConfigDict:
 def _data() -> ml_collections.ConfigDict:
   """config.data: the input pipeline and its two sources."""
   d = ml_collections.ConfigDict()
-  d.image_size = 512  # square: the padded side; short_side: the short side
-  d.resize = 'square'  # 'square' (long side to image_size, pad to square) | 'short_side' (Detectron)
+  d.image_size = 512  # square: the padded side; short_side: the short side; stretch: the side of the S x S input
+  # 'square' (long side to image_size, pad to square) | 'short_side' (Detectron) | 'stretch' (warped to
+  # image_size x image_size, aspect not kept, no padding: SSD)
+  d.resize = 'square'
+  # Training augmentation beyond random_flip and scale_jitter: 'none' | 'ssd' (SSD's photometric distortion,
+  # zoom-out onto a pixel_mean canvas, min-IoU crop and its own flip: conret_jax/data/ssd_augment.py; needs
+  # resize='stretch', random_flip=False and no scale_jitter).
+  d.augment = 'none'
   d.max_size = 1333  # short_side: cap on the long side
   # Training scale jitter (Table 6), (low, high): square: the scale times a random factor in [low, high]; short_side
   # (high <= 1): the short side drawn from image_size - k * 32 within [low, high] * image_size (Detectron).

@@ -38,7 +38,7 @@ def detections_to_coco(dets: dict, batch: dict, category_of: Sequence[int]) -> l
   Args:
     dets: numpy dict: boxes [B, D, 4] float x1y1x2y2 in model-input pixels, scores [B, D], classes [B, D] int
       model class index, valid [B, D] bool.
-    batch: numpy dict with image_id [B], scale [B] (resized / original), orig_hw [B, 2] (height, width),
+    batch: numpy dict with image_id [B], scale [B, 2] (sy, sx: resized / original), orig_hw [B, 2] (height, width),
       example_valid [B] bool (False for padding examples).
     category_of: [K] the dataset's category id of each model class, -1 for a class that is none of them
       (`data.info.ClassLayout.category_of`; for the contiguous layout simply the sorted category ids).
@@ -67,14 +67,16 @@ def detections_to_coco(dets: dict, batch: dict, category_of: Sequence[int]) -> l
 
 
 def to_image_coords(boxes, scale, image_hw) -> np.ndarray:
-  """Boxes in model-input pixels -> the original image's pixels: divided by the resize scale, clipped to the image.
+  """Boxes in model-input pixels -> the original image's pixels: x / sx and y / sy, clipped to the image.
 
-  boxes [..., N, 4] x1y1x2y2; scale [...] (one factor; or [..., 2] (sy, sx) for a stretching resize); image_hw
-  [..., 2] (h, w). Returns float64 [..., N, 4]."""
+  boxes [..., N, 4] x1y1x2y2; scale [..., 2] (sy, sx), Batch.scale's layout; image_hw [..., 2] (h, w). Returns
+  float64 [..., N, 4]."""
   boxes = np.asarray(boxes, np.float64)
   scale = np.asarray(scale, np.float64)
   hw = np.asarray(image_hw, np.float64)
-  sy, sx = (scale[..., 0], scale[..., 1]) if scale.shape[-1:] == (2,) and scale.ndim == hw.ndim else (scale, scale)
+  if scale.shape != hw.shape:  # a [B] scale of one factor per image would be read as pairs without complaint
+    raise ValueError(f'scale {scale.shape} must be (sy, sx) per image, the shape of image_hw {hw.shape}')
+  sy, sx = scale[..., 0], scale[..., 1]
   factor = np.stack([sx, sy, sx, sy], axis=-1)[..., None, :]
   limits = np.stack([hw[..., 1], hw[..., 0], hw[..., 1], hw[..., 0]], axis=-1)[..., None, :]
   return np.clip(boxes / factor, 0.0, limits)
@@ -92,7 +94,7 @@ def coco_gt_from_batches(gt_rows: list[dict], classes) -> dict:
 
   Args:
     gt_rows: host batches holding boxes [B, M, 4] (model-input pixels), classes [B, M] (indices of `classes`),
-      valid [B, M], crowd [B, M], image_id [B], scale [B], orig_hw [B, 2], example_valid [B].
+      valid [B, M], crowd [B, M], image_id [B], scale [B, 2] (sy, sx), orig_hw [B, 2], example_valid [B].
     classes: the evaluation's `data.info.EvalClasses`.
   Areas are box areas (COCO's are mask areas), so APs/APm/APl can differ slightly from an official evaluation.
   """
@@ -103,8 +105,7 @@ def coco_gt_from_batches(gt_rows: list[dict], classes) -> dict:
       h, w = (int(v) for v in rows['orig_hw'][b])
       image_id = int(rows['image_id'][b])
       images.append({'id': image_id, 'height': h, 'width': w})
-      boxes = np.asarray(rows['boxes'][b], np.float64) / float(rows['scale'][b])
-      boxes = np.clip(boxes, 0.0, [w, h, w, h])
+      boxes = to_image_coords(rows['boxes'][b], rows['scale'][b], (h, w))
       for m in np.flatnonzero(np.asarray(rows['valid'][b], bool)):
         x1, y1, x2, y2 = (float(v) for v in boxes[m])
         annotations.append(

@@ -6,9 +6,10 @@
                 'category_ids': [N] int64 (the dataset's ids, as in detections.json), 'names': [N] str}
 
 Each image is prepared exactly as the eval pipeline prepares it (`prepare_image`: the same scale rule, TF's bilinear
-resize, padding with config.model.pad_pixels' value), run through `conret_jax.detect` with its true size (so the
-padding holds no detection), and its boxes are mapped back to its own pixels (`evaluation.to_image_coords`). Class
-ids and names are those the run was trained on (run.json). conret-predict and conret-export are built on it.
+resize, padding with config.model.pad_pixels' value; 'stretch': the pipeline's own S x S warp), run through
+`conret_jax.detect` with its true size (so the padding holds no detection), and its boxes are mapped back to its own
+pixels (`evaluation.to_image_coords`, x / sx and y / sy). Class ids and names are those the run was trained on
+(run.json). conret-predict and conret-export are built on it.
 """
 
 import dataclasses
@@ -19,19 +20,23 @@ from conret_jax import evaluation
 from conret_jax.data.info import ClassLayout
 
 
-def prepare_image(image: np.ndarray, data_config, pad_value=(0.0, 0.0, 0.0)) -> tuple[np.ndarray, float, tuple]:
-  """One image as the eval pipeline feeds it: resized (TF bilinear) and padded at the bottom/right.
+def prepare_image(image: np.ndarray, data_config, pad_value=(0.0, 0.0, 0.0)) -> tuple[np.ndarray, np.ndarray, tuple]:
+  """One image as the eval pipeline feeds it: resized (TF bilinear) and padded at the bottom/right ('stretch':
+  warped to S x S, nothing padded).
 
   Args:
     image: uint8 [H, W, 3] RGB.
     pad_value: RGB (0..255) the padding takes (data.sizes.pad_value_of(config.model)).
   Returns:
-    (float32 [Hp, Wp, 3] on the 0..255 scale, scale = resized / original, (h, w) of the resized image in it).
+    (float32 [Hp, Wp, 3] on the 0..255 scale, scale float32 [2] (sy, sx) = resized / original as in Batch.scale,
+    (h, w) of the resized image in it).
   """
   import tensorflow as tf
 
   from conret_jax.data import sizes
 
+  if data_config.resize == 'stretch':
+    return _stretched(image, data_config)
   h, w = image.shape[:2]
   shapes = sizes.padded_shapes(data_config)
   size = float(data_config.image_size)
@@ -46,7 +51,19 @@ def prepare_image(image: np.ndarray, data_config, pad_value=(0.0, 0.0, 0.0)) -> 
   padded = np.empty(tuple(pad_hw) + (3,), np.float32)
   padded[...] = np.asarray(pad_value, np.float32)
   padded[: new_hw[0], : new_hw[1]] = resized
-  return padded, float(scale), (int(new_hw[0]), int(new_hw[1]))
+  return padded, np.full(2, scale, np.float32), (int(new_hw[0]), int(new_hw[1]))
+
+
+def _stretched(image: np.ndarray, data_config) -> tuple[np.ndarray, np.ndarray, tuple]:
+  """prepare_image for 'stretch': the eval pipeline's own op (ssd_augment.stretch_resize), so the pixels and the
+  (sy, sx) scale are bit for bit the pipeline's; nothing is padded."""
+  import tensorflow as tf
+
+  from conret_jax.data import ssd_augment
+
+  size = int(data_config.image_size)
+  resized, _, scale = ssd_augment.stretch_resize(tf.constant(image), tf.zeros([0, 4]), size)
+  return resized.numpy(), scale.numpy(), (size, size)
 
 
 @dataclasses.dataclass
@@ -87,7 +104,8 @@ class Predictor:
         results[i] = self._in_image(one, prepared[i][1], images[i].shape[:2], min_score)
     return results
 
-  def _in_image(self, dets: dict, scale: float, image_hw, min_score: float) -> dict:
+  def _in_image(self, dets: dict, scale: np.ndarray, image_hw, min_score: float) -> dict:
+    """One image's detections in its own pixels; scale [2] (sy, sx) from prepare_image."""
     keep = dets['valid'] & (dets['scores'] >= min_score)
     category_of = self.classes.category_of
     keep &= category_of[dets['classes']] >= 0  # classes that are no category (torchvision's background)

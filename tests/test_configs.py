@@ -126,3 +126,34 @@ def test_short_side_jitter_of_table6_is_detectrons_scales():
   from conret_jax import defaults
 
   assert defaults.schedule_steps(c.train) == (500, (90_000, 120_000))
+
+
+def test_ssd_augmentation_needs_its_resize_and_refuses_settings_it_ignores():
+  """augment='ssd' only with resize='stretch' (one line naming both keys); scale_jitter does nothing under
+  'stretch', and random_flip would flip twice under 'ssd' (it flips itself); the plain stretch resize is fine."""
+  from conret_jax import defaults
+
+  c = defaults.base_config()
+  c.data.resize = 'stretch'
+  config_checks.validate(c)  # stretch with augment='none': resize only, random_flip as configured
+  c.data.augment, c.data.random_flip = 'ssd', False
+  config_checks.validate(c)
+  for resize in ('square', 'short_side'):
+    c.data.resize = resize
+    with pytest.raises(config_checks.ConfigError) as e:
+      config_checks.validate(c)
+    message = str(e.value)
+    assert '\n' not in message and "config.data.augment='ssd'" in message
+    assert "config.data.resize='stretch'" in message and repr(resize) in message
+  c.data.resize = 'stretch'
+  c.data.random_flip = True
+  with pytest.raises(config_checks.ConfigError, match='random_flip=True with config.data.augment=.ssd. would flip'):
+    config_checks.validate(c)
+  c.data.random_flip = False
+  for augment in ('ssd', 'none'):
+    c.data.augment, c.data.scale_jitter = augment, (0.5, 2.0)
+    with pytest.raises(config_checks.ConfigError, match=r'scale_jitter=\(0.5, 2.0\) would do nothing with config'):
+      config_checks.validate(c)
+  c.data.augment, c.data.scale_jitter = 'autoaugment', (1.0, 1.0)
+  with pytest.raises(config_checks.ConfigError, match="config.data.augment='autoaugment' must be one of"):
+    config_checks.validate(c)

@@ -29,7 +29,7 @@ def test_detections_to_coco_converts_coordinates_and_drops_padding():
   }
   batch = {
     'image_id': np.array([17, -1], np.int32),
-    'scale': np.array([0.5, 1.0], np.float32),
+    'scale': np.array([[0.5, 0.5], [1.0, 1.0]], np.float32),
     'orig_hw': np.array([[100, 400], [64, 64]], np.int32),
     'example_valid': np.array([True, False]),
   }
@@ -43,6 +43,38 @@ def test_detections_to_coco_converts_coordinates_and_drops_padding():
   assert results[0]['score'] == pytest.approx(0.9, abs=1e-6)
   assert results[1]['score'] == round(float(np.float32(0.123456789)), 5)
   json.dumps(results)  # plain python types only
+
+
+def test_stretched_detections_map_back_per_axis():
+  """resize='stretch' scales x by S / W and y by S / H: detections_to_coco, to_image_coords and coco_gt_from_batches
+  divide x by sx and y by sy and clip to the image, as the NumPy reference does; a one-factor [B] scale is refused
+  rather than read as pairs."""
+  rs = np.random.RandomState(0)
+  orig_hw = np.array([[120, 300], [250, 90]], np.int32)
+  scale = np.float32(96) / orig_hw.astype(np.float32)  # (sy, sx) as the pipeline computes it
+  wh = orig_hw[:, ::-1].astype(np.float64)
+  x1y1 = rs.uniform(0, 0.7, (2, 5, 2)) * wh[:, None]
+  boxes = np.concatenate([x1y1, x1y1 + rs.uniform(0.1, 0.6, (2, 5, 2)) * wh[:, None]], -1)  # some past the edge
+  factor = np.tile(scale[:, ::-1], 2)[:, None].astype(np.float64)  # (sx, sy, sx, sy)
+  stretched = (boxes * factor).astype(np.float32)  # model-input pixels of a 96 x 96 input
+  limits = np.tile(wh, 2)[:, None]
+  want = np.clip(stretched / factor, 0, limits)
+  np.testing.assert_array_equal(evaluation.to_image_coords(stretched, scale, orig_hw), want)
+  np.testing.assert_allclose(want, np.clip(boxes, 0, limits), atol=1e-3)
+
+  dets = {'boxes': stretched, 'scores': np.full((2, 5), 0.5, np.float32), 'classes': np.zeros((2, 5), np.int32)}
+  dets['valid'] = np.ones((2, 5), bool)
+  batch = {'image_id': np.array([1, 2]), 'scale': scale, 'orig_hw': orig_hw, 'example_valid': np.ones(2, bool)}
+  results = evaluation.detections_to_coco(dets, batch, CATEGORY_IDS)
+  xywh = np.concatenate([want[..., :2], want[..., 2:] - want[..., :2]], -1).reshape(-1, 4)
+  assert [r['bbox'] for r in results] == [[round(float(v), 2) for v in row] for row in xywh]
+
+  rows = dict(batch, boxes=stretched, classes=dets['classes'], valid=dets['valid'], crowd=np.zeros((2, 5), bool))
+  names = types.SimpleNamespace(category_of=np.array(CATEGORY_IDS), names=['a', 'b', 'c'])
+  gt = evaluation.coco_gt_from_batches([rows], names)
+  np.testing.assert_allclose([a['bbox'] for a in gt['annotations']], xywh, rtol=1e-12)
+  with pytest.raises(ValueError, match='sy, sx'):
+    evaluation.to_image_coords(stretched, scale[:, 0], orig_hw)
 
 
 def test_torchvision_class_layout_scores_person_as_category_1():
@@ -62,7 +94,7 @@ def test_torchvision_class_layout_scores_person_as_category_1():
   }
   batch = {
     'image_id': np.array([7]),
-    'scale': np.array([1.0], np.float32),
+    'scale': np.array([[1.0, 1.0]], np.float32),
     'orig_hw': np.array([[100, 100]]),
     'example_valid': np.array([True]),
   }
@@ -101,7 +133,7 @@ def _eval_batches(mesh, second_hw=(32, 32)):
   images_gt, batches, outputs = {}, [], []
   for first in (0, 8):
     n_real = 8 if first == 0 else 5
-    scale = rs.uniform(0.4, 1.0, 8).astype(np.float32)
+    scale = rs.uniform(0.4, 1.0, (8, 2)).astype(np.float32)  # (sy, sx), unequal: a 'stretch' resize
     orig_hw = rs.randint(60, 160, (8, 2)).astype(np.int32)
     boxes = np.zeros((8, 4, 4), np.float32)
     classes = rs.randint(0, 3, (8, 4)).astype(np.int32)
@@ -114,7 +146,7 @@ def _eval_batches(mesh, second_hw=(32, 32)):
       for m in range(rs.randint(1, 5)):
         x1, y1 = rs.uniform(0, w - 40), rs.uniform(0, h - 40)
         box = np.array([x1, y1, x1 + rs.uniform(20, 40), y1 + rs.uniform(20, 40)])
-        boxes[b, m] = box * scale[b]
+        boxes[b, m] = box * np.tile(scale[b, ::-1], 2)
         valid[b, m] = True
         anns.append((CATEGORY_IDS[classes[b, m]], [box[0], box[1], box[2] - box[0], box[3] - box[1]], 0))
       images_gt[image_id] = (int(h), int(w), anns)
@@ -243,7 +275,7 @@ ev = np.arange(8) < 7
 glob = {'images': np.full((8, 128, 128, 3), 50, np.float32), 'boxes': boxes, 'classes': classes,
         'valid': np.ones((8, 2), bool), 'crowd': np.zeros((8, 2), bool),
         'image_id': np.where(ev, np.arange(8) + 1, -1).astype(np.int32), 'orig_hw': np.full((8, 2), 256, np.int32),
-        'scale': np.full(8, 0.5, np.float32), 'example_valid': ev}
+        'scale': np.full((8, 2), 0.5, np.float32), 'example_valid': ev}
 rows = slice(4 * pid, 4 * pid + 4)
 to_global = lambda x: jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 batch = {k: to_global(v) for k, v in glob.items()}

@@ -3,8 +3,9 @@
 Position = step. Training runs in epochs of `batches_per_epoch` global batches (bpe = N // B - (buckets - 1), the
 same every epoch). Step t is batch t % bpe of epoch t // bpe. Indexed sources draw epoch e's order from
 np.random.RandomState([seed, e]); streamed sources from a tf.data shuffle seeded by (seed, e). Images are grouped
-into batches of one padded shape (one bucket for 'square', landscape/portrait for 'short_side'); a batch is emitted
-when its bucket fills, and the first bpe of them make the epoch (bpe is always reachable, see _epoch_plan).
+into batches of one padded shape (one bucket for 'square' and 'stretch', landscape/portrait for 'short_side'); a
+batch is emitted when its bucket fills, and the first bpe of them make the epoch (bpe is always reachable, see
+_epoch_plan).
 Augmentation is seeded by (seed, global example index = e * N + position in epoch e's order). Restoring at step t
 skips straight to (epoch, batch): nothing before it is decoded (streamed sources read, but do not decode, the
 records of the skipped batches of that one epoch).
@@ -56,7 +57,7 @@ def _host_slice(global_batch: int, process_index: int, process_count: int) -> sl
 
 
 def _buckets_of(table, data_config) -> np.ndarray:
-  if data_config.resize == 'square':
+  if num_buckets(data_config) == 1:
     return np.zeros(len(table), np.int64)
   return (table.widths < table.heights).astype(np.int64)
 
@@ -101,10 +102,17 @@ def _finish(refs, load, config, source, *, train, local_batch):
   data_config = config.data
   class_table = info_lib.ClassLayout.of(source.info, config).model_class
   pad_value = sizes.pad_value_of(config.model)
+  pixel_mean = tuple(float(v) for v in config.model.pixel_mean)
   calls = tf.data.AUTOTUNE if int(data_config.num_parallel_calls) < 0 else int(data_config.num_parallel_calls)
   ds = refs.map(
     lambda *r: preprocess.preprocess_example(
-      load(*r), data_config, train=train, seed=seed, class_table=class_table, pad_value=pad_value
+      load(*r),
+      data_config,
+      train=train,
+      seed=seed,
+      class_table=class_table,
+      pad_value=pad_value,
+      pixel_mean=pixel_mean,
     ),
     num_parallel_calls=calls,
     deterministic=True,
@@ -153,10 +161,10 @@ def _streamed_dataset(source, config, *, train, process_index, process_count, st
   batch = int(config.train.global_batch_size if train else config.eval.global_batch_size)
   sl = _host_slice(batch, process_index, process_count)
   n, seed = source.num_examples, int(config.train.seed)
-  square = data_config.resize == 'square'
+  one_bucket = num_buckets(data_config) == 1
 
   def key(raw):
-    return tf.constant(0, tf.int64) if square else preprocess.orientation(raw['height'], raw['width'])
+    return tf.constant(0, tf.int64) if one_bucket else preprocess.orientation(raw['height'], raw['width'])
 
   def with_index(offset):
     return lambda k, raw: dict(raw, index=offset + k, example_valid=tf.constant(True))

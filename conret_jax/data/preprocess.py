@@ -1,4 +1,6 @@
 """Per-example preprocessing on the host (tf.data): decode, random flip, resize + pad, ground truth padding.
+Resize 'stretch' warps to S x S instead (data/ssd_augment.py), with SSD's augmentation in training when
+config.data.augment='ssd'.
 
 Input is a "raw example" (every source produces this layout; M = config.data.max_boxes):
   image_data string (encoded bytes), image_id int64, height/width int32, boxes [M, 4] float32 x1y1x2y2 in original
@@ -6,12 +8,15 @@ Input is a "raw example" (every source produces this layout; M = config.data.max
 Output is one row of a batch in the batch layout of conret_jax/data/__init__.py.
 
 Randomness is stateless, seeded by (seed, index): the same example at the same global position gets the same flip
-and jitter whichever host decodes it and however often the pipeline is restarted.
+and jitter whichever host decodes it and however often the pipeline is restarted. The key splits into four seeds:
+flip, scale jitter and crop (square, short_side), then SSD's augmentation; a split's first rows do not depend on
+how many are drawn, so the first three are those of the three-way split that came before SSD (test_preprocess
+checks it).
 """
 
 import tensorflow as tf
 
-from conret_jax.data import decode
+from conret_jax.data import decode, ssd_augment
 from conret_jax.data.sizes import padded_shapes, short_side_scales
 
 
@@ -92,24 +97,45 @@ def _short_side(image, boxes, data_config, *, train, scale_seed, fill):
   return image, boxes * scale, scale, image_hw
 
 
+def _stretch(image, raw, boxes, data_config, *, train, seed, mean):
+  """S x S, aspect not kept (ssd_augment.stretch): SSD's augmentation when training with augment='ssd', else the
+  plain resize. Returns (image [S, S, 3], boxes, valid (rows the crop dropped are invalid), scale [2] (sy, sx))."""
+  gt = {'boxes': boxes, 'classes': raw['classes'], 'crowd': raw['crowd'], 'valid': raw['valid']}
+  augment = train and data_config.augment == 'ssd'
+  image, gt, scale = ssd_augment.stretch(image, gt, data_config, train=augment, seed=seed, mean=mean)
+  return image, gt['boxes'], gt['valid'], scale
+
+
 def preprocess_example(
-  raw: dict, data_config, *, train: bool, seed: int, class_table=None, pad_value=(0.0, 0.0, 0.0)
+  raw: dict,
+  data_config,
+  *,
+  train: bool,
+  seed: int,
+  class_table=None,
+  pad_value=(0.0, 0.0, 0.0),
+  pixel_mean=(0.0, 0.0, 0.0),
 ) -> dict:
-  """raw example (layout above) -> one batch row; train enables flip and scale jitter. `class_table` [C] int32 maps
-  the source's contiguous category numbers to the model's classes (data.info.ClassLayout.model_class; None: as is).
-  `pad_value`: the RGB value padding takes (`pad_value_of`: the model's pixel mean, which it normalizes to zero)."""
+  """raw example (layout above) -> one batch row; train enables flip and scale jitter (or SSD's augmentation).
+  `class_table` [C] int32 maps the source's contiguous category numbers to the model's classes
+  (data.info.ClassLayout.model_class; None: as is). `pad_value`: the RGB value padding takes (`pad_value_of`: the
+  model's pixel mean, which it normalizes to zero). `pixel_mean`: RGB 0..255, the fill of SSD's zoom-out canvas
+  (config.model.pixel_mean, as Caffe and torchvision fill it)."""
   image = decode.decode_image(raw['image_data'])
   hw = tf.shape(image)[:2]
   boxes, valid = raw['boxes'], raw['valid']
   key = tf.stack([tf.cast(seed, tf.int64), raw['index']])
-  flip_seed, scale_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+  flip_seed, scale_seed, crop_seed, ssd_seed = tf.unstack(tf.random.experimental.stateless_split(key, 4))
   if train and data_config.random_flip:
     image, boxes = tf.cond(
       _uniform(flip_seed) < 0.5,
       lambda: flip_horizontal(image, boxes, tf.cast(hw[1], tf.float32)),
       lambda: (image, boxes),
     )
-  if data_config.resize == 'square':
+  if data_config.resize == 'stretch':
+    image, boxes, valid, scale = _stretch(image, raw, boxes, data_config, train=train, seed=ssd_seed, mean=pixel_mean)
+    image_hw = tf.shape(image)[:2]
+  elif data_config.resize == 'square':
     image, boxes, scale, image_hw = _square(
       image, boxes, data_config, train=train, scale_seed=scale_seed, crop_seed=crop_seed, fill=pad_value
     )
@@ -130,7 +156,7 @@ def preprocess_example(
     'crowd': raw['crowd'] & valid,
     'image_id': tf.where(raw['example_valid'], tf.cast(raw['image_id'], tf.int32), -1),
     'orig_hw': tf.cast(hw, tf.int32),
-    'scale': tf.cast(scale, tf.float32),
+    'scale': tf.broadcast_to(tf.cast(scale, tf.float32), [2]),  # (sy, sx); one factor repeated but for 'stretch'
     'input_hw': tf.cast(image_hw, tf.int32),
     'example_valid': raw['example_valid'],
   }

@@ -4,16 +4,19 @@ The model compiles one program per padded shape, so every batch must come in one
   square      {'square': (S, S)}: the long side resized to S (times the scale jitter), padded to S x S
   short_side  {'landscape': (S', L'), 'portrait': (L', S')}: the short side resized to S, the long side capped
               at max_size (Detectron), both padded up to multiples of PAD_MULTIPLE (S', L')
+  stretch     {'square': (S, S)}: warped to S x S, aspect not kept, nothing padded (SSD's resize); the bucket is
+              named by its shape, as for 'square', since the model and the batching see the same S x S input
 Scale jitter in training: 'square' multiplies the scale by a random factor in scale_jitter (and crops what falls
 outside S x S); 'short_side' draws each image's short side from `short_side_scales` (Detectron's multi-scale
-training, e.g. 640..800 in steps of 32 for scale 800 and jitter (0.8, 1.0)), so its buckets stay those of S.
+training, e.g. 640..800 in steps of 32 for scale 800 and jitter (0.8, 1.0)), so its buckets stay those of S;
+'stretch' takes none (config.data.augment='ssd' varies scale and framing by its own zoom-out and crop).
 """
 
 import math
 
 PAD_MULTIPLE = 128  # padded sides are multiples of the largest FPN stride (2**7)
 SCALE_STEP = 32  # short_side jitter: training short sides are image_size - k * 32 (Detectron's SCALES)
-RESIZE_MODES = ('square', 'short_side')
+RESIZE_MODES = ('square', 'short_side', 'stretch')
 
 
 def round_up(x: int, multiple: int = PAD_MULTIPLE) -> int:
@@ -22,7 +25,7 @@ def round_up(x: int, multiple: int = PAD_MULTIPLE) -> int:
 
 def padded_shapes(data_config) -> dict:
   """The static input shapes this config produces: {'square': (S, S)} or {'landscape': .., 'portrait': ..}."""
-  if data_config.resize == 'square':
+  if data_config.resize in ('square', 'stretch'):
     return {'square': (int(data_config.image_size), int(data_config.image_size))}
   if data_config.resize == 'short_side':
     short, long = round_up(int(data_config.image_size)), round_up(int(data_config.max_size))

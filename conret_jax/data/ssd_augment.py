@@ -289,8 +289,9 @@ def ssd_eval_resize(image, gt: dict, *, size: int):
 
 
 def stretch(image, gt: dict, data_config, *, train: bool, seed, mean):
-  """The 'stretch' resize of preprocess_example (not wired in yet): SSD augmentation in training, the plain S x S
-  resize at evaluation; S = data_config.image_size. -> (image [S, S, 3], gt, scale [2] (sy, sx))."""
+  """The 'stretch' resize of preprocess_example: SSD augmentation with train (preprocess passes it for
+  config.data.augment='ssd' in training), else the plain S x S resize; S = data_config.image_size. -> (image
+  [S, S, 3], gt, scale [2] (sy, sx))."""
   size = int(data_config.image_size)
   if train:
     return ssd_train_augment(image, gt, seed=seed, size=size, mean=mean)

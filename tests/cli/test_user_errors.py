@@ -48,7 +48,7 @@ MISTAKES = [
   (
     'conret-train',
     ['--config=CONFIG', '--workdir=NEW', '--config.data.resize=big'],
-    "config.data.resize='big' must be one of ('square', 'short_side')",
+    "config.data.resize='big' must be one of ('square', 'short_side', 'stretch')",
   ),
   ('conret-train', ['--config=CONFIG', '--workdir=NEW', '--config.train.seed=abc'], '--config.train.seed=abc'),
   ('conret-train', ['--config=CONFIG:steps=x', '--workdir=NEW'], "config argument steps='x': expected int"),

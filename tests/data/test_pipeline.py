@@ -65,9 +65,8 @@ def test_short_side_batches_are_homogeneous_and_padded_to_128(rect_dataset):
     assert batch['images'].shape[1:3] in shapes
     portrait = batch['orig_hw'][:, 0] > batch['orig_hw'][:, 1]
     assert portrait.all() == (batch['images'].shape[1] > batch['images'].shape[2]) and len(set(portrait)) == 1
-    np.testing.assert_allclose(
-      batch['scale'], np.minimum(100 / batch['orig_hw'].min(1), 150 / batch['orig_hw'].max(1)), rtol=1e-6
-    )
+    want = np.minimum(100 / batch['orig_hw'].min(1), 150 / batch['orig_hw'].max(1))
+    np.testing.assert_allclose(batch['scale'], np.stack([want, want], 1), rtol=1e-6)  # (sy, sx)
 
 
 @pytest.mark.parametrize('hosts', [1, 2])

@@ -48,15 +48,17 @@ def test_eval_boxes_match_numpy_reference(rect_dataset):
     for b in np.nonzero(batch['example_valid'])[0]:
       h, w = batch['orig_hw'][b]
       scale = 128 / max(h, w)
-      np.testing.assert_allclose(batch['scale'][b], scale, rtol=1e-6)
+      np.testing.assert_allclose(batch['scale'][b], [scale, scale], rtol=1e-6)  # (sy, sx): one factor, twice
       rects = truth[int(batch['image_id'][b])]
       want = np.array([r[:4] for r in rects], np.float32) * scale
       np.testing.assert_allclose(batch['boxes'][b, : len(rects)], want, rtol=1e-5, atol=1e-4)
       assert not batch['valid'][b, len(rects) :].any() and batch['valid'][b, : len(rects)].all()
       assert not batch['boxes'][b, len(rects) :].any()
-      # Padding (bottom/right) is zero; the image occupies the top-left round(h*s) x round(w*s).
+      # Padding (bottom/right) is the pixel mean (pad_pixels='mean'); the image is the top-left round(h*s) x round(w*s).
       nh, nw = round(h * scale), round(w * scale)
-      assert not batch['images'][b, nh:].any() and not batch['images'][b, :, nw:].any()
+      pad = np.float32(config.model.pixel_mean)
+      assert (batch['images'][b, nh:] == pad).all() and (batch['images'][b, :, nw:] == pad).all()
+      assert (batch['images'][b, nh - 1, : nw - 1] != pad).any(axis=-1).any()
       seen += 1
   assert seen == 12
 
@@ -81,10 +83,10 @@ def test_short_side_jitter_draws_several_scales_within_the_range(rect_dataset):
   for _ in range(6):
     batch = next(it)
     assert batch['images'].shape[1:3] in buckets
-    shorts |= {round(float(min(hw)) * float(s)) for hw, s in zip(batch['orig_hw'], batch['scale'])}
+    shorts |= {round(float(min(hw)) * float(s)) for hw, (s, _) in zip(batch['orig_hw'], batch['scale'])}
   assert len(shorts) >= 2 and shorts <= {64, 96, 128}, shorts
   for batch in pipeline.host_batches(config, train=False):
-    for hw, s, ok in zip(batch['orig_hw'], batch['scale'], batch['example_valid']):
+    for hw, (s, _), ok in zip(batch['orig_hw'], batch['scale'], batch['example_valid']):
       assert not ok or round(float(min(hw)) * float(s)) == 128
 
 
@@ -130,3 +132,54 @@ def test_decode_formats():
   assert got.shape == (16, 16, 3) and np.abs(got - want).mean() < 3
   np.testing.assert_array_equal(decode.image_shape(tf.constant(cmyk)).numpy(), [16, 16])
   np.testing.assert_array_equal(decode.image_shape(tf.constant(_encode(rgb, 'PNG'))).numpy(), [9, 7])
+
+
+def _raw(image, boxes, index):
+  """preprocess_example's input (the layout of preprocess.py's docstring) for one uint8 image and its boxes."""
+  gt = decode.pad_ground_truth(tf.constant(boxes), tf.range(len(boxes)), tf.zeros(len(boxes), tf.bool), 8)
+  return dict(
+    gt,
+    image_data=tf.constant(_encode(image, 'PNG')),
+    image_id=tf.constant(1, tf.int64),
+    height=image.shape[0],
+    width=image.shape[1],
+    index=tf.constant(index, tf.int64),
+    example_valid=tf.constant(True),
+  )
+
+
+@pytest.mark.parametrize('resize', ['square', 'short_side'])
+def test_retinanet_draws_are_those_of_the_three_way_split(resize):
+  """The key (seed, index) now splits four ways (the fourth seeds SSD's augmentation); square and short_side still
+  take the flip and the jitter from the first two seeds of the three-way split they used before, so their batches
+  are unchanged: the scale is S / long side times the jitter (short_side: the drawn short side / short side),
+  repeated as (sy, sx), and the boxes are flipped exactly when the flip seed's draw is below 0.5. Jitter at most 1
+  keeps the image inside S x S, so nothing is cropped and every box is the reference's."""
+  config = small_config('a', 'b', image_size=64)
+  config.data.resize, config.data.max_size, config.data.scale_jitter = resize, 100, (0.5, 1.0)
+  image = np.zeros((40, 70, 3), np.uint8)
+  box = np.array([[10, 5, 30, 20]], np.float32)
+  flips = []
+  for index in range(8):
+    out = preprocess.preprocess_example(_raw(image, box, index), config.data, train=True, seed=3)
+    flip_seed, scale_seed, _ = tf.random.experimental.stateless_split(tf.constant([3, index], tf.int64), 3)
+    if resize == 'square':
+      u = tf.random.stateless_uniform([], seed=scale_seed, minval=0.5, maxval=1.0).numpy()
+      want = np.float32(64) / np.float32(70) * u
+    else:
+      scales = sizes.short_side_scales(config.data)
+      pick = int(tf.random.stateless_uniform([], seed=scale_seed, maxval=len(scales), dtype=tf.int32))
+      want = min(np.float32(scales[pick]) / np.float32(40), np.float32(100) / np.float32(70))
+    np.testing.assert_array_equal(out['scale'].numpy(), [want, want])
+    flips.append(bool(tf.random.stateless_uniform([], seed=flip_seed) < 0.5))
+    x1, y1, x2, y2 = box[0]
+    moved = np.array([70 - x2, y1, 70 - x1, y2], np.float32) if flips[-1] else box[0]
+    np.testing.assert_allclose(out['boxes'].numpy()[0], moved * want, rtol=1e-6)
+  assert set(flips) == {False, True}
+
+
+def test_stretch_has_one_square_bucket():
+  config = small_config('a', 'b')
+  config.data.resize, config.data.image_size = 'stretch', 300
+  assert sizes.padded_shapes(config.data) == {'square': (300, 300)}
+  assert pipeline.num_buckets(config.data) == 1
