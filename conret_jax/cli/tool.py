@@ -96,7 +96,9 @@ def _config_error_message(error: Exception, argv) -> str:
     return f'unknown config key {bad or key}' + (f' ({hint})' if hint else '')
   flag = ''
   if isinstance(error, flags.IllegalFlagValueError):
-    flag = str(error).split(':', 1)[0].replace('flag ', '') + ': '
+    flag = str(error).split(':', 1)[0].replace('flag ', '')
+    # The workdir's saved config: the error names W/config.json; the file that reads it is ours, not the user's.
+    flag = '' if flag.startswith(f'--config={tool_flags.SAVED_CONFIG}') else flag + ': '
   return f'{flag}{type(cause).__name__ if not str(cause) else ""}{cause}'.strip()
 
 
