@@ -32,9 +32,11 @@ def _command(tool) -> list:
 
 
 def _run(tool, args, cwd, timeout=300, **env):
-  env = xla_env.cpu_env(1, **env)
-  env.pop('CONRET_DEBUG', None)
-  return subprocess.run([*_command(tool), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+  """The tool's process, without the caller's CONRET_DEBUG unless `env` sets it."""
+  full = xla_env.cpu_env(1)
+  full.pop('CONRET_DEBUG', None)
+  full.update(env)
+  return subprocess.run([*_command(tool), *args], capture_output=True, text=True, timeout=timeout, env=full, cwd=cwd)
 
 
 MISTAKES = [
@@ -358,3 +360,36 @@ def test_a_model_changed_by_overrides_of_the_saved_config_is_not_blamed_on_confi
   line = _one_line_error(proc, 'conret-eval')
   assert line.startswith('conret-eval: error: --config describes a different model than the one trained'), line
   assert line.endswith("Leave out --config to use the run's own config.json."), line
+
+
+IMPORT_MISTAKES = [
+  ('output exists', ['--input=r18.npz', '--output=HERE'], 'conret-import: error: --output HERE already exists'),
+  ('no format', ['--input=r18.npz', '--output=new'], 'the following arguments are required: --format'),
+  ('bad format', ['--format=onnx', '--input=r18.npz', '--output=new'], "argument --format: invalid choice: 'onnx'"),
+  ('unknown flag', ['--input=r18.npz', '--output=new', '--stpe=3'], 'unrecognized arguments: --stpe=3'),
+]
+
+
+@pytest.mark.parametrize('case,args,message', IMPORT_MISTAKES, ids=[m[0] for m in IMPORT_MISTAKES])
+def test_conret_import_mistakes_are_one_line_without_usage(tmp_path, case, args, message):
+  """argparse's own errors too: one `conret-import: error:` line (no usage line above it), exit status 2."""
+  args = [a.replace('HERE', str(tmp_path)) for a in args]
+  if case != 'no format' and not any(a.startswith('--format') for a in args):
+    args.insert(0, '--format=torchvision_resnet')
+  proc = _run('conret-import', args, tmp_path, timeout=60)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith('conret-import: error: ') and proc.stderr.count('\n') == 1, proc.stderr
+  assert message.replace('HERE', str(tmp_path)) in proc.stderr, proc.stderr
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('how', ['--debug', 'CONRET_DEBUG=1'])
+def test_conret_import_debug_shows_the_traceback(tmp_path, how):
+  """As for the absl tools: a user error's traceback with --debug or CONRET_DEBUG=1."""
+  args = ['--format=torchvision_resnet', '--input=r18.npz', f'--output={tmp_path}']
+  env = {'CONRET_DEBUG': '1'} if how.startswith('CONRET_DEBUG') else {}
+  proc = _run('conret-import', [*args, how] if how == '--debug' else args, tmp_path, timeout=60, **env)
+  assert proc.returncode != 0 and 'Traceback' in proc.stderr, proc.stderr
+  assert proc.stderr.rstrip().splitlines()[-1].startswith('conret_jax.errors.WorkdirError: --output'), proc.stderr
+  proc = _run('conret-import', [*args[1:], how] if how == '--debug' else args[1:], tmp_path, timeout=60, **env)
+  assert 'Traceback' in proc.stderr and 'the following arguments are required: --format' in proc.stderr, proc.stderr
