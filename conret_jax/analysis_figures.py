@@ -22,8 +22,23 @@ def _title(runs: list, what: str) -> str:
 
 
 def _caption(fig, text: str) -> None:
-  if text:
-    fig.text(0.01, 0.01, textwrap.fill(text, 190), fontsize=8, va='bottom')
+  """`text` at the bottom left, wrapped to the figure's width as drawn.
+
+  Wrapping at a fixed number of characters cut the caption off at the right edge of the narrower single-run
+  localization figure, so the line length is shortened until the drawn text fits within the figure's side margins.
+  """
+  if not text:
+    return
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # measures text as savefig will draw it
+
+  renderer = FigureCanvasAgg(fig).get_renderer()
+  artist = fig.text(0.01, 0.01, text, fontsize=8, va='bottom')
+  right = 0.99 * fig.bbox.width
+  width = len(text)
+  while artist.get_window_extent(renderer).x1 > right and width > 1:
+    box = artist.get_window_extent(renderer)
+    width = max(1, min(width - 1, int(width * (right - box.x0) / box.width)))
+    artist.set_text(textwrap.fill(text, width))
 
 
 def _counts(ax, runs, fig: str, edges: str, key: str, xlabel: str, ylabel: str) -> None:
@@ -35,8 +50,11 @@ def _counts(ax, runs, fig: str, edges: str, key: str, xlabel: str, ylabel: str) 
   ax.legend(fontsize=8)
 
 
-def plot_localization(runs: list, path: str, *, caption: str = '') -> None:
-  """localization.png (Figure 3): per run a 2-D histogram of IoU before vs after regression, and the marginals."""
+def plot_localization(runs: list, path: str, *, caption: str = ''):
+  """localization.png (Figure 3): per run a 2-D histogram of IoU before vs after regression, and the marginals.
+
+  Returns the matplotlib Figure it saved (tests measure its caption).
+  """
   from matplotlib import colors
   from matplotlib.figure import Figure  # no pyplot: no global backend
 
@@ -63,11 +81,12 @@ def plot_localization(runs: list, path: str, *, caption: str = '') -> None:
   fig.suptitle(_title(runs, 'Localization before and after regression (paper, Figure 3)'))
   _caption(fig, caption)
   fig.savefig(path, dpi=100)
+  return fig
 
 
-def plot_score_iou(runs: list, path: str, *, caption: str = '') -> None:
+def plot_score_iou(runs: list, path: str, *, caption: str = ''):
   """score_iou.png (Figure 5): (a, b) score mean and std by output IoU, (c, d) output IoU mean and std by input IoU,
-  and the counts per bin below."""
+  and the counts per bin below. Returns the matplotlib Figure it saved."""
   from matplotlib.figure import Figure
 
   fig = Figure(figsize=(12.0, 12.5))
@@ -97,3 +116,4 @@ def plot_score_iou(runs: list, path: str, *, caption: str = '') -> None:
   fig.suptitle(_title(runs, 'Scores and localization by IoU (paper, Figure 5)'))
   _caption(fig, caption)
   fig.savefig(path, dpi=100)
+  return fig

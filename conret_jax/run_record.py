@@ -141,14 +141,36 @@ def _typed_like(default, value):
   return value
 
 
+def _json_type(value) -> str:
+  """The json name of a parsed value's type, for messages about a damaged record."""
+  if value is None:
+    return 'null'
+  if isinstance(value, bool):
+    return 'boolean'
+  names = {dict: 'object', list: 'list', str: 'string', int: 'number', float: 'number'}
+  return names.get(type(value), type(value).__name__)
+
+
 def _update(node: ml_collections.ConfigDict, saved: dict, path: str, source: str) -> None:
+  """Sets `node`'s keys from the json tree `saved`; a value that does not fit the schema names `source` as damaged."""
   for key, value in saved.items():
+    name = f'config.{path}{key}'
     if key not in node:
-      raise ConfigError(f'{source} has config.{path}{key}, which this version of conret_jax does not know')
+      raise ConfigError(f'{source} has {name}, which this version of conret_jax does not know')
     if isinstance(node[key], ml_collections.ConfigDict):
+      if not isinstance(value, dict):
+        raise ConfigError(
+          f'{source} is damaged: {name} is a json {_json_type(value)}, not a section; restore it, or pass --config'
+        )
       _update(node[key], value, f'{path}{key}.', source)
-    else:
+      continue
+    try:
       node[key] = _typed_like(node[key], value)
+    except (TypeError, ValueError):  # ml_collections refuses another type; a tuple key given a number
+      kind = type(node[key]).__name__
+      raise ConfigError(
+        f'{source} is damaged: {name}={value!r} does not fit its type ({kind}); restore it, or pass --config'
+      ) from None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -161,7 +183,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     )
   saved = _read_json(path)
   if not isinstance(saved, dict):
-    raise ConfigError(f'{path} is damaged: it holds a json {type(saved).__name__}, not a config')
+    raise ConfigError(
+      f'{path} is damaged: it holds a json {_json_type(saved)}, not a config; restore it, or pass --config'
+    )
   config = defaults.base_config()
   for key, value in LEGACY_VALUES.items():  # keys newer than the record: what the run that wrote it did
     if not _has_key(saved, key):
@@ -185,7 +209,10 @@ def _has_key(tree: dict, dotted: str) -> bool:
 def _read_json(path: str):
   try:
     with fileio.open_file(path) as f:
-      return json.load(f)
+      text = f.read()
+    if not text.strip():  # json's own message for this would be 'Expecting value: line 1 column 1'
+      raise ConfigError(f'{path} is damaged: it is empty; restore it, or pass --config')
+    return json.loads(text)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConfigError(f'{path} is damaged and cannot be read ({e}): restore it, or pass --config') from None
 
@@ -205,10 +232,10 @@ def check_config_matches(workdir: str, config, *, config_given: bool = True) -> 
     return
   diffs = differences(model_settings(load_config(workdir)), model_settings(config), fill=missing_key_values())
   if diffs:
-    what = '--config' if config_given else 'the --config.* overrides'
+    what = '--config describes' if config_given else 'the --config.* overrides describe'
     hint = f" Leave out --config to use the run's own {CONFIG_FILE}." if config_given else ''
     raise CheckpointMismatchError(
-      f'{what} describe a different model than the one trained in {workdir} ({listed(diffs)}).{hint}'
+      f'{what} a different model than the one trained in {workdir} ({listed(diffs)}).{hint}'
     )
 
 

@@ -125,6 +125,51 @@ def _side_by_side(*tiles: Image.Image) -> Image.Image:
   return out
 
 
+def _threshold_caption(scores: np.ndarray, valid: np.ndarray | None, score_threshold: float) -> str:
+  """Caption for one image's detections: [D] scores (valid [D] bool or None) -> how many reach the threshold.
+
+  When none does, it gives the best score there was, so an undertrained model's near misses are visible.
+  """
+  scores = np.asarray(scores, np.float32)
+  scores = scores[np.asarray(valid, bool)] if valid is not None else scores
+  shown = int((scores >= score_threshold).sum())
+  if shown or not len(scores):
+    return f'detections >= {score_threshold:.2f}: {shown}'
+  return f'none >= {score_threshold:.2f} (best {scores.max():.3f})'
+
+
+def _cell(images, i: int, detections: dict, class_names, score_threshold: float, ground_truth: dict | None):
+  """Cell i of the grid: images[i] with its detections, or with ground_truth the captioned ground truth beside them."""
+  valid = detections['valid'][i] if 'valid' in detections else None
+  tile = draw_detections(
+    images[i],
+    detections['boxes'][i],
+    detections['scores'][i],
+    detections['classes'][i],
+    class_names,
+    valid=valid,
+    score_threshold=score_threshold,
+  )
+  if ground_truth is None:
+    return tile
+  gt = draw_ground_truth(
+    images[i], ground_truth['boxes'][i], ground_truth['classes'][i], class_names, valid=ground_truth['valid'][i]
+  )
+  caption = _threshold_caption(detections['scores'][i], valid, score_threshold)
+  return _side_by_side(_caption(gt, 'ground truth'), _caption(tile, caption))
+
+
+def _tile_grid(tiles: Sequence[Image.Image]) -> Image.Image:
+  """Equal-size tiles in a near-square grid (ceil(sqrt(n)) columns, row by row), empty cells white."""
+  cols = math.ceil(math.sqrt(len(tiles)))
+  rows = math.ceil(len(tiles) / cols)
+  tile_w, tile_h = tiles[0].size
+  grid = Image.new('RGB', (cols * tile_w, rows * tile_h), (255, 255, 255))
+  for i, tile in enumerate(tiles):
+    grid.paste(tile, ((i % cols) * tile_w, (i // cols) * tile_h))
+  return grid
+
+
 def save_grid(
   images,
   detections: dict,
@@ -152,38 +197,8 @@ def save_grid(
   n = min(len(images), max_images)
   if n == 0:
     raise ValueError('save_grid needs at least one image')
-  tiles = []
-  for i in range(n):
-    valid = detections['valid'][i] if 'valid' in detections else None
-    tile = draw_detections(
-      images[i],
-      detections['boxes'][i],
-      detections['scores'][i],
-      detections['classes'][i],
-      class_names,
-      valid=valid,
-      score_threshold=score_threshold,
-    )
-    if ground_truth is not None:
-      scores = np.asarray(detections['scores'][i], np.float32)
-      scores = scores[np.asarray(valid, bool)] if valid is not None else scores
-      shown = int((scores >= score_threshold).sum())
-      caption = (
-        f'detections >= {score_threshold:.2f}: {shown}'
-        if shown or not len(scores)
-        else f'none >= {score_threshold:.2f} (best {scores.max():.3f})'
-      )
-      gt = draw_ground_truth(
-        images[i], ground_truth['boxes'][i], ground_truth['classes'][i], class_names, valid=ground_truth['valid'][i]
-      )
-      tile = _side_by_side(_caption(gt, 'ground truth'), _caption(tile, caption))
-    tiles.append(tile)
-  cols = math.ceil(math.sqrt(n))
-  rows = math.ceil(n / cols)
-  tile_w, tile_h = tiles[0].size
-  grid = Image.new('RGB', (cols * tile_w, rows * tile_h), (255, 255, 255))
-  for i, tile in enumerate(tiles):
-    grid.paste(tile, ((i % cols) * tile_w, (i // cols) * tile_h))
+  tiles = [_cell(images, i, detections, class_names, score_threshold, ground_truth) for i in range(n)]
+  grid = _tile_grid(tiles)
   if title:
     grid = _caption(grid, title)
   grid.save(path, format='PNG')

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conret_jax import analysis
+from conret_jax import analysis, analysis_figures
 
 EDGES32 = np.asarray(analysis.EDGES, np.float32)
 NB = len(analysis.EDGES) - 1
@@ -179,17 +179,42 @@ def test_batches_merge_in_float64_without_losing_the_spread():
   assert total.output_iou.stds()[3] == pytest.approx(v.std(), rel=1e-3)
 
 
-def test_write_makes_both_figures_and_the_json(tmp_path):
+def _two_runs():
   anchors, boxes, dets, gt, example_valid = _scene()
   runs = []
   for name, shift in (('conret', 0.0), ('retina', 2.0)):
     total = analysis.Accumulator()
     total.add(batch_statistics(anchors, boxes + shift, dets, gt, example_valid))
     runs.append(dict(total.results(), workdir=f'runs/{name}', step=7, label=name, regressions=1, method='RetinaNet'))
-  content = analysis.write(str(tmp_path), runs)
+  return runs
+
+
+def test_write_makes_both_figures_and_the_json(tmp_path):
+  content = analysis.write(str(tmp_path), _two_runs())
   on_disk = json.loads((tmp_path / 'analysis.json').read_text())
   assert on_disk == content and on_disk['compare']['label'] == 'retina'
   assert set(on_disk['definitions']) >= {'input_iou', 'output_iou', 'regression', 'crowd', 'bins', 'fig3_anchors'}
   for name in ('localization.png', 'score_iou.png'):
     data = (tmp_path / name).read_bytes()
     assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 20_000
+
+
+@pytest.mark.parametrize('num_runs', [1, 2])
+def test_figure_captions_show_whole_inside_the_figure_and_below_the_panels(tmp_path, num_runs):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+  runs = _two_runs()[:num_runs]
+  plots = (
+    (analysis_figures.plot_localization, analysis.FIG3_CAPTION),
+    (analysis_figures.plot_score_iou, analysis.FIG5_CAPTION),
+  )
+  for plot, caption in plots:
+    fig = plot(runs, str(tmp_path / 'figure.png'), caption=caption)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    texts = [t for t in fig.texts if t.get_text().split() and t.get_text().split()[0] == caption.split()[0]]
+    assert len(texts) == 1, [t.get_text() for t in fig.texts]
+    assert texts[0].get_text().split() == caption.split()  # every word, only line breaks added
+    box = texts[0].get_window_extent(renderer)
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and 0 <= box.y0 and box.y1 <= fig.bbox.height, (plot, box)
+    for ax in fig.axes:  # tick labels and axis titles included
+      assert ax.get_tightbbox(renderer).y0 > box.y1, (plot, ax.get_title())

@@ -16,8 +16,9 @@ defaults.DETECTRON_PIXEL_MEAN_RGB and model.pixel_std = defaults.DETECTRON_PIXEL
 --output DIR: written as an orbax StandardCheckpointer checkpoint of the variables dict; layout in conret_jax/weights.py
 (whole model for torchvision_retinanet, only the 'backbone' subtrees for the ResNet formats). DIR must not exist; the
 checkpoint is written next to it and moved into place when complete, so DIR never holds half of one.
-A mistake (a missing, damaged or mismatched --input, a bad --config, an --output that cannot be written) ends in one
-line `conret-import: error: ...` and exit status 2.
+A mistake (a missing, damaged or mismatched --input, a bad --config, an --output that exists or cannot be written,
+a missing or unknown flag) ends in one line `conret-import: error: ...` and exit status 2; --debug (or
+CONRET_DEBUG=1) shows its traceback instead, as for the other tools.
 """
 
 import argparse
@@ -27,8 +28,9 @@ import os
 import sys
 
 from conret_jax import defaults, weights
+from conret_jax.cli import tool
 from conret_jax.defaults import base_config
-from conret_jax.errors import ConfigError, UserError, WeightFileError
+from conret_jax.errors import ConfigError, UserError, WeightFileError, WorkdirError
 from conret_jax.model.resnet import count_params
 
 IMPORTERS = {
@@ -76,19 +78,33 @@ def _pixel_note(fmt: str, config) -> str:
   )
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='conret-import', description=__doc__.split('\n')[0])
+class _ArgumentParser(argparse.ArgumentParser):
+  """argparse whose mistakes (a missing or unknown flag, a bad choice) are UserErrors: main prints them as one line,
+  not argparse's usage line and message."""
+
+  def error(self, message):
+    raise UserError(f'{message} (see {self.prog} --help)')
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = _ArgumentParser(prog='conret-import', description=__doc__.split('\n')[0])
   parser.add_argument('--format', required=True, choices=sorted(IMPORTERS))
   parser.add_argument('--input', required=True, help='.safetensors, .npz, .pth or .pkl (Detectron) weight file')
   parser.add_argument('--output', required=True, help='checkpoint directory to create')
   parser.add_argument('--config', default='', help='config file[:arg] describing the target network')
-  args = parser.parse_args(argv)
+  parser.add_argument('--debug', action='store_true', help='show the traceback of user errors (also: CONRET_DEBUG=1)')
+  return parser
 
-  if os.path.exists(args.output):
-    parser.error(f'--output {args.output} already exists; choose a new directory')
+
+def main(argv=None) -> int:
+  """Runs the import; 0 when written, 2 after one line `conret-import: error: ...` on stderr for a user error."""
+  argv, args = sys.argv[1:] if argv is None else list(argv), None
   try:
+    args = _parser().parse_args(argv)
     config, variables = convert(args)
   except UserError as e:  # every mistake is one line naming the file, not a traceback
+    if tool.debug_requested(argv) or (args is not None and args.debug):  # args.debug: argparse takes --deb too
+      raise
     print(f'conret-import: error: {e}', file=sys.stderr)
     return 2
   note = _pixel_note(args.format, config)
@@ -101,8 +117,10 @@ def main(argv=None) -> int:
 
 def convert(args):
   """(config, variables) of the import `args` asks for, written to args.output. Raises UserError: WorkdirError for
-  an --output that cannot be written (checked first, in milliseconds), ConfigError, WeightFileError for an --input
-  that is missing, damaged, or of another network than the config's."""
+  an --output that exists or cannot be written (checked first, in milliseconds), ConfigError, WeightFileError for an
+  --input that is missing, damaged, or of another network than the config's."""
+  if os.path.exists(args.output):
+    raise WorkdirError(f'--output {args.output} already exists; choose a new directory')
   weights.check_output(args.output)
   try:
     config = load_config(args.config) if args.config else default_config(args.format)

@@ -21,7 +21,8 @@ FLAGS = flags.FLAGS
 _HELP = ('--help', '-h', '-help', '--helpshort', '-?')
 
 
-def _debug(argv) -> bool:
+def debug_requested(argv) -> bool:
+  """Whether a user error should keep its traceback: --debug among the arguments, or CONRET_DEBUG set (not 0)."""
   return os.environ.get('CONRET_DEBUG', '') not in ('', '0') or '--debug' in argv
 
 
@@ -62,7 +63,7 @@ def _parse_flags(tool: str, argv: list, flag_names) -> list:
       f'unknown flag --{e.flagname}' + (f'; did you mean --{close[0]}?' if close else '') + f' (see {tool} --help)',
     )
   except Exception as e:  # config files and overrides raise anything
-    if _debug(argv):
+    if debug_requested(argv):
       raise
     fail(tool, _config_error_message(e, argv))
   return rest
@@ -96,7 +97,9 @@ def _config_error_message(error: Exception, argv) -> str:
     return f'unknown config key {bad or key}' + (f' ({hint})' if hint else '')
   flag = ''
   if isinstance(error, flags.IllegalFlagValueError):
-    flag = str(error).split(':', 1)[0].replace('flag ', '') + ': '
+    flag = str(error).split(':', 1)[0].replace('flag ', '')
+    # The workdir's saved config: the error names W/config.json; the file that reads it is ours, not the user's.
+    flag = '' if flag.startswith(f'--config={tool_flags.SAVED_CONFIG}') else flag + ': '
   return f'{flag}{type(cause).__name__ if not str(cause) else ""}{cause}'.strip()
 
 
@@ -115,7 +118,7 @@ def run(tool_main, *, tool: str, doc: str, flag_names) -> None:
     try:
       return tool_main(args)
     except (UserError, app.UsageError) as e:
-      if _debug(argv):
+      if debug_requested(argv):
         raise
       fail(tool, str(e))
 
