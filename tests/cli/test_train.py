@@ -156,3 +156,113 @@ def test_checkpoint_of_a_different_model_fails_clearly(setup, uninterrupted):
   )
   assert proc.returncode != 0
   assert 'different model' in proc.stderr
+
+
+def _copy_run(source, target):
+  import shutil
+
+  shutil.copytree(source, target)
+  return str(target)
+
+
+def test_damaged_newest_checkpoint_resumes_from_an_older_one(setup, uninterrupted, tmp_path):
+  """The newest checkpoint's state files are damaged after the run (a failing disk, a partial copy): the rerun names
+  it in one line, keeps it (moved to <step>.damaged), resumes from the older one, and retrains to the losses of the
+  uninterrupted run."""
+  _, config, env = setup
+  workdir = _copy_run(uninterrupted[0], tmp_path / 'damaged')
+  os.remove(os.path.join(workdir, 'checkpoints', '8', '_CHECKPOINT_METADATA'))
+  state_dir = os.path.join(workdir, 'checkpoints', '8', 'state')
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), 'r+b') as f:  # every state file cut to half its bytes
+        f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
+  with open(os.path.join(workdir, 'checkpoints', '8', 'meta', 'metadata'), 'w') as f:
+    f.write('{"config": ')  # and the fingerprint's json cut short
+  proc = subprocess.run(
+    _cmd('train', config, workdir, '--config.eval.at_end=false'), env=env, capture_output=True, text=True, timeout=600
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'checkpoint 8 in' in proc.stderr and 'is damaged' in proc.stderr and 'resumed from' in proc.stderr
+  assert 'at step 6' in proc.stderr
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '8.damaged'))  # kept, never deleted
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '8'))  # written again
+  want, got = _losses(uninterrupted[0]), _losses(workdir)
+  for step in (7, 8):
+    assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+  # conret-eval asked for a damaged step says so in one line.
+  damaged = _copy_run(workdir, tmp_path / 'damaged_eval')
+  os.rename(os.path.join(damaged, 'checkpoints', '8.damaged'), os.path.join(damaged, 'checkpoints', '4'))
+  proc = subprocess.run(
+    [sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={damaged}', '--step=4'],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith('conret-eval: error: checkpoint 4 in') and 'damaged' in lines[-1], lines[-1]
+  assert 'Traceback' not in proc.stderr
+
+
+def test_resume_with_changed_training_settings(setup, uninterrupted, tmp_path):
+  """Resuming with another learning rate or a longer schedule is refused in one line naming each change (and, for
+  the schedule, where it moves); --accept_config_changes goes on and records them in run.json; an inference-only
+  key stays free."""
+  _, config, env = setup
+  workdir = _copy_run(uninterrupted[0], tmp_path / 'changed')
+  run = lambda *extra: subprocess.run(
+    _cmd('train', config, workdir, '--config.eval.at_end=false', *extra),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  refused = run('--config.train.learning_rate=0.5')
+  assert refused.returncode == 2 and 'Traceback' not in refused.stderr
+  line = refused.stderr.strip().splitlines()[-1]
+  assert 'train.learning_rate: 0.02 -> 0.5' in line and '--accept_config_changes' in line, line
+  longer = run('--config.train.num_steps=12')
+  line = longer.stderr.strip().splitlines()[-1]
+  assert longer.returncode == 2 and 'train.num_steps: 8 -> 12' in line and 'decays at' in line, line
+  assert 'learning rate at step 8 goes from' in line and '--config.train.decay_steps=' in line
+  free = run('--config.consistent.inference_reg_steps=1')
+  assert free.returncode == 0, free.stderr[-3000:]  # nothing left to train, nothing refused
+  accepted = run('--config.train.num_steps=10', '--accept_config_changes')
+  assert accepted.returncode == 0, accepted.stderr[-3000:]
+  assert sorted(_losses(workdir))[-1] == 10
+  starts = json.load(open(os.path.join(workdir, 'run.json')))['starts']
+  assert starts[-1]['config_changes'] == {'train.num_steps': [8, 10]}
+  assert 'config_changes' not in starts[-2]
+
+
+def test_an_evaluation_with_other_settings_never_overwrites_the_runs_record(setup, uninterrupted, tmp_path):
+  """conret-eval with an override (Table 3's "2*" here) writes next to the run's evaluation, under a name that says
+  what differs; a negative image count is a config error."""
+  _, _, env = setup
+  workdir = _copy_run(uninterrupted[0], tmp_path / 'override')
+  record = os.path.join(workdir, 'eval', 'step_8', 'metrics.json')
+  before = open(record).read()
+  proc = subprocess.run(
+    [sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={workdir}', '--config.consistent.inference_reg_steps=1'],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert open(record).read() == before
+  out = os.path.join(workdir, 'eval', 'step_8+consistent.inference_reg_steps=1')
+  assert sorted(os.listdir(out)) == ['detections.json', 'detections.png', 'metrics.json', 'settings.json']
+  assert json.load(open(os.path.join(out, 'settings.json')))['overrides'] == ['consistent.inference_reg_steps=1']
+  assert 'step 8+consistent.inference_reg_steps=1 (AP in percent)' in proc.stdout
+  negative = subprocess.run(
+    [sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={workdir}', '--config.eval.num_images=-1'],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert negative.returncode == 2 and 'config.eval.num_images=-1 must be >= 0' in negative.stderr
+  assert open(record).read() == before
