@@ -251,6 +251,66 @@ def test_evaluate_num_images_limit():
   assert evaluation.evaluate(None, None, config, mesh, data=data, detect_fn=detect_fn)['AR100'] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize('with_gt', [True, False])
+def test_detections_are_named_by_the_runs_classes_not_the_eval_sets(with_gt, caplog):
+  """Trained on ids (3, 7, 11, 15, 19), evaluated on a set listing (3, 7, 11, 19, 23): the model's class 4 is
+  category 19 whatever position 19 holds in the eval set. The eval set's 23 (never learned) keeps its ground truth
+  and its name, 15 (learned, absent) has no AP; one line reports each."""
+  mesh = jax.make_mesh((8,), ('data',))
+  run = data_info.ClassLayout('contiguous', 5, (3, 7, 11, 15, 19), ('circle', 'square', 'triangle', 'cross', 'ring'))
+  eval_ids, eval_names = [3, 7, 11, 19, 23], ['circle', 'square', 'triangle', 'ring', 'star']
+  box_a, box_b = [10.0, 10.0, 40.0, 40.0], [60.0, 60.0, 90.0, 90.0]
+  batch = {
+    'images': np.zeros((8, 128, 128, 3), np.float32),
+    'boxes': np.zeros((8, 2, 4), np.float32),
+    'classes': np.zeros((8, 2), np.int32),
+    'valid': np.zeros((8, 2), bool),
+    'crowd': np.zeros((8, 2), bool),
+    'image_id': np.where(np.arange(8) == 0, 5, -1).astype(np.int32),
+    'orig_hw': np.full((8, 2), 128, np.int32),
+    'scale': np.ones((8, 2), np.float32),
+    'example_valid': np.arange(8) == 0,
+  }
+  batch['boxes'][0] = [box_a, box_b]
+  batch['classes'][0] = [3, 4]  # the eval pipeline's numbering: its categories 19 and 23
+  batch['valid'][0] = True
+  dets = {
+    'boxes': np.tile(np.array([[box_a, box_b]], np.float32), (8, 1, 1)),
+    'scores': np.full((8, 2), 0.9, np.float32),
+    'classes': np.tile(np.array([[4, 3]], np.int32), (8, 1)),  # the model's: ring (19) on A, cross (15) on B
+    'valid': np.tile(np.array([[True, True]]), (8, 1)),
+  }
+  gt = _gt({5: (128, 128, [(19, [10, 10, 30, 30], 0), (23, [60, 60, 30, 30], 0)])}) if with_gt else None
+  if gt is not None:
+    gt['categories'] = [{'id': c, 'name': n} for c, n in zip(eval_ids, eval_names)]
+  info = types.SimpleNamespace(category_ids=eval_ids, class_names=eval_names, coco_gt=gt)
+  config = defaults.base_config()
+  config.model.num_classes = 5
+  with caplog.at_level('WARNING'):
+    scores = evaluation.evaluate(
+      None,
+      None,
+      config,
+      mesh,
+      classes=run,
+      data=evaluation.EvalData([batch], info),
+      detect_fn=lambda *a, **k: dets,
+    )
+  assert 'never learned by this run' in caplog.text and 'ids [23]' in caplog.text
+  assert 'not in the eval set' in caplog.text and 'ids [15]' in caplog.text
+  # Ring found exactly where its ground truth is; star never detected: AP (mean over the two) 0.5.
+  assert scores['AP50'] == pytest.approx(0.5)
+
+
+def test_no_image_evaluated_is_undefined_not_zero():
+  """An evaluation that visits no image (an empty split) reports every metric as undefined (-1), not 0.0."""
+  mesh = jax.make_mesh((8,), ('data',))
+  images_gt, _, _ = _eval_batches(mesh)
+  info = types.SimpleNamespace(category_ids=CATEGORY_IDS, class_names=['a', 'b', 'c'], coco_gt=_gt(images_gt))
+  metrics = evaluation.evaluate(None, None, defaults.base_config(), mesh, data=evaluation.EvalData([], info))
+  assert metrics == {name: -1.0 for name in evaluation.METRIC_NAMES}
+
+
 _WORKER = r'''
 """One process of a 2-process run: evaluate() and Checkpointer across processes (CPU, gloo)."""
 import json, os, sys
