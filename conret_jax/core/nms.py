@@ -29,26 +29,53 @@ from conret_jax.core.boxes import pairwise_iou
 TILE_SIZE = 256
 
 
+def _sorted_tiles(boxes, scores, classes, valid, tile: int):
+  """Candidates sorted best first (ties by index, invalid last), padded to whole tiles: (boxes [P, 4], classes [P],
+  valid [P], original index [P] int32, number of valid candidates)."""
+  n = boxes.shape[0]
+  # Ascending stable sort of -score: best first, ties by index, invalid last (-0.0 folded into 0.0, so that a
+  # sort that orders signed zeros cannot split a tie).
+  key = jnp.where(valid, jnp.where(scores == 0.0, 0.0, -scores), jnp.inf)
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
+  pad = -(-n // tile) * tile - n
+  sort = lambda x, width: jnp.pad(x[order], ((0, pad),) + ((0, 0),) * width)
+  return sort(boxes, 1), sort(classes, 0), sort(valid, 0), jnp.pad(order, (0, pad)), jnp.sum(valid)
+
+
+def _suppress_tile(tb, tc, tv, kept_boxes, kept_classes, count, iou_threshold, max_output):
+  """keep [tile] bool of one tile of sorted candidates: not suppressed by a box kept in earlier tiles, nor by an
+  earlier kept candidate of the same tile (the fixed point of keep_i = candidate_i & not any_j<i(keep_j & overlap_ji),
+  unique because the dependency is triangular; reached in at most `tile` iterations, usually a handful)."""
+  tile = tb.shape[0]
+  by_kept = (
+    (pairwise_iou(tb, kept_boxes) > iou_threshold)
+    & (tc[:, None] == kept_classes[None, :])
+    & (jnp.arange(max_output)[None, :] < count)
+  )
+  candidate = tv & ~jnp.any(by_kept, axis=1)
+  ar = jnp.arange(tile)
+  earlier = ar[None, :] < ar[:, None]  # [i, j]: j precedes i
+  overlaps = (pairwise_iou(tb, tb) > iou_threshold) & (tc[:, None] == tc[None, :]) & earlier
+
+  def step(state):
+    keep, _, it = state
+    new = candidate & ~jnp.any(overlaps & keep[None, :], axis=1)
+    return new, jnp.any(new != keep), it + 1
+
+  # Position i is final after i + 1 iterations; the cap only guards the loop.
+  keep, _, _ = jax.lax.while_loop(lambda s: s[1] & (s[2] <= tile), step, (candidate, jnp.array(True), 0))
+  return keep
+
+
 def _nms_one(boxes, scores, classes, valid, iou_threshold, max_output, tile):
   """One image: boxes [N, 4], scores/classes/valid [N] -> (indices [D] int32, valid [D] bool)."""
   n = boxes.shape[0]
   if n == 0:
     return jnp.zeros((max_output,), jnp.int32), jnp.zeros((max_output,), bool)
-  valid = valid & ~jnp.isnan(scores)
-  # Ascending stable sort of -score: best first, ties by index, invalid last (-0.0 folded into 0.0, so that a
-  # sort that orders signed zeros cannot split a tie).
-  key = jnp.where(valid, jnp.where(scores == 0.0, 0.0, -scores), jnp.inf)
-  order = jnp.argsort(key, stable=True).astype(jnp.int32)
-  num_valid = jnp.sum(valid)
   tile = max(1, min(tile, n))
-  padded = -(-n // tile) * tile
-  pad = padded - n
-  s_boxes = jnp.pad(boxes[order], ((0, pad), (0, 0)))
-  s_classes = jnp.pad(classes[order], (0, pad))
-  s_valid = jnp.pad(valid[order], (0, pad))
-  s_index = jnp.pad(order, (0, pad))
-  ar = jnp.arange(tile)
-  earlier = ar[None, :] < ar[:, None]  # [i, j]: j precedes i
+  s_boxes, s_classes, s_valid, s_index, num_valid = _sorted_tiles(
+    boxes, scores, classes, valid & ~jnp.isnan(scores), tile
+  )
 
   def cond(carry):
     t, count = carry[0], carry[4]
@@ -57,27 +84,9 @@ def _nms_one(boxes, scores, classes, valid, iou_threshold, max_output, tile):
   def body(carry):
     t, kept_boxes, kept_classes, kept_index, count = carry
     start = t * tile
-    tb = jax.lax.dynamic_slice_in_dim(s_boxes, start, tile)
-    tc = jax.lax.dynamic_slice_in_dim(s_classes, start, tile)
-    tv = jax.lax.dynamic_slice_in_dim(s_valid, start, tile)
-    ti = jax.lax.dynamic_slice_in_dim(s_index, start, tile)
-    # Suppression by the boxes kept in earlier tiles.
-    by_kept = (
-      (pairwise_iou(tb, kept_boxes) > iou_threshold)
-      & (tc[:, None] == kept_classes[None, :])
-      & (jnp.arange(max_output)[None, :] < count)
-    )
-    candidate = tv & ~jnp.any(by_kept, axis=1)
-    # Within the tile: overlaps[i, j] means an earlier j of the same class would suppress i if kept.
-    overlaps = (pairwise_iou(tb, tb) > iou_threshold) & (tc[:, None] == tc[None, :]) & earlier
-
-    def step(state):
-      keep, _, it = state
-      new = candidate & ~jnp.any(overlaps & keep[None, :], axis=1)
-      return new, jnp.any(new != keep), it + 1
-
-    # Converges within `tile` steps (position i is final after i + 1 of them); the cap only guards the loop.
-    keep, _, _ = jax.lax.while_loop(lambda s: s[1] & (s[2] <= tile), step, (candidate, jnp.array(True), 0))
+    part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, tile)
+    tb, tc, ti = part(s_boxes), part(s_classes), part(s_index)
+    keep = _suppress_tile(tb, tc, part(s_valid), kept_boxes, kept_classes, count, iou_threshold, max_output)
     slot = jnp.where(keep, count + jnp.cumsum(keep) - 1, max_output)  # slot max_output (and beyond) is dropped
     kept_boxes = kept_boxes.at[slot].set(tb, mode='drop')
     kept_classes = kept_classes.at[slot].set(tc, mode='drop')
