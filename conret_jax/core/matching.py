@@ -18,9 +18,9 @@ valid gt gets all negatives.
 
 Memory: the [G, A] IoU matrix is the big intermediate (about 196k anchors x 100 gt = 78 MB at 1024x1024). A vmap over
 a whole batch would hold one per image; one image at a time (jax.lax.map) runs the batch as a sequence of small
-programs, which on a GPU costs more than the matching itself (bench/RESULTS.md, "Target assignment"). So images go
-in chunks: as many per vmap as fit IOU_BYTES_PER_CHUNK of IoU matrices. The result is the same whatever the
-chunking: every image is matched on its own.
+programs, which on a GPU costs more than the matching itself (bench/RESULTS.md, "Measurements that used to live in
+docstrings"). So images go in chunks: as many per vmap as fit IOU_BYTES_PER_CHUNK of IoU matrices. The result is the
+same whatever the chunking: every image is matched on its own.
 """
 
 from typing import NamedTuple
