@@ -68,17 +68,36 @@ def postprocess(detector: detectors.Detector, logits, boxes, input_hw, eval_conf
   )
 
 
-@functools.lru_cache(maxsize=16)
-def _detect_fn(model, config: ml_collections.FrozenConfigDict):
-  detector = detectors.from_config(config, model)
+def detection_fn(detector: detectors.Detector, config, *, per_image: bool = False):
+  """The traceable inference of `config` (its eval settings and padding value): a function
+  (variables, images [B, H, W, 3], image_sizes [B, 2] int32 (h, w)) -> the module docstring's detections.
+
+  per_image: post-processing runs one image at a time (jax.lax.map over the batch). The detections are the same to
+  the bit; it is the form jax2tf converts with a symbolic batch size, where a batched lax.top_k does not lower
+  (conret_jax/export).
+  """
   pad_value = pad_value_of(config.model)
 
   def run(variables, images, image_sizes):
     images = fill_padding(images.astype(jnp.float32), image_sizes, pad_value)
     _, logits, boxes = decode(detector, variables, images)
-    return postprocess(detector, logits, boxes, images.shape[1:3], config.eval, image_sizes)
+    hw = images.shape[1:3]
+    if not per_image:
+      return postprocess(detector, logits, boxes, hw, config.eval, image_sizes)
 
-  return detector, jax.jit(run)
+    def one(args):  # one image's logits [A, K], boxes [A, 4], size [2]
+      dets = postprocess(detector, args[0][None], args[1][None], hw, config.eval, args[2][None])
+      return jax.tree.map(lambda v: v[0], dets)
+
+    return jax.lax.map(one, (logits, boxes, image_sizes))
+
+  return run
+
+
+@functools.lru_cache(maxsize=16)
+def _detect_fn(model, config: ml_collections.FrozenConfigDict):
+  detector = detectors.from_config(config, model)
+  return detector, jax.jit(detection_fn(detector, config))
 
 
 def detect(model, variables, images, config, image_sizes=None) -> dict:

@@ -21,8 +21,9 @@ from conret_jax.data.info import ClassLayout
 
 
 def prepare_image(image: np.ndarray, data_config, pad_value=(0.0, 0.0, 0.0)) -> tuple[np.ndarray, np.ndarray, tuple]:
-  """One image as the eval pipeline feeds it: resized (TF bilinear) and padded at the bottom/right ('stretch':
-  warped to S x S, nothing padded).
+  """One image as the eval pipeline feeds it: data.preprocess.eval_resize (the pipeline's scale rule and TF bilinear
+  resize), padded at the bottom/right ('stretch': warped to S x S, nothing padded). The exported SavedModel runs the
+  same function in its graph.
 
   Args:
     image: uint8 [H, W, 3] RGB.
@@ -33,37 +34,10 @@ def prepare_image(image: np.ndarray, data_config, pad_value=(0.0, 0.0, 0.0)) -> 
   """
   import tensorflow as tf
 
-  from conret_jax.data import sizes
+  from conret_jax.data import preprocess
 
-  if data_config.resize == 'stretch':
-    return _stretched(image, data_config)
-  h, w = image.shape[:2]
-  shapes = sizes.padded_shapes(data_config)
-  size = float(data_config.image_size)
-  if data_config.resize == 'square':
-    scale = np.float32(size) / np.float32(max(h, w))
-    pad_hw = shapes['square']
-  else:
-    scale = min(np.float32(size) / np.float32(min(h, w)), np.float32(data_config.max_size) / np.float32(max(h, w)))
-    pad_hw = shapes['landscape'] if w >= h else shapes['portrait']
-  new_hw = np.minimum(np.maximum(np.round(np.array([h, w], np.float32) * scale).astype(np.int32), 1), pad_hw)
-  resized = tf.image.resize(tf.constant(image), new_hw, method='bilinear').numpy()
-  padded = np.empty(tuple(pad_hw) + (3,), np.float32)
-  padded[...] = np.asarray(pad_value, np.float32)
-  padded[: new_hw[0], : new_hw[1]] = resized
-  return padded, np.full(2, scale, np.float32), (int(new_hw[0]), int(new_hw[1]))
-
-
-def _stretched(image: np.ndarray, data_config) -> tuple[np.ndarray, np.ndarray, tuple]:
-  """prepare_image for 'stretch': the eval pipeline's own op (ssd_augment.stretch_resize), so the pixels and the
-  (sy, sx) scale are bit for bit the pipeline's; nothing is padded."""
-  import tensorflow as tf
-
-  from conret_jax.data import ssd_augment
-
-  size = int(data_config.image_size)
-  resized, _, scale = ssd_augment.stretch_resize(tf.constant(image), tf.zeros([0, 4]), size)
-  return resized.numpy(), scale.numpy(), (size, size)
+  padded, scale, hw = preprocess.eval_resize(tf.constant(image), data_config, pad_value)
+  return padded.numpy(), scale.numpy(), tuple(int(v) for v in hw.numpy())
 
 
 @dataclasses.dataclass

@@ -36,28 +36,61 @@ def flip_horizontal(image, boxes, width):
 
 
 def _resize(image, scale):
-  """image [H, W, 3] -> float32 [round(H*scale), round(W*scale), 3] (bilinear)."""
-  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  """image [..., H, W, 3] -> float32 [..., round(H*scale), round(W*scale), 3] (bilinear)."""
+  hw = tf.cast(tf.shape(image)[-3:-1], tf.float32)
   new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
   return tf.image.resize(image, new_hw, method='bilinear'), new_hw
 
 
 def pad_to(image, hw, fill):
-  """image [h, w, 3] at the top left of an [H, W, 3] canvas filled with `fill` (RGB, or a scalar). Returns
-  (canvas, (h, w)). The fill is exact: normalized by a mean equal to it, padding is exactly zero."""
-  image_hw = tf.shape(image)[:2]
+  """image [..., h, w, 3] at the top left of an [..., H, W, 3] canvas filled with `fill` (RGB, or a scalar).
+  Returns (canvas, (h, w)). The fill is exact: normalized by a mean equal to it, padding is exactly zero."""
+  image_hw = tf.shape(image)[-3:-1]
   inside = tf.pad(tf.ones(image_hw, tf.bool), [[0, hw[0] - image_hw[0]], [0, hw[1] - image_hw[1]]])
-  canvas = tf.pad(image, [[0, hw[0] - image_hw[0]], [0, hw[1] - image_hw[1]], [0, 0]])
+  lead = [[0, 0]] * (image.shape.rank - 3)  # batch dimensions, if any
+  canvas = tf.pad(image, lead + [[0, hw[0] - image_hw[0]], [0, hw[1] - image_hw[1]], [0, 0]])
   fill = tf.broadcast_to(tf.cast(fill, image.dtype), tf.shape(canvas))
   return tf.where(inside[..., None], canvas, fill), image_hw
+
+
+def base_scale(hw, data_config, short=None):
+  """The resize factor of an image of hw = (h, w) float32 before any jitter: 'square' S / its long side;
+  'short_side' min(short / its short side, max_size / its long side), short = image_size unless given."""
+  h, w = hw[0], hw[1]
+  if data_config.resize == 'square':
+    return float(data_config.image_size) / tf.maximum(h, w)
+  short = float(data_config.image_size) if short is None else short
+  return tf.minimum(short / tf.minimum(h, w), float(data_config.max_size) / tf.maximum(h, w))
+
+
+def bucket_of(hw, data_config):
+  """Index into `padded_shapes(data_config).values()` of an image of hw = (h, w): 0 for 'square' and 'stretch';
+  for 'short_side' `orientation` (0 landscape, 1 portrait)."""
+  return orientation(hw[0], hw[1]) if data_config.resize == 'short_side' else tf.constant(0, tf.int64)
+
+
+def eval_resize(image, data_config, fill):
+  """The evaluation's resize: image [..., H, W, 3] (any dtype; a batch shares one H x W) resized by `base_scale`
+  (bilinear) and padded at the bottom/right with `fill` (RGB) to its padded shape (`bucket_of`); 'stretch' warps it
+  to S x S (ssd_augment.stretch_resize) and pads nothing.
+  Returns (float32 [..., Hp, Wp, 3], scale float32 [2] (sy, sx) = resized / original, as Batch.scale, (h, w) int32
+  [2] of the resized image inside)."""
+  if data_config.resize == 'stretch':
+    resized, _, scale = ssd_augment.stretch_resize(image, tf.zeros([0, 4]), int(data_config.image_size))
+    return resized, scale, tf.shape(resized)[-3:-1]
+  hw = tf.cast(tf.shape(image)[-3:-1], tf.float32)
+  scale = base_scale(hw, data_config)
+  resized, _ = _resize(image, scale)
+  shapes = tf.constant(list(padded_shapes(data_config).values()), tf.int32)
+  canvas, image_hw = pad_to(resized, shapes[bucket_of(hw, data_config)], fill)
+  return canvas, tf.stack([scale, scale]), image_hw
 
 
 def _square(image, boxes, data_config, *, train, scale_seed, crop_seed, fill):
   """Long side to S (times the jitter), a random S x S window when jitter makes it larger, padded to S x S with
   `fill`. Returns (image [S, S, 3], boxes, scale, the image's size inside the padding)."""
   size = int(data_config.image_size)
-  hw = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = size / tf.maximum(hw[0], hw[1])
+  scale = base_scale(tf.cast(tf.shape(image)[:2], tf.float32), data_config)
   lo, hi = (float(v) for v in data_config.scale_jitter)
   if train and (lo, hi) != (1.0, 1.0):
     scale = scale * _uniform(scale_seed, lo, hi)
@@ -83,17 +116,15 @@ def _short_side(image, boxes, data_config, *, train, scale_seed, fill):
   """Short side to S (one of short_side_scales in training), long side at most max_size, padded to the landscape
   or portrait bucket with `fill`. Returns (image, boxes, scale, the image's size inside the padding)."""
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
-  h, w = hw[0], hw[1]
-  short = float(data_config.image_size)
+  short = None
   scales = short_side_scales(data_config)
   if train and len(scales) > 1:  # Detectron's multi-scale training: one short side per image
     pick = tf.random.stateless_uniform([], seed=scale_seed, maxval=len(scales), dtype=tf.int32)
     short = tf.cast(tf.gather(tf.constant(scales), pick), tf.float32)
-  scale = tf.minimum(short / tf.minimum(h, w), float(data_config.max_size) / tf.maximum(h, w))
+  scale = base_scale(hw, data_config, short)
   image, _ = _resize(image, scale)
-  shapes = padded_shapes(data_config)
-  pad_hw = tf.where(w >= h, tf.constant(shapes['landscape'], tf.int32), tf.constant(shapes['portrait'], tf.int32))
-  image, image_hw = pad_to(image, pad_hw, fill)
+  shapes = tf.constant(list(padded_shapes(data_config).values()), tf.int32)
+  image, image_hw = pad_to(image, shapes[bucket_of(hw, data_config)], fill)
   return image, boxes * scale, scale, image_hw
 
 

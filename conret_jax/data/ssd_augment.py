@@ -245,11 +245,12 @@ def random_flip(image, boxes, seed):
 
 
 def stretch_resize(image, boxes, size: int):
-  """Step 5 (evaluation): image [H, W, 3] -> (float32 [S, S, 3] by tf.image.resize, bilinear, not
-  aspect-preserving; boxes [M, 4] times (S / W, S / H); scale float32 [2] (S / H, S / W))."""
-  boxes, scale = _scale_boxes(boxes, tf.shape(image)[:2], size)
+  """Step 5 (evaluation): image [..., H, W, 3] (a batch of one H x W too) -> (float32 [..., S, S, 3] by
+  tf.image.resize, bilinear, not aspect-preserving; boxes [M, 4] times (S / W, S / H); scale float32 [2] (S / H,
+  S / W))."""
+  boxes, scale = _scale_boxes(boxes, tf.shape(image)[-3:-1], size)
   image = tf.image.resize(tf.cast(image, tf.float32), [size, size], method='bilinear')
-  image.set_shape([size, size, 3])
+  image.set_shape(image.shape[:-3].concatenate([size, size, 3]))
   return image, boxes, scale
 
 

@@ -116,3 +116,16 @@ def test_detect_rejects_bad_sizes(setup):
     inference.detect(model, variables, np.zeros((1, 128, 192, 3), np.float32), config)
   with pytest.raises(ValueError, match=r'\[B, H, W, 3\]'):
     inference.detect(model, variables, np.zeros((128, 128, 3), np.float32), config)
+
+
+def test_per_image_postprocessing_is_the_batched_one_to_the_bit(setup):
+  """detection_fn(per_image=True), the form conret_jax/export converts, gives the detections of detect, bit for bit,
+  with each image's own size (a smaller second image: its padding holds no detection)."""
+  config, model, variables, images = setup
+  detector = detectors.from_config(config, model)
+  sizes = np.array([[128, 128], [96, 80]], np.int32)
+  batched = inference.detect(model, variables, images, config, image_sizes=sizes)
+  per_image = jax.jit(inference.detection_fn(detector, config, per_image=True))(variables, images, sizes)
+  assert int(batched['valid'][1].sum()) > 0
+  for key in batched:
+    np.testing.assert_array_equal(np.asarray(per_image[key]), np.asarray(batched[key]), err_msg=key)
