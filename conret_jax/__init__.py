@@ -5,6 +5,7 @@ The public API:
   init_variables(model, rng, image_hw)          its variables ('params' and the non-trained collections)
   detect(model, variables, images, config)      jitted inference: boxes, scores, classes, valid
   load(workdir, step=None) -> Predictor         a trained run; .predict(uint8 images) -> detections in image pixels
+  export.export(predictor, output)              the predictor as a TensorFlow SavedModel (conret-export)
   weights                                       importers for torchvision / timm / Detectron weights
 Attributes load lazily, so `import conret_jax.core...` never pulls in Flax or TensorFlow.
 """
@@ -19,6 +20,7 @@ _LAZY = {
   'detect': ('conret_jax.inference', 'detect'),
   'load': ('conret_jax.predictor', 'load'),
   'weights': ('conret_jax.weights', None),
+  'export': ('conret_jax.export', None),
 }
 
 __all__ = sorted(_LAZY)

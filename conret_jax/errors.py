@@ -43,3 +43,12 @@ class WeightFileError(UserError, ValueError):
 
 class WeightFileNotFoundError(WeightFileError, FileNotFoundError):
   """A weight file named for reading (conret-import --input) that does not exist."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+  """An --output folder that exists and is not empty, where the tool would write over it (without --overwrite)."""
+
+
+class ExportError(UserError, RuntimeError):
+  """A model that cannot be exported here: a JAX or TensorFlow version the export does not know, a SavedModel that
+  does not run once written (nothing is then left behind)."""

@@ -10,7 +10,8 @@ Layers, lowest first (a component is a subpackage, or a top-level module on its 
                                              flops
   4 detectors (a family's model + loss)      5 config_checks
   6 inference, weights, eval_files          7 evaluation, detect_bench (use inference)       8 analysis
-  9 train                                    10 predictor (conret_jax.load)                  11 cli
+  9 train                                    10 predictor (conret_jax.load)                  11 export (SavedModel)
+  12 cli
 Function-level imports count like module-level ones.
 """
 
@@ -53,7 +54,8 @@ LAYERS = {
   'analysis': 8,
   'train': 9,
   'predictor': 10,
-  'cli': 11,
+  'export': 11,
+  'cli': 12,
 }
 
 

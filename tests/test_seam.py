@@ -13,12 +13,14 @@ from conret_jax import detectors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / 'conret_jax'
-# The callers: the train loop, state and step, inference, evaluation, analysis, the benchmarks and the tools.
+# The callers: the train loop, state and step, inference, evaluation, analysis, the benchmarks, the tools and the
+# SavedModel export.
 CALLERS = sorted(
   [PACKAGE / 'inference.py', PACKAGE / 'evaluation.py', PACKAGE / 'analysis.py', PACKAGE / 'detect_bench.py']
   + [PACKAGE / 'data' / 'bench.py']
   + list((PACKAGE / 'train').glob('*.py'))
   + list((PACKAGE / 'cli').glob('*.py'))
+  + list((PACKAGE / 'export').glob('*.py'))
 )
 # A family's network, loss and anchors live in these; callers reach them through detectors.py.
 FAMILY_MODULES = ('conret_jax.model', 'conret_jax.consistent', 'conret_jax.multibox')

@@ -73,6 +73,10 @@ MISTAKES = [
   ),
   ('conret-predict', ['--config=CONFIG', '--workdir=NEW', '--images=x.png', '--output=OUT'], 'no checkpoint in'),
   ('conret-predict', ['--config=CONFIG', '--workdir=NEW'], '--images and --output are required'),
+  ('conret-export', ['--config=CONFIG', '--workdir=NEW', '--output=OUT'], 'no checkpoint in'),
+  ('conret-export', ['--config=CONFIG', '--workdir=NEW'], '--output is required'),
+  ('conret-export', ['--config=CONFIG', '--workdir=NEW', '--output=HERE'], 'exists and is not empty; pass --overwrite'),
+  ('conret-export', ['--config=CONFIG', '--workdir=NEW', '--output=FILE', '--overwrite'], 'is a file, not a folder'),
   ('conret-analyze', ['--config=CONFIG', '--workdir=NEW'], '--output is required'),
   ('conret-analyze', ['--config=CONFIG', '--workdir=NEW', '--output=OUT'], 'no checkpoint in'),
   (
@@ -263,6 +267,7 @@ def test_debug_shows_the_traceback(tmp_path):
     ('conret-bench', ('--config', '--steps', '--batches')),
     ('conret-make-shapes', ('--output', '--num_train', '--num_val', '--seed')),
     ('conret-import', ('--format', '--input', '--output', '--config')),
+    ('conret-export', ('--workdir', '--output', '--overwrite', '--step', '--platforms', '--config')),
   ],
 )
 def test_help_lists_the_tools_own_flags(tmp_path, tool, own_flags):
