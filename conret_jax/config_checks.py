@@ -102,7 +102,7 @@ def _check_augment(d) -> None:
 def _check_input_size(config: ml_collections.ConfigDict) -> None:
   """Every padded shape the pipeline produces must be one the detector takes."""
   d = config.data
-  rule = detectors.from_config(config).input_size
+  rule = detectors.input_size(config)  # from the config alone: no network, no JAX backend before distributed start-up
   _check(
     d.resize != 'short_side' or sizes.PAD_MULTIPLE % rule.multiple == 0,
     f"config.data.resize=short_side pads to multiples of {sizes.PAD_MULTIPLE}, which the detector's input "

@@ -10,6 +10,7 @@
   detector.trainable_mask(params)                                 False for the frozen prefix
   detector.input_size                                             the input sizes the network takes
   detector.name                                                   e.g. 'ConRetinaNet', for reports
+  detectors.input_size(config)                                    the same, from the config alone (no JAX)
 
   detectors.validate(config)            the family's own config checks (config_checks.validate calls them)
   detectors.validate_training(config)   and those of training (e.g. a frozen backbone needs init_from)
@@ -78,6 +79,7 @@ class Family:
   build: Callable  # (config, module or None) -> Detector; the config is already validated
   validate: Callable  # config -> None, ConfigError naming the key
   validate_training: Callable  # config -> None, the checks only training needs
+  input_size: Callable  # config -> InputSize, without building anything (start-up checks run before JAX starts)
   own_keys: tuple = ()
 
 
@@ -91,9 +93,13 @@ def _retinanet(config: ml_collections.ConfigDict, module: nn.Module | None) -> D
     loss=consistent.ConsistentLoss.from_config(config),
     decode=stages.decode,
     trainable_mask=functools.partial(resnet.trainable_mask, freeze_at=int(config.model.backbone.freeze_at)),
-    input_size=InputSize(multiple=retinanet.size_multiple(config.model)),
+    input_size=_retinanet_input_size(config),
     name='ConRetinaNet' if config.consistent.enabled else 'RetinaNet',
   )
+
+
+def _retinanet_input_size(config: ml_collections.ConfigDict) -> InputSize:
+  return InputSize(multiple=retinanet.size_multiple(config.model))
 
 
 FAMILIES = {
@@ -101,6 +107,7 @@ FAMILIES = {
     build=_retinanet,
     validate=lambda c: retinanet.validate(c.model),
     validate_training=retinanet.validate_training,
+    input_size=_retinanet_input_size,
     own_keys=(
       'model.backbone',
       'model.fpn',
@@ -129,6 +136,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def validate_training(config: ml_collections.ConfigDict) -> None:
   family_of(config).validate_training(config)
+
+
+def input_size(config: ml_collections.ConfigDict) -> InputSize:
+  """The input sizes the config's network takes, read from the config alone."""
+  return family_of(config).input_size(config)
 
 
 def from_config(config: ml_collections.ConfigDict, module: nn.Module | None = None) -> Detector:
