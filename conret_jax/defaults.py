@@ -195,7 +195,9 @@ def _eval() -> ml_collections.ConfigDict:
   e.at_end = True  # evaluate when training finishes; False leaves it to `conret-eval` (e.g. a separate eval job)
   e.global_batch_size = 8
   e.score_threshold = 0.05
-  e.topk_per_level = 1000
+  e.topk_per_level = 1000  # candidates per pyramid level before NMS (RetinaNet's post-processing)
+  # > 0: candidates are instead each class's top k over all anchors (torchvision's SSD: 400); 0: per level.
+  e.topk_per_class = 0
   e.nms_iou = 0.5
   e.max_detections = 100
   e.num_images = 0  # evaluate only the first N images (0 = all)
