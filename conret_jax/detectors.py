@@ -16,7 +16,11 @@
   detectors.build_model(config)     the network; init_variables(model, rng, image_hw) its fresh variables
 
 No caller names a family or reads a family's own config keys (tests/test_seam.py checks it). Adding a family means
-adding its modules (network, loss, anchors) and one entry in FAMILIES below.
+adding its modules (network, loss, anchors) and one entry in FAMILIES below. A key that only other families own,
+set away from its default, would do nothing: `validate` refuses it.
+
+`decode` returns logits whose sigmoid is each class's score for every family, so post-processing is one code path:
+a softmax family (SSD) turns its K + 1 softmax logits into K such logits (core/softmax_scores.py).
 """
 
 import dataclasses
@@ -28,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from conret_jax import consistent
+from conret_jax import consistent, defaults, multibox
+from conret_jax.core.softmax_scores import foreground_logits
 from conret_jax.errors import ConfigError
-from conret_jax.model import resnet, retinanet
+from conret_jax.model import resnet, retinanet, ssd
 from conret_jax.model.anchor_spec import AnchorSpec
 from conret_jax.stages import Stages
 
@@ -96,6 +101,37 @@ def _retinanet(config: ml_collections.ConfigDict, module: nn.Module | None) -> D
   )
 
 
+def _ssd(config: ml_collections.ConfigDict, module: nn.Module | None) -> Detector:
+  stages = Stages.from_config(config)
+  spec = ssd.default_box_spec(config.model.ssd)
+  side = spec.image_size
+
+  def anchors(image_hw):
+    if tuple(int(v) for v in image_hw) != (side, side):
+      raise ValueError(f'SSD{side} has default boxes for {side}x{side} inputs, not {tuple(image_hw)}')
+    return spec.boxes()
+
+  def decode(outputs, default_boxes):
+    logits, boxes = stages.decode(outputs, default_boxes)
+    return foreground_logits(logits), boxes
+
+  return Detector(
+    module=module or ssd.SSD.from_config(config, stages.num_reg_terms),
+    anchors=anchors,
+    level_counts=lambda image_hw: spec.counts(),
+    loss=multibox.MultiBoxLoss.from_config(config),
+    decode=decode,
+    trainable_mask=functools.partial(ssd.trainable_mask, ssd_config=config.model.ssd),
+    input_size=InputSize(fixed=(side,)),
+    name='ConSSD' if config.consistent.enabled else 'SSD',
+  )
+
+
+def _validate_ssd(config: ml_collections.ConfigDict) -> None:
+  ssd.validate(config.model)
+  multibox.validate(config)
+
+
 FAMILIES = {
   'retinanet': Family(
     build=_retinanet,
@@ -111,6 +147,18 @@ FAMILIES = {
       'loss.smooth_l1_beta',
     ),
   ),
+  'ssd': Family(
+    build=_ssd,
+    validate=_validate_ssd,
+    validate_training=ssd.validate_training,
+    own_keys=(
+      'model.ssd',
+      'loss.neg_pos_ratio',
+      'loss.min_negatives',
+      'loss.refined_negatives',
+      'loss.smooth_l1_beta',
+    ),
+  ),
 }
 
 
@@ -121,9 +169,44 @@ def family_of(config: ml_collections.ConfigDict) -> Family:
   return FAMILIES[family]
 
 
+def _plain(value):
+  """A config value as plain, comparable Python: ConfigDicts as dicts, lists as tuples (a json round trip's)."""
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
+    return {k: _plain(v) for k, v in dict(value).items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
+def _lookup(config, key: str):
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def _check_other_families_keys(config: ml_collections.ConfigDict) -> None:
+  """ConfigError for a key owned only by other families and set away from its default: it would do nothing."""
+  family = config.model.family
+  mine = set(FAMILIES[family].own_keys)
+  base = defaults.base_config()
+  for name, other in FAMILIES.items():
+    for key in other.own_keys:
+      if name == family or key in mine:
+        continue
+      value = _lookup(config, key)
+      if _plain(value) != _plain(_lookup(base, key)):
+        raise ConfigError(
+          f'config.{key} is set ({_plain(value)!r}) but does nothing for config.model.family={family!r}: it is '
+          f'read by the {name!r} family only; leave it at its default'
+        )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """The family's checks of its own config keys, and of config.consistent, which every family reads."""
+  """The family's checks of its own config keys, and of config.consistent, which every family reads; other
+  families' keys must keep their defaults."""
   family_of(config).validate(config)
+  _check_other_families_keys(config)
   Stages.from_config(config)
 
 
