@@ -33,6 +33,11 @@ def _load(relative_path, arg):
     ('paper/table2_thresholds.py', 'pos=0.7,neg=0.6'),
     ('paper/table3_stages.py', 'cls=3,reg=2'),
     ('paper/table3_stages.py', 'cls=2,reg=2,infer=1'),
+    ('ssd300_torchvision.py', None),
+    ('paper/table5_ssd.py', 'backbone=vgg16,consistent=true'),
+    ('paper/table5_ssd.py', 'backbone=vgg16,consistent=false,weights=features'),
+    ('paper/table5_ssd.py', 'backbone=resnet50,consistent=true'),
+    ('paper/table5_ssd.py', 'backbone=resnet50,consistent=false'),
   ],
 )
 def test_config_loads_and_validates(path, arg):

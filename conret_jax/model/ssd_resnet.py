@@ -65,8 +65,3 @@ def source_size(image_size: int) -> int:
   side = (image_size + 2 * 3 - 7) // 2 + 1
   side = (side + 2 * 1 - 3) // 2 + 1
   return (side + 2 * 1 - 3) // 2 + 1
-
-
-def channels(depth: int, width_divisor: int) -> int:
-  """conv4_x's channels."""
-  return resnet.stage_channels(depth, 64 // width_divisor)[2]
