@@ -112,9 +112,9 @@ def reduced_fc(state_dict: dict):
   every 4th output (and fc7 input) unit, 4096 -> 1024, and fc6's 7x7 window at every 3rd position, 7x7 -> 3x3, which
   dilation 6 spreads over the same extent on pool5's stride-16 map as the 7x7 window on the stride-32 one.
 
-  Returns {'fc6': (weight [1024, 512, 3, 3], bias [1024]), 'fc7': (weight [1024, 1024, 1, 1], bias [1024])} in torch
-  layout, or None when the file has no classifier or a non-finite one (torchvision's IMAGENET1K_FEATURES weights
-  keep only `features` valid).
+  Returns {'fc6': (weight [F/4, C, 3, 3], bias [F/4]), 'fc7': (weight [F/4, F/4, 1, 1], bias [F/4])} in torch layout
+  (F = 4096, C = 512 for VGG-16), or None when the file has no classifier or a non-finite one (torchvision's
+  IMAGENET1K_FEATURES weights keep only `features` valid).
   """
   keys = ('classifier.0.weight', 'classifier.0.bias', 'classifier.3.weight', 'classifier.3.bias')
   if not all(k in state_dict for k in keys):
@@ -122,10 +122,11 @@ def reduced_fc(state_dict: dict):
   w6, b6, w7, b7 = (np.asarray(state_dict[k], np.float32) for k in keys)
   if not all(np.isfinite(x).all() for x in (w6, b6, w7, b7)):
     return None
-  if w6.shape != (4096, 512 * 7 * 7) or w7.shape != (4096, 4096):
-    raise ValueError(f'classifier.0 / classifier.3 have shapes {w6.shape} / {w7.shape}, not those of VGG-16')
+  f = w6.shape[0]
+  if w6.ndim != 2 or w6.shape[1] % 49 or f % 4 or w7.shape != (f, f):
+    raise ValueError(f'classifier.0 / classifier.3 have shapes {w6.shape} / {w7.shape}, not those of a VGG')
   return {
-    'fc6': (w6.reshape(4096, 512, 7, 7)[::4, :, ::3, ::3], b6[::4]),
+    'fc6': (w6.reshape(f, -1, 7, 7)[::4, :, ::3, ::3], b6[::4]),
     'fc7': (w7[::4, ::4, None, None], b7[::4]),
   }
 
