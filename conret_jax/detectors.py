@@ -178,27 +178,33 @@ def _plain(value):
   return value
 
 
-def _lookup(config, key: str):
-  node = config
-  for part in key.split('.'):
-    node = node[part]
-  return node
+def _changed(value, default, key: str):
+  """(dotted key, value) of the first leaf under `key` that differs from its default, or None."""
+  if isinstance(default, dict):
+    for name in default:
+      found = _changed(value[name], default[name], f'{key}.{name}')
+      if found:
+        return found
+    return None
+  return None if value == default else (key, value)
 
 
 def _check_other_families_keys(config: ml_collections.ConfigDict) -> None:
   """ConfigError for a key owned only by other families and set away from its default: it would do nothing."""
   family = config.model.family
   mine = set(FAMILIES[family].own_keys)
-  base = defaults.base_config()
+  base = _plain(defaults.base_config())
+  plain = _plain(config)
   for name, other in FAMILIES.items():
     for key in other.own_keys:
       if name == family or key in mine:
         continue
-      value = _lookup(config, key)
-      if _plain(value) != _plain(_lookup(base, key)):
+      section, leaf = key.split('.', 1)
+      found = _changed(plain[section][leaf], base[section][leaf], f'config.{key}')
+      if found:
         raise ConfigError(
-          f'config.{key} is set ({_plain(value)!r}) but does nothing for config.model.family={family!r}: it is '
-          f'read by the {name!r} family only; leave it at its default'
+          f'{found[0]}={found[1]!r} does nothing for config.model.family={family!r}: only the {name!r} family reads '
+          f'it; leave it at its default'
         )
 
 

@@ -168,8 +168,8 @@ def _import_resnet(state_dict: dict, config, classifier_prefix: str) -> dict:
   _check_config(config)
   target = mapping.backbone_target(config)
   built = {name for tree in target.values() for name in tree['backbone']}
-  unbuilt = lambda k: re.match(r'layer\d\.', k) is not None and k.split('.')[0] not in built
-  ignore = lambda k: mapping.tracked(k) or k.startswith(classifier_prefix) or unbuilt(k)
+  unbuilt = {f'layer{k}' for k in range(1, 5)} - built  # a ResNet's stages; any other name stays an error
+  ignore = lambda k: mapping.tracked(k) or k.startswith(classifier_prefix) or k.split('.')[0] in unbuilt
   return mapping.fill(target, lambda p: resnet_key(p[1:]), state_dict, ignore)
 
 

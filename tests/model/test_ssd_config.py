@@ -67,14 +67,16 @@ def test_resnet_norms_and_freezing():
 
 def test_keys_of_another_family_are_refused():
   config = ssd_config(**{'model.fpn.channels': 64})
-  with pytest.raises(ConfigError, match="config.model.fpn is set .* does nothing for config.model.family='ssd'"):
+  with pytest.raises(ConfigError, match="config.model.fpn.channels=64 does nothing for config.model.family='ssd'"):
     config_checks.validate(config)
   config = ssd_config(**{'loss.focal_gamma': 1.5})
   with pytest.raises(ConfigError, match='config.loss.focal_gamma'):
     config_checks.validate(config)
   retinanet = defaults.base_config()
   retinanet.model.ssd.backbone = 'resnet50'
-  with pytest.raises(ConfigError, match="config.model.ssd .* does nothing for config.model.family='retinanet'"):
+  with pytest.raises(
+    ConfigError, match="config.model.ssd.backbone='resnet50' does nothing for config.model.family='retinanet'"
+  ):
     config_checks.validate(retinanet)
   retinanet = defaults.base_config()
   retinanet.loss.neg_pos_ratio = 2.0
