@@ -169,8 +169,9 @@ def test_loss_and_gradient_through_the_detector():
   assert max(float(jnp.abs(g['kernel']).max()) for g in refined) > 0
 
 
-def test_detect_takes_the_fixed_size_only():
-  config = narrow(**{'eval.max_detections': 20, 'eval.topk_per_class': 50})
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_detect_takes_the_fixed_size_only(dtype):
+  config = narrow(**{'eval.max_detections': 20, 'eval.topk_per_class': 50, 'model.compute_dtype': dtype})
   model = detectors.build_model(config)
   variables = detectors.init_variables(model, jax.random.key(0), (300, 300))
   images = np.random.default_rng(6).uniform(0, 255, (2, 300, 300, 3)).astype(np.float32)
