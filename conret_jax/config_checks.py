@@ -130,6 +130,7 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
   _check(k.keep >= 1, f'config.checkpoint.keep={k.keep} must be >= 1')
   _check(e.every_steps >= 0, f'config.eval.every_steps={e.every_steps} must be >= 0')
   _check(e.visualize >= 0, f'config.eval.visualize={e.visualize} must be >= 0')
+  _check(e.topk_per_class >= 0, f'config.eval.topk_per_class={e.topk_per_class} must be >= 0 (0: per level)')
   _check(e.num_images >= 0, f'config.eval.num_images={e.num_images} must be >= 0 (0: every image)')
   _check(e.global_batch_size >= 1, f'config.eval.global_batch_size={e.global_batch_size} must be >= 1')
   _check(

@@ -52,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
 def _model() -> ml_collections.ConfigDict:
   """config.model: the network, its anchors and box coding."""
   m = ml_collections.ConfigDict()
-  m.family = 'retinanet'  # the detector family (conret_jax/detectors.py): RetinaNet / ConRetinaNet
+  # The detector family (conret_jax/detectors.py): 'retinanet' (RetinaNet / ConRetinaNet: the backbone, fpn, head
+  # and anchors sections below) | 'ssd' (SSD / ConSSD: the ssd section; start from `ssd_config()`).
+  m.family = 'retinanet'
   m.num_classes = 80
   # How class index k maps to the dataset's categories: 'contiguous' (k is the k-th smallest category id) or
   # 'category_id' (k IS the category id; torchvision's 91-way COCO head, num_classes > the largest id).
@@ -105,7 +107,34 @@ def _model() -> ml_collections.ConfigDict:
 
   m.box_weights = (1.0, 1.0, 1.0, 1.0)  # encode/decode weights (wx, wy, ww, wh)
   m.box_clamp = BOX_DELTA_CLAMP
+  m.ssd = _ssd()
   return m
+
+
+def _ssd() -> ml_collections.ConfigDict:
+  """config.model.ssd: the SSD family's network and default boxes (model/ssd.py); torchvision's ssd300_vgg16."""
+  s = ml_collections.ConfigDict()
+  s.image_size = 300  # the fixed square input: 300 (SSD300) | 512 (SSD512); config.data.image_size must equal it
+  # Base network: 'vgg16' (conv4_3 + fc7, model/vgg.py) | 'resnet18' | 'resnet34' | 'resnet50' (conv4_x without its
+  # stride, NVIDIA's SSD-ResNet: model/ssd_resnet.py).
+  s.backbone = 'vgg16'
+  s.width_divisor = 1  # every base and extra layer's channels divided by this (narrow demo models); divides 64
+  s.norm = ''  # the base network's: '' for vgg16 (it has none); 'frozen_bn' | 'bn' | 'gn' for the ResNets
+  s.extra_norm = ''  # the extra layers': '' (biased convs: VGG's) | 'bn' (NVIDIA's ResNet extras) | 'gn'
+  # Frozen prefix: vgg16 blocks conv1..conv<k> (0..5; Caffe SSD and torchvision freeze 2 with ImageNet weights);
+  # ResNets as model.backbone.freeze_at (1: stem, k: stem + res2..res<k>; 0..4).
+  s.freeze_at = 0
+  s.allow_random_frozen = False  # frozen layers need config.init_from unless this is True
+  # Default-box scales in percent of the image side (core/default_boxes.ssd_scales, Caffe SSD's rule): the first
+  # source gets first_ratio, the others min_ratio .. max_ratio in equal integer steps. SSD300: 15, 90, 7
+  # (torchvision); SSD512 on COCO: 10, 90, 4 (the SSD paper's footnote).
+  s.min_ratio = 15
+  s.max_ratio = 90
+  s.first_ratio = 7
+  s.aspect_ratios = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))  # per source: a > 1 adds a wide and a tall box each
+  s.steps = (8, 16, 32, 64, 100, 300)  # per source: pixels between default-box centres
+  s.clip = True  # clamp default boxes' width and height to the image (torchvision's DefaultBoxGenerator)
+  return s
 
 
 def _loss() -> ml_collections.ConfigDict:
@@ -116,6 +145,11 @@ def _loss() -> ml_collections.ConfigDict:
   lc.smooth_l1_beta = 0.11  # Detectron's RetinaNet; 0.0 gives L1 (torchvision)
   lc.box_loss_weight = 1.0
   lc.allow_low_quality_matches = True  # stage 1 only; refined stages match on quality alone
+  # SSD's MultiBox loss (conret_jax/multibox.py): hard negatives per positive (3:1), at least this many per image
+  # (also without objects), and which negatives a refined stage's term scores: 'per_stage' (its own) | 'stage0'.
+  lc.neg_pos_ratio = 3.0
+  lc.min_negatives = 0
+  lc.refined_negatives = 'per_stage'
   return lc
 
 
@@ -201,7 +235,9 @@ def _eval() -> ml_collections.ConfigDict:
   e.at_end = True  # evaluate when training finishes; False leaves it to `conret-eval` (e.g. a separate eval job)
   e.global_batch_size = 8
   e.score_threshold = 0.05
-  e.topk_per_level = 1000
+  e.topk_per_level = 1000  # candidates per pyramid level before NMS (RetinaNet's post-processing)
+  # > 0: candidates are instead each class's top k over all anchors (torchvision's SSD: 400); 0: per level.
+  e.topk_per_class = 0
   e.nms_iou = 0.5
   e.max_detections = 100
   e.num_images = 0  # evaluate only the first N images (0 = all)
@@ -209,6 +245,37 @@ def _eval() -> ml_collections.ConfigDict:
   e.visualize_score_threshold = 0.3  # detections.png draws detections scoring at least this
   e.coco_backend = 'auto'  # COCO scoring: 'faster_coco_eval' (C++), 'pycocotools', or 'auto' (the first installed)
   return e
+
+
+def ssd_config(image_size: int = 300) -> ml_collections.ConfigDict:
+  """base_config() for the SSD family (model.family='ssd'), SSD300 or SSD512 on COCO: torchvision's ssd300_vgg16
+  default boxes at 300, the SSD paper's COCO SSD512 ones at 512 (core/default_boxes.SSD300 / SSD512); SSD's
+  matching (0.5 / 0.5, each object's best default box) and Table 3's refined stages (0.6 / 0.5, 0.7 / 0.6:
+  multibox.SSD_STAGES); torchvision's SSD box coding (10, 10, 5, 5) and smooth L1 (beta 1); torchvision's SSD
+  post-processing (score > 0.01, top 400 per class, NMS 0.45, 200 detections)."""
+  config = base_config()
+  m = config.model
+  m.family = 'ssd'
+  s = m.ssd
+  s.image_size = image_size
+  if image_size == 512:
+    s.min_ratio, s.max_ratio, s.first_ratio = 10, 90, 4
+    s.aspect_ratios = ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,))
+    s.steps = (8, 16, 32, 64, 128, 256, 512)
+  elif image_size != 300:
+    raise ValueError(f'SSD takes 300 or 512, got {image_size}')
+  m.box_weights = (10.0, 10.0, 5.0, 5.0)
+  c = config.consistent
+  c.pos_iou_thresholds = (0.5, 0.6, 0.7)
+  c.neg_iou_thresholds = (0.5, 0.5, 0.6)
+  config.loss.smooth_l1_beta = 1.0
+  config.data.image_size = image_size
+  e = config.eval
+  e.score_threshold = 0.01
+  e.topk_per_class = 400
+  e.nms_iou = 0.45
+  e.max_detections = 200
+  return config
 
 
 def schedule_steps(train_config: ml_collections.ConfigDict) -> tuple[int, tuple[int, ...]]:

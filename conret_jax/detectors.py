@@ -17,7 +17,11 @@
   detectors.build_model(config)     the network; init_variables(model, rng, image_hw) its fresh variables
 
 No caller names a family or reads a family's own config keys (tests/test_seam.py checks it). Adding a family means
-adding its modules (network, loss, anchors) and one entry in FAMILIES below.
+adding its modules (network, loss, anchors) and one entry in FAMILIES below. A key that only other families own,
+set away from its default, would do nothing: `validate` refuses it.
+
+`decode` returns logits whose sigmoid is each class's score for every family, so post-processing is one code path:
+a softmax family (SSD) turns its K + 1 softmax logits into K such logits (core/softmax_scores.py).
 """
 
 import dataclasses
@@ -29,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from conret_jax import consistent
+from conret_jax import consistent, defaults, multibox
+from conret_jax.core.softmax_scores import foreground_logits
 from conret_jax.errors import ConfigError
-from conret_jax.model import resnet, retinanet
+from conret_jax.model import resnet, retinanet, ssd
 from conret_jax.model.anchor_spec import AnchorSpec
 from conret_jax.stages import Stages
 
@@ -102,6 +107,41 @@ def _retinanet_input_size(config: ml_collections.ConfigDict) -> InputSize:
   return InputSize(multiple=retinanet.size_multiple(config.model))
 
 
+def _ssd(config: ml_collections.ConfigDict, module: nn.Module | None) -> Detector:
+  stages = Stages.from_config(config)
+  spec = ssd.default_box_spec(config.model.ssd)
+  side = spec.image_size
+
+  def anchors(image_hw):
+    if tuple(int(v) for v in image_hw) != (side, side):
+      raise ValueError(f'SSD{side} has default boxes for {side}x{side} inputs, not {tuple(image_hw)}')
+    return spec.boxes()
+
+  def decode(outputs, default_boxes):
+    logits, boxes = stages.decode(outputs, default_boxes)
+    return foreground_logits(logits), boxes
+
+  return Detector(
+    module=module or ssd.SSD.from_config(config, stages.num_reg_terms),
+    anchors=anchors,
+    level_counts=lambda image_hw: spec.counts(),
+    loss=multibox.MultiBoxLoss.from_config(config),
+    decode=decode,
+    trainable_mask=functools.partial(ssd.trainable_mask, ssd_config=config.model.ssd),
+    input_size=_ssd_input_size(config),
+    name='ConSSD' if config.consistent.enabled else 'SSD',
+  )
+
+
+def _ssd_input_size(config: ml_collections.ConfigDict) -> InputSize:
+  return InputSize(fixed=(int(config.model.ssd.image_size),))
+
+
+def _validate_ssd(config: ml_collections.ConfigDict) -> None:
+  ssd.validate(config.model)
+  multibox.validate(config)
+
+
 FAMILIES = {
   'retinanet': Family(
     build=_retinanet,
@@ -118,6 +158,19 @@ FAMILIES = {
       'loss.smooth_l1_beta',
     ),
   ),
+  'ssd': Family(
+    build=_ssd,
+    validate=_validate_ssd,
+    validate_training=ssd.validate_training,
+    input_size=_ssd_input_size,
+    own_keys=(
+      'model.ssd',
+      'loss.neg_pos_ratio',
+      'loss.min_negatives',
+      'loss.refined_negatives',
+      'loss.smooth_l1_beta',
+    ),
+  ),
 }
 
 
@@ -128,9 +181,50 @@ def family_of(config: ml_collections.ConfigDict) -> Family:
   return FAMILIES[family]
 
 
+def _plain(value):
+  """A config value as plain, comparable Python: ConfigDicts as dicts, lists as tuples (a json round trip's)."""
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
+    return {k: _plain(v) for k, v in dict(value).items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
+def _changed(value, default, key: str):
+  """(dotted key, value) of the first leaf under `key` that differs from its default, or None."""
+  if isinstance(default, dict):
+    for name in default:
+      found = _changed(value[name], default[name], f'{key}.{name}')
+      if found:
+        return found
+    return None
+  return None if value == default else (key, value)
+
+
+def _check_other_families_keys(config: ml_collections.ConfigDict) -> None:
+  """ConfigError for a key owned only by other families and set away from its default: it would do nothing."""
+  family = config.model.family
+  mine = set(FAMILIES[family].own_keys)
+  base = _plain(defaults.base_config())
+  plain = _plain(config)
+  for name, other in FAMILIES.items():
+    for key in other.own_keys:
+      if name == family or key in mine:
+        continue
+      section, leaf = key.split('.', 1)
+      found = _changed(plain[section][leaf], base[section][leaf], f'config.{key}')
+      if found:
+        raise ConfigError(
+          f'{found[0]}={found[1]!r} does nothing for config.model.family={family!r}: only the {name!r} family reads '
+          f'it; leave it at its default'
+        )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """The family's checks of its own config keys, and of config.consistent, which every family reads."""
+  """The family's checks of its own config keys, and of config.consistent, which every family reads; other
+  families' keys must keep their defaults."""
   family_of(config).validate(config)
+  _check_other_families_keys(config)
   Stages.from_config(config)
 
 

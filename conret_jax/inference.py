@@ -53,8 +53,9 @@ def decode(detector: detectors.Detector, variables, images):
 
 def postprocess(detector: detectors.Detector, logits, boxes, input_hw, eval_config, image_sizes=None) -> dict:
   """Detections (the module docstring's dict) from a detector's decoded logits [B, A, K] and boxes [B, A, 4] for an
-  input of input_hw: core.nms.postprocess with config.eval's score threshold, top-k, NMS IoU and max detections,
-  boxes clipped to image_sizes [B, 2] (default: the whole input). Traceable."""
+  input of input_hw: core.nms.postprocess with config.eval's score threshold, top-k (per level, or per class when
+  topk_per_class > 0), NMS IoU and max detections, boxes clipped to image_sizes [B, 2] (default: the whole input).
+  Traceable."""
   e = eval_config
   return nms.postprocess(
     logits,
@@ -63,6 +64,7 @@ def postprocess(detector: detectors.Detector, logits, boxes, input_hw, eval_conf
     input_hw if image_sizes is None else image_sizes,
     score_threshold=e.score_threshold,
     topk_per_level=e.topk_per_level,
+    topk_per_class=e.topk_per_class,
     nms_iou=e.nms_iou,
     max_detections=e.max_detections,
   )

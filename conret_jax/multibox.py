@@ -36,6 +36,7 @@ import ml_collections
 from conret_jax.core import losses
 from conret_jax.core.constants import BACKGROUND
 from conret_jax.core.hard_negatives import mine_hard_negatives
+from conret_jax.errors import ConfigError
 from conret_jax.stages import Stages
 
 REFINED_NEGATIVES = ('per_stage', 'stage0')
@@ -60,6 +61,23 @@ def softmax_cross_entropy(logits, labels) -> tuple[jax.Array, jax.Array]:
   target = jnp.maximum(labels + 1, 0)
   picked = jnp.take_along_axis(x, target[..., None], axis=-1)[..., 0]
   return lse - picked, lse - x[..., 0]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the key when config.loss's keys of this loss cannot work."""
+  lc = config.loss
+  problems = [
+    (lc.neg_pos_ratio > 0, f'config.loss.neg_pos_ratio={lc.neg_pos_ratio} must be > 0'),
+    (lc.min_negatives >= 0, f'config.loss.min_negatives={lc.min_negatives} must be >= 0'),
+    (
+      lc.refined_negatives in REFINED_NEGATIVES,
+      f'config.loss.refined_negatives={lc.refined_negatives!r} must be one of {REFINED_NEGATIVES}',
+    ),
+    (lc.smooth_l1_beta >= 0, f'config.loss.smooth_l1_beta={lc.smooth_l1_beta} must be >= 0'),
+  ]
+  for ok, message in problems:
+    if not ok:
+      raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,13 @@ def _load(relative_path, arg):
     ('paper/table2_thresholds.py', 'pos=0.7,neg=0.6'),
     ('paper/table3_stages.py', 'cls=3,reg=2'),
     ('paper/table3_stages.py', 'cls=2,reg=2,infer=1'),
+    ('ssd300_torchvision.py', None),
+    ('ssd_shapes_demo.py', None),
+    ('ssd_shapes_demo.py', 'consistent=false,steps=10'),
+    ('paper/table5_ssd.py', 'backbone=vgg16,consistent=true'),
+    ('paper/table5_ssd.py', 'backbone=vgg16,consistent=false,weights=features'),
+    ('paper/table5_ssd.py', 'backbone=resnet50,consistent=true'),
+    ('paper/table5_ssd.py', 'backbone=resnet50,consistent=false'),
   ],
 )
 def test_config_loads_and_validates(path, arg):
@@ -52,6 +59,37 @@ def test_paper_tables_set_what_they_name():
   module, c = _load('conretinanet_coco.py', 'depth=101,scale=800')
   assert (c.model.backbone.depth, c.data.image_size, c.data.max_size) == (101, 800, 1333)
   assert module.TABLE4_AP[(101, 800, True)] == 38.7
+
+
+def test_ssd_configs_set_what_they_name():
+  module, c = _load('paper/table5_ssd.py', 'backbone=resnet50,consistent=false')
+  assert (c.model.family, c.model.ssd.backbone, c.model.ssd.image_size, c.data.image_size) == (
+    'ssd',
+    'resnet50',
+    512,
+    512,
+  )
+  assert not c.consistent.enabled and module.PAPER[('resnet50', True)] == (31.9, 51.0, 33.8)
+  assert module.PAPER[('vgg16', False)] == (28.9, 47.9, 30.6) and module.PAPER[('vgg16', True)] == (30.5, 49.6, 31.7)
+  with pytest.raises(config_checks.ConfigError, match='init_from'):
+    config_checks.validate_training(c)
+  _, c = _load('paper/table5_ssd.py', 'backbone=vgg16,weights=features')
+  assert c.consistent.enabled and c.model.pixel_std == (1.0, 1.0, 1.0) and c.model.ssd.freeze_at == 2
+  with pytest.raises(config_checks.ConfigError, match='torchvision_vgg16'):
+    config_checks.validate_training(c)
+  with pytest.raises(ValueError, match='weights'):
+    _load('paper/table5_ssd.py', 'backbone=resnet50,weights=features')
+  _, tv = _load('ssd300_torchvision.py', None)
+  assert (tv.model.class_layout, tv.model.num_classes, tv.model.ssd.image_size) == ('category_id', 91, 300)
+  assert tv.model.pixel_mean == pytest.approx((123.0, 117.0, 104.0), abs=0.01) and tv.model.pixel_std == (1.0,) * 3
+  assert (tv.eval.score_threshold, tv.eval.topk_per_class, tv.eval.nms_iou, tv.eval.max_detections) == (
+    0.01,
+    400,
+    0.45,
+    200,
+  )
+  _, demo = _load('ssd_shapes_demo.py', None)
+  config_checks.validate_training(demo)  # from scratch: nothing frozen
 
 
 def test_unknown_argument_is_an_error():

@@ -150,6 +150,9 @@ from conret_jax import config_checks, defaults
 config = defaults.base_config()
 config.init_from = '/weights'
 config_checks.validate_training(config)  # the checks run too, not only import
+ssd = defaults.ssd_config(300)
+ssd.init_from = '/weights'
+config_checks.validate_training(ssd)  # every family's
 from jax._src import xla_bridge
 # conret-train checks its config before jax.distributed.initialize, which must precede any backend start.
 assert not xla_bridge.backends_are_initialized(), 'the config checks started a JAX backend'

@@ -5,17 +5,23 @@
       --config configs/conretinanet_coco.py
   conret-import --format timm_resnet --input model.safetensors --output /ckpt/r101 --config cfg.py:depth=101
   conret-import --format detectron_resnet --input R-50.pkl --output /ckpt/detectron_r50
+  conret-import --format torchvision_ssd --input ssd300_vgg16_coco.pth --output /ckpt/tv_ssd300
+  conret-import --format torchvision_vgg16 --input vgg16.pth --output /ckpt/vgg16_ssd \
+      --config configs/paper/table5_ssd.py:backbone=vgg16
 
 --input: .safetensors or .npz (no torch needed), .pth/.pt (torch, loaded with weights_only=True), or .pkl (Detectron's
 ImageNet R-50.pkl / R-101.pkl, read with an unpickler that only rebuilds NumPy arrays; see conret_jax/weight_files.py).
 --config FILE[:ARG]: a config file whose get_config(ARG) describes the target network (the backbone depth must match
-the file). Default: configs/retinanet_torchvision.py for torchvision_retinanet (when run from a source checkout),
-conret_jax.defaults.base_config() (ResNet-50) for the ResNet formats, with backbone.stride_in_1x1=True for
-detectron_resnet. Detectron's weights expect its input normalization: train with model.pixel_mean =
-defaults.DETECTRON_PIXEL_MEAN_RGB and model.pixel_std = defaults.DETECTRON_PIXEL_STD (a note says so otherwise).
---output DIR: written as an orbax StandardCheckpointer checkpoint of the variables dict; layout in conret_jax/weights.py
-(whole model for torchvision_retinanet, only the 'backbone' subtrees for the ResNet formats). DIR must not exist; the
-checkpoint is written next to it and moved into place when complete, so DIR never holds half of one.
+the file). Default: configs/retinanet_torchvision.py for torchvision_retinanet and configs/ssd300_torchvision.py for
+torchvision_ssd (when run from a source checkout), conret_jax.defaults.base_config() (ResNet-50) for the ResNet
+formats, with backbone.stride_in_1x1=True for detectron_resnet, conret_jax.defaults.ssd_config() (SSD300-VGG16) for
+torchvision_vgg16. A ResNet import serves an SSD-ResNet too (its trunk takes res2-res4 of the file). Detectron's
+weights expect its input normalization: train with model.pixel_mean = defaults.DETECTRON_PIXEL_MEAN_RGB and
+model.pixel_std = defaults.DETECTRON_PIXEL_STD (a note says so otherwise).
+--output DIR: written as an orbax StandardCheckpointer checkpoint of the variables dict; layout in conret_jax/weights
+(whole model for torchvision_retinanet and torchvision_ssd, only the 'backbone' subtrees for the ResNet and VGG-16
+formats). DIR must not exist; the checkpoint is written next to it and moved into place when complete, so DIR never
+holds half of one.
 A mistake (a missing, damaged or mismatched --input, a bad --config, an --output that exists or cannot be written,
 a missing or unknown flag) ends in one line `conret-import: error: ...` and exit status 2; --debug (or
 CONRET_DEBUG=1) shows its traceback instead, as for the other tools.
@@ -38,8 +44,12 @@ IMPORTERS = {
   'torchvision_resnet': weights.from_torchvision_resnet,
   'timm_resnet': weights.from_timm_resnet,
   'detectron_resnet': weights.from_detectron_resnet,
+  'torchvision_ssd': weights.from_torchvision_ssd,
+  'torchvision_vgg16': weights.from_torchvision_vgg16,
 }
-_REPO_TORCHVISION_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'retinanet_torchvision.py')
+_REPO_CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
+# The formats of a whole published detector: their network is described by a config file of the source checkout.
+_DETECTOR_CONFIGS = {'torchvision_retinanet': 'retinanet_torchvision.py', 'torchvision_ssd': 'ssd300_torchvision.py'}
 
 
 def load_config(spec: str):
@@ -55,10 +65,13 @@ def load_config(spec: str):
 
 
 def default_config(fmt: str):
-  if fmt == 'torchvision_retinanet':
-    if not os.path.isfile(_REPO_TORCHVISION_CONFIG):
-      raise FileNotFoundError('pass --config configs/retinanet_torchvision.py (not found next to the package)')
-    return load_config(_REPO_TORCHVISION_CONFIG)
+  if fmt in _DETECTOR_CONFIGS:
+    path = os.path.join(_REPO_CONFIGS, _DETECTOR_CONFIGS[fmt])
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'pass --config configs/{_DETECTOR_CONFIGS[fmt]} (not found next to the package)')
+    return load_config(path)
+  if fmt == 'torchvision_vgg16':
+    return defaults.ssd_config()
   config = base_config()
   if fmt == 'detectron_resnet':
     config.model.backbone.stride_in_1x1 = True

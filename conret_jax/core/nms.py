@@ -16,7 +16,8 @@ precision on small boxes and move IoUs near the threshold).
 Memory per image is O(N + tile * (tile + max_output)): a 5000-candidate image never builds a 5000 x 5000 matrix,
 so the batch is simply vmapped.
 
-`postprocess` selects each level's candidates without sorting all of its anchors x classes: see `select_candidates`.
+`postprocess` selects each level's candidates without sorting all of its anchors x classes (`select_candidates`,
+RetinaNet's), or each class's over all anchors (`select_candidates_per_class`, SSD's).
 """
 
 from collections.abc import Sequence
@@ -185,6 +186,30 @@ def select_candidates(cls_logits, level_counts: Sequence[int], topk: int, score_
   return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
 
 
+def select_candidates_per_class(cls_logits, topk: int, score_threshold: float, usable=None):
+  """Per class, the first k = min(topk, A) anchors in the order (masked score descending, anchor ascending), masked
+  score = sigmoid(logit) if above the threshold, else -1: torchvision's SSD postprocess_detections (per class, the
+  scores above the threshold, then their top-k), with static shapes and equal scores taken lower anchor first
+  (lax.top_k's order).
+
+  Args:
+    cls_logits: [B, A, K] (any float dtype; scored in float32).
+    usable: optional [B, A] bool; an anchor that is not scores -1 in every class.
+  Returns, class by class (class 0's k candidates first; K * k in all):
+    scores [B, N] float32 (-1 where not valid), anchors [B, N] int32 in 0..A-1, classes [B, N] int32,
+    valid [B, N] bool (score > score_threshold).
+  """
+  scores = _masked_scores(cls_logits, score_threshold)  # [B, A, K]
+  if usable is not None:
+    scores = jnp.where(usable[..., None], scores, -1.0)
+  b, a, num_classes = scores.shape
+  top, anchors = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), min(topk, a))  # [B, K, k]: per class, over anchors
+  classes = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32)[None, :, None], top.shape)
+  flat = lambda x: x.reshape(b, -1)
+  # A masked score (-1) is never valid, whatever the threshold.
+  return flat(top), flat(anchors).astype(jnp.int32), flat(classes), flat((top > score_threshold) & (top >= 0))
+
+
 def clip_to_images(boxes, image_sizes) -> jax.Array:
   """boxes [B, N, 4] x1y1x2y2 clamped to each image: x to [0, W_b], y to [0, H_b]; image_sizes [B, 2] (h, w) or one
   static (h, w) for all."""
@@ -215,6 +240,7 @@ def postprocess(
   topk_per_level: int = 1000,
   nms_iou: float = 0.5,
   max_detections: int = 100,
+  topk_per_class: int = 0,
 ) -> dict:
   """Detections from decoded boxes and class logits (torchvision's RetinaNet postprocess_detections).
 
@@ -223,6 +249,8 @@ def postprocess(
   pairs by sigmoid score among those above `score_threshold` become candidates; equal scores are taken in flattened
   order (anchor * K + class), lower first (`select_candidates`: the same pairs as one top-k over all anchors x
   classes, without sorting them all). Then class-aware NMS keeps the best `max_detections`.
+  With `topk_per_class` > 0 the candidates are instead each class's top `topk_per_class` anchors over all levels
+  (`select_candidates_per_class`: torchvision's SSD); `topk_per_level` is then unused.
 
   Args:
     cls_logits: [B, A, K] (float32 or bfloat16); boxes: [B, A, 4] decoded x1y1x2y2; level_counts: anchors per
@@ -235,6 +263,11 @@ def postprocess(
     raise ValueError(f'level_counts sum to {sum(level_counts)}, logits have {cls_logits.shape[1]} anchors')
   boxes = clip_to_images(boxes, image_sizes)
   usable = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-  scores, anchors, classes, valid = select_candidates(cls_logits, level_counts, topk_per_level, score_threshold, usable)
+  if topk_per_class > 0:
+    scores, anchors, classes, valid = select_candidates_per_class(cls_logits, topk_per_class, score_threshold, usable)
+  else:
+    scores, anchors, classes, valid = select_candidates(
+      cls_logits, level_counts, topk_per_level, score_threshold, usable
+    )
   boxes = jnp.take_along_axis(boxes, anchors[..., None], axis=1)
   return detections_from_candidates(boxes, scores, classes, valid, nms_iou=nms_iou, max_detections=max_detections)

@@ -1,7 +1,7 @@
 """ResNet v1 backbone (NHWC, flax.linen) returning C3, C4, C5 (or any run of C2..C5).
 
 Module names follow torchvision's (`conv1`, `norm1`, `layer1`..`layer4`, `block<j>`, `downsample_conv`), so the
-weight importers map names mechanically (conret_jax/weights.py).
+weight importers map names mechanically (conret_jax/weights).
 
 Normalization (config.model.backbone.norm):
   'frozen_bn'  affine batch norm with fixed scale/bias/mean/var in the 'frozen' collection: not trained, not counted
@@ -125,7 +125,8 @@ class ResNet(nn.Module):
 
   __call__(x [B, H, W, 3] (normalized pixels, compute dtype), train) -> (C2, C3, C4, C5)[first_output - 2:] with
   strides 4, 8, 16, 32 and channels `stage_channels(depth, width)`; by default (C3, C4, C5), what an FPN takes.
-  `num_stages` < 4 stops after res<num_stages + 1> (an SSD backbone that ends at C4).
+  `num_stages` < 4 stops after res<num_stages + 1> (an SSD backbone that ends at C4); `last_stage_stride` = 1 takes
+  the stride out of that last stage (SSD-ResNet's conv4_x, which keeps stride 8: model/ssd_resnet.py).
   """
 
   depth: int = 50
@@ -136,6 +137,7 @@ class ResNet(nn.Module):
   compute: Compute = Compute()
   first_output: int = 3  # the first C<k> returned
   num_stages: int = 4
+  last_stage_stride: int = 2
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -151,7 +153,7 @@ class ResNet(nn.Module):
     outputs = []
     for i, n in enumerate(counts[: self.num_stages]):
       name = f'layer{i + 1}'
-      stride = 1 if i == 0 else 2
+      stride = 1 if i == 0 else self.last_stage_stride if i == self.num_stages - 1 else 2
       stage = ResNetStage(
         block, n, self.width * 2**i, stride, self.norm, self.compute, name in frozen, self.stride_in_1x1, name=name
       )

@@ -1,4 +1,5 @@
-"""Importers for pretrained weights: torchvision RetinaNet / ResNet, timm ResNet, Detectron (Caffe2) ImageNet ResNet.
+"""Importers for pretrained weights: torchvision RetinaNet / ResNet, timm ResNet, Detectron (Caffe2) ImageNet ResNet;
+torchvision SSD300-VGG16 and VGG-16 (weights/ssd.py). The importers share weights/mapping.py.
 
 Nothing is downloaded: the user points at a file, read by conret_jax/weight_files.py into {name: np.ndarray}
 (`load_state_dict` and `read_safetensors` are re-exported here).
@@ -13,9 +14,9 @@ torch. torchvision's legacy names (checkpoints saved before torchvision 0.13, e.
 
 Layout written by `conret-import` (conret_jax/cli/import_weights.py): DIR is an orbax StandardCheckpointer
 checkpoint of a variables dict with the nesting of `init_variables`: {'params': {...}, 'frozen' | 'batch_stats':
-{...}}. A RetinaNet import holds the whole tree; a ResNet import holds only the 'backbone' subtree of each
-collection. The trainer reads it through `config.init_from` (train/checkpoint.py: `load_variables`, `init_from`,
-which copy the leaves that match by path and shape).
+{...}}. A RetinaNet or SSD import holds the whole tree; a ResNet or VGG-16 import holds only the 'backbone'
+subtree of each collection. The trainer reads it through `config.init_from` (train/checkpoint.py:
+`load_variables`, `init_from`, which copy the leaves that match by path and shape).
 """
 
 import os
@@ -23,16 +24,16 @@ import re
 import shutil
 import tempfile
 
-import jax
 import numpy as np
 from absl import logging
 
-from conret_jax import detectors
 from conret_jax.errors import WorkdirError
 from conret_jax.fileio import absolute, is_remote
 from conret_jax.model.layers import BN_EPS
 from conret_jax.model.resnet import DEPTHS
 from conret_jax.weight_files import load_state_dict, read_safetensors  # noqa: F401 (re-exported)
+from conret_jax.weights import mapping
+from conret_jax.weights.ssd import from_torchvision_ssd, from_torchvision_vgg16  # noqa: F401 (re-exported)
 
 _BN = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
 _CONV = {'kernel': 'weight', 'bias': 'bias'}
@@ -139,73 +140,14 @@ def detectron_key(path) -> str:
 # ---------------------------------------------------------------------------------------------------- importers
 
 
-def _target_shapes(config) -> dict:
-  detector = detectors.from_config(config)
-  hw = detector.input_size.smallest()
-  return jax.eval_shape(lambda: detectors.init_variables(detector.module, jax.random.key(0), hw))
-
-
 def _check_config(config, source: str = 'torchvision/timm ResNets', stride_in_1x1: bool = False):
   b = config.model.backbone
-  if b.norm not in ('frozen_bn', 'bn'):
-    raise ValueError(f"{source} use batch norm: set model.backbone.norm to 'frozen_bn' or 'bn', not {b.norm!r}")
+  section, norm = ('ssd', config.model.ssd.norm) if config.model.family == 'ssd' else ('backbone', b.norm)
+  if norm not in ('frozen_bn', 'bn'):
+    raise ValueError(f"{source} use batch norm: set model.{section}.norm to 'frozen_bn' or 'bn', not {norm!r}")
   if b.stride_in_1x1 != stride_in_1x1:
     where = 'first 1x1' if stride_in_1x1 else '3x3'
     raise ValueError(f'{source} put the stride on the {where} conv: set backbone.stride_in_1x1={stride_in_1x1}')
-
-
-def _torch_to_flax(key: str, arr: np.ndarray, names: tuple, want: tuple) -> np.ndarray:
-  """`arr` (torch layout: conv kernels [O, I, kh, kw]) as the leaf at `names` of shape `want`, or ValueError."""
-  if names[-1] == 'kernel':
-    want_torch = (want[3], want[2], want[0], want[1])
-    if arr.shape != want_torch:
-      raise ValueError(f'{key}: shape {arr.shape}, expected {want_torch} (for {"/".join(names)})')
-    return arr.transpose(2, 3, 1, 0)
-  if arr.shape != want:
-    raise ValueError(f'{key}: shape {arr.shape}, expected {want} (for {"/".join(names)})')
-  return arr
-
-
-def _fill(target: dict, key_fn, state_dict: dict, ignore, derive=None) -> dict:
-  """Map every leaf of `target` ({collection: tree of ShapeDtypeStruct}) to its state-dict entry, checked.
-
-  `derive(path, leaf)`, when given, supplies the leaves a format does not store: it returns their array, or None
-  for a leaf to be looked up by `key_fn` as usual (`path` is without the collection, like key_fn's).
-  """
-  sd = {k: v for k, v in state_dict.items() if not ignore(k)}
-  used, missing, unmapped, out = set(), [], [], {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-    names = tuple(p.key for p in path)
-    arr = None if derive is None else derive(names[1:], leaf)
-    if arr is None:
-      key = key_fn(names[1:])
-      if key is None:
-        unmapped.append('/'.join(names))
-        continue
-      if key not in sd:
-        missing.append(key)
-        continue
-      arr = _torch_to_flax(key, np.asarray(sd[key]), names, tuple(leaf.shape))
-      used.add(key)
-    node = out
-    for name in names[:-1]:
-      node = node.setdefault(name, {})
-    node[names[-1]] = np.ascontiguousarray(arr, dtype=np.float32)
-  unexpected = sorted(set(sd) - used)
-  problems = []
-  if unexpected:
-    problems.append(f"unexpected keys (no counterpart in the config's model): {unexpected[:8]}")
-  if missing:
-    problems.append(f'missing keys: {missing[:8]}')
-  if unmapped:
-    problems.append(f'model variables with no counterpart in this format: {unmapped[:8]}')
-  if problems:
-    raise ValueError('; '.join(problems) + (f' ({len(unexpected)} unexpected, {len(missing)} missing in all)'))
-  return out
-
-
-def _tracked(k: str) -> bool:
-  return k.endswith('num_batches_tracked')
 
 
 def from_torchvision_retinanet(state_dict: dict, config) -> dict:
@@ -216,19 +158,19 @@ def from_torchvision_retinanet(state_dict: dict, config) -> dict:
   """
   _check_config(config)
   state_dict = upgrade_legacy_names(state_dict)
-  target = _target_shapes(config)
-  return _fill(target, lambda p: retinanet_key(p, config.model.fpn.min_level), state_dict, _tracked)
-
-
-def _backbone_target(config) -> dict:
-  """{collection: {'backbone': tree of ShapeDtypeStruct}}: what a ResNet import fills."""
-  return {c: {'backbone': tree['backbone']} for c, tree in _target_shapes(config).items() if 'backbone' in tree}
+  target = mapping.target_shapes(config)
+  return mapping.fill(target, lambda p: retinanet_key(p, config.model.fpn.min_level), state_dict, mapping.tracked)
 
 
 def _import_resnet(state_dict: dict, config, classifier_prefix: str) -> dict:
+  """The backbone's variables; the file's stages that the backbone does not have (an SSD trunk ends at layer3) are
+  left out, like its classifier."""
   _check_config(config)
-  ignore = lambda k: _tracked(k) or k.startswith(classifier_prefix)
-  return _fill(_backbone_target(config), lambda p: resnet_key(p[1:]), state_dict, ignore)
+  target = mapping.backbone_target(config)
+  built = {name for tree in target.values() for name in tree['backbone']}
+  unbuilt = {f'layer{k}' for k in range(1, 5)} - built  # a ResNet's stages; any other name stays an error
+  ignore = lambda k: mapping.tracked(k) or k.startswith(classifier_prefix) or k.split('.')[0] in unbuilt
+  return mapping.fill(target, lambda p: resnet_key(p[1:]), state_dict, ignore)
 
 
 def from_torchvision_resnet(state_dict: dict, config) -> dict:
@@ -293,7 +235,8 @@ def from_detectron_resnet(blobs: dict, config) -> dict:
   if biased:
     logging.warning('Detectron import: dropping non-zero conv biases, as Detectron does: %s', biased)
   ignore = lambda k: k.endswith('_momentum') or k.startswith('fc1000_') or _DETECTRON_CONV_BIAS.fullmatch(k)
-  return _fill(_backbone_target(config), lambda p: detectron_key(p[1:]), blobs, ignore, _affine_channel_stats)
+  target = mapping.backbone_target(config)
+  return mapping.fill(target, lambda p: detectron_key(p[1:]), blobs, ignore, _affine_channel_stats)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
