@@ -201,11 +201,13 @@ def run_environment() -> dict:
   }
 
 
-def emit(table: str, result: dict) -> None:
-  """Prints the Markdown table, then the result as one JSON line; also writes it to --json_out if given."""
+def emit(table: str, result: dict, json_out: str | None = None) -> None:
+  """Prints the Markdown table, then the result as one JSON line; also writes it to json_out if given (default:
+  --json_out; scripts with their own argument parser pass theirs)."""
   print(table, flush=True)
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, 'w') as f:
+  json_out = _JSON_OUT.value if json_out is None else json_out
+  if json_out:
+    with open(json_out, 'w') as f:
       json.dump(result, f, indent=1)
   print(json.dumps(result), flush=True)
 
