@@ -11,7 +11,8 @@ COCO model, so `conret-import --format torchvision_ssd` weights give torchvision
   NMS 0.45, 200 detections.
   Training (torchvision's references/detection recipe for ssd300_vgg16): SSD augmentation, batch 32, lr 0.002,
   momentum 0.9, weight decay 5e-4 on kernels and biases, 120 epochs of COCO with decays at 80 and 110, a 1000-step
-  linear warm-up from 0.001; conv1 and conv2 frozen (trainable_backbone_layers=4), so training needs init_from.
+  linear warm-up from 0.001; conv1 frozen (trainable_backbone_layers=4 freezes the VGG features before the first
+  max-pool), so training needs init_from.
 
 Score the published weights without training (with no checkpoint in the workdir, conret-eval evaluates init_from):
   conret-import --format=torchvision_ssd --input=ssd300_vgg16_coco-b556d3b4.pth --output=weights/tv_ssd300
@@ -34,7 +35,7 @@ def get_config(arg=None):
   m.pixel_mean = tuple(255 * v for v in (0.48235, 0.45882, 0.40784))
   m.pixel_std = (1.0, 1.0, 1.0)
   m.ssd.backbone = 'vgg16'
-  m.ssd.freeze_at = 2
+  m.ssd.freeze_at = 1
   config.consistent.enabled = False
   coco_data(config)
   torchvision_training(config)

@@ -12,9 +12,10 @@ or 'features', torchvision's IMAGENET1K_FEATURES port of the SSD authors' VGG-16
 x - 255 * (0.48235, 0.45882, 0.40784)). The paper (Section 6.4) re-implements SSD512 in PyTorch from torchvision's
 ImageNet models without giving its recipe; this config takes torchvision's SSD recipe (configs/ssd300_torchvision.py:
 SSD augmentation, batch 32, lr 0.002, 120 epochs) at 512 with the SSD paper's COCO SSD512 default boxes
-(core/default_boxes.SSD512). VGG-16: conv1 and conv2 frozen (Caffe SSD, torchvision). ResNet-50: NVIDIA's
-SSD-ResNet layout (model/ssd_resnet.py) with frozen batch norm and the stem and res2 frozen (Detectron's fine-tuning,
-as the RetinaNet configs), extra layers with batch norm (NVIDIA's). Both need `config.init_from`.
+(core/default_boxes.SSD512). VGG-16: conv1 and conv2 frozen (Caffe SSD; torchvision's recipe freezes conv1 only).
+ResNet-50: NVIDIA's SSD-ResNet layout (model/ssd_resnet.py) with frozen batch norm and the stem and res2 frozen
+(Detectron's fine-tuning, as the RetinaNet configs), extra layers with batch norm (NVIDIA's). Both need
+`config.init_from`.
 Consistent optimization: two classification and two regression terms, alpha 1, refined stage 0.6 / 0.5.
 The paper's AP / AP50 / AP75 are in PAPER below (SSD_PAPER: SSD512 as Liu et al. report it, the table's first row).
 """

@@ -11,7 +11,8 @@
 __call__ returns the two sources the head reads, (normalized conv4_3 [B, S/8, S/8, 512], fc7 [B, S/16, S/16, 1024])
 for an input side S (38 and 19 at 300, 64 and 32 at 512); the extra layers (model/ssd_extras.py) continue from fc7.
 `width_divisor` divides every channel count (narrow demo models). `freeze_at` = k freezes blocks conv1 .. conv<k>
-(Caffe SSD and torchvision's default with ImageNet weights freeze conv1 and conv2: k = 2).
+(torchvision's ssd300_vgg16 with ImageNet weights, trainable_backbone_layers=4, freezes conv1: k = 1; Caffe SSD freezes
+conv1 and conv2: k = 2).
 
 Module names are the paper's; torchvision's `features.<i>` indices follow from VGG16_BLOCKS (each conv is followed
 by its ReLU, each block by its pool), which is how conret_jax/weights maps them.
