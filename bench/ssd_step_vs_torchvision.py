@@ -27,6 +27,10 @@ nothing with weights_backbone=None (trainable_backbone_layers only applies with 
 default of 4 freezes conv1 alone), so the worker sets requires_grad=False on its first convs by hand: neither side
 then computes their gradients nor backpropagates through them. --freeze_at=1 is torchvision's own ImageNet setting.
 On GPU both convolve in TF32 (torch's cudnn default; our matmul_precision='default').
+XLA flags: ours runs with the flags conret-train adds to its own process (conret_jax/cli/xla_flags.py: on CPU,
+XLA:CPU's YNNPACK fusions off), so the step timed is the one training runs; the user's XLA_FLAGS win, and
+CONRET_XLA_DEFAULTS=0 times XLA's defaults instead (on this project's 2-core CPU box that made our step 1.9x slower:
+bench/RESULTS.md, "SSD300 train step against torchvision's"). The JSON's xla_flags field says what ran.
 What differs: the implementations (torchvision: eager per-image matching and hard-negative mining in Python,
 its transform's normalization, resize and batching copies; ours: one compiled XLA program); our classifier has 92
 outputs per default box (class 0 kept by class_layout='category_id') against torchvision's 91: 35,515,328 trained
@@ -224,6 +228,9 @@ def main(argv=None):
   with_torchvision = args.size == 300 and args.backbone == 'vgg16'
   if with_torchvision:
     os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')  # read when JAX's backend starts, below
+  from conret_jax.cli import xla_flags
+
+  xla_flags.apply()  # conret-train's flags, before JAX starts a backend (module docstring)
   import jax
   import step_compare  # bench/step_compare.py, next to this file
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from conret_jax.model import conv_lowering
+from conret_jax.model import conv_lowering, pooling
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # model.matmul_precision -> the precision of every convolution. 'default' leaves the platform's choice: on GPU a float32
@@ -84,6 +84,11 @@ class Compute:
       conv_general_dilated=conv_lowering.conv_function(self.lowering),
       name=name,
     )
+
+  def max_pool(self, x, window: int, stride: int, padding):
+    """nn.max_pool of x [B, H, W, C] with a square window and stride and -inf padding ((top, bottom), (left,
+    right)); under the 'matmul' lowering with the gradient XLA:CPU runs faster (model/pooling.py)."""
+    return pooling.max_pool_function(self.lowering)(x, window, stride, padding)
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:

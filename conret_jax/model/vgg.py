@@ -47,10 +47,10 @@ def source_sizes(image_size: int) -> tuple[int, int]:
   return side, side // 2
 
 
-def _max_pool(x, ceil: bool):
+def _max_pool(compute: Compute, x, ceil: bool):
   """2x2 stride 2; ceil pads the bottom/right with -inf when a side is odd (torch's ceil_mode)."""
   pad = ((0, x.shape[1] % 2 if ceil else 0), (0, x.shape[2] % 2 if ceil else 0))
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding=pad)
+  return compute.max_pool(x, 2, 2, pad)
 
 
 class L2Norm(nn.Module):
@@ -87,8 +87,8 @@ class VGG16(nn.Module):
       if b == 4:
         sources.append(L2Norm(name='conv4_3_norm')(x))
       if b < 5:
-        x = _max_pool(x, ceil=b == CEIL_POOL_BLOCK)
-    x = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))  # pool5
+        x = _max_pool(self.compute, x, ceil=b == CEIL_POOL_BLOCK)
+    x = self.compute.max_pool(x, 3, 1, ((1, 1), (1, 1)))  # pool5
     xavier = nn.initializers.xavier_uniform()
     x = nn.relu(self.compute.conv(FC_CHANNELS // div, 3, name='fc6', use_bias=True, kernel_init=xavier, dilation=6)(x))
     x = nn.relu(self.compute.conv(FC_CHANNELS // div, 1, name='fc7', use_bias=True, kernel_init=xavier)(x))
