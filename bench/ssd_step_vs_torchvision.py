@@ -22,10 +22,11 @@ x / 255 as torchvision expects, and the same 1..20 boxes per image; a class 0, w
 is torchvision's background, is given as label 1); images already at 300 x 300, so torchvision's fixed 300 x 300
 bilinear resize changes nothing (it still runs, as in every torchvision step); SGD with momentum 0.9 and weight decay
 5e-4 on every trained parameter (torchvision's recipe; the rate does not matter to a timing); the frozen prefix:
---freeze_at (default: the config's model.ssd.freeze_at = 2, conv1 and conv2) on both sides. torchvision freezes
+--freeze_at (default: the config's model.ssd.freeze_at = 1, conv1) on both sides. torchvision freezes
 nothing with weights_backbone=None (trainable_backbone_layers only applies with pretrained weights; with them its
 default of 4 freezes conv1 alone), so the worker sets requires_grad=False on its first convs by hand: neither side
-then computes their gradients nor backpropagates through them. --freeze_at=1 is torchvision's own ImageNet setting.
+then computes their gradients nor backpropagates through them. --freeze_at=1 is torchvision's own ImageNet setting,
+--freeze_at=2 (conv1 and conv2) Caffe SSD's.
 On GPU both convolve in TF32 (torch's cudnn default; our matmul_precision='default').
 XLA flags: ours runs with the flags conret-train adds to its own process (conret_jax/cli/xla_flags.py: on CPU,
 XLA:CPU's YNNPACK fusions off), so the step timed is the one training runs; the user's XLA_FLAGS win, and

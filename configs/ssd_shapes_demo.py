@@ -6,11 +6,8 @@
 SSD300 on a narrow ResNet-18 trunk trained from scratch (conv4_x without its stride, width 16; GroupNorm in the trunk
 and the extra layers, as the RetinaNet demo has), the default boxes of torchvision's SSD300 (8732), 5 classes, 4000
 training images warped to 300 x 300 with SSD's augmentation, batch 16. Data: configs/shapes_demo.py.
-Its train step costs 44 GFLOP (the RetinaNet demo's: 49); timed side by side with conret-bench step, 2.37 s against
-the RetinaNet demo's 2.29 s. Before the SSD data settings existed (resize 'square', flips only), 800 steps reached AP
-73.3 (AP50 97.3, AP75 87.7) on the 300 validation images (2026-12-06, shared 2-core box); plain SSD
-(consistent=false) 78.5. The second regression is what costs ConSSD here (AP90 26.4 against 48.2): the same run
-evaluated with --config.consistent.inference_reg_steps=1 scores 77.3.
+What it reaches, and in how long, over three paired seeds against plain SSD: bench/RESULTS.md, "The SSD shapes
+demo".
 """
 
 from conret_jax import defaults
