@@ -30,8 +30,9 @@ then computes their gradients nor backpropagates through them. --freeze_at=1 is 
 On GPU both convolve in TF32 (torch's cudnn default; our matmul_precision='default').
 XLA flags: ours runs with the flags conret-train adds to its own process (conret_jax/cli/xla_flags.py: on CPU,
 XLA:CPU's YNNPACK fusions off), so the step timed is the one training runs; the user's XLA_FLAGS win, and
-CONRET_XLA_DEFAULTS=0 times XLA's defaults instead (on this project's 2-core CPU box that made our step 1.9x slower:
-bench/RESULTS.md, "SSD300 train step against torchvision's"). The JSON's xla_flags field says what ran.
+CONRET_XLA_DEFAULTS=0 times XLA's defaults instead (on this project's 2-core CPU box the ratio read 1.92x under them,
+1.01-1.02x with the flags and the max-pool gradient: bench/RESULTS.md, "SSD300 VGG-16 train step against
+torchvision's"). The JSON's xla_flags field says what ran.
 What differs: the implementations (torchvision: eager per-image matching and hard-negative mining in Python,
 its transform's normalization, resize and batching copies; ours: one compiled XLA program); our classifier has 92
 outputs per default box (class 0 kept by class_layout='category_id') against torchvision's 91: 35,515,328 trained
