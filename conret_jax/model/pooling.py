@@ -1,9 +1,9 @@
 """Max pooling for the CPU lowering (model.conv_lowering='matmul'): XLA's forward, a gradient XLA:CPU runs cheaply.
 
 lax differentiates a max pool into select_and_scatter, which XLA:CPU rewrites into a reduce-window over (value,
-index) tuples with one index array (iota) per spatial dimension and more, then a scatter. For the SSD300 VGG-16 step
-(pool3 at 75x75x256, pool4, pool5) that took about 130 ms of CPU time per step; the gradient here takes a few
-(bench/RESULTS.md, "SSD300 train step against torchvision's").
+index) tuples with one index array (iota) per spatial dimension and more, then a scatter. On the SSD300 VGG-16
+network (pool3 at 75x75x256, pool4, pool5) the gradient here makes forward + backward a few percent faster on CPU
+(bench/max_pool_gradient.py; its figures in bench/RESULTS.md).
 
 The gradient routes each output's gradient to the first maximum of its window in row-major order, the element
 select_and_scatter picks (lax's max pool selects with >=, keeping the earlier element on ties): for each of the
