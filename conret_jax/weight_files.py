@@ -188,9 +188,12 @@ def _check_torch_file(path: str) -> None:
 
 
 def _torch_refusal(error: Exception) -> str:
-  """One line from torch's weights-only UnpicklingError, whose text spans lines and advises allow-listing."""
+  """One line from torch's weights-only UnpicklingError, whose text spans lines and advises allow-listing: the line
+  that names the refused global (its wording differs between torch versions), else the first."""
   text = str(error).partition('WeightsUnpickler error:')[2] or str(error)
-  return (text.strip().splitlines() or [type(error).__name__])[0].split('. ')[0]
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  naming = [line for line in lines if 'global' in line.lower()]
+  return (naming or lines or [type(error).__name__])[0].split('. ')[0].rstrip('.')
 
 
 def _load_torch(path: str) -> dict:

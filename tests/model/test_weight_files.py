@@ -317,6 +317,14 @@ _TORCH_REFUSAL = (
   'GLOBAL posix.system was not an allowed global by default. Please use `torch.serialization.add_safe_globals('
   '[system])` to allowlist this global if you trust this class/function.\n\nCheck the documentation of torch.load.'
 )
+# The same refusal in torch 2.14's words: the global is named on a line of its own, after the advice.
+_TORCH_REFUSAL_2_14 = (
+  'Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument in '
+  '`torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will likely '
+  'succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted source.'
+  '\n\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.\n\nCheck the documentation '
+  'of torch.load to learn more about types accepted by default with weights_only.'
+)
 
 
 @pytest.mark.parametrize(
@@ -325,6 +333,11 @@ _TORCH_REFUSAL = (
     (
       pickle.UnpicklingError(_TORCH_REFUSAL),
       'w.pth: torch refused it: Unsupported global: GLOBAL posix.system was not an allowed global by default '
+      '(nothing in the file was run)',
+    ),
+    (
+      pickle.UnpicklingError(_TORCH_REFUSAL_2_14),
+      'w.pth: torch refused it: Trying to load unsupported GLOBAL posix.system whose module posix is blocked '
       '(nothing in the file was run)',
     ),
     (
