@@ -51,14 +51,13 @@ with (ssd300_vgg16 warps every input to 300 x 300), so those runs time ssd and c
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
+import child_steps  # bench/child_steps.py, next to this file
 import numpy as np
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -66,16 +65,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)  # conv1 .. conv5
-
-
-def _timed(step, n):
-  wall, cpu = [], []
-  for _ in range(n):
-    t, c = time.perf_counter(), time.process_time()
-    step()
-    wall.append(time.perf_counter() - t)
-    cpu.append(time.process_time() - c)
-  return wall, cpu
 
 
 def torchvision_step(batch_file: str, freeze_at: int, device: str):
@@ -124,41 +113,8 @@ def torchvision_step(batch_file: str, freeze_at: int, device: str):
 
 
 def torch_worker(batch_file: str, freeze_at: int, device: str):
-  """The child process: builds torchvision's step, warms it up, prints one JSON line about itself, then for each
-  line N read from stdin runs N timed steps and prints their {"wall": [...], "cpu": [...]} as one JSON line."""
-  step, info = torchvision_step(batch_file, freeze_at, device)
-  step()  # warm-up: torch's first steps allocate
-  step()
-  print(json.dumps(info), flush=True)
-  for line in sys.stdin:
-    wall, cpu = _timed(step, int(line))
-    print(json.dumps({'wall': wall, 'cpu': cpu}), flush=True)
-
-
-class TorchvisionProcess:
-  """Runs torch_worker in a child process of this Python; `run(n)` times n of its steps there."""
-
-  def __init__(self, batch_file: str, freeze_at: int, device: str):
-    cmd = [sys.executable, os.path.abspath(__file__), '--torch_worker', f'--batch_file={batch_file}']
-    cmd += [f'--freeze_at={freeze_at}', f'--torch_device={device}']
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self.info = self._reply()
-
-  def _reply(self):
-    line = self.proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f'the torchvision worker exited (status {self.proc.wait()}); is torch installed here?')
-    return json.loads(line)
-
-  def run(self, n):
-    self.proc.stdin.write(f'{n}\n')
-    self.proc.stdin.flush()
-    reply = self._reply()
-    return reply['wall'], reply['cpu']
-
-  def close(self):
-    self.proc.stdin.close()
-    self.proc.wait()
+  """The child process (bench/child_steps.py): torchvision's SSD300 step on the batch in batch_file."""
+  child_steps.serve(*torchvision_step(batch_file, freeze_at, device))
 
 
 def ssd_config(args, batch: int, consistent: bool):
@@ -253,7 +209,9 @@ def main(argv=None):
       batch_file = os.path.join(tmp, 'batch.npz')
       np.savez(batch_file, **jax.device_get(ours['ssd'].batch))  # the very arrays our steps train on
       freeze_at = configs['ssd'].model.ssd.freeze_at
-      tv = TorchvisionProcess(batch_file, freeze_at, 'cpu' if backend == 'cpu' else 'cuda')
+      device = 'cpu' if backend == 'cpu' else 'cuda'
+      flags = [f'--batch_file={batch_file}', f'--freeze_at={freeze_at}', f'--torch_device={device}']
+      tv = child_steps.StepProcess(__file__, flags)
     runners['torchvision'] = tv.run
   runners.update({name: runner.run for name, runner in ours.items()})  # ours ran one step after compiling
   times = {name: ([], []) for name in runners}

@@ -29,26 +29,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import child_steps  # noqa: E402  (bench/child_steps.py, next to this file)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-
-def _timed(step, n):
-  wall, cpu = [], []
-  for _ in range(n):
-    t, c = time.perf_counter(), time.process_time()
-    step()
-    wall.append(time.perf_counter() - t)
-    cpu.append(time.process_time() - c)
-  return wall, cpu
 
 
 def torchvision_step(size, batch, rng):
@@ -108,42 +97,11 @@ def jax_conv_lowering():
 
 
 def torch_worker(size, batch):
-  """The child process: builds torchvision's step, warms it up, prints one JSON line about itself, then for each
-  line N read from stdin runs N timed steps and prints their {"wall": [...], "cpu": [...]} as one JSON line."""
+  """The child process (bench/child_steps.py): torchvision's step at this size and batch."""
   import torch
 
   step = torchvision_step(size, batch, np.random.default_rng(0))
-  step()  # warm-up: torch's first steps allocate
-  step()
-  print(json.dumps({'torch': torch.__version__, 'torch_threads': torch.get_num_threads()}), flush=True)
-  for line in sys.stdin:
-    wall, cpu = _timed(step, int(line))
-    print(json.dumps({'wall': wall, 'cpu': cpu}), flush=True)
-
-
-class TorchvisionProcess:
-  """Runs torch_worker in a child process of this Python; `run(n)` times n of its steps there."""
-
-  def __init__(self, size, batch):
-    cmd = [sys.executable, os.path.abspath(__file__), '--torch_worker', f'--size={size}', f'--batch={batch}']
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self.info = self._reply()
-
-  def _reply(self):
-    line = self.proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f'the torchvision worker exited (status {self.proc.wait()}); is torch installed here?')
-    return json.loads(line)
-
-  def run(self, n):
-    self.proc.stdin.write(f'{n}\n')
-    self.proc.stdin.flush()
-    reply = self._reply()
-    return reply['wall'], reply['cpu']
-
-  def close(self):
-    self.proc.stdin.close()
-    self.proc.wait()
+  child_steps.serve(step, {'torch': torch.__version__, 'torch_threads': torch.get_num_threads()})
 
 
 def main(argv=None):
@@ -163,7 +121,7 @@ def main(argv=None):
   if args.torch_worker:
     return torch_worker(args.size, args.batch)
 
-  tv = TorchvisionProcess(args.size, args.batch)
+  tv = child_steps.StepProcess(__file__, [f'--size={args.size}', f'--batch={args.batch}'])
   ours = {name: our_runner(args.size, args.batch, name == 'conretinanet') for name in ('retinanet', 'conretinanet')}
   if args.also_lowering:
     ours[f'retinanet/{args.also_lowering}'] = our_runner(args.size, args.batch, False, args.also_lowering)
