@@ -33,6 +33,15 @@ def _cmd(tool, config, workdir, *extra):
   return [sys.executable, '-m', f'conret_jax.cli.{tool}', f'--config={config}', f'--workdir={workdir}', *extra]
 
 
+def _eval_cmd(workdir, *extra):
+  """conret-eval of a workdir alone: the config it reads is the one the run saved."""
+  return [sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={workdir}', *extra]
+
+
+def _run(cmd, env, timeout=600):
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def _losses(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return {r['step']: r['loss'] for r in map(json.loads, f)}
@@ -42,7 +51,7 @@ def _losses(workdir):
 def uninterrupted(setup):
   root, config, env = setup
   workdir = str(root / 'straight')
-  proc = subprocess.run(_cmd('train', config, workdir), env=env, capture_output=True, text=True, timeout=600)
+  proc = _run(_cmd('train', config, workdir), env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -88,9 +97,7 @@ def test_sigterm_then_resume_gives_the_same_losses(setup, uninterrupted):
   assert 3 <= stopped_at < 8
   assert str(stopped_at) in os.listdir(os.path.join(workdir, 'checkpoints'))
 
-  resumed = subprocess.run(
-    _cmd('train', config, workdir, '--config.eval.at_end=false'), env=env, capture_output=True, text=True, timeout=600
-  )
+  resumed = _run(_cmd('train', config, workdir, '--config.eval.at_end=false'), env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed from' in resumed.stderr and f'at step {stopped_at}' in resumed.stderr
   want = _losses(uninterrupted[0])
@@ -106,13 +113,7 @@ def test_conret_eval_of_the_workdir_alone_matches_the_trainers_evaluation(setup,
   workdir, train_proc = uninterrupted
   trained = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'metrics.json')))
   os.remove(os.path.join(workdir, 'eval', 'step_8', 'metrics.json'))
-  proc = subprocess.run(
-    [sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={workdir}'],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  proc = _run(_eval_cmd(workdir), env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   again = json.load(open(os.path.join(workdir, 'eval', 'step_8', 'metrics.json')))
   per_class = again.pop('per_class')
@@ -137,9 +138,7 @@ def test_conret_eval_of_the_workdir_alone_matches_the_trainers_evaluation(setup,
 )
 def test_bad_config_fails_before_compilation(setup, tmp_path, flag, message):
   _, config, env = setup
-  proc = subprocess.run(
-    _cmd('train', config, str(tmp_path / 'bad'), flag), env=env, capture_output=True, text=True, timeout=300
-  )
+  proc = _run(_cmd('train', config, str(tmp_path / 'bad'), flag), env, timeout=300)
   assert proc.returncode != 0
   assert message in proc.stderr
   assert not os.path.exists(tmp_path / 'bad' / 'checkpoints')
@@ -147,13 +146,7 @@ def test_bad_config_fails_before_compilation(setup, tmp_path, flag, message):
 
 def test_checkpoint_of_a_different_model_fails_clearly(setup, uninterrupted):
   _, config, env = setup
-  proc = subprocess.run(
-    _cmd('train', config, uninterrupted[0], '--config.model.fpn.channels=32'),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = _run(_cmd('train', config, uninterrupted[0], '--config.model.fpn.channels=32'), env, timeout=300)
   assert proc.returncode != 0
   assert 'different model' in proc.stderr
 
@@ -179,9 +172,7 @@ def test_damaged_newest_checkpoint_resumes_from_an_older_one(setup, uninterrupte
         f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
   with open(os.path.join(workdir, 'checkpoints', '8', 'meta', 'metadata'), 'w') as f:
     f.write('{"config": ')  # and the fingerprint's json cut short
-  proc = subprocess.run(
-    _cmd('train', config, workdir, '--config.eval.at_end=false'), env=env, capture_output=True, text=True, timeout=600
-  )
+  proc = _run(_cmd('train', config, workdir, '--config.eval.at_end=false'), env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'checkpoint 8 in' in proc.stderr and 'is damaged' in proc.stderr and 'resumed from' in proc.stderr
   assert 'at step 6' in proc.stderr
@@ -193,13 +184,7 @@ def test_damaged_newest_checkpoint_resumes_from_an_older_one(setup, uninterrupte
   # conret-eval asked for a damaged step says so in one line.
   damaged = _copy_run(workdir, tmp_path / 'damaged_eval')
   os.rename(os.path.join(damaged, 'checkpoints', '8.damaged'), os.path.join(damaged, 'checkpoints', '4'))
-  proc = subprocess.run(
-    [sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={damaged}', '--step=4'],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = _run(_eval_cmd(damaged, '--step=4'), env, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert lines[-1].startswith('conret-eval: error: checkpoint 4 in') and 'damaged' in lines[-1], lines[-1]
@@ -212,13 +197,7 @@ def test_resume_with_changed_training_settings(setup, uninterrupted, tmp_path):
   key stays free."""
   _, config, env = setup
   workdir = _copy_run(uninterrupted[0], tmp_path / 'changed')
-  run = lambda *extra: subprocess.run(
-    _cmd('train', config, workdir, '--config.eval.at_end=false', *extra),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  run = lambda *extra: _run(_cmd('train', config, workdir, '--config.eval.at_end=false', *extra), env)
   refused = run('--config.train.learning_rate=0.5')
   assert refused.returncode == 2 and 'Traceback' not in refused.stderr
   line = refused.stderr.strip().splitlines()[-1]
@@ -244,25 +223,13 @@ def test_an_evaluation_with_other_settings_never_overwrites_the_runs_record(setu
   workdir = _copy_run(uninterrupted[0], tmp_path / 'override')
   record = os.path.join(workdir, 'eval', 'step_8', 'metrics.json')
   before = open(record).read()
-  proc = subprocess.run(
-    [sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={workdir}', '--config.consistent.inference_reg_steps=1'],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  proc = _run(_eval_cmd(workdir, '--config.consistent.inference_reg_steps=1'), env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert open(record).read() == before
   out = os.path.join(workdir, 'eval', 'step_8+consistent.inference_reg_steps=1')
   assert sorted(os.listdir(out)) == ['detections.json', 'detections.png', 'metrics.json', 'settings.json']
   assert json.load(open(os.path.join(out, 'settings.json')))['overrides'] == ['consistent.inference_reg_steps=1']
   assert 'step 8+consistent.inference_reg_steps=1 (AP in percent)' in proc.stdout
-  negative = subprocess.run(
-    [sys.executable, '-m', 'conret_jax.cli.eval', f'--workdir={workdir}', '--config.eval.num_images=-1'],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  negative = _run(_eval_cmd(workdir, '--config.eval.num_images=-1'), env, timeout=300)
   assert negative.returncode == 2 and 'config.eval.num_images=-1 must be >= 0' in negative.stderr
   assert open(record).read() == before
