@@ -7,7 +7,7 @@ call. `portable_serialization` makes jax write at the WEEK_12 target (1.13.7 wit
 
 No public jax API chooses the target, so this replaces one private function (jax._src.export._export's
 `_module_to_bytecode`) and restores it on exit. On a jax whose private names differ it raises ExportError instead
-of guessing; conret_jax/export/saved_model.py calls the written model before keeping it, so a target TensorFlow
+of guessing; conret_jax/export/writer.py calls the written model before keeping it, so a target TensorFlow
 cannot read still fails the export rather than shipping a model that does not run.
 """
 
