@@ -3,11 +3,13 @@
 Most default boxes are background; SSD scores only the negatives of highest background loss, at most neg_pos_ratio
 (3) per positive in each image. Per image, k = max(ceil(neg_pos_ratio * num_pos), min_negatives), and the mined
 negatives are the k eligible anchors of largest loss, or all of them when fewer are eligible. Eligible means a
-BACKGROUND label: IGNORE anchors and positives never count.
+BACKGROUND label: IGNORE anchors and positives never count. Ties are broken by anchor index, lower first, so the mask
+is deterministic: it is the first k of a stable descending sort of the eligible losses.
 
-No data-dependent shape: every image's eligible losses are sorted in descending order (ineligible anchors last) and
-an anchor is mined when its rank is below k. Ties are broken by anchor index, lower first (a stable sort of the
-negated loss), so the mask is deterministic.
+No data-dependent shape and no sort: each image's k-th largest eligible loss is found by a radix select over the
+losses' bits (32 counting passes over [B, A], each a fused compare-and-sum), then the anchors above it are mined and
+the ties at it in index order until k. A sort and its inverse permutation did the same, and on XLA:CPU cost more
+than the rest of the SSD loss together (bench/RESULTS.md, "SSD shapes demo step").
 
 Images without objects: k = ceil(ratio * 0) = 0 mines nothing, as in torchvision's SSD and Caffe SSD (MAX_NEGATIVE
 mining), so such an image adds no classification loss. `min_negatives` > 0 keeps that many of its hardest negatives
@@ -16,6 +18,17 @@ instead (torchvision has this, commented out, as at least neg_pos_ratio negative
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+_SIGN = np.uint32(1 << 31)
+
+
+def _ordered_bits(x) -> jax.Array:
+  """float32 [...] -> uint32 [...] in the floats' order (-0.0 and 0.0 equal; NaN below every number)."""
+  x = jnp.where(jnp.isnan(x), -jnp.inf, jnp.where(x == 0, 0.0, x))
+  u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  # Non-negative floats order as their bits; negative ones in reverse, below them.
+  return jnp.where(u >= _SIGN, ~u, u | _SIGN)
 
 
 def mine_hard_negatives(
@@ -33,12 +46,21 @@ def mine_hard_negatives(
   Returns:
     [B, A] bool: per image the min(k, num eligible) eligible anchors of largest loss, lower index first on ties.
   """
-  losses = jax.lax.stop_gradient(jnp.asarray(neg_losses, jnp.float32))
+  key = _ordered_bits(jax.lax.stop_gradient(jnp.asarray(neg_losses, jnp.float32)))
   eligible = jnp.asarray(eligible, bool)
   num_pos = jnp.sum(positive, axis=1, dtype=jnp.float32)
-  k = jnp.maximum(neg_pos_ratio * num_pos, float(min_negatives))[:, None]  # [B, 1]
-  # Ascending stable sort of -loss: largest loss first, equal losses in anchor order, ineligible anchors last.
-  key = jnp.where(eligible, -losses, jnp.inf)
-  order = jnp.argsort(key, axis=1, stable=True)
-  rank = jnp.argsort(order, axis=1)  # the inverse permutation: each anchor's place in `order`
-  return eligible & (rank < k)
+  k = jnp.ceil(jnp.maximum(neg_pos_ratio * num_pos, float(min_negatives))).astype(jnp.int32)[:, None]  # [B, 1]
+
+  def count_at_least(t):
+    return jnp.sum(eligible & (key >= t), axis=1, keepdims=True, dtype=jnp.int32)
+
+  # The largest t with at least k eligible keys >= t, built from the top bit down: each image's k-th largest key
+  # (0 when fewer than k are eligible; all ones when k = 0, which no loss maps to).
+  t = jnp.zeros_like(k, jnp.uint32)
+  for bit in range(31, -1, -1):
+    candidate = t | np.uint32(1 << bit)
+    t = jnp.where(count_at_least(candidate) >= k, candidate, t)
+  above = eligible & (key > t)
+  ties = eligible & (key == t)
+  quota = k - jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)
+  return above | (ties & (jnp.cumsum(ties, axis=1, dtype=jnp.int32) <= quota))

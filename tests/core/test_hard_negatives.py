@@ -1,4 +1,5 @@
-"""Hard negative mining against a per-image NumPy loop: counts, ties, ignored anchors, images without objects."""
+"""Hard negative mining against a per-image NumPy loop: counts, ties, ignored anchors, images without objects, the
+signs and sizes of losses the radix select must order."""
 
 import math
 
@@ -92,3 +93,36 @@ def test_more_positives_than_negatives_available():
   eligible = ~positive
   got = check(losses, positive, eligible)
   assert np.flatnonzero(got[0]).tolist() == [5, 6, 7]
+
+
+def test_negative_and_signed_zero_losses_order_as_numbers():
+  # The select orders the losses' bits: negative floats reverse, -0.0 ties with 0.0 (then index order decides).
+  losses = np.asarray([[-2.0, 0.0, -0.0, -1e-30, 1e-30, -3.5, 7.0, -0.0, 2.0, -1.0]], np.float32)
+  positive = np.zeros((1, 10), bool)
+  eligible = np.ones((1, 10), bool)
+  for m in range(11):
+    got = check(losses, positive, eligible, min_negatives=m)
+    assert got.sum() == m
+  got = check(losses, positive, eligible, min_negatives=5)
+  assert np.flatnonzero(got[0]).tolist() == [1, 2, 4, 6, 8]  # 7, 2, 1e-30, then 0.0 and -0.0 (indices 1, 2)
+
+
+def test_full_size_batch_with_ties():
+  # SSD300's 8732 default boxes, losses with many exact ties and tiny gaps, k up to thousands.
+  rng = np.random.default_rng(3)
+  B, A = 4, 8732
+  losses = rng.choice(rng.exponential(2.0, 400), (B, A)).astype(np.float32)
+  losses[0, ::7] = np.nextafter(losses[0, ::7], np.float32(np.inf))
+  positive = rng.uniform(size=(B, A)) < [[0.002], [0.02], [0.1], [0.0]]
+  eligible = ~positive & (rng.uniform(size=(B, A)) < 0.9)
+  got = check(losses, positive, eligible, min_negatives=3)
+  assert got.sum(1).tolist()[3] == 3
+
+
+def test_nan_losses_are_mined_last():
+  losses = np.asarray([[np.nan, 1.0, np.nan, 3.0, 2.0]], np.float32)
+  positive = np.zeros((1, 5), bool)
+  eligible = np.ones((1, 5), bool)
+  for m, expected in [(3, [1, 3, 4]), (4, [0, 1, 3, 4]), (5, [0, 1, 2, 3, 4])]:
+    got = np.asarray(_mine(losses, positive, eligible, min_negatives=m))
+    assert np.flatnonzero(got[0]).tolist() == expected
