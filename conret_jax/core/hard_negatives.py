@@ -7,9 +7,11 @@ BACKGROUND label: IGNORE anchors and positives never count. Ties are broken by a
 is deterministic: it is the first k of a stable descending sort of the eligible losses.
 
 No data-dependent shape and no sort: each image's k-th largest eligible loss is found by a radix select over the
-losses' bits (32 counting passes over [B, A], each a fused compare-and-sum), then the anchors above it are mined and
-the ties at it in index order until k. A sort and its inverse permutation did the same, and on XLA:CPU cost more
-than the rest of the SSD loss together (bench/RESULTS.md, "SSD shapes demo step").
+losses' bits (32 counting passes over [B, A], each a fused compare-and-sum), the anchors above it are mined, and of
+the ties at it the lowest indices until k, found the same way over the index bits. A sort and its inverse
+permutation gave the same mask, and on XLA:CPU cost more than the rest of the SSD loss together
+(bench/hard_negative_mining.py; its figures in bench/RESULTS.md). Both selects are fori_loops: 32 unrolled passes
+took over a second to compile, a cumulative sum for the ties a quarter of one.
 
 Images without objects: k = ceil(ratio * 0) = 0 mines nothing, as in torchvision's SSD and Caffe SSD (MAX_NEGATIVE
 mining), so such an image adds no classification loss. `min_negatives` > 0 keeps that many of its hardest negatives
@@ -56,11 +58,21 @@ def mine_hard_negatives(
 
   # The largest t with at least k eligible keys >= t, built from the top bit down: each image's k-th largest key
   # (0 when fewer than k are eligible; all ones when k = 0, which no loss maps to).
-  t = jnp.zeros_like(k, jnp.uint32)
-  for bit in range(31, -1, -1):
-    candidate = t | np.uint32(1 << bit)
-    t = jnp.where(count_at_least(candidate) >= k, candidate, t)
+  def try_bit(i, t):  # pass i sets bit 31 - i where enough keys stay at or above it
+    candidate = t | jnp.left_shift(np.uint32(1), (31 - i).astype(jnp.uint32))
+    return jnp.where(count_at_least(candidate) >= k, candidate, t)
+
+  t = jax.lax.fori_loop(0, 32, try_bit, jnp.zeros(k.shape, jnp.uint32))
   above = eligible & (key > t)
   ties = eligible & (key == t)
-  quota = k - jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)
-  return above | (ties & (jnp.cumsum(ties, axis=1, dtype=jnp.int32) <= quota))
+  quota = k - jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)  # how many of the ties to take
+  # The ties below index j, for the largest j that keeps at most `quota` of them: the first `quota` ties.
+  index = jnp.arange(key.shape[1], dtype=jnp.int32)
+  bits = key.shape[1].bit_length()
+
+  def try_index_bit(i, j):
+    candidate = j | jnp.left_shift(1, bits - 1 - i)
+    return jnp.where(jnp.sum(ties & (index < candidate), axis=1, keepdims=True) <= quota, candidate, j)
+
+  j = jax.lax.fori_loop(0, bits, try_index_bit, jnp.zeros(k.shape, jnp.int32))
+  return above | (ties & (index < j))
