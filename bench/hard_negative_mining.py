@@ -1,7 +1,6 @@
 """SSD's hard negative mining as the package does it (a radix select) against a stable sort, inside the MultiBox loss.
 
-  python bench/hard_negative_mining.py [--config=configs/ssd_shapes_demo.py] [--arg=consistent=false] [--rounds=4]
-      [--steps=5]
+  python bench/hard_negative_mining.py [--config=configs/ssd_shapes_demo.py[:consistent=false]] [--rounds=4] [--steps=5]
 
 The loss of the config's detector (default: the SSD shapes demo, ConSSD, batch 16 of the config) is differentiated
 with respect to the network's outputs under jit, twice: with core/hard_negatives.py as it is, and with the mining it
@@ -13,19 +12,11 @@ JSON line of medians and minima in seconds.
 """
 
 import argparse
-import importlib.util
 import json
 import statistics
 import time
 
 from conret_jax.cli import xla_flags
-
-
-def _load_config(path: str, arg: str | None):
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def sorted_mining(neg_losses, positive, eligible, *, neg_pos_ratio: float = 3.0, min_negatives: int = 0):
@@ -42,8 +33,7 @@ def sorted_mining(neg_losses, positive, eligible, *, neg_pos_ratio: float = 3.0,
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/ssd_shapes_demo.py')
-  parser.add_argument('--arg', default=None, help="the config's argument, e.g. consistent=false")
+  parser.add_argument('--config', default='configs/ssd_shapes_demo.py', help='path/to/config.py[:arg]')
   parser.add_argument('--rounds', type=int, default=4)
   parser.add_argument('--steps', type=int, default=5)
   args = parser.parse_args()
@@ -54,9 +44,10 @@ def main():
 
   from conret_jax import detectors, multibox
   from conret_jax.batch import Batch
+  from conret_jax.cli.import_weights import load_config
   from conret_jax.train import bench
 
-  config = _load_config(args.config, args.arg)
+  config = load_config(args.config)
   if config.model.family != 'ssd':
     raise SystemExit(f'{args.config}: model.family={config.model.family!r}; this benchmark times the SSD loss')
   detector = detectors.from_config(config)
@@ -98,7 +89,6 @@ def main():
     json.dumps(
       {
         'config': args.config,
-        'arg': args.arg,
         'batch': int(config.train.global_batch_size),
         'anchors': int(anchors.shape[0]),
         'negatives_mined': {k: a for k, (a, _) in counts.items()},

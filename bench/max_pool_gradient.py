@@ -1,6 +1,6 @@
 """The CPU lowering's max-pool gradient (model/pooling.py) against lax's select_and_scatter, in one process.
 
-  python bench/max_pool_gradient.py [--config=configs/ssd300_torchvision.py] [--batch=2] [--rounds=4] [--steps=3]
+  python bench/max_pool_gradient.py [--config=configs/ssd300_torchvision.py[:arg]] [--batch=2] [--rounds=4] [--steps=3]
 
 The network of the config (default: torchvision's SSD300 VGG-16, whose five max pools go through Compute.max_pool)
 is differentiated twice under jit, forward + backward to every parameter with a cotangent of ones, at the config's
@@ -11,7 +11,6 @@ config's conv_lowering decides whether the custom gradient is used at all ('auto
 """
 
 import argparse
-import importlib.util
 import json
 import statistics
 import time
@@ -19,16 +18,9 @@ import time
 from conret_jax.cli import xla_flags
 
 
-def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/ssd300_torchvision.py')
+  parser.add_argument('--config', default='configs/ssd300_torchvision.py', help='path/to/config.py[:arg]')
   parser.add_argument('--batch', type=int, default=2)
   parser.add_argument('--rounds', type=int, default=4)
   parser.add_argument('--steps', type=int, default=3)
@@ -39,9 +31,10 @@ def main():
   import numpy as np
 
   from conret_jax import detectors
+  from conret_jax.cli.import_weights import load_config
   from conret_jax.model import conv_lowering, pooling
 
-  config = _load_config(args.config)
+  config = load_config(args.config)
   detector = detectors.from_config(config)
   size = detectors.input_size(config)
   hw = (size.fixed[0],) * 2 if size.fixed else (config.data.image_size,) * 2
