@@ -48,9 +48,9 @@ def main():
   from conret_jax.train import bench
 
   config = load_config(args.config)
-  if config.model.family != 'ssd':
-    raise SystemExit(f'{args.config}: model.family={config.model.family!r}; this benchmark times the SSD loss')
   detector = detectors.from_config(config)
+  if not isinstance(detector.loss, multibox.MultiBoxLoss):
+    raise SystemExit(f'{args.config}: its loss is {type(detector.loss).__name__}; this times the MultiBox loss')
   hw = bench.default_image_hw(config)
   batch = Batch.of({k: jnp.asarray(v) for k, v in bench.synthetic_batch(config, hw, np.random.default_rng(0)).items()})
   variables = detectors.init_variables(detector.module, jax.random.PRNGKey(0), hw, 2)

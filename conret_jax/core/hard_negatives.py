@@ -10,8 +10,8 @@ No data-dependent shape and no sort: each image's k-th largest eligible loss is 
 losses' bits (32 counting passes over [B, A], each a fused compare-and-sum), the anchors above it are mined, and of
 the ties at it the lowest indices until k, found the same way over the index bits. A sort and its inverse
 permutation gave the same mask, and on XLA:CPU cost more than the rest of the SSD loss together
-(bench/hard_negative_mining.py; its figures in bench/RESULTS.md). Both selects are fori_loops: 32 unrolled passes
-took over a second to compile, a cumulative sum for the ties a quarter of one.
+(bench/hard_negative_mining.py; its figures in bench/RESULTS.md). Both selects are fori_loops, and the ties are
+not counted with a cumulative sum: unrolled passes and the sum each cost XLA:CPU more compile time (RESULTS.md).
 
 Images without objects: k = ceil(ratio * 0) = 0 mines nothing, as in torchvision's SSD and Caffe SSD (MAX_NEGATIVE
 mining), so such an image adds no classification loss. `min_negatives` > 0 keeps that many of its hardest negatives
