@@ -34,13 +34,12 @@ def serve(step, info: dict) -> None:
 
 
 class StepProcess:
-  """The parent's side: runs `script --torch_worker *flags` under this Python, with `extra_env` added to this
-  process's environment; `run(n)` times n of its steps there; `info` is what the child said about itself."""
+  """The parent's side: runs `script --torch_worker *flags` under this Python; `run(n)` times n of its steps there;
+  `info` is what the child said about itself."""
 
-  def __init__(self, script: str, flags: list[str], extra_env: dict | None = None):
+  def __init__(self, script: str, flags: list[str]):
     cmd = [sys.executable, os.path.abspath(script), '--torch_worker', *flags]
-    env = {**os.environ, **(extra_env or {})}
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.info = self._reply()
 
   def _reply(self):

@@ -5,16 +5,13 @@
 
 Run it with a Python that has both jax and torch/torchvision (e.g. /work/torchvenv). The flags are the same on every
 machine: ours runs on JAX's default device, and when that is a GPU torchvision runs on CUDA (each step then ends
-with a synchronization). Batch: --batch, else 2 on CPU and 32 elsewhere. The columns, float32 throughout:
+with a synchronization). Batch: --batch, else 2 on CPU and 32 elsewhere. Three columns, float32 throughout:
   torchvision  ssd300_vgg16(weights=None, weights_backbone=None, num_classes=91) in train mode: model(images,
                targets) (its transform, matching, MultiBox loss with hard negatives), backward, SGD step
   ssd          configs/ssd300_torchvision.py (torchvision's network, default boxes, matching, coding and loss: see
                tests/model/test_ssd_torchvision_parity.py) with consistent.enabled=False, via StepRunner: the step
                conret-train runs (with its schedule, non-finite check and metrics)
   conssd       the same with consistent optimization (ConSSD)
-  torchvision_malloc   (where ours keeps freed memory: conret_jax/cli/host_malloc.py) torchvision again, in a
-               process started with the same glibc malloc settings (host_malloc.ENVIRONMENT), so the ratio that
-               leaves the allocator out is printed as well
 Blocks of --steps steps alternate over the columns, --pairs rounds (reversed order every other round), after
 warm-up steps, so a drift of the machine's load falls on all alike; per step: wall time and process CPU time (all
 threads). Prints a table and, last, one JSON line (bench/step_compare.py's run_environment and emit). Goals: on CPU
@@ -189,10 +186,9 @@ def main(argv=None):
   with_torchvision = args.size == 300 and args.backbone == 'vgg16'
   if with_torchvision:
     os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')  # read when JAX's backend starts, below
-  from conret_jax.cli import host_malloc, xla_flags
+  from conret_jax.cli import xla_flags
 
-  xla_flags.apply()  # conret-train's flags and malloc settings, before JAX starts a backend (module docstring)
-  malloc_kept = host_malloc.apply()
+  xla_flags.apply()  # conret-train's flags, before JAX starts a backend (module docstring)
   import jax
   import step_compare  # bench/step_compare.py, next to this file
 
@@ -207,7 +203,7 @@ def main(argv=None):
   hw = (args.size, args.size)
   ours = {name: bench.StepRunner(config, hw, jax.devices()[:1]) for name, config in configs.items()}
   runners = {}
-  tv = tv_kept = None
+  tv = None
   if with_torchvision:
     with tempfile.TemporaryDirectory() as tmp:
       batch_file = os.path.join(tmp, 'batch.npz')
@@ -216,11 +212,7 @@ def main(argv=None):
       device = 'cpu' if backend == 'cpu' else 'cuda'
       flags = [f'--batch_file={batch_file}', f'--freeze_at={freeze_at}', f'--torch_device={device}']
       tv = child_steps.StepProcess(__file__, flags)
-      if malloc_kept:  # torchvision once more, in a process with the same malloc settings as ours
-        tv_kept = child_steps.StepProcess(__file__, flags, host_malloc.ENVIRONMENT)
     runners['torchvision'] = tv.run
-    if tv_kept:
-      runners['torchvision_malloc'] = tv_kept.run
   runners.update({name: runner.run for name, runner in ours.items()})  # ours ran one step after compiling
   times = {name: ([], []) for name in runners}
   for r in range(args.pairs):
@@ -228,9 +220,8 @@ def main(argv=None):
       wall, cpu = runners[name](args.steps)
       times[name][0].extend(wall)
       times[name][1].extend(cpu)
-  for process in (tv, tv_kept):
-    if process:
-      process.close()
+  if tv:
+    tv.close()
 
   variants = {name: _summary(*times[name], batch) for name in runners}
   for name, runner in ours.items():
@@ -242,9 +233,8 @@ def main(argv=None):
       step_gflops=runner.flops / 1e9,
       loss=float(runner.metrics['loss']),
     )
-  for name, process in (('torchvision', tv), ('torchvision_malloc', tv_kept)):
-    if process:
-      variants[name]['trainable_params'] = process.info['trainable_params']
+  if tv:
+    variants['torchvision']['trainable_params'] = tv.info['trainable_params']
   wall = lambda name: variants[name]['wall_median_s']
   cpu = lambda name: variants[name]['cpu_median_s']
   ratios = {'conssd_over_ssd_wall': wall('conssd') / wall('ssd'), 'conssd_over_ssd_cpu': cpu('conssd') / cpu('ssd')}
@@ -252,8 +242,6 @@ def main(argv=None):
     for name in ours:
       ratios[f'{name}_over_torchvision_wall'] = wall(name) / wall('torchvision')
       ratios[f'{name}_over_torchvision_cpu'] = cpu(name) / cpu('torchvision')
-      if tv_kept:
-        ratios[f'{name}_over_torchvision_malloc_wall'] = wall(name) / wall('torchvision_malloc')
   result = {
     'started': started,
     **step_compare.run_environment(),
@@ -265,7 +253,6 @@ def main(argv=None):
     'dtype': 'float32',
     'conv_lowering': conv_lowering.resolve('auto'),
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
-    'host_malloc_kept': malloc_kept,
     'steps_per_block': args.steps,
     'rounds': args.pairs,
     'load_avg_end': list(os.getloadavg()),

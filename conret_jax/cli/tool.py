@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 
 from conret_jax import run_record
-from conret_jax.cli import host_malloc, tool_flags, xla_flags
+from conret_jax.cli import tool_flags, xla_flags
 from conret_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -107,7 +107,6 @@ def run(tool_main, *, tool: str, doc: str, flag_names) -> None:
   """Runs `tool_main(argv)` as the console script `tool` (see the module docstring)."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before the first TensorFlow import
   xla_flags.apply()  # before any backend starts: XLA reads its flags once
-  host_malloc.apply()  # before XLA's threads take their malloc arenas
   argv = list(sys.argv)
   if any(a in _HELP for a in argv[1:]):
     print(tool_flags.help_text(tool, doc, flag_names))

@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags, logging
 
-from conret_jax.cli import host_malloc, startup, tool, tool_flags
+from conret_jax.cli import startup, tool, tool_flags
 
 tool_flags.define_common_flags()
 _ACCEPT = flags.DEFINE_bool(
@@ -51,8 +51,6 @@ def _main(argv):
   from conret_jax.train import loop
 
   logging.info('%s', distributed.process_info())
-  if host_malloc.APPLIED:
-    logging.info('glibc malloc keeps freed memory for reuse (conret_jax/cli/host_malloc.py; CONRET_HOST_MALLOC=0: off)')
   try:
     metrics = loop.train_and_evaluate(config, workdir, config_changes=changes)
   except loop.NonFiniteLossError as e:  # divergence: the last good checkpoint stays; one clear line
