@@ -63,7 +63,9 @@ def match_image(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float, 
   # Invalid rows get IoU -1: they are never the best gt and never reach a threshold.
   iou = jnp.where(valid[:, None], pairwise_iou(gt_boxes, anchors), -1.0)
   # Materialize the IoU once: XLA would otherwise recompute it inside each consumer's fusion, possibly with
-  # different instruction choices (FMA or not), and the equality tests below need one value per pair.
+  # different instruction choices (FMA or not), and the equality tests below need one value per pair. XLA:CPU drops
+  # the barrier before fusing (model/pooling.py met that); there the division keeps the IoU in one fusion, as XLA
+  # does not duplicate a division (tests/core/test_matching.py checks the matches at full optimization).
   iou = jax.lax.optimization_barrier(iou)
   best = jnp.max(iou, axis=0)  # [A]
   # First gt reaching the best IoU (argmax's tie rule); two plain reductions are cheaper than argmax on CPU.

@@ -7,10 +7,11 @@ network (pool3 at 75x75x256, pool4, pool5) the gradient here makes forward + bac
 
 The gradient routes each output's gradient to the first maximum of its window in row-major order, the element
 select_and_scatter picks (lax's max pool selects with >=, keeping the earlier element on ties): for each of the
-k x k window offsets, a strided slice of the -inf-padded input is compared with the output, and the gradients it
-takes are put back in the input's shape by a strided lax.pad. Same values; the same gradient to the bit when windows
-do not overlap (stride >= window: every input gets at most one term), else up to float summation order. A window
-with a NaN passes no gradient (select_and_scatter routes it somewhere; a non-finite step is dropped anyway).
+k x k window offsets, a strided slice of the -inf-padded input is compared with the maximum of those same slices,
+and the gradients it takes are put back in the input's shape by a strided lax.pad. Same values; the same gradient
+to the bit when windows do not overlap (stride >= window: every input gets at most one term), else up to float
+summation order. A window with a NaN passes no gradient (select_and_scatter routes it somewhere; a non-finite step
+is dropped anyway).
 """
 
 import functools
@@ -33,28 +34,30 @@ def max_pool(x, window: int, stride: int, padding):
 
 
 def _max_pool_fwd(x, window, stride, padding):
-  y = _forward(x, window, stride, padding)
-  return y, (x, y)
+  return _forward(x, window, stride, padding), x
 
 
-def _max_pool_bwd(window, stride, padding, residuals, g):
-  x, y = residuals
+def _max_pool_bwd(window, stride, padding, x, g):
   (top, bottom), (left, right) = padding
   xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
   b, hp, wp, c = xp.shape
-  _, ho, wo, _ = y.shape
+  _, ho, wo, _ = g.shape
   span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1  # rows and columns one offset's slice covers
+  offsets = [(i, j) for i in range(window) for j in range(window)]
+  values = [lax.slice(xp, (0, i, j, 0), (b, i + span_h, j + span_w, c), (1, stride, stride, 1)) for i, j in offsets]
+  # Each window's maximum from these same slices, not the forward's output: XLA may recompute x (a norm and a ReLU,
+  # say) in each fusion that reads it, with different rounding, and a window whose forward maximum equals none of the
+  # values seen here would pass no gradient.
+  y = functools.reduce(jnp.maximum, values)
   zero = jnp.array(0, g.dtype)
-  taken = jnp.zeros(y.shape, bool)
+  taken = jnp.zeros(g.shape, bool)
   dxp = None
-  for i in range(window):
-    for j in range(window):
-      v = lax.slice(xp, (0, i, j, 0), (b, i + span_h, j + span_w, c), (1, stride, stride, 1))
-      hit = (v == y) & ~taken
-      taken = taken | hit
-      back = ((0, 0, 0), (i, hp - i - span_h, stride - 1), (j, wp - j - span_w, stride - 1), (0, 0, 0))
-      term = lax.pad(jnp.where(hit, g, zero), zero, back)
-      dxp = term if dxp is None else dxp + term
+  for (i, j), v in zip(offsets, values):
+    hit = (v == y) & ~taken
+    taken = taken | hit
+    back = ((0, 0, 0), (i, hp - i - span_h, stride - 1), (j, wp - j - span_w, stride - 1), (0, 0, 0))
+    term = lax.pad(jnp.where(hit, g, zero), zero, back)
+    dxp = term if dxp is None else dxp + term
   return (dxp[:, top : top + x.shape[1], left : left + x.shape[2]],)
 
 

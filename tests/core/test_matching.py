@@ -185,3 +185,24 @@ def test_chunks_of_images_match_like_one_image_at_a_time(monkeypatch):
     results.append(jax.tree.map(np.asarray, (per_image, refined)))
   for other in results[1:]:
     jax.tree.map(np.testing.assert_array_equal, other, results[0])
+
+
+def test_full_optimization_keeps_one_iou_per_pair():
+  """The equality tests read one IoU per pair even where XLA:CPU compiles at its full level (the suite compiles at
+  level 0): a recomputed, differently rounded IoU would leave a positive anchor's best gt unmatched (it would fall
+  to the last row) and a gt's best anchor unpromoted."""
+  rng = np.random.default_rng(7)
+  anchors = np.stack([random_boxes(rng, 2000, hi=280, min_size=4, max_size=120) for _ in range(2)])  # refined
+  gt = np.stack([random_boxes(rng, 16, hi=280, min_size=8, max_size=120) for _ in range(2)])
+  valid = np.ones((2, 16), bool)
+  fn = jax.jit(lambda a, g, v: match(a, g, v, **KW))
+  compiled = fn.lower(anchors, gt, valid).compile(compiler_options={'xla_backend_optimization_level': 3})
+  matched, labels = (np.asarray(t) for t in compiled(anchors, gt, valid))
+  for b in range(2):
+    iou = np_iou(anchors[b], gt[b])
+    pos = labels[b] == 1
+    assert pos.sum() > 30
+    got = iou[pos, matched[b][pos]]
+    np.testing.assert_allclose(got, iou[pos].max(1), rtol=1e-6)
+    for g in range(16):  # each gt's best anchor is positive
+      assert np.any(pos & (iou[:, g] >= iou[:, g].max() * (1 - 1e-6)))
