@@ -8,7 +8,7 @@ and the extra layers, as the RetinaNet demo has), the default boxes of torchvisi
 training images warped to 300 x 300 with SSD's augmentation, 640 steps of batch 16 (at the RetinaNet demo's 800 a
 run took 12.7-15.9 minutes on the 2-core dev box, against the goal of 15). Data: configs/shapes_demo.py.
 What it reaches, and in how long, over three paired seeds against plain SSD: bench/RESULTS.md, "The SSD shapes
-demo".
+demo at 640 steps".
 """
 
 from conret_jax import defaults
