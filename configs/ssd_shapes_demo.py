@@ -5,10 +5,10 @@
 
 SSD300 on a narrow ResNet-18 trunk trained from scratch (conv4_x without its stride, width 16; GroupNorm in the trunk
 and the extra layers, as the RetinaNet demo has), the default boxes of torchvision's SSD300 (8732), 5 classes, 4000
-training images warped to 300 x 300 with SSD's augmentation, 640 steps of batch 16 (at the RetinaNet demo's 800 a
-run took 12.7-15.9 minutes on the 2-core dev box, against the goal of 15). Data: configs/shapes_demo.py.
-What it reaches, and in how long, over three paired seeds against plain SSD: bench/RESULTS.md, "The SSD shapes
-demo at 640 steps".
+training images warped to 300 x 300 with SSD's augmentation, 640 steps of batch 16: fewer than the RetinaNet demo's
+800, so that a run fits 15 minutes on two cores. Data: configs/shapes_demo.py. What it reaches, and in how long,
+over three paired seeds against plain SSD, at 640 and at 800 steps: bench/RESULTS.md, "The SSD shapes demo at 640
+steps".
 """
 
 from conret_jax import defaults
