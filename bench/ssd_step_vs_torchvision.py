@@ -1,11 +1,12 @@
 """Our SSD300 VGG-16 train step against torchvision's ssd300_vgg16 train step, side by side in one run.
 
   python bench/ssd_step_vs_torchvision.py [--size=300] [--batch=B] [--pairs=3] [--steps=3] [--freeze_at=K]
-      [--backbone=vgg16] [--width_divisor=1] [--json_out=FILE]
+      [--dtype=float32|bfloat16] [--backbone=vgg16] [--width_divisor=1] [--json_out=FILE]
 
 Run it with a Python that has both jax and torch/torchvision (e.g. /work/torchvenv). The flags are the same on every
 machine: ours runs on JAX's default device, and when that is a GPU torchvision runs on CUDA (each step then ends
-with a synchronization). Batch: --batch, else 2 on CPU and 32 elsewhere. Three columns, float32 throughout:
+with a synchronization). Batch: --batch, else 2 on CPU and 32 elsewhere. Three columns, in --dtype (float32, or
+bfloat16: ours with model.compute_dtype='bfloat16', torchvision's step under torch.autocast(bfloat16)):
   torchvision  ssd300_vgg16(weights=None, weights_backbone=None, num_classes=91) in train mode: model(images,
                targets) (its transform, matching, MultiBox loss with hard negatives), backward, SGD step
   ssd          configs/ssd300_torchvision.py (torchvision's network, default boxes, matching, coding and loss: see
@@ -27,7 +28,7 @@ nothing with weights_backbone=None (trainable_backbone_layers only applies with 
 default of 4 freezes conv1 alone), so the worker sets requires_grad=False on its first convs by hand: neither side
 then computes their gradients nor backpropagates through them. --freeze_at=1 is torchvision's own ImageNet setting,
 --freeze_at=2 (conv1 and conv2) Caffe SSD's.
-On GPU both convolve in TF32 (torch's cudnn default; our matmul_precision='default').
+On GPU both convolve float32 in TF32 (torch's cudnn default; our matmul_precision='default').
 XLA flags: ours runs with the flags conret-train adds to its own process (conret_jax/cli/xla_flags.py: on CPU,
 XLA:CPU's YNNPACK fusions off), so the step timed is the one training runs; the user's XLA_FLAGS win, and
 CONRET_XLA_DEFAULTS=0 times XLA's defaults instead (on this project's 2-core CPU box the ratio read 1.92x under them,
@@ -52,7 +53,6 @@ with (ssd300_vgg16 warps every input to 300 x 300), so those runs time ssd and c
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -67,7 +67,7 @@ sys.path.insert(0, ROOT)
 VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)  # conv1 .. conv5
 
 
-def torchvision_step(batch_file: str, freeze_at: int, device: str):
+def torchvision_step(batch_file: str, freeze_at: int, device: str, dtype: str = 'float32'):
   """(a closure running one torchvision SSD300 training step, a dict about the model) on the batch in batch_file."""
   import torch
   import torchvision
@@ -92,19 +92,17 @@ def torchvision_step(batch_file: str, freeze_at: int, device: str):
   sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
 
   def step():
-    losses = model(images, targets)
-    loss = sum(losses.values())
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+      losses = model(images, targets)
+      loss = sum(losses.values())
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
     sync()
 
   info = {
-    'torch': torch.__version__,
-    'torchvision': torchvision.__version__,
-    'torch_threads': torch.get_num_threads(),
-    'torch_device': torch.cuda.get_device_name() if device == 'cuda' else 'cpu',
-    'cudnn_allow_tf32': torch.backends.cudnn.allow_tf32,
+    **child_steps.torch_info(device),
+    'autocast_bfloat16': dtype == 'bfloat16',
     'trainable_params': sum(p.numel() for p in params),
     'frozen_convs': sum(not c.weight.requires_grad for c in convs),
     'boxes_per_image': [len(t['boxes']) for t in targets],
@@ -112,9 +110,9 @@ def torchvision_step(batch_file: str, freeze_at: int, device: str):
   return step, info
 
 
-def torch_worker(batch_file: str, freeze_at: int, device: str):
+def torch_worker(batch_file: str, freeze_at: int, device: str, dtype: str):
   """The child process (bench/child_steps.py): torchvision's SSD300 step on the batch in batch_file."""
-  child_steps.serve(*torchvision_step(batch_file, freeze_at, device))
+  child_steps.serve(*torchvision_step(batch_file, freeze_at, device, dtype))
 
 
 def ssd_config(args, batch: int, consistent: bool):
@@ -139,28 +137,16 @@ def ssd_config(args, batch: int, consistent: bool):
   s.allow_random_frozen = True  # random weights are all a timing needs
   config.train.global_batch_size = config.eval.global_batch_size = batch
   config.consistent.enabled = consistent
+  config.model.compute_dtype = args.dtype
   return config
 
 
-def _summary(wall, cpu, batch):
-  return {
-    'wall_median_s': statistics.median(wall),
-    'wall_min_s': min(wall),
-    'wall_max_s': max(wall),
-    'cpu_median_s': statistics.median(cpu),
-    'images_per_s': batch / statistics.median(wall),
-    'steps': len(wall),
-  }
+def _params_cell(v) -> str:
+  return f'{v["trainable_params"]:,}'
 
 
 def _table(result) -> str:
-  lines = ['| variant | wall median s (min-max) | CPU median s | img/s | trainable params |', '|---|---|---|---|---|']
-  for name, v in result['variants'].items():
-    lines.append(
-      f'| {name} | {v["wall_median_s"]:.3f} ({v["wall_min_s"]:.3f}-{v["wall_max_s"]:.3f}) | '
-      f'{v["cpu_median_s"]:.3f} | {v["images_per_s"]:.2f} | {v["trainable_params"]:,} |'
-    )
-  lines.append('\n' + ', '.join(f'{k} {v:.3f}' for k, v in result['ratios'].items()))
+  lines = [child_steps.table(result['variants'], result['ratios'], {'trainable params': _params_cell})]
   if result['width_divisor'] > 1:
     lines.append(f'ours narrowed by width_divisor={result["width_divisor"]}: a check that it runs, not a comparison')
   return '\n'.join(lines)
@@ -174,6 +160,7 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, default=3, help='timed steps per block')
   parser.add_argument('--backbone', default='vgg16', choices=('vgg16', 'resnet18', 'resnet34', 'resnet50'))
   parser.add_argument('--freeze_at', type=int, default=None, help="frozen prefix, both sides (default: the config's)")
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--width_divisor', type=int, default=1, help='narrows ours only (a quick check, not a timing)')
   parser.add_argument('--json_out', default='')
   parser.add_argument('--torch_worker', action='store_true', help='(internal) be the torchvision child process')
@@ -181,7 +168,7 @@ def main(argv=None):
   parser.add_argument('--torch_device', default='cpu', help='(internal) the torchvision worker device')
   args = parser.parse_args(argv)
   if args.torch_worker:
-    return torch_worker(args.batch_file, args.freeze_at, args.torch_device)
+    return torch_worker(args.batch_file, args.freeze_at, args.torch_device, args.dtype)
 
   with_torchvision = args.size == 300 and args.backbone == 'vgg16'
   if with_torchvision:
@@ -209,21 +196,17 @@ def main(argv=None):
       batch_file = os.path.join(tmp, 'batch.npz')
       np.savez(batch_file, **jax.device_get(ours['ssd'].batch))  # the very arrays our steps train on
       freeze_at = configs['ssd'].model.ssd.freeze_at
-      device = 'cpu' if backend == 'cpu' else 'cuda'
+      device = child_steps.torch_device(backend)
       flags = [f'--batch_file={batch_file}', f'--freeze_at={freeze_at}', f'--torch_device={device}']
+      flags.append(f'--dtype={args.dtype}')
       tv = child_steps.StepProcess(__file__, flags)
     runners['torchvision'] = tv.run
   runners.update({name: runner.run for name, runner in ours.items()})  # ours ran one step after compiling
-  times = {name: ([], []) for name in runners}
-  for r in range(args.pairs):
-    for name in runners if r % 2 == 0 else list(runners)[::-1]:
-      wall, cpu = runners[name](args.steps)
-      times[name][0].extend(wall)
-      times[name][1].extend(cpu)
+  times = child_steps.alternate(runners, args.pairs, args.steps)
   if tv:
     tv.close()
 
-  variants = {name: _summary(*times[name], batch) for name in runners}
+  variants = {name: child_steps.summary(*times[name], batch) for name in runners}
   for name, runner in ours.items():
     mask = detectors.from_config(runner.config).trainable_mask(runner.state.params)
     sizes = jax.tree.leaves(jax.tree.map(lambda p, m: p.size if m else 0, runner.state.params, mask))
@@ -250,7 +233,7 @@ def main(argv=None):
     'backbone': args.backbone,
     'freeze_at': configs['ssd'].model.ssd.freeze_at,
     'width_divisor': args.width_divisor,
-    'dtype': 'float32',
+    'dtype': args.dtype,
     'conv_lowering': conv_lowering.resolve('auto'),
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
     'steps_per_block': args.steps,

@@ -67,7 +67,8 @@ def _peak_memory_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # host RSS (KiB on Linux): the CPU case
 
 
-def _peak_tflops(device) -> float | None:
+def peak_tflops(device) -> float | None:
+  """The device's dense bf16 peak in TFLOP/s from PEAK_BF16_TFLOPS by its device_kind, or None (e.g. a CPU)."""
   kind = getattr(device, 'device_kind', '')
   for name, tflops in PEAK_BF16_TFLOPS.items():
     if name.lower() in kind.lower():
@@ -155,7 +156,7 @@ def run_step_bench(config: ml_collections.ConfigDict, steps: int, image_hw=None,
     step_tflops=runner.flops / 1e12,
     loss=float(runner.metrics['loss']),
   )
-  peak = _peak_tflops(device)
+  peak = peak_tflops(device)
   if peak and runner.flops:  # global FLOPs over the whole mesh's peak (bf16 dense, whatever the compute dtype)
     result['mfu'] = runner.flops / step_time / (peak * 1e12 * n_dev)
   return result
