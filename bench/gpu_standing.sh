@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The standing GPU measurements in one call on a lent GPU machine, most important first; each part side by side
-# with torchvision in the same process tree, on the same GPU.
+# The standing GPU measurements, prepared for a lent GPU machine, most important first; each part side by side with
+# torchvision in the same process tree, on the same GPU.
 #
 #   bash bench/gpu_standing.sh [PART ...]      # default: every part, in this order
 #
@@ -13,8 +13,9 @@
 #   ssd512     the same at 512 (no torchvision SSD512 exists): SSD512 img/s and ConSSD / SSD (goal <= 1.05)
 #
 # Each part runs under its own time limit (the seconds below; PART_TIMEOUT_S sets one for all; on an H100 an R50-FPN
-# step compiled in about a minute on 2026-11-25, and step640 and paper compile two) and appends its last output line (one JSON object) to $OUT/results.jsonl, its whole output to
-# $OUT/log.txt, so a part that fails or is cut off loses only itself. $OUT defaults to ./gpu_standing_out.
+# step compiled in about a minute on 2026-11-25, and step640 and paper compile two) and appends its last output line
+# (one JSON object) to $OUT/results.jsonl, its whole output to $OUT/log.txt, so a part that fails or is cut off loses
+# only itself. $OUT defaults to ./gpu_standing_out.
 # JAX's compilation cache goes to /tmp/jax_cache, so a rerun on the same (warm) machine skips the compiles.
 #
 # The GPU image has jax, flax, optax, orbax, absl, torch and torchvision but no ml_collections: carry its wheel.
@@ -83,16 +84,20 @@ EOF
 
 export -f preflight
 
+ALL=(preflight detect step640 paper ssd300 ssd512)
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(preflight detect step640 paper ssd300 ssd512)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=("${ALL[@]}")
+for p in "${PARTS[@]}"; do  # every name checked before anything runs
+  [[ " ${ALL[*]} " == *" $p "* ]] || { echo "unknown part $p: expected some of ${ALL[*]}" >&2; exit 2; }
+done
+TIMED=(--dtype=bfloat16 --pairs=3 --steps=5)
 for p in "${PARTS[@]}"; do
   case $p in
     preflight) part preflight 60 bash -c preflight ;;
     detect) part detect 150 python3 bench/detect_vs_torchvision.py --size=640 --batch=16 --dtype=bfloat16 --steps=20 ;;
-    step640) part step640 270 python3 bench/step_vs_torchvision.py --size=640 --batch=16 --dtype=bfloat16 --pairs=3 --steps=5 ;;
-    paper) part paper 270 python3 bench/step_vs_torchvision.py --paper_scale --batch=16 --dtype=bfloat16 --pairs=3 --steps=5 ;;
-    ssd300) part ssd300 160 python3 bench/ssd_step_vs_torchvision.py --size=300 --batch=32 --dtype=bfloat16 --pairs=3 --steps=5 ;;
-    ssd512) part ssd512 160 python3 bench/ssd_step_vs_torchvision.py --size=512 --batch=32 --dtype=bfloat16 --pairs=3 --steps=5 ;;
-    *) echo "unknown part $p: expected preflight detect step640 paper ssd300 ssd512" >&2; exit 2 ;;
+    step640) part step640 270 python3 bench/step_vs_torchvision.py --size=640 --batch=16 "${TIMED[@]}" ;;
+    paper) part paper 270 python3 bench/step_vs_torchvision.py --paper_scale --batch=16 "${TIMED[@]}" ;;
+    ssd300) part ssd300 160 python3 bench/ssd_step_vs_torchvision.py --size=300 --batch=32 "${TIMED[@]}" ;;
+    ssd512) part ssd512 160 python3 bench/ssd_step_vs_torchvision.py --size=512 --batch=32 "${TIMED[@]}" ;;
   esac
 done
