@@ -22,7 +22,8 @@ stage); the stage decides which anchors may be negatives and how many. An anchor
 whose regression drifted off its object is background at stage 1 with a high background loss: exactly the
 misaligned, confidently wrong box the refined term exists to penalize (Section 3.1), and only 'per_stage' can mine
 it. 'stage0' reuses stage 0's mined negatives in every term (those still BACKGROUND in the refined stage): the
-refined term keeps its own positives, but its negatives are the ones stage 0 already pushes to background.
+refined term keeps its own positives, but its negatives are the ones stage 0 already pushes to background. On the
+shapes demo the two score alike (bench/RESULTS.md, "ConSSD on the shapes demo: which part loses AP").
 
 `MultiBoxLoss.from_config` reads the config once; the loss itself takes plain values.
 """
