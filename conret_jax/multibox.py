@@ -23,7 +23,7 @@ whose regression drifted off its object is background at stage 1 with a high bac
 misaligned, confidently wrong box the refined term exists to penalize (Section 3.1), and only 'per_stage' can mine
 it. 'stage0' reuses stage 0's mined negatives in every term (those still BACKGROUND in the refined stage): the
 refined term keeps its own positives, but its negatives are the ones stage 0 already pushes to background. On the
-shapes demo the two score alike (bench/RESULTS.md, "ConSSD on the shapes demo: which part loses AP").
+shapes demo the two score alike (bench/RESULTS.md, "The shapes demos read two ways").
 
 `MultiBoxLoss.from_config` reads the config once; the loss itself takes plain values.
 """
