@@ -6,6 +6,7 @@ and the parent talks to it through `StepProcess`: one line "N" in, N steps timed
 times every column through `alternate` and reports each with `summary` and `table`.
 """
 
+import importlib.util
 import json
 import os
 import statistics
@@ -62,6 +63,15 @@ class StepProcess:
     self.proc.wait()
 
 
+def repo_config(filename: str):
+  """get_config() of configs/`filename` in this checkout: the config whose network a benchmark compares."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', filename)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(filename)[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def torch_device(jax_platform: str) -> str:
   """The torch device beside JAX's: 'cpu' on the CPU backend, else 'cuda' (the GPU JAX is on)."""
   return 'cpu' if jax_platform == 'cpu' else 'cuda'
@@ -103,6 +113,15 @@ def summary(wall: list[float], cpu: list[float], batch: int) -> dict:
     'images_per_s': batch / statistics.median(wall),
     'steps': len(wall),
   }
+
+
+def ratios(variants: dict, pairs) -> dict:
+  """'{a}_over_{b}_wall' and '_cpu': column a's median over column b's, for each (a, b) in `pairs`."""
+  out = {}
+  for a, b in pairs:
+    for kind in ('wall', 'cpu'):
+      out[f'{a}_over_{b}_{kind}'] = variants[a][f'{kind}_median_s'] / variants[b][f'{kind}_median_s']
+  return out
 
 
 def table(variants: dict, ratios: dict, extra: dict) -> str:

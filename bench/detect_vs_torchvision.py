@@ -23,7 +23,6 @@ last, one JSON line.
 """
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -67,10 +66,7 @@ def torchvision_detect(size, batch, dtype, device):
 
 
 def our_config(size, batch, dtype):
-  spec = importlib.util.spec_from_file_location('tv_cfg', os.path.join(ROOT, 'configs', 'retinanet_torchvision.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = child_steps.repo_config('retinanet_torchvision.py')
   config.data.resize, config.data.image_size = 'square', size
   config.eval.global_batch_size = config.train.global_batch_size = batch
   config.model.compute_dtype = dtype

@@ -51,7 +51,6 @@ with (ssd300_vgg16 warps every input to 300 x 300), so those runs time ssd and c
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -119,10 +118,7 @@ def ssd_config(args, batch: int, consistent: bool):
   """configs/ssd300_torchvision.py at args.size with args.backbone, args.freeze_at and args.width_divisor."""
   from conret_jax import defaults
 
-  spec = importlib.util.spec_from_file_location('ssd_cfg', os.path.join(ROOT, 'configs', 'ssd300_torchvision.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = child_steps.repo_config('ssd300_torchvision.py')
   s = config.model.ssd
   reference = defaults.ssd_config(args.size).model.ssd  # SSD512's default boxes at 512
   for key in ('image_size', 'min_ratio', 'max_ratio', 'first_ratio', 'aspect_ratios', 'steps'):
@@ -197,8 +193,12 @@ def main(argv=None):
       np.savez(batch_file, **jax.device_get(ours['ssd'].batch))  # the very arrays our steps train on
       freeze_at = configs['ssd'].model.ssd.freeze_at
       device = child_steps.torch_device(backend)
-      flags = [f'--batch_file={batch_file}', f'--freeze_at={freeze_at}', f'--torch_device={device}']
-      flags.append(f'--dtype={args.dtype}')
+      flags = [
+        f'--batch_file={batch_file}',
+        f'--freeze_at={freeze_at}',
+        f'--torch_device={device}',
+        f'--dtype={args.dtype}',
+      ]
       tv = child_steps.StepProcess(__file__, flags)
     runners['torchvision'] = tv.run
   runners.update({name: runner.run for name, runner in ours.items()})  # ours ran one step after compiling
@@ -218,13 +218,7 @@ def main(argv=None):
     )
   if tv:
     variants['torchvision']['trainable_params'] = tv.info['trainable_params']
-  wall = lambda name: variants[name]['wall_median_s']
-  cpu = lambda name: variants[name]['cpu_median_s']
-  ratios = {'conssd_over_ssd_wall': wall('conssd') / wall('ssd'), 'conssd_over_ssd_cpu': cpu('conssd') / cpu('ssd')}
-  if tv:
-    for name in ours:
-      ratios[f'{name}_over_torchvision_wall'] = wall(name) / wall('torchvision')
-      ratios[f'{name}_over_torchvision_cpu'] = cpu(name) / cpu('torchvision')
+  ratios = child_steps.ratios(variants, [('conssd', 'ssd')] + ([(name, 'torchvision') for name in ours] if tv else []))
   result = {
     'started': started,
     **step_compare.run_environment(),

@@ -32,13 +32,11 @@ so that figure is high by up to the 18%). Prints a table and, last, one JSON lin
 
 torchvision runs in a child process of the same Python (this script with --torch_worker), which runs a block of
 steps when asked and then waits on its stdin; this process never imports torch. With both in one process, torch's
-OpenMP threads and XLA's thread pool slowed each other on the 2-core dev box (2026-12-02: our step 2.94 s there
-against 2.59 s alone in the same hour, 2.76 s with OMP_WAIT_POLICY=PASSIVE; torchvision's: 2.57 s there, 2.36 s in its
-own process seven minutes later): each side now runs as its users run it.
+OpenMP threads and XLA's thread pool slowed each other on the 2-core dev box (bench/RESULTS.md, "Measuring
+torchvision in one process with us was unfair to both"): each side now runs as its users run it.
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -103,10 +101,7 @@ def torch_worker(args):
 
 def our_config(args, batch, consistent, lowering='auto'):
   """configs/retinanet_torchvision.py at the run's input, batch and dtype."""
-  spec = importlib.util.spec_from_file_location('tv_cfg', os.path.join(ROOT, 'configs', 'retinanet_torchvision.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = child_steps.repo_config('retinanet_torchvision.py')
   if not args.paper_scale:  # else the config's own short side 800, long side 1333
     config.data.resize, config.data.image_size = 'square', args.size
   config.train.global_batch_size = config.eval.global_batch_size = batch
@@ -202,16 +197,10 @@ def main(argv=None):
     if peak and 'retinanet' in ours:
       t = result_variants['torchvision']['wall_median_s']
       result_variants['torchvision']['mfu_at_retinanet_flops'] = ours['retinanet'].flops / t / (peak * 1e12)
-  wall = lambda name: result_variants[name]['wall_median_s']
-  cpu = lambda name: result_variants[name]['cpu_median_s']
-  ratios = {}
-  if 'retinanet' in ours and 'conretinanet' in ours:
-    ratios['conretinanet_over_retinanet_wall'] = wall('conretinanet') / wall('retinanet')
-    ratios['conretinanet_over_retinanet_cpu'] = cpu('conretinanet') / cpu('retinanet')
+  pairs = [('conretinanet', 'retinanet')] if 'retinanet' in ours and 'conretinanet' in ours else []
   if tv:
-    for name in ours:
-      ratios[f'{name}_over_torchvision_wall'] = wall(name) / wall('torchvision')
-      ratios[f'{name}_over_torchvision_cpu'] = cpu(name) / cpu('torchvision')
+    pairs += [(name, 'torchvision') for name in ours]
+  ratios = child_steps.ratios(result_variants, pairs)
   result = {
     'started': started,
     **step_compare.run_environment(),
