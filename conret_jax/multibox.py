@@ -1,8 +1,10 @@
 """SSD's MultiBox loss (Liu et al. 2016, "Training objective") with consistent optimization (Section 4, Table 5).
 
 The stages are conret_jax/stages.py, as for RetinaNet (conret_jax/consistent.py): stage 0 matches the default boxes
-at IoU 0.5 with each ground truth's best default box kept (SSD's matching: pos_iou = neg_iou = 0.5 and low-quality
-matches), stage s >= 1 matches the boxes refined by regression s - 1 at that stage's thresholds (0.6 / 0.5).
+at IoU 0.5, and each ground truth's best default box is matched to that ground truth (SSD's matching: pos_iou =
+neg_iou = 0.5 and low-quality matches by core.matching's 'assign' rule, where RetinaNet's 'promote' would keep the
+box's own best ground truth), stage s >= 1 matches the boxes refined by regression s - 1 at that stage's thresholds
+(0.6 / 0.5).
 
   L_cls = 1/N * sum_s w_s sum_{i in Pos_s + Neg_s} CE(c_i, c^s_i),  w_0 = 1, w_s = alpha      (the paper's Eq. 1)
   L_reg = sum_s 1/N_s * sum_{i in Pos_s} smoothL1(t^s_i - t^s*_i)                          (Eq. 2)
@@ -44,7 +46,9 @@ REFINED_NEGATIVES = ('per_stage', 'stage0')
 
 # SSD's matching at stage 0 (0.5 / 0.5 with low-quality matches), Table 3's stricter refined stages, and
 # torchvision's SSD box coder (10, 10, 5, 5; Caffe SSD's variances 0.1 and 0.2).
-SSD_STAGES = Stages(pos_iou=(0.5, 0.6, 0.7), neg_iou=(0.5, 0.5, 0.6), box_weights=(10.0, 10.0, 5.0, 5.0))
+SSD_STAGES = Stages(
+  pos_iou=(0.5, 0.6, 0.7), neg_iou=(0.5, 0.5, 0.6), box_weights=(10.0, 10.0, 5.0, 5.0), low_quality_rule='assign'
+)
 
 
 def softmax_cross_entropy(logits, labels) -> tuple[jax.Array, jax.Array]:
@@ -102,7 +106,7 @@ class MultiBoxLoss:
   def from_config(cls, config: ml_collections.ConfigDict) -> 'MultiBoxLoss':
     lc = config.loss
     return cls(
-      stages=Stages.from_config(config),
+      stages=dataclasses.replace(Stages.from_config(config), low_quality_rule='assign'),
       neg_pos_ratio=float(lc.neg_pos_ratio),
       min_negatives=int(lc.min_negatives),
       refined_negatives=str(lc.refined_negatives),

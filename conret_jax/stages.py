@@ -84,6 +84,7 @@ class Stages:
   pos_iou: tuple = (0.5, 0.6, 0.7)
   neg_iou: tuple = (0.4, 0.5, 0.6)
   allow_low_quality_matches: bool = True  # stage 0 only; refined stages match on quality alone
+  low_quality_rule: str = 'promote'  # core.matching's: 'promote' (RetinaNet), 'assign' (SSD: set by its loss)
   box_weights: tuple = (1.0, 1.0, 1.0, 1.0)
   box_clamp: float = BOX_DELTA_CLAMP
   inference_steps: int = 1  # regressions applied at inference (Table 3's "2*" applies 1 of 2)
@@ -136,6 +137,7 @@ class Stages:
         neg_iou=self.neg_iou[s],
         allow_low_quality_matches=self.allow_low_quality_matches and s == 0,
         box_weights=self.box_weights,
+        low_quality_rule=self.low_quality_rule,
       )
       result.append(dict(t, anchors=stage_anchors))
     return result

@@ -64,12 +64,13 @@ def np_match(anchors, gt, gt_valid, pos, neg, low_quality):
     for a in range(A):
       j = int(np.argmax(iou[a]))
       out[b, a] = gts[j] if iou[a, j] >= pos else (-1 if iou[a, j] < neg else -2)
-    if low_quality:  # each gt's best anchors (ties included) become positive, with their own best gt
+    if low_quality:  # SSD: each gt's best anchor (the first) goes to the gt; a shared one to the best-overlapping
+      claims = {}
       for jj in range(len(gts)):
-        best = iou[:, jj].max()
-        for a in range(A):
-          if best > 0 and iou[a, jj] == best:
-            out[b, a] = gts[int(np.argmax(iou[a]))]
+        if iou[:, jj].max() > 0:
+          claims.setdefault(int(np.argmax(iou[:, jj])), []).append(jj)
+      for a, js in claims.items():
+        out[b, a] = gts[max(js, key=lambda j: (iou[a, j], -j))]
   return out
 
 
@@ -149,6 +150,39 @@ def test_plain_ssd_loss_is_reproduced(n_cls, n_reg, alpha):
   assert float(m['num_pos_0']) > 0 and float(m['num_neg_0']) == 3 * float(m['num_pos_0'])
   if alpha == 0.0:
     assert float(m['cls_loss_1']) == 0.0
+
+
+def test_each_object_gets_its_best_default_box():
+  """SSD's matching: a small object's best default box overlaps a large neighbour more, and still goes to the small
+  object (with its class and box target), where RetinaNet's rule would leave the small object no positive."""
+  anchors = np.array([[0, 0, 10, 10], [0, 0, 10, 14], [50, 50, 60, 60]], np.float32)
+  gt = np.array([[[0, 0, 4, 4], [0, 0, 10, 13]]], np.float32)  # IoU with box 0: 0.16 and 0.77; box 1: 0.11, 0.93
+  gt_cls = np.array([[1, 2]], np.int32)
+  gt_valid = np.ones((1, 2), bool)
+  np.testing.assert_array_equal(np_match(anchors, gt, gt_valid, 0.5, 0.5, True), [[0, 1, -1]])
+  stages = dataclasses.replace(SSD_STAGES, num_cls_terms=1, num_reg_terms=1)
+  t = stages.targets(
+    jnp.asarray(anchors),
+    (jnp.zeros((1, 3, 4)),),
+    dict(
+      boxes=jnp.asarray(gt), classes=jnp.asarray(gt_cls), valid=jnp.asarray(gt_valid), crowd=jnp.zeros((1, 2), bool)
+    ),
+  )[0]
+  np.testing.assert_array_equal(np.asarray(t['cls_labels']), [[1, 2, -1]])
+  np.testing.assert_allclose(np.asarray(t['box_targets'])[0, 0], _encode(gt[0, 0], anchors[0]), rtol=1e-5)
+  promote = dataclasses.replace(stages, low_quality_rule='promote').targets(
+    jnp.asarray(anchors),
+    (jnp.zeros((1, 3, 4)),),
+    dict(
+      boxes=jnp.asarray(gt), classes=jnp.asarray(gt_cls), valid=jnp.asarray(gt_valid), crowd=jnp.zeros((1, 2), bool)
+    ),
+  )[0]
+  np.testing.assert_array_equal(np.asarray(promote['cls_labels']), [[2, 2, -1]])  # the small object has no positive
+
+
+def test_the_config_loss_matches_as_ssd():
+  loss = MultiBoxLoss.from_config(defaults.ssd_config(300))
+  assert loss.stages.low_quality_rule == 'assign' and loss.stages.allow_low_quality_matches
 
 
 @pytest.mark.parametrize('mode', ['per_stage', 'stage0'])

@@ -7,11 +7,17 @@ verdict (core.constants) is:
   neg_iou <= q < pos_iou  -> MATCH_IGNORED (-1)
 An anchor exactly at pos_iou is positive and one exactly at neg_iou is ignored (Detectron's convention).
 
-Low-quality matches (allow_low_quality_matches): for every valid gt, all anchors whose IoU with it equals that gt's
-highest IoU (ties included) become positive, whatever their label. As in torchvision and detectron2, such an anchor
-keeps its own best gt as matched_gt (not necessarily the gt it was promoted for). One deliberate difference: a gt
-whose best IoU is 0 (degenerate or outside every anchor) promotes nothing, where torchvision would promote every
-anchor with IoU 0 to it; the two agree whenever every valid gt overlaps some anchor.
+Low-quality matches (allow_low_quality_matches), by one of two rules (low_quality_rule):
+  'promote'  RetinaNet's (torchvision's and detectron2's Matcher): for every valid gt, all anchors whose IoU with it
+             equals that gt's highest IoU (ties included) become positive, whatever their label, and keep their own
+             best gt as matched_gt (not necessarily the gt they were promoted for).
+  'assign'   SSD's (Liu et al. 2016; torchvision's SSDMatcher): each valid gt's best anchor (the first on ties) is
+             positive and matched to that gt, so every object gets a default box even where a neighbour overlaps that
+             box more. Where several gts share a best anchor, the one that overlaps it most takes it (the first row
+             on ties), which is that anchor's own match; torchvision's index assignment gives it to the last row.
+One deliberate difference from torchvision in both: a gt whose best IoU is 0 (degenerate or outside every anchor)
+promotes nothing, where torchvision would promote anchors with IoU 0 to it; the two agree whenever every valid gt
+overlaps some anchor.
 
 Rows with gt_valid False (padding and crowd rows; the caller passes valid & ~crowd) never match; an image without
 valid gt gets all negatives.
@@ -32,6 +38,7 @@ from conret_jax.core.boxes import pairwise_iou
 from conret_jax.core.constants import MATCH_IGNORED, MATCH_NEGATIVE, MATCH_POSITIVE
 
 IOU_BYTES_PER_CHUNK = 256 * 2**20  # float32 [chunk, G, A] IoU matrices matched in one vmap
+LOW_QUALITY_RULES = ('promote', 'assign')
 
 
 class MatchResult(NamedTuple):
@@ -53,7 +60,16 @@ class MatchResult(NamedTuple):
     return self.labels == MATCH_NEGATIVE
 
 
-def match_image(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float, allow_low_quality_matches: bool):
+def match_image(
+  anchors,
+  gt_boxes,
+  gt_valid,
+  *,
+  pos_iou: float,
+  neg_iou: float,
+  allow_low_quality_matches: bool,
+  low_quality_rule: str = 'promote',
+):
   """One image: anchors [A, 4], gt_boxes [G, 4], gt_valid [G] -> (matched_gt [A] int32, labels [A] int32)."""
   num_anchors = anchors.shape[0]
   if gt_boxes.shape[0] == 0:
@@ -78,13 +94,29 @@ def match_image(anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float, 
   if allow_low_quality_matches:
     best_per_gt = jnp.max(iou, axis=1)  # [G]
     promotes = valid & (best_per_gt > 0.0)
-    low_quality = jnp.any((iou == best_per_gt[:, None]) & promotes[:, None], axis=0)
-    labels = jnp.where(low_quality, MATCH_POSITIVE, labels)
+    at_best = (iou == best_per_gt[:, None]) & promotes[:, None]  # [G, A]
+    if low_quality_rule == 'promote':
+      labels = jnp.where(jnp.any(at_best, axis=0), MATCH_POSITIVE, labels)
+    else:  # 'assign': each gt claims its first best anchor; of several claimants the best-overlapping one wins
+      columns = jnp.arange(num_anchors, dtype=jnp.int32)
+      first_best = jnp.min(jnp.where(at_best, columns[None, :], num_anchors), axis=1)  # [G]; A where none
+      claims = columns[None, :] == first_best[:, None]  # [G, A]
+      claim_iou = jnp.max(jnp.where(claims, iou, -1.0), axis=0)  # [A]
+      claimant = jnp.min(jnp.where(claims & (iou == claim_iou[None, :]), rows, num_gt), axis=0)  # [A]; G: none
+      matched_gt = jnp.where(claimant < num_gt, claimant, matched_gt).astype(jnp.int32)
+      labels = jnp.where(claimant < num_gt, MATCH_POSITIVE, labels)
   return matched_gt, labels
 
 
 def match(
-  anchors, gt_boxes, gt_valid, *, pos_iou: float, neg_iou: float, allow_low_quality_matches: bool
+  anchors,
+  gt_boxes,
+  gt_valid,
+  *,
+  pos_iou: float,
+  neg_iou: float,
+  allow_low_quality_matches: bool,
+  low_quality_rule: str = 'promote',
 ) -> MatchResult:
   """Match a batch of images.
 
@@ -92,12 +124,20 @@ def match(
     anchors: [A, 4] shared by all images, or [B, A, 4] per image (refined anchors), float32 x1y1x2y2.
     gt_boxes: [B, G, 4] float32 x1y1x2y2.
     gt_valid: [B, G] bool; False for padding and crowd rows.
+    low_quality_rule: 'promote' (RetinaNet's) or 'assign' (SSD's); see the module docstring.
   Returns:
     MatchResult: matched_gt [B, A] int32 index into G (meaningful where positive), labels [B, A] int32 verdicts.
   """
   if neg_iou > pos_iou:
     raise ValueError(f'neg_iou {neg_iou} > pos_iou {pos_iou}')
-  kw = dict(pos_iou=pos_iou, neg_iou=neg_iou, allow_low_quality_matches=allow_low_quality_matches)
+  if low_quality_rule not in LOW_QUALITY_RULES:
+    raise ValueError(f'low_quality_rule={low_quality_rule!r} must be one of {LOW_QUALITY_RULES}')
+  kw = dict(
+    pos_iou=pos_iou,
+    neg_iou=neg_iou,
+    allow_low_quality_matches=allow_low_quality_matches,
+    low_quality_rule=low_quality_rule,
+  )
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
   gt_valid = jnp.asarray(gt_valid, bool)
   anchors = jnp.asarray(anchors, jnp.float32)

@@ -24,6 +24,7 @@ def assign(
   neg_iou: float,
   allow_low_quality_matches: bool,
   box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+  low_quality_rule: str = 'promote',
 ) -> dict:
   """Per-anchor targets.
 
@@ -32,6 +33,7 @@ def assign(
     gt_boxes: [B, G, 4] float32 x1y1x2y2.
     gt_classes: [B, G] int32 class index 0..K-1.
     gt_valid: [B, G] bool; False for padding and crowd rows.
+    low_quality_rule: core.matching's rule for low-quality matches: 'promote' (RetinaNet) or 'assign' (SSD).
   Returns dict:
     cls_labels: [B, A] int32: class index (>= 0) for positives, BACKGROUND (-1) or IGNORE (-2).
     positive: [B, A] bool.
@@ -41,7 +43,13 @@ def assign(
   anchors = jnp.asarray(anchors, jnp.float32)
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
   matches = match(
-    anchors, gt_boxes, gt_valid, pos_iou=pos_iou, neg_iou=neg_iou, allow_low_quality_matches=allow_low_quality_matches
+    anchors,
+    gt_boxes,
+    gt_valid,
+    pos_iou=pos_iou,
+    neg_iou=neg_iou,
+    allow_low_quality_matches=allow_low_quality_matches,
+    low_quality_rule=low_quality_rule,
   )
   positive, matched_gt = matches.positive, matches.matched_gt
   classes = jnp.take_along_axis(jnp.asarray(gt_classes, jnp.int32), matched_gt, axis=1)

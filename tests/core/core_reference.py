@@ -23,8 +23,9 @@ def np_iou(b1, b2):
     return np.where(union > 0, inter / union, zero).astype(np.float32)
 
 
-def np_match(anchors, gt, valid, pos, neg, low_quality):
-  """One image, torchvision Matcher semantics, loops. Returns (matched [A], labels [A])."""
+def np_match(anchors, gt, valid, pos, neg, low_quality, rule='promote'):
+  """One image, loops: torchvision's Matcher ('promote', RetinaNet) or its SSDMatcher ('assign', SSD) for the
+  low-quality matches. Returns (matched [A], labels [A])."""
   num_a = len(anchors)
   matched = np.zeros(num_a, np.int32)
   labels = np.zeros(num_a, np.int32)
@@ -40,6 +41,7 @@ def np_match(anchors, gt, valid, pos, neg, low_quality):
     matched[a] = arg
     labels[a] = 1 if best >= pos else (0 if best < neg else -1)
   if low_quality:
+    claims = {}  # 'assign': anchor -> the gts whose first best anchor it is
     for g in cols:
       top = max(iou[a, g] for a in range(num_a))
       if top <= 0:
@@ -47,6 +49,11 @@ def np_match(anchors, gt, valid, pos, neg, low_quality):
       for a in range(num_a):
         if iou[a, g] == top:
           labels[a] = 1
+          if rule == 'assign':
+            claims.setdefault(a, []).append(g)
+            break
+    for a, gs in claims.items():  # the claimant that overlaps the anchor most, the first on ties
+      matched[a] = max(gs, key=lambda g: (iou[a, g], -g))
   return matched, labels
 
 

@@ -11,7 +11,7 @@ from conret_jax.core import matching
 from conret_jax.core.matching import match
 
 KW = dict(pos_iou=0.5, neg_iou=0.4, allow_low_quality_matches=True)
-_match = jax.jit(match, static_argnames=('pos_iou', 'neg_iou', 'allow_low_quality_matches'))
+_match = jax.jit(match, static_argnames=('pos_iou', 'neg_iou', 'allow_low_quality_matches', 'low_quality_rule'))
 
 
 def near_tie_anchors(anchors, gt, valid, pos, neg, low_quality, tol):
@@ -39,9 +39,10 @@ def check(anchors, gt, valid, tol=1e-6, matcher=_match, **kw):
   matched, labels = matcher(anchors, gt, valid, **kw)
   matched, labels = np.asarray(matched), np.asarray(labels)
   args = (kw['pos_iou'], kw['neg_iou'], kw['allow_low_quality_matches'])
+  rule = kw.get('low_quality_rule', 'promote')
   for b in range(gt.shape[0]):
     a = anchors if anchors.ndim == 2 else anchors[b]
-    want_m, want_l = np_match(a, gt[b], valid[b], *args)
+    want_m, want_l = np_match(a, gt[b], valid[b], *args, rule=rule)
     sure = ~near_tie_anchors(a, gt[b], valid[b], *args, tol) if tol else np.ones(len(a), bool)
     assert sure.mean() > 0.9
     np.testing.assert_array_equal(labels[b][sure], want_l[sure])
@@ -50,12 +51,17 @@ def check(anchors, gt, valid, tol=1e-6, matcher=_match, **kw):
     if kw['allow_low_quality_matches']:  # every valid gt that overlaps an anchor promotes one of its best
       iou = np_iou(a, gt[b])
       for g in np.flatnonzero(valid[b] & (iou.max(0) > 0)):
-        assert np.any((labels[b] == 1) & (iou[:, g] >= iou[:, g].max() * (1 - 1e-6)))
+        best = np.flatnonzero(iou[:, g] >= iou[:, g].max() * (1 - 1e-6))
+        assert np.any(labels[b][best] == 1)
+        if rule == 'assign':  # ... and is matched to it unless another gt overlaps that anchor as much or more
+          assert np.any(iou[best, matched[b][best]] >= iou[best, g] * (1 - 1e-6))
+          if not np.any(matched[b][best] == g):
+            assert np.all(iou[best, matched[b][best]] > iou[best, g] * (1 - 1e-6))
   return matched, labels
 
 
-@pytest.mark.parametrize('low_quality', [True, False])
-def test_random_images_with_padding(low_quality):
+@pytest.mark.parametrize('low_quality,rule', [(True, 'promote'), (True, 'assign'), (False, 'promote')])
+def test_random_images_with_padding(low_quality, rule):
   rng = np.random.default_rng(0)
   anchors = np.asarray(anchors_lib.generate_anchors((64, 64), min_level=3, max_level=5))  # 84 * 9 anchors
   gt = np.stack([random_boxes(rng, 6, hi=60, min_size=4, max_size=40) for _ in range(3)])
@@ -63,8 +69,31 @@ def test_random_images_with_padding(low_quality):
   valid[0, 4:] = False  # padding rows
   valid[1, 1] = False  # a crowd row in the middle
   gt[0, 4:] = 0.0
-  _, labels = check(anchors, gt, valid, pos_iou=0.5, neg_iou=0.4, allow_low_quality_matches=low_quality)
+  kw = dict(pos_iou=0.5, neg_iou=0.4, allow_low_quality_matches=low_quality, low_quality_rule=rule)
+  _, labels = check(anchors, gt, valid, **kw)
   assert (labels == 1).sum() > 0 and (labels == -1).sum() > 0 and (labels == 0).sum() > 0
+
+
+def test_assign_rule_gives_each_gt_its_best_anchor():
+  """SSD's rule against RetinaNet's on a hand-built image: gt 0 (small) has its best IoU (0.16) at anchor 0, which
+  gt 1 overlaps more (0.77); gt 2 and gt 3 share their best anchor 2 (IoU 0.91 and 0.73), which goes to gt 2."""
+  anchors = np.array([[0, 0, 10, 10], [0, 0, 10, 14], [50, 50, 60, 60], [200, 200, 210, 210]], np.float32)
+  gt = np.array([[[0, 0, 4, 4], [0, 0, 10, 13], [50, 50, 60, 61], [52, 50, 61, 60]]], np.float32)
+  valid = np.ones((1, 4), bool)
+  kw = dict(pos_iou=0.5, neg_iou=0.5, allow_low_quality_matches=True)
+  matched, labels = _match(anchors, gt, valid, **kw, low_quality_rule='assign')
+  np.testing.assert_array_equal(np.asarray(labels)[0], [1, 1, 1, 0])
+  np.testing.assert_array_equal(np.asarray(matched)[0, :3], [0, 1, 2])
+  matched, labels = _match(anchors, gt, valid, **kw, low_quality_rule='promote')
+  np.testing.assert_array_equal(np.asarray(labels)[0], [1, 1, 1, 0])
+  np.testing.assert_array_equal(np.asarray(matched)[0, :3], [1, 1, 2])  # anchor 0 keeps its own best gt
+  for rule in ('promote', 'assign'):
+    want_m, want_l = np_match(anchors, gt[0], valid[0], 0.5, 0.5, True, rule=rule)
+    got_m, got_l = _match(anchors, gt, valid, **kw, low_quality_rule=rule)
+    np.testing.assert_array_equal(np.asarray(got_l)[0], want_l)
+    np.testing.assert_array_equal(np.asarray(got_m)[0][want_l == 1], want_m[want_l == 1])
+  with pytest.raises(ValueError, match='low_quality_rule'):
+    match(anchors, gt, valid, **kw, low_quality_rule='ssd')
 
 
 def test_per_image_anchors():
