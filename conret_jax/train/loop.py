@@ -3,7 +3,8 @@
 Resumption is exact: the state (parameters, optimizer, step, RNG) comes back from the latest checkpoint in
 `workdir/checkpoints`, and the input pipeline's position is a pure function of the step and the seed, so the
 resumed run sees the same batches with the same augmentation as an uninterrupted one. SIGTERM (and, on Cloud TPU,
-a preemption notice) makes the loop save at the next step boundary and exit cleanly. The run records its config and
+a preemption notice) makes the loop save at the next step boundary and exit cleanly; with several processes, all
+of them stop at the same boundary even when only one got the signal (`_StopAgreement`). The run records its config and
 classes in the workdir (conret_jax/run_record.py). The checkpointer, the metric writers and the signal handlers
 are closed by one ExitStack whatever ends the run (the last step, a signal, divergence or an error).
 """
@@ -14,6 +15,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -59,6 +61,36 @@ class _StopFlag:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+class _StopAgreement:
+  """Whether to stop at this step boundary, the same answer on every process.
+
+  A signal reaches the processes of a job separately: one host may be preempted alone, or the others may see the
+  signal a step later. A process that stopped on its own would leave the others waiting in the next step's
+  collectives (and the checkpoint save is collective too): the job would hang until it is killed. So with several
+  processes each boundary combines the local flags by a max over every device, a collective queued behind the step,
+  and reads the result one boundary later, when the host waits for the previous step anyway (the finite check):
+  every process reads the same value at the same boundary and all stop there. One process stops at once.
+  """
+
+  def __init__(self, stop: _StopFlag, mesh):
+    self.stop = stop
+    self.pending = None
+    if jax.process_count() > 1:
+      flat = jax.sharding.Mesh(mesh.devices.reshape(-1), ('all',))
+      self.sharding = jax.sharding.NamedSharding(flat, jax.sharding.PartitionSpec('all'))
+      self.local = sum(d.process_index == jax.process_index() for d in flat.devices)
+      self.combine = jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(flat, jax.sharding.PartitionSpec()))
+
+  def poll(self) -> bool:
+    """Call once per step boundary on every process; True: stop here."""
+    if jax.process_count() == 1:
+      return self.stop.signal is not None
+    agreed = self.pending is not None and bool(np.asarray(self.pending.addressable_data(0)))
+    local = np.full((self.local,), self.stop.signal is not None, np.int32)
+    self.pending = self.combine(jax.make_array_from_process_local_data(self.sharding, local))
+    return agreed
 
 
 def _host_metrics(metrics) -> dict:
@@ -213,6 +245,7 @@ def _train(run: _Run, state, start_step: int) -> dict:
   num_steps, eval_every = int(config.train.num_steps), int(config.eval.every_steps)
   log_every = max(int(config.train.log_every_steps), 1)
   eval_metrics = {}
+  stop = _StopAgreement(run.stop, mesh)
   step, lagged = start_step, None  # (step, device metrics) checked one step late: the host never stalls the device
   t_compile = time.monotonic()
   while step < num_steps:
@@ -229,7 +262,7 @@ def _train(run: _Run, state, start_step: int) -> dict:
       guard.check(step, host)
       writer.write(step, host, images_per_step=config.train.global_batch_size)
       lagged = None
-    preempted = run.stop.signal is not None or checkpointer.reached_preemption(step)
+    preempted = stop.poll() or checkpointer.reached_preemption(step)
     if checkpointer.should_save(step) or preempted or step == num_steps:
       if lagged is not None:
         guard.check(*lagged)
@@ -237,7 +270,7 @@ def _train(run: _Run, state, start_step: int) -> dict:
       # The data item records the pipeline's position (derived from the step; kept for inspection).
       checkpointer.save(step, state, batches.state(), force=preempted or step == num_steps)
     if preempted:
-      cause = 'signal' if run.stop.signal is not None else 'preemption notice'
+      cause = 'signal' if run.stop.signal is not None else 'preemption notice or a signal to another process'
       logging.warning('stopped at step %d after a %s; rerun the same command to resume', step, cause)
       return {}
     if eval_every and step % eval_every == 0 and step != num_steps:
