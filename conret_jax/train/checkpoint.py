@@ -171,7 +171,14 @@ def load_variables(path: str) -> dict:
   tree = getattr(metadata, 'item_metadata', metadata)
   tree = getattr(tree, 'tree', tree)
   target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
-  return checkpointer.restore(path, target)
+  try:
+    return checkpointer.restore(path, target)
+  except Exception as e:  # damaged array files: orbax and tensorstore raise assorted errors
+    first = (str(e).strip().splitlines() or [''])[0]
+    raise WeightFileError(
+      f'config.init_from={path} is damaged and does not restore ({type(e).__name__}: {first}); '
+      'write it again with conret-import'
+    ) from None
 
 
 def match_leaves(target, loaded) -> dict[str, list[str]]:

@@ -3,8 +3,8 @@ variables of a workdir or of config.init_from for inference.
 
 A checkpoint can be damaged after it was written (a failing disk, a partial copy between buckets). Resuming then
 takes the newest one that restores and says in one line which it skipped and why; the trainer moves the damaged
-folder aside (`<step>.damaged`, data kept) so that the step can be written again. Read-only tools leave it alone,
-and asked for a damaged step (`--step=N`) they stop with one line.
+folder aside (`<step>.damaged`, or `.damaged.2` ... when that name is taken; data kept) so that the step can be
+written again. Read-only tools leave it alone, and asked for a damaged step (`--step=N`) they stop with one line.
 """
 
 import os
@@ -69,12 +69,23 @@ def _move_aside(checkpointer: ckpt_lib.Checkpointer, steps) -> None:
   if jax.process_index() == 0:
     for step in steps:
       source = os.path.join(checkpointer.directory, str(step))
-      target = f'{source}.damaged'
+      # A step damaged before keeps its first copy: <step>.damaged, then .damaged.2, ... (a name in use would make
+      # the move fail and leave the step unwritable).
+      target, n = f'{source}.damaged', 1
+      while fileio.exists(target):
+        n += 1
+        target = f'{source}.damaged.{n}'
       try:
         fileio.rename(source, target)
         logging.warning('moved the damaged checkpoint %d to %s (kept: delete it when done with it)', step, target)
       except Exception as e:  # os and gfile errors alike (a bucket cannot rename a folder in one step)
-        logging.warning('could not move the damaged checkpoint %s aside (%s); it stays where it is', source, e)
+        logging.warning(
+          'could not move the damaged checkpoint %s aside (%s); it stays where it is, and step %d is not written '
+          'again until it is moved or deleted',
+          source,
+          e,
+          step,
+        )
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 

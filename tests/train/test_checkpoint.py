@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from conret_jax import defaults
+from conret_jax.errors import WeightFileError
 from conret_jax.train import checkpoint
 
 
@@ -194,6 +195,23 @@ def test_load_variables_and_merge_init(tmp_path):
     checkpoint.merge_init(fresh, loaded)  # the whole variables dict: wrong tree level
 
 
+@pytest.mark.parametrize('damage', ['truncate_data', 'delete_metadata'])
+def test_load_variables_names_a_damaged_checkpoint(tmp_path, damage):
+  saver = ocp.StandardCheckpointer()
+  saver.save(tmp_path / 'imported', {'params': {'w': np.arange(4096, dtype=np.float32)}})
+  saver.wait_until_finished()
+  files = [p for p in (tmp_path / 'imported').rglob('*') if p.is_file()]
+  if damage == 'truncate_data':
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])
+  else:
+    for p in files:
+      if p.name == '_METADATA':
+        p.unlink()
+  with pytest.raises(WeightFileError, match='config.init_from=.*imported'):
+    checkpoint.load_variables(str(tmp_path / 'imported'))
+
+
 def test_init_from_merges_params_and_frozen(tmp_path):
   rs = np.random.RandomState(4)
   state = _state(seed=6)
@@ -227,3 +245,27 @@ def test_relative_workdir(tmp_path, monkeypatch):
   _assert_trees_equal(restored, state)
   assert data == {'step': 1}
   assert checkpoint.absolute('gs://bucket/run') == 'gs://bucket/run'
+
+
+def test_a_step_damaged_twice_is_moved_aside_again_and_written_anew(tmp_path):
+  """The second time step 4 is damaged, '4.damaged' already exists: the copy goes to '4.damaged.2' (both kept) and
+  the run can write step 4 again."""
+  from conret_jax.train import restore
+
+  state = _state()
+  sharding = lambda x: SingleDeviceSharding(jax.devices()[0])
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=2, keep=3, config=_config(), async_save=False)
+  for step in (2, 4):
+    ckpt.save(step, state.replace(step=np.int32(step)), {'step': step})
+  (tmp_path / 'checkpoints' / '4.damaged').mkdir()  # left by an earlier damage of step 4
+  (tmp_path / 'checkpoints' / '4.damaged' / 'kept').write_text('the first damaged copy')
+  for f in (tmp_path / 'checkpoints' / '4' / 'state').rglob('*'):
+    if f.is_file():
+      f.write_bytes(b'')
+  _, _, step = restore.restore_newest(ckpt, _abstract(state, sharding), move_damaged=True)
+  assert step == 2
+  names = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  assert names == ['2', '4.damaged', '4.damaged.2'], names
+  assert ckpt.save(4, state.replace(step=np.int32(4)), {'step': 4}, force=True)
+  assert ckpt.all_steps() == [2, 4]
+  ckpt.close()
