@@ -11,6 +11,7 @@ are closed by one ExitStack whatever ends the run (the last step, a signal, dive
 
 import contextlib
 import dataclasses
+import os
 import signal
 import time
 
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from conret_jax import config_checks, detectors, eval_files, evaluation, run_record
+from conret_jax import config_checks, detectors, eval_files, evaluation, fileio, run_record
 from conret_jax import mesh as mesh_lib
 from conret_jax.data import info as info_lib
 from conret_jax.data import pipeline as data_lib
@@ -234,6 +235,12 @@ class _Run:
     return metrics
 
 
+def _eval_missing(run: _Run, step: int, eval_every: int, num_steps: int) -> bool:
+  """Whether `step` (a resumed run's first) was due a periodic evaluation that left no metrics.json."""
+  due = step > 0 and eval_every and step % eval_every == 0 and step != num_steps
+  return bool(due) and not fileio.exists(os.path.join(eval_files.Record(run.workdir, step).directory, 'metrics.json'))
+
+
 def _train(run: _Run, state, start_step: int) -> dict:
   """The loop itself: steps, logs, checks, checkpoints and evaluations, until num_steps or a stop signal."""
   config, mesh, checkpointer, writer = run.config, run.mesh, run.checkpointer, run.writer
@@ -245,6 +252,13 @@ def _train(run: _Run, state, start_step: int) -> dict:
   num_steps, eval_every = int(config.train.num_steps), int(config.eval.every_steps)
   log_every = max(int(config.train.log_every_steps), 1)
   eval_metrics = {}
+  if _eval_missing(run, start_step, eval_every, num_steps):
+    # The run stopped at an evaluation step before that evaluation finished (a preemption, a crash during it): the
+    # checkpoint of that step was saved first, so its evaluation is done now, before training goes on.
+    logging.warning(
+      'step %d: the evaluation of this step was not written before the run stopped; evaluating now', start_step
+    )
+    eval_metrics = run.evaluate(state, start_step)
   stop = _StopAgreement(run.stop, mesh)
   step, lagged = start_step, None  # (step, device metrics) checked one step late: the host never stalls the device
   t_compile = time.monotonic()

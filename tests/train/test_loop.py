@@ -94,3 +94,61 @@ def test_a_skipped_nan_batch_continues_and_without_the_key_the_run_stops(tmp_pat
   assert results[1].startswith(f'RESULT stops stopped: non-finite training values at step {POISONED_STEP}: ')
   assert 'loss' in results[1] and 'last good checkpoint' in results[1]
   assert sorted(os.listdir(tmp_path / 'stops' / 'checkpoints')) == ['2']
+
+
+PREEMPTED_SCRIPT = """
+import importlib.util, os, signal, sys
+from conret_jax.train import loop
+
+root, cache, workdir = sys.argv[1], sys.argv[2], sys.argv[3]
+spec = importlib.util.spec_from_file_location('cfg', f'{root}/tests/configs/tiny_shapes.py')
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+real = loop.data_lib.make_train_iterator
+
+
+class SignalledAtStep4:
+  def __init__(self, *args, **kwargs):
+    self._it = real(*args, **kwargs)
+    self.fetched = 0
+
+  def __next__(self):
+    self.fetched += 1
+    if self._it.step == 3 and self.fetched == 4:  # the first run only: it fetches step 4's batch as its fourth
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self._it)
+
+  def state(self):
+    return self._it.state()
+
+
+loop.data_lib.make_train_iterator = SignalledAtStep4
+for run in (1, 2):
+  config = module.get_config(f'steps=8,batch=4,train_images=40,eval_images=8,cache={cache}')
+  config.eval.at_end, config.eval.every_steps = False, 4
+  loop.train_and_evaluate(config, workdir)
+  newest = max(int(name) for name in os.listdir(f'{workdir}/checkpoints') if name.isdigit())
+  evals = sorted(os.listdir(f'{workdir}/eval')) if os.path.isdir(f'{workdir}/eval') else []
+  print(f'RESULT run {run} newest checkpoint {newest} evaluations {evals}', flush=True)
+"""
+
+
+def test_an_evaluation_step_stopped_before_its_evaluation_is_evaluated_on_resume(tmp_path):
+  """A preemption at step 4, where eval.every_steps=4 is due: the checkpoint of step 4 is saved and the run stops
+  before evaluating; the resumed run evaluates step 4 first, then trains on."""
+  script = tmp_path / 'preempted.py'
+  script.write_text(PREEMPTED_SCRIPT)
+  env = xla_env.cpu_env(1, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  proc = subprocess.run(
+    [sys.executable, str(script), str(ROOT), str(tmp_path / 'shapes'), str(tmp_path / 'run')],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
+  assert results[0] == 'RESULT run 1 newest checkpoint 4 evaluations []', results
+  assert results[1] == "RESULT run 2 newest checkpoint 8 evaluations ['step_4']", results
+  assert 'step 4: the evaluation of this step was not written before the run stopped' in proc.stderr
+  assert os.path.exists(tmp_path / 'run' / 'eval' / 'step_4' / 'metrics.json')
