@@ -162,7 +162,7 @@ def _run(coco_gt: dict, results: list[dict], image_ids, backend: str):
     gt = _coco(coco_cls, _gt_copy(coco_gt))
     evaluator = eval_cls(gt, _detections(coco_cls, gt, results), 'bbox')
     if image_ids is not None:
-      evaluator.params.imgIds = sorted({int(i) for i in image_ids})
+      evaluator.params.imgIds = image_ids
     _quiet(evaluator.evaluate)
     _quiet(evaluator.accumulate)
     return np.asarray(evaluator.eval['precision']), np.asarray(evaluator.eval['recall']), evaluator.params
@@ -206,7 +206,9 @@ def score(coco_gt: dict, results: list[dict], image_ids: Iterable[int] | None = 
     before per-class AP existed), and per-class AP is 0.0 for classes with ground truth, -1.0 for the others. With
     no image at all (image_ids empty), every metric is undefined: -1.0.
   """
-  if image_ids is not None and not list(image_ids):
+  if image_ids is not None:  # read once: an iterator would be empty by the time the evaluator reads it
+    image_ids = sorted({int(i) for i in image_ids})
+  if image_ids is not None and not image_ids:
     params = types.SimpleNamespace(catIds=sorted(int(c['id']) for c in coco_gt['categories']))
     return Scores({name: -1.0 for name in METRIC_NAMES}, _per_class(None, params, coco_gt['categories']))
   precision, recall, params = _run(coco_gt, results, image_ids, resolve_backend(backend))

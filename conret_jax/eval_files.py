@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from conret_jax import coco_metrics as metrics_lib
-from conret_jax import run_record
+from conret_jax import fileio, run_record
 
 METRIC_NAMES = metrics_lib.METRIC_NAMES
 
@@ -45,9 +45,9 @@ def format_metrics(metrics: dict, per_class: dict | None = None, *, title: str =
 def read_per_class(directory: str) -> dict | None:
   """The per-class AP an evaluation wrote to DIRECTORY/metrics.json (Record.directory), or None if there is none."""
   path = os.path.join(directory, 'metrics.json')
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return None
-  with open(path, encoding='utf-8') as f:
+  with fileio.open_file(path) as f:
     return json.load(f).get('per_class')
 
 
@@ -62,13 +62,13 @@ def write_eval(out_dir: str, results: list[dict], metrics: dict, per_class: dict
   metrics.json: {name: float} for the summary metrics and, if per_class is given,
   "per_class": {category name: {"category_id": int, "AP": float, "AP50": float, "AP75": float}} (-1.0: undefined).
   """
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'detections.json'), 'w') as f:
+  fileio.makedirs(out_dir)
+  with fileio.open_file(os.path.join(out_dir, 'detections.json'), 'w') as f:
     json.dump(results, f)
   content = {k: float(v) for k, v in metrics.items()}
   if per_class is not None:
     content['per_class'] = per_class
-  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+  with fileio.open_file(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(content, f, indent=2, sort_keys=True)
 
 
@@ -126,16 +126,17 @@ def save_picture(collected, class_names, path: str, *, threshold: float, title: 
 
   rows = [r for r in collected.pictured if r[0].shape == collected.pictured[0][0].shape]
   stack = lambda i: {k: np.stack([r[i][k] for r in rows]) for k in rows[0][i]}
-  visualize.save_grid(
-    np.stack([r[0] for r in rows]),
-    stack(1),
-    class_names,
-    path,
-    max_images=len(rows),
-    score_threshold=threshold,
-    ground_truth=stack(2),
-    title=title,
-  )
+  with fileio.open_file(path, 'wb') as f:  # PIL writes to the file object: a gs:// path is no local file name
+    visualize.save_grid(
+      np.stack([r[0] for r in rows]),
+      stack(1),
+      class_names,
+      f,
+      max_images=len(rows),
+      score_threshold=threshold,
+      ground_truth=stack(2),
+      title=title,
+    )
 
 
 def write_record(record: Record, collected, scores, class_names, config) -> None:
@@ -143,7 +144,7 @@ def write_record(record: Record, collected, scores, class_names, config) -> None
   out_dir = record.directory
   write_eval(out_dir, collected.results, scores.summary, scores.per_class)
   if record.suffix:
-    with open(os.path.join(out_dir, 'settings.json'), 'w') as f:
+    with fileio.open_file(os.path.join(out_dir, 'settings.json'), 'w') as f:
       json.dump({'overrides': record.suffix.split('+')[1:], 'config': config.to_dict()}, f, indent=1, default=str)
   if collected.pictured:
     threshold = float(config.eval.visualize_score_threshold)

@@ -32,6 +32,16 @@ def exists(path: str) -> bool:
   return os.path.exists(path)
 
 
+def makedirs(path: str) -> None:
+  """Creates a folder and its parents; an existing one is fine."""
+  if is_remote(path):
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(path)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
 def listdir(path: str) -> list[str]:
   if is_remote(path):
     import tensorflow as tf

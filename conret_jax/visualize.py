@@ -174,7 +174,7 @@ def save_grid(
   images,
   detections: dict,
   class_names: Sequence[str],
-  path: str,
+  path,
   max_images: int = 8,
   score_threshold: float = 0.3,
   ground_truth: dict | None = None,
@@ -185,7 +185,7 @@ def save_grid(
   Args:
     images: [N, H, W, 3] (float 0..255 or uint8), all the same size.
     detections: numpy dict boxes [N, D, 4], scores [N, D], classes [N, D], optional valid [N, D].
-    path: the .png to write.
+    path: the .png to write, or a binary file object open for writing (a gs:// file: conret_jax/fileio.py).
     score_threshold: detections below it are not drawn.
     ground_truth: optional numpy dict boxes [N, M, 4], classes [N, M], valid [N, M]: each cell then shows the
       ground truth (left) beside the detections (right), both captioned, the right one with the threshold and,

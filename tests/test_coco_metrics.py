@@ -282,6 +282,8 @@ def test_empty_results_images_without_gt_and_image_subset(backend):
   assert scores.per_class['c1']['AP'] == pytest.approx(0.5)  # image 2's false positive scores higher
   subset = coco_metrics.score(gt, results, image_ids=[1, 4], backend=backend)
   assert subset.summary['AP'] == pytest.approx(1.0) and subset.per_class['c7']['AP'] == -1.0
+  once = coco_metrics.score(gt, results, image_ids=(i for i in (4, 1)), backend=backend)  # an iterator, read once
+  assert once.summary == subset.summary and once.per_class == subset.per_class
 
 
 # ---- the backends agree ----

@@ -125,6 +125,54 @@ def test_write_eval(tmp_path):
   assert json.load(open(os.path.join(out, 'metrics.json'))) == {'AP': 0.25, 'per_class': per_class}
 
 
+def _fake_bucket(monkeypatch, root):
+  """tensorflow's gfile, as fileio's remote branch calls it, keeping gs://BUCKET/... under ROOT/BUCKET/...; returns
+  the (function, path) calls it received."""
+  calls = []
+
+  def local(name):
+    def call(path, *args):
+      assert path.startswith('gs://'), path
+      calls.append((name, path))
+      target = os.path.join(root, path[len('gs://') :])
+      if name == 'makedirs':
+        return os.makedirs(target, exist_ok=True)
+      return os.path.exists(target) if name == 'exists' else open(target, *args)
+
+    return call
+
+  gfile = types.SimpleNamespace(GFile=local('GFile'), exists=local('exists'), makedirs=local('makedirs'))
+  monkeypatch.setitem(sys.modules, 'tensorflow', types.SimpleNamespace(io=types.SimpleNamespace(gfile=gfile)))
+  return calls
+
+
+def test_an_evaluation_of_a_gs_workdir_is_written_through_fileio(tmp_path, monkeypatch):
+  """Every file of an evaluation record (json, settings.json, the picture) goes to the bucket, none to a local
+  'gs:' folder under the working directory, and read_per_class reads it back from there."""
+  calls = _fake_bucket(monkeypatch, str(tmp_path / 'bucket'))
+  (tmp_path / 'cwd').mkdir()
+  monkeypatch.chdir(tmp_path / 'cwd')
+  rs = np.random.RandomState(0)
+  picture = (
+    rs.randint(0, 255, (32, 32, 3)).astype(np.uint8),
+    {'boxes': np.array([[2, 2, 20, 20]], np.float32), 'scores': np.array([0.9]), 'classes': np.array([0])},
+    {'boxes': np.array([[2, 2, 20, 20]], np.float32), 'classes': np.array([0]), 'valid': np.array([True])},
+  )
+  collected = types.SimpleNamespace(results=[_result(1, 1, [1, 2, 3, 4], 0.5)], pictured=[picture])
+  per_class = {'a': {'category_id': 1, 'AP': 0.5, 'AP50': 0.75, 'AP75': -1.0}}
+  scores = types.SimpleNamespace(summary={'AP': 0.5}, per_class=per_class)
+  record = eval_files.Record('gs://b/run', 3, '+eval.num_images=2')
+  eval_files.write_record(record, collected, scores, ['a'], defaults.base_config())
+  assert os.listdir(tmp_path / 'cwd') == []
+  written = tmp_path / 'bucket' / 'b' / 'run' / 'eval' / 'step_3+eval.num_images=2'
+  assert sorted(os.listdir(written)) == ['detections.json', 'detections.png', 'metrics.json', 'settings.json']
+  assert json.loads((written / 'settings.json').read_text())['overrides'] == ['eval.num_images=2']
+  assert (written / 'detections.png').read_bytes()[:4] == b'\x89PNG'
+  assert eval_files.read_per_class(record.directory) == per_class
+  assert eval_files.read_per_class('gs://b/run/eval/step_4') is None
+  assert ('GFile', f'{record.directory}/metrics.json') in calls
+
+
 def _eval_batches(mesh, second_hw=(32, 32)):
   """Two global batches of 8 (the last with 3 padding examples) and a detector that returns the ground truth.
   second_hw: the padded size of the second batch (short_side resizing pads to one shape per orientation)."""

@@ -43,10 +43,10 @@ def run(config, workdir: str, step: int | None = None, num_images: int | None = 
   from conret_jax import data as data_lib
   from conret_jax.train import restore as restore_lib
 
-  config_checks.validate(config)
   if num_images is not None:
     config = config.copy_and_resolve_references()
     config.eval.num_images = int(num_images)
+  config_checks.validate(config)  # with num_images in it: a negative one is refused too
   cache = data_lib.SourceCache()
   info = data_lib.dataset_info(config.data.eval, config, train=False, cache=cache)
   classes = evaluation.run_classes(workdir)
@@ -81,6 +81,8 @@ def _main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _OUTPUT.value:
     raise app.UsageError('--output is required')
+  if _NUM_IMAGES.value is not None and _NUM_IMAGES.value < 0:  # would cut images off the end of the eval set
+    raise app.UsageError(f'--num_images={_NUM_IMAGES.value} must be >= 0 (0: every image)')
   restore_lib.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
   other = compare_config(_COMPARE.value)
   config, workdir = startup.setup('analyze', writes_workdir=False, log_to_workdir=False)

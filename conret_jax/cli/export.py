@@ -33,12 +33,15 @@ _PLATFORMS = flags.DEFINE_list(
 
 
 def _main(argv):
+  from conret_jax import config_checks
   from conret_jax import export as export_lib
   from conret_jax.train import restore as restore_lib
 
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   export_lib.check_output(_OUTPUT.value, _OVERWRITE.value)
+  if flags.FLAGS.config is not None:  # in seconds, before the checkpoint is looked for
+    config_checks.validate(flags.FLAGS.config)
   restore_lib.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
   config, workdir = startup.setup('export', writes_workdir=False, distributed_init=False)
   import conret_jax

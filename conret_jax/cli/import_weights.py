@@ -58,8 +58,15 @@ def load_config(spec: str):
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file {path!r} not found')
   module_spec = importlib.util.spec_from_file_location('conret_import_config', path)
+  if module_spec is None:  # no loader for its extension (a config.json, a weight file)
+    raise ConfigError(f'config file {path!r} is not a Python file: --config takes a .py file that defines get_config()')
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # the user's file (a syntax error, a bad import): as the absl tools treat a --config
+    raise ConfigError(f'config file {path!r} fails to load: {type(e).__name__}: {e}') from e
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'config file {path!r} defines no get_config() function')
   takes_arg = bool(inspect.signature(module.get_config).parameters)
   return module.get_config(arg or None) if takes_arg else module.get_config()
 

@@ -97,12 +97,15 @@ def _entry(path: str, out_path: str, image: np.ndarray, found: dict) -> dict:
 
 
 def _main(argv):
+  from conret_jax import config_checks
   from conret_jax.train import restore as restore_lib
 
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _IMAGES.value or not _OUTPUT.value:
     raise app.UsageError('--images and --output are required')
+  if flags.FLAGS.config is not None:  # in seconds, before the checkpoint is looked for
+    config_checks.validate(flags.FLAGS.config)
   restore_lib.check_weights_available(flags.FLAGS.config, flags.FLAGS.workdir or '', flags.FLAGS.step)
   config, workdir = startup.setup('predict', writes_workdir=False, distributed_init=False)
   startup.check_workdir(_OUTPUT.value, create=True, flag='output')

@@ -74,11 +74,26 @@ MISTAKES = [
   ('conret-predict', ['--config=CONFIG', '--workdir=NEW', '--images=x.png', '--output=OUT'], 'no checkpoint in'),
   ('conret-predict', ['--config=CONFIG', '--workdir=NEW'], '--images and --output are required'),
   ('conret-export', ['--config=CONFIG', '--workdir=NEW', '--output=OUT'], 'no checkpoint in'),
+  (
+    'conret-predict',
+    ['--config=CONFIG', '--workdir=NEW', '--images=x.png', '--output=OUT', '--config.data.resize=squre'],
+    "config.data.resize='squre' must be one of",
+  ),
   ('conret-export', ['--config=CONFIG', '--workdir=NEW'], '--output is required'),
+  (
+    'conret-export',
+    ['--config=CONFIG', '--workdir=NEW', '--output=OUT', '--config.model.pad_pixels=white'],
+    "config.model.pad_pixels='white' must be 'mean' or 'black'",
+  ),
   ('conret-export', ['--config=CONFIG', '--workdir=NEW', '--output=HERE'], 'exists and is not empty; pass --overwrite'),
   ('conret-export', ['--config=CONFIG', '--workdir=NEW', '--output=FILE', '--overwrite'], 'is a file, not a folder'),
   ('conret-analyze', ['--config=CONFIG', '--workdir=NEW'], '--output is required'),
   ('conret-analyze', ['--config=CONFIG', '--workdir=NEW', '--output=OUT'], 'no checkpoint in'),
+  (
+    'conret-analyze',
+    ['--config=CONFIG', '--workdir=NEW', '--output=OUT', '--num_images=-3'],
+    '--num_images=-3 must be >= 0 (0: every image)',
+  ),
   (
     'conret-analyze',
     ['--config=CONFIG', '--workdir=NEW', '--output=OUT', '--config.init_from=HERE', '--compare=NEW'],
@@ -373,6 +388,25 @@ IMPORT_MISTAKES = [
   ('bad format', ['--format=onnx', '--input=r18.npz', '--output=new'], "argument --format: invalid choice: 'onnx'"),
   ('unknown flag', ['--input=r18.npz', '--output=new', '--stpe=3'], 'unrecognized arguments: --stpe=3'),
 ]
+
+
+IMPORT_CONFIG_MISTAKES = [
+  ('config.json', '{"model": {}}', "config file 'config.json' is not a Python file"),
+  ('noget.py', 'x = 1\n', "config file 'noget.py' defines no get_config() function"),
+  ('broken.py', 'def get_config(:\n', "config file 'broken.py' fails to load: SyntaxError"),
+]
+
+
+@pytest.mark.parametrize('name,content,message', IMPORT_CONFIG_MISTAKES, ids=[m[0] for m in IMPORT_CONFIG_MISTAKES])
+def test_conret_import_config_that_is_no_config_file_is_one_line(tmp_path, name, content, message):
+  """--config naming a file that is not a Python config (a config.json) or has no get_config: the file named."""
+  (tmp_path / name).write_text(content)
+  args = ['--format=torchvision_resnet', '--input=r18.npz', '--output=new', f'--config={name}']
+  proc = _run('conret-import', args, tmp_path, timeout=60)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith(f'conret-import: error: --config={name}: ') and proc.stderr.count('\n') == 1
+  assert message in proc.stderr, proc.stderr
+  assert os.listdir(tmp_path) == [name]
 
 
 @pytest.mark.parametrize('case,args,message', IMPORT_MISTAKES, ids=[m[0] for m in IMPORT_MISTAKES])
