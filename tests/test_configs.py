@@ -155,6 +155,30 @@ def test_settings_that_would_do_nothing_are_errors():
     config_checks.validate(c)
 
 
+def test_short_side_max_size_below_image_size_is_an_error():
+  """short_side scales by min(short / short side, max_size / long side): with max_size < image_size the cap binds for
+  every image, so image_size never sets a scale and neither do jitter short sides >= max_size (here all of them)."""
+  from conret_jax import defaults
+
+  c = defaults.base_config()
+  c.data.resize, c.data.image_size, c.data.max_size, c.data.scale_jitter = 'short_side', 800, 600, (0.8, 1.0)
+  with pytest.raises(config_checks.ConfigError) as e:
+    config_checks.validate(c)
+  assert str(e.value) == (
+    'config.data.max_size=600 < config.data.image_size=800 with resize=short_side: the long side cap binds for every '
+    'image, so image_size never sets a scale, nor do the scale_jitter=(0.8, 1.0) short sides >= max_size; raise '
+    'max_size or lower image_size'
+  )
+  c.data.scale_jitter = (1.0, 1.0)
+  with pytest.raises(config_checks.ConfigError, match='image_size=800 with resize=short_side: .* sets a scale; raise'):
+    config_checks.validate(c)
+  for max_size in (800, 1333):  # equal: the cap and the short side agree on square images, jitter works below it
+    c.data.max_size = max_size
+    config_checks.validate(c)
+  c.data.resize, c.data.image_size, c.data.max_size = 'square', 768, 600  # square ignores max_size
+  config_checks.validate(c)
+
+
 def test_short_side_jitter_of_table6_is_detectrons_scales():
   from conret_jax.data import sizes
 

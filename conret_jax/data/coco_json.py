@@ -1,17 +1,22 @@
 """Reads a COCO-format dataset (instances json + image folder), validates it, repairs what can be repaired.
 
 Real datasets have bad rows. Each is repaired or dropped, counted, and reported in ONE log line at start-up:
-  images: missing file, undecodable header, truncated file (no end marker), malformed entry, duplicate id -> dropped;
+  images: missing file, undecodable header, a format or variant TensorFlow cannot decode (`check_image_file`),
+          truncated file (no end marker), malformed entry, duplicate id, id outside int32 [0, 2**31 - 1] -> dropped;
           json height/width that disagree with the file -> repaired (the file's size wins, boxes clipped to it);
-  annotations: unknown image or category id, malformed bbox, zero/negative area after clipping -> dropped;
+  annotations: unknown image or category id, malformed row or bbox, zero/negative area after clipping -> dropped;
                partly outside the image -> clipped; beyond max_boxes for one image -> dropped (kept in coco_gt);
+               id missing, not an integer or repeated -> repaired (a fresh id: the evaluators index them by id);
+  categories: the same id listed twice with the same name -> repaired (merged);
   training only: images with no usable non-crowd annotation -> dropped (Detectron); kept for evaluation.
-A dataset unusable as a whole (missing/malformed json, no categories, no usable image) raises DatasetError.
+A dataset unusable as a whole (missing/malformed json, no categories, no usable image, one category id with two
+names) raises DatasetError. "annotations" absent or null both mean none (an unlabelled split such as test-dev).
 
-Image check cost: one PIL header parse (`Image.open(...).size`, reads the first few KB) plus reading the last 2-12
-bytes for the JPEG EOI / PNG IEND marker, i.e. two small reads per image, run on a thread pool. On local disk this is
-~0.1 ms per image (COCO train2017: ~10-20 s on one core); it reads no pixel data, so a file corrupt in its middle
-passes the check (libjpeg then decodes what it can: decode_jpeg(try_recover_truncated=True)).
+Image check cost: one PIL header parse (`Image.open(...).size`, reads the first few KB), for a JPEG a walk over its
+marker segments to the first scan, and one read of the last 4 KiB for the JPEG EOI / PNG IEND marker, i.e. a few
+small reads per image, run on a thread pool. On local disk this is ~0.1 ms per image (COCO train2017: ~10-20 s on
+one core); it reads no pixel data, so a file corrupt in its middle passes the check (libjpeg then decodes what it
+can: decode_jpeg(try_recover_truncated=True)).
 """
 
 import collections
@@ -20,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import struct
 
 import numpy as np
 from absl import logging
@@ -28,7 +34,12 @@ from PIL import Image
 from conret_jax.data import info as info_lib
 
 _JPEG_EOI = b'\xff\xd9'
-_PNG_IEND = b'IEND'
+_PNG_IEND = b'\x00\x00\x00\x00IEND\xaeB`\x82'  # the whole IEND chunk (length 0, type, CRC): 12 fixed bytes
+_TAIL = 4096  # end markers are looked for in the last 4 KiB: files may carry trailing bytes (more counts as truncated)
+# What decode.decode_image decodes (checked on tf 2.21: TIFF, PPM, ICO, TGA, JPEG 2000, ... raise in training).
+# PIL names a camera's multi-picture JPEG 'MPO'; TensorFlow decodes its first picture, as PIL does.
+_TF_FORMATS = ('JPEG', 'MPO', 'PNG', 'GIF', 'BMP', 'WEBP')
+_BMP_RGB_MASKS = (0xFF0000, 0xFF00, 0xFF)  # BI_BITFIELDS masks equal to the BI_RGB layout tf.io.decode_bmp assumes
 
 
 @dataclasses.dataclass
@@ -52,22 +63,79 @@ class ExampleTable:
     return len(self.paths)
 
 
+def _bmp_problem(head: bytes) -> str | None:
+  """Why tf.io.decode_bmp (tf 2.21) would reject or misread a BMP whose first bytes are `head`, or None.
+
+  It reads only the pixel array as 8 (grey), 24 or 32 bits per pixel, ignoring the compression field, the colour
+  masks and the palette: 8-bit palette colours came out as their indices, RLE as garbage, 1/4/16 bits raised."""
+  problem = 'BMP that tf.io.decode_bmp misreads (palette colours, compression or bit depth)'
+  if len(head) < 54 or struct.unpack_from('<I', head, 14)[0] < 40:  # OS/2 core header: other field layout
+    return problem
+  header_size = struct.unpack_from('<I', head, 14)[0]
+  bits, compression = struct.unpack_from('<HI', head, 28)
+  if compression == 3 and bits == 32 and len(head) >= 66 and struct.unpack_from('<III', head, 54) == _BMP_RGB_MASKS:
+    compression = 0  # BI_BITFIELDS spelling out the plain layout
+  if compression != 0 or bits not in (8, 24, 32):
+    return problem
+  if bits == 8:  # decoded as grey levels: right only when palette entry i is grey level i
+    colours = struct.unpack_from('<I', head, 46)[0] or 256
+    palette = head[14 + header_size : 14 + header_size + 4 * colours]
+    if len(palette) < 4 * colours or any(palette[4 * i : 4 * i + 3] != bytes([i] * 3) for i in range(colours)):
+      return problem
+  return None
+
+
+def _jpeg_scan_start(f) -> int:
+  """Offset of the first scan's entropy-coded data: the marker segments from the start of the file are walked to the
+  first SOS (FF DA); 0 where they do not parse."""
+  pos = 2  # after SOI
+  while True:
+    f.seek(pos)
+    marker = f.read(4)
+    if len(marker) < 2 or marker[0] != 0xFF:
+      return 0
+    if marker[1] == 0xFF:  # fill byte before a marker
+      pos += 1
+    elif marker[1] == 0x01 or 0xD0 <= marker[1] <= 0xD7:  # markers without a length
+      pos += 2
+    elif len(marker) < 4:
+      return 0
+    else:
+      pos += 2 + int.from_bytes(marker[2:4], 'big')
+      if marker[1] == 0xDA:
+        return pos
+
+
 def check_image_file(path: str):
-  """Returns (height, width, None) for a usable image, or (0, 0, reason) where reason names why it is not."""
+  """Returns (height, width, None) for an image decode.decode_image decodes, or (0, 0, reason) where reason names
+  why it is not."""
   if not os.path.isfile(path):
     return 0, 0, 'missing image file'
   try:
     with Image.open(path) as im:
       width, height = im.size
       fmt = im.format
+      animated_webp = fmt == 'WEBP' and getattr(im, 'is_animated', False)  # PIL counted the frames at open
   except Exception:  # PIL raises many types for garbage; all mean "not an image"
     return 0, 0, 'undecodable image'
   if width <= 0 or height <= 0:
     return 0, 0, 'undecodable image'
+  if fmt not in _TF_FORMATS:
+    return 0, 0, f'{fmt} image (TensorFlow decodes JPEG, PNG, GIF, BMP and WebP)'
+  if animated_webp:
+    return 0, 0, 'animated WebP image (tf.io.decode_image decodes it only as RGBA)'
+  size = os.path.getsize(path)
   with open(path, 'rb') as f:
-    f.seek(max(0, os.path.getsize(path) - 12))
+    if fmt == 'BMP':
+      problem = _bmp_problem(f.read(4096))
+      return (0, 0, problem) if problem else (height, width, None)
+    # Entropy-coded JPEG data cannot hold FF D9: an FF byte there is always followed by a stuffed 00 or is a restart
+    # marker (FF D0-D7), so an EOI found after the first scan began means the scan data ended. The window starts no
+    # earlier than that scan: header segments (an EXIF thumbnail, an ICC profile) may hold FF D9 of their own.
+    start = max(size - _TAIL, _jpeg_scan_start(f) if fmt in ('JPEG', 'MPO') else 0)
+    f.seek(start)
     tail = f.read()
-  if (fmt == 'JPEG' and _JPEG_EOI not in tail) or (fmt == 'PNG' and _PNG_IEND not in tail):
+  if (fmt in ('JPEG', 'MPO') and _JPEG_EOI not in tail) or (fmt == 'PNG' and _PNG_IEND not in tail):
     return 0, 0, 'truncated image file'
   return height, width, None
 
@@ -84,6 +152,12 @@ def _read_json(annotation_file: str) -> dict:
     raise info_lib.DatasetError(f'COCO json {annotation_file} has no "images" list (or it is empty)')
   if not isinstance(data.get('categories'), list) or not data['categories']:
     raise info_lib.DatasetError(f'COCO json {annotation_file} has no "categories" list (or it is empty)')
+  if data.get('annotations') is None:  # absent or null, as for "images": the same meaning (here: no annotations)
+    data['annotations'] = []
+  if not isinstance(data['annotations'], list):
+    raise info_lib.DatasetError(
+      f'COCO json {annotation_file}: "annotations" must be a list, got {type(data["annotations"]).__name__}'
+    )
   return data
 
 
@@ -111,17 +185,30 @@ class _Counts:
     self.dropped, self.repaired = collections.Counter(), collections.Counter()
 
 
-def _categories(data: dict, annotation_file: str) -> list[tuple[int, str]]:
-  """[(category id, name)] sorted by id."""
+def _categories(data: dict, annotation_file: str, counts: _Counts) -> list[tuple[int, str]]:
+  """[(category id, name)] sorted by id. An id listed again with the same name is merged (counted); with another name
+  it is an error: which of the two the annotations mean cannot be known."""
   try:
-    return sorted({int(c['id']): str(c.get('name', c['id'])) for c in data['categories']}.items())
+    entries = [(int(c['id']), str(c.get('name', c['id']))) for c in data['categories']]
   except (KeyError, TypeError, ValueError):
     raise info_lib.DatasetError(f'malformed "categories" in {annotation_file}') from None
+  names = {}
+  for cat_id, name in entries:
+    if cat_id not in names:
+      names[cat_id] = name
+    elif names[cat_id] == name:
+      counts.repaired['duplicate category entry (same id and name): merged'] += 1
+    else:
+      raise info_lib.DatasetError(
+        f'category id {cat_id} is listed twice in {annotation_file}, named {names[cat_id]!r} and {name!r}'
+      )
+  return sorted(names.items())
 
 
 def _usable_images(data: dict, image_dir: str, counts: _Counts, *, check_images: bool, num_threads: int):
   """(OrderedDict image_id -> (path, height, width, json entry), every id the json names). Malformed, duplicate and
-  unusable files are dropped; a size the file contradicts is repaired (the file wins)."""
+  unusable files are dropped, and so are ids the batch's int32 image_id cannot hold (-1 there marks padding); a
+  size the file contradicts is repaired (the file wins)."""
   entries, seen = [], set()
   for im in data['images']:
     try:
@@ -132,7 +219,10 @@ def _usable_images(data: dict, image_dir: str, counts: _Counts, *, check_images:
     if image_id in seen:
       counts.dropped['duplicate image id'] += 1
       continue
-    seen.add(image_id)
+    seen.add(image_id)  # its annotations go with it, uncounted, if it is dropped below
+    if not 0 <= image_id < 2**31:
+      counts.dropped['image id outside int32 [0, 2**31 - 1]'] += 1
+      continue
     entries.append((image_id, os.path.join(image_dir, file_name), im))
   if check_images:
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
@@ -151,12 +241,16 @@ def _usable_images(data: dict, image_dir: str, counts: _Counts, *, check_images:
 
 
 def _usable_annotations(data: dict, images: dict, seen: set, cat_to_class: dict, counts: _Counts):
-  """(image_id -> [(box x1y1x2y2, class, crowd)], COCO gt annotations). Annotations of unknown images or categories,
-  malformed or empty boxes are dropped; boxes partly outside their image are clipped."""
+  """(image_id -> [(box x1y1x2y2, class, crowd)], COCO gt annotations). Malformed rows, annotations of unknown images
+  or categories, malformed or empty boxes are dropped; boxes partly outside their image are clipped. The gt ids are
+  unique: an id missing, not an integer or repeated is replaced by a fresh one (the evaluators index annotations by
+  id, so a repeated id would hide one of them; detections never name annotation ids)."""
   per_image = collections.defaultdict(list)
-  gt_annotations, next_id = [], 1 + max([int(a.get('id', 0) or 0) for a in data.get('annotations', [])] + [0])
-  for a in data.get('annotations', []) or []:
-    if not isinstance(a, dict):
+  ids = [a['id'] for a in data['annotations'] if isinstance(a, dict) and isinstance(a.get('id'), int)]
+  gt_annotations, used, next_id = [], set(), 1 + max(ids + [0])  # fresh ids: above every id in the json
+  for a in data['annotations']:
+    # JSON's unhashable values (arrays, objects) as ids would raise in the lookups below
+    if not isinstance(a, dict) or any(isinstance(a.get(k), (list, dict)) for k in ('image_id', 'category_id')):
       counts.dropped['malformed annotation'] += 1
       continue
     image_id, cat = a.get('image_id'), a.get('category_id')
@@ -180,7 +274,12 @@ def _usable_annotations(data: dict, images: dict, seen: set, cat_to_class: dict,
     area = float(a['area']) if not clipped and isinstance(a.get('area'), (int, float)) else xywh[2] * xywh[3]
     ann_id = a.get('id')
     if not isinstance(ann_id, int):
+      counts.repaired['annotation id missing or not an integer: numbered'] += 1
       ann_id, next_id = next_id, next_id + 1
+    elif ann_id in used:
+      counts.repaired['duplicate annotation id: renumbered'] += 1
+      ann_id, next_id = next_id, next_id + 1
+    used.add(ann_id)
     gt_annotations.append(
       {'id': ann_id, 'image_id': image_id, 'category_id': cat, 'bbox': xywh, 'area': area, 'iscrowd': int(crowd)}
     )
@@ -227,7 +326,7 @@ def load_coco(
   if not os.path.isdir(image_dir):
     raise info_lib.DatasetFileNotFoundError(f'image_dir not found: {image_dir!r} (for {annotation_file})')
   counts = _Counts()
-  cats = _categories(data, annotation_file)
+  cats = _categories(data, annotation_file, counts)
   cat_to_class = info_lib.category_to_class_table([c for c, _ in cats])
   images, seen = _usable_images(data, image_dir, counts, check_images=check_images, num_threads=num_threads)
   per_image, gt_annotations = _usable_annotations(data, images, seen, cat_to_class, counts)
@@ -252,7 +351,7 @@ def load_coco(
       annotation_file,
       len(data['images']),
       len(table),
-      len(data.get('annotations', []) or []),
+      len(data['annotations']),
       len(table.classes),
       counts.dropped,
       counts.repaired,

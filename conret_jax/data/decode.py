@@ -1,5 +1,6 @@
-"""Decoding inside tf.data, shared by every source: images (JPEG, PNG, GIF, BMP whatever the file extension says) and
-ground truth padded to a fixed number of rows.
+"""Decoding inside tf.data, shared by every source: images (JPEG, PNG, GIF, BMP, WebP whatever the file extension says)
+and ground truth padded to a fixed number of rows. coco_json.check_image_file drops at start-up what this cannot
+decode or would misread (other formats, animated WebP, palette/compressed/low-bit BMP).
 
 Facts checked on tf 2.21: decode_jpeg(channels=3) converts CMYK/YCCK JPEGs to RGB (within ~1 level of PIL's
 conversion) and grayscale to 3 channels; decode_image(channels=3, expand_animations=False) does the same for PNG

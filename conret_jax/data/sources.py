@@ -158,6 +158,7 @@ def _open_tfrecord(source_config, *, max_boxes, build_gt):
       f'no TFRecord files match tfrecord_pattern {source_config.tfrecord_pattern!r}'
     )
   meta = tfrecord.read_info(source_config.tfrecord_pattern)
+  tfrecord.check_shards(source_config.tfrecord_pattern, files, meta)
   info = info_lib.DatasetInfo(
     category_ids=meta['category_ids'],
     class_names=meta['class_names'],

@@ -3,25 +3,29 @@
     python -m conret_jax.data.tfrecord --annotation_file A.json --image_dir IMAGES --output_prefix OUT/train \
         --num_shards 64
 
-writes OUT/train-00000-of-00064.tfrecord ... and OUT/train.info.json (categories, num_examples and the COCO
-ground truth for evaluation). Point config.data.<split>.tfrecord_pattern at 'OUT/train-*.tfrecord'; the info file
-is found by cutting the pattern at its first '*' (and a trailing '-' or '_'). The dataset is validated and repaired
-as for 'coco_json' (coco_json.load_coco, evaluation semantics: images without annotations are kept); encoded image
-bytes are copied, not re-encoded. Examples go to shards round-robin, so reading the shards interleaved restores
-the json's order.
+writes OUT/train-00000-of-00064.tfrecord ... and OUT/train.info.json (categories, num_examples, the shard names and
+the COCO ground truth for evaluation). Point config.data.<split>.tfrecord_pattern at 'OUT/train-*.tfrecord'; the info
+file is found by cutting the pattern at its first '*' (and a trailing '-' or '_'); the files it matches must be that
+whole shard set (`check_shards`). The dataset is validated and repaired as for 'coco_json' (coco_json.load_coco,
+evaluation semantics: images without annotations are kept); encoded image bytes are copied, not re-encoded. Examples
+go to shards round-robin, so reading the shards interleaved restores the json's order.
 
 Record features: image/encoded bytes, image/id, image/height, image/width int64, image/filename bytes,
 objects/bbox float [4k] x1y1x2y2 original pixels, objects/class int64 [k] contiguous index, objects/crowd int64 [k].
 """
 
 import argparse
+import collections
 import json
 import os
+import re
 
 import tensorflow as tf
 
 from conret_jax.data import coco_json, decode
-from conret_jax.errors import DatasetFileNotFoundError
+from conret_jax.errors import DatasetError, DatasetFileNotFoundError
+
+_SHARD = re.compile(r'-(\d+)-of-(\d+)')  # '-00001-of-00064' in a shard's file name
 
 
 def info_path(pattern_or_prefix: str) -> str:
@@ -73,6 +77,7 @@ def convert(
     'category_ids': info.category_ids,
     'class_names': info.class_names,
     'num_examples': len(table),
+    'shards': [os.path.basename(n) for n in names],
     'coco_gt': info.coco_gt,
     'source': os.path.abspath(annotation_file),
   }
@@ -89,6 +94,47 @@ def read_info(pattern: str) -> dict:
     )
   with tf.io.gfile.GFile(path) as f:
     return json.load(f)
+
+
+def _few(items, limit=10) -> str:
+  items = sorted(items)
+  return str(items[:limit])[:-1] + (f', ... ({len(items)} in all)]' if len(items) > limit else ']')
+
+
+def check_shards(pattern: str, files: list[str], meta: dict) -> None:
+  """Raises DatasetError unless `files` (what `pattern` matched) are one whole shard set, each shard once: where the
+  names carry '-NNNNN-of-TTTTT', indices 0..T-1 of one total T; where the info file lists the shards (`convert`
+  writes the list), exactly those.
+
+  Names only: counting the records against meta['num_examples'] would read every shard (the whole dataset, maybe
+  from gs://) at start-up. A shard cut short in a copy fails its record checksum when read (DataLossError)."""
+  names = [os.path.basename(f) for f in files]
+  marks = [(n, _SHARD.findall(n)) for n in names]
+  marked = [m[-1] for _, m in marks if m]  # (index, total)
+  problems = []
+  if marked:
+    totals = sorted({int(t) for _, t in marked})
+    unmarked = [n for n, m in marks if not m]
+    if len(totals) > 1:
+      problems.append(f'shards of {len(totals)} sets (totals {totals}: stale shards of another conversion?)')
+    if unmarked:
+      problems.append(f'files without -NNNNN-of-NNNNN: {_few(unmarked)}')
+    if len(totals) == 1:
+      found = collections.Counter(int(i) for i, _ in marked)
+      missing = [i for i in range(totals[0]) if i not in found]
+      extra = [i for i, k in found.items() if i >= totals[0] or k > 1]
+      if missing:
+        problems.append(f'missing shard indices {_few(missing)} of {totals[0]}')
+      if extra:
+        problems.append(f'shard indices outside 0..{totals[0] - 1} or matched twice: {_few(extra)}')
+  if meta.get('shards') is not None:  # info files written before the list existed have none
+    listed, counted = set(meta['shards']), collections.Counter(names)
+    missing, extra = listed - set(names), {n for n, k in counted.items() if n not in listed or k > 1}
+    wrong = ([f'missing {_few(missing)}'] if missing else []) + ([f'extra or twice {_few(extra)}'] if extra else [])
+    if wrong:
+      problems.append(f'against the shards {info_path(pattern)} lists: ' + ', '.join(wrong))
+  if problems:
+    raise DatasetError(f'tfrecord_pattern {pattern!r} matches {len(files)} files: ' + '; '.join(problems))
 
 
 _SPEC = {

@@ -132,3 +132,153 @@ def test_unusable_datasets_stop_with_one_clear_error(tmp_path, bad_dataset):
   gone.write_text(json.dumps({'images': [{'id': 1, 'file_name': 'x.jpg'}], 'categories': [{'id': 1}]}))
   with pytest.raises(info_lib.DatasetError, match='no usable image in .*gone.json'):
     coco_json.load_coco(str(gone), str(tmp_path), train=False, max_boxes=8)
+
+
+def _write(root, images, annotations, categories=({'id': 1, 'name': 'a'},), **extra):
+  """(json path, image dir) under root: images are (id, file_name) of 50 x 60 PNGs; annotations ... is the json's
+  "annotations" value (the key is left out for ...)."""
+  d = root / 'images'
+  d.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for image_id, name in images:
+    _save(d / name, 50, 60)
+    rows.append({'id': image_id, 'file_name': name, 'height': 50, 'width': 60})
+  data = {'images': rows, 'annotations': annotations, 'categories': list(categories), **extra}
+  if annotations is ...:
+    del data['annotations']
+  path = root / 'instances.json'
+  path.write_text(json.dumps(data))
+  return str(path), str(d)
+
+
+def _ann(ann_id, image_id=1, category_id=1, box=(1, 1, 5, 5)):
+  return {'id': ann_id, 'image_id': image_id, 'category_id': category_id, 'bbox': list(box), 'iscrowd': 0}
+
+
+def test_annotation_ids_in_coco_gt_are_unique(tmp_path):
+  """The evaluators index annotations by id: a repeated id is renumbered above every id in the json (the first keeps
+  it), and so is one missing or not an integer; each is counted, no box is lost."""
+  anns = [_ann(5, box=(1, 1, 5, 5)), _ann(5, box=(10, 10, 5, 5)), _ann(None), _ann('a1'), _ann(3), _ann(3)]
+  del anns[2]['id']
+  table, info, counts = coco_json.load_coco(*_write(tmp_path, [(1, 'a.png')], anns), train=False, max_boxes=8)
+  assert [a['id'] for a in info.coco_gt['annotations']] == [5, 6, 7, 8, 3, 9]
+  assert [a['bbox'][0] for a in info.coco_gt['annotations'][:2]] == [1, 10]
+  assert counts == {
+    'dropped': {},
+    'repaired': {'duplicate annotation id: renumbered': 2, 'annotation id missing or not an integer: numbered': 2},
+  }
+  assert table.row_lengths.tolist() == [6]
+
+
+def test_malformed_annotation_rows_are_dropped_and_counted(tmp_path):
+  """Rows that are not objects, or whose image/category id is an array or object, reach the 'malformed annotation'
+  count instead of raising; "annotations": null means no annotations, as an absent key does; any other non-list is
+  an error."""
+  anns = [_ann(1), 'junk', 7, None, [1], _ann(2, image_id=[1]), _ann(3, category_id={'id': 1}), _ann('x')]
+  _, info, counts = coco_json.load_coco(*_write(tmp_path, [(1, 'a.png')], anns), train=False, max_boxes=8)
+  assert counts == {
+    'dropped': {'malformed annotation': 6},
+    'repaired': {'annotation id missing or not an integer: numbered': 1},
+  }
+  assert [a['id'] for a in info.coco_gt['annotations']] == [1, 4]
+  for anns in (None, ...):
+    table, info, counts = coco_json.load_coco(*_write(tmp_path, [(1, 'a.png')], anns), train=False, max_boxes=8)
+    assert counts == {'dropped': {}, 'repaired': {}} and table.row_lengths.tolist() == [0]
+    assert info.coco_gt['annotations'] == []
+  with pytest.raises(info_lib.DatasetError, match=r'instances.json: "annotations" must be a list, got dict'):
+    coco_json.load_coco(*_write(tmp_path, [(1, 'a.png')], {'1': _ann(1)}), train=False, max_boxes=8)
+
+
+def test_image_ids_outside_int32_are_dropped(tmp_path):
+  """The batch carries image ids as int32 with -1 for padding: ids outside [0, 2**31 - 1] would wrap or pose as
+  padding, so their images are dropped and counted (their annotations go with them, uncounted)."""
+  ids = [0, 2**31 - 1, 2**31, 2**31 + 5, -1, -7]
+  images = [(i, f'{k}.png') for k, i in enumerate(ids)]
+  anns = [_ann(k + 1, image_id=i) for k, i in enumerate(ids)]
+  table, info, counts = coco_json.load_coco(*_write(tmp_path, images, anns), train=False, max_boxes=8)
+  assert table.image_ids.tolist() == [0, 2**31 - 1]
+  assert counts == {'dropped': {'image id outside int32 [0, 2**31 - 1]': 4}, 'repaired': {}}
+  assert [a['image_id'] for a in info.coco_gt['annotations']] == [0, 2**31 - 1]
+
+
+def test_duplicate_category_ids(tmp_path):
+  """One id with two names is an error naming it (which name the boxes mean is unknown); the same id and name twice
+  is merged and counted."""
+  cats = [{'id': 1, 'name': 'cat'}, {'id': 2, 'name': 'x'}, {'id': 1, 'name': 'dog'}]
+  with pytest.raises(info_lib.DatasetError, match="category id 1 is listed twice in .*instances.json, named 'cat' and"):
+    coco_json.load_coco(*_write(tmp_path, [(1, 'a.png')], [_ann(1)], cats), train=False, max_boxes=8)
+  cats = [{'id': 1, 'name': 'cat'}, {'id': 2, 'name': 'x'}, {'id': 1, 'name': 'cat', 'supercategory': 'animal'}]
+  _, info, counts = coco_json.load_coco(*_write(tmp_path, [(1, 'a.png')], [_ann(1)], cats), train=False, max_boxes=8)
+  assert info.category_ids == [1, 2] and info.class_names == ['cat', 'x']
+  assert counts == {'dropped': {}, 'repaired': {'duplicate category entry (same id and name): merged': 1}}
+
+
+def _encoded(image, fmt, **kw):
+  buf = io.BytesIO()
+  image.save(buf, fmt, **kw)
+  return buf.getvalue()
+
+
+def test_the_check_keeps_exactly_the_images_tensorflow_decodes_as_pil_does(tmp_path):
+  """tf 2.21's decode_image reads JPEG, PNG, GIF, BMP and WebP: each kept file decodes to PIL's pixels. TIFF, PPM
+  (and other formats) raised in training, so did animated WebP (RGBA only) and 1-bit BMP; 8-bit palette BMPs came out
+  as their palette indices. Those are dropped at the check, each with its reason."""
+  import tensorflow as tf
+
+  from conret_jax.data import decode
+
+  rgb = Image.fromarray(np.random.RandomState(0).randint(0, 255, (20, 30, 3), np.uint8))
+  bmp = 'BMP that tf.io.decode_bmp misreads (palette colours, compression or bit depth)'
+  other = ' image (TensorFlow decodes JPEG, PNG, GIF, BMP and WebP)'
+  cases = {  # name: (bytes, the check's reason, what TensorFlow does with a dropped one)
+    'a.jpg': (_encoded(rgb, 'JPEG'), None, None),
+    'a.png': (_encoded(rgb, 'PNG'), None, None),
+    'a.gif': (_encoded(rgb.convert('P'), 'GIF'), None, None),
+    'a.bmp': (_encoded(rgb, 'BMP'), None, None),
+    'rgba.bmp': (_encoded(rgb.convert('RGBA'), 'BMP'), None, None),
+    'grey.bmp': (_encoded(rgb.convert('L'), 'BMP'), None, None),  # 8 bits with the identity grey palette
+    'a.webp': (_encoded(rgb, 'WEBP', lossless=True), None, None),
+    'a.tiff': (_encoded(rgb, 'TIFF'), 'TIFF' + other, 'raises'),
+    'a.ppm': (_encoded(rgb, 'PPM'), 'PPM' + other, 'raises'),
+    'bits1.bmp': (_encoded(rgb.convert('1'), 'BMP'), bmp, 'raises'),
+    'palette.bmp': (_encoded(rgb.convert('P'), 'BMP'), bmp, 'misreads'),
+    'anim.webp': (
+      _encoded(rgb, 'WEBP', save_all=True, append_images=[rgb.transpose(0)]),
+      'animated WebP image (tf.io.decode_image decodes it only as RGBA)',
+      'raises',
+    ),
+  }
+  for name, (data, reason, tf_does) in cases.items():
+    (tmp_path / name).write_bytes(data)
+    assert coco_json.check_image_file(str(tmp_path / name)) == ((20, 30, None) if not reason else (0, 0, reason)), name
+    if tf_does == 'raises':
+      with pytest.raises(tf.errors.InvalidArgumentError):
+        decode.decode_image(tf.constant(data))
+      continue
+    pixels = decode.decode_image(tf.constant(data)).numpy().astype(int)
+    diff = np.abs(pixels - np.asarray(Image.open(io.BytesIO(data)).convert('RGB'), int)).max()
+    assert diff > 100 if tf_does == 'misreads' else diff <= (8 if name == 'a.jpg' else 0), name  # JPEG: IDCTs differ
+
+
+def test_end_markers_are_found_before_trailing_bytes_and_truncation_is_still_caught(tmp_path):
+  """A JPEG or PNG with up to a few KiB after its end marker (what some cameras and editors append) is whole; one cut
+  short is not, even when a header segment before its scan holds FF D9 of its own (here a comment; an EXIF
+  thumbnail ends with one)."""
+  pixels = Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8))
+  jpeg, png = _encoded(pixels, 'JPEG'), _encoded(pixels, 'PNG')
+  comment = b'\xff\xfe\x00\x04\xff\xd9'  # COM segment: length 4, data FF D9
+  commented = jpeg[:2] + comment + jpeg[2:]
+  scan = commented.index(b'\xff\xda')
+  assert len(commented) > scan + 1000
+  cases = {
+    'trailing.jpg': (jpeg + b'\x00' * 16, None),
+    'trailing_3k.jpg': (jpeg + os.urandom(3000).replace(b'\xff', b'\x00'), None),
+    'trailing.png': (png + b'\x00' * 100, None),
+    'commented.jpg': (commented, None),
+    'cut.jpg': (jpeg[: len(jpeg) - 100], 'truncated image file'),
+    'cut_commented.jpg': (commented[: scan + 600], 'truncated image file'),
+    'cut.png': (png[:-1], 'truncated image file'),
+  }
+  for name, (data, reason) in cases.items():
+    (tmp_path / name).write_bytes(data)
+    assert coco_json.check_image_file(str(tmp_path / name)) == ((64, 64, None) if not reason else (0, 0, reason)), name

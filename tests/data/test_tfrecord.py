@@ -1,8 +1,13 @@
 """COCO json -> TFRecords -> source 'tfrecord' (the streamed path): same examples, hosts, resume."""
 
-import numpy as np
+import os
+import shutil
 
-from conret_jax.data import pipeline, tfrecord
+import numpy as np
+import pytest
+
+from conret_jax.data import info as info_lib
+from conret_jax.data import pipeline, sources, tfrecord
 from tests.data import conftest
 from tests.data.conftest import small_config
 from tests.data.test_pipeline import _assert_same, _global, _take
@@ -83,3 +88,52 @@ def test_tfrecord_short_side_groups_by_orientation(rect_dataset, tmp_path):
   for batch in _global(config, 2, 6):
     portrait = batch['orig_hw'][:, 0] > batch['orig_hw'][:, 1]
     assert len(set(portrait)) == 1 and (batch['images'].shape[1] > batch['images'].shape[2]) == portrait[0]
+
+
+def test_a_shard_set_with_shards_missing_or_extra_is_refused(tmp_path):
+  """The pattern must match one whole shard set: a lost shard, stale shards of an earlier conversion (another total)
+  or a stray file are errors naming the pattern and what is wrong, before any record is read; counting records is
+  left out (it would read the whole dataset at start-up)."""
+  annotation_file, image_dir, _ = conftest.write_rect_dataset(str(tmp_path / 'rects'), [(40, 60)] * 6)
+  out = tmp_path / 'out'
+  config = small_config(annotation_file, image_dir)
+  config.data.eval.source, config.data.eval.tfrecord_pattern = 'tfrecord', str(out / 'r-*.tfrecord')
+  pattern = repr(config.data.eval.tfrecord_pattern)
+
+  def refused():
+    with pytest.raises(info_lib.DatasetError) as e:
+      sources.open_source(config.data.eval, config, train=False)
+    message = str(e.value)
+    assert message.startswith(f'tfrecord_pattern {pattern} matches ') and '\n' not in message
+    return message
+
+  tfrecord.convert(annotation_file, image_dir, str(out / 'r'), num_shards=3)
+  assert tfrecord.read_info(str(out / 'r'))['shards'] == [f'r-0000{i}-of-00003.tfrecord' for i in range(3)]
+  assert sources.open_source(config.data.eval, config, train=False).num_examples == 6  # the whole set opens
+
+  shutil.move(out / 'r-00001-of-00003.tfrecord', tmp_path / 'kept')
+  assert refused() == (
+    f'tfrecord_pattern {pattern} matches 2 files: missing shard indices [1] of 3; against the shards '
+    f"{out / 'r.info.json'} lists: missing ['r-00001-of-00003.tfrecord']"
+  )
+  shutil.move(tmp_path / 'kept', out / 'r-00001-of-00003.tfrecord')
+
+  shutil.copy(out / 'r-00000-of-00003.tfrecord', out / 'r-extra.tfrecord')
+  assert "files without -NNNNN-of-NNNNN: ['r-extra.tfrecord']; against the shards" in refused()
+  assert refused().endswith("lists: extra or twice ['r-extra.tfrecord']")
+  os.remove(out / 'r-extra.tfrecord')
+
+  tfrecord.convert(annotation_file, image_dir, str(out / 'r'), num_shards=2)  # re-converted over the old shards
+  message = refused()
+  assert 'matches 5 files: shards of 2 sets (totals [2, 3]: stale shards of another conversion?)' in message
+  assert message.endswith(f'lists: extra or twice {[f"r-0000{i}-of-00003.tfrecord" for i in range(3)]}')
+  for i in range(3):
+    os.remove(out / f'r-0000{i}-of-00003.tfrecord')
+  assert sources.open_source(config.data.eval, config, train=False).num_examples == 6
+
+  meta = tfrecord.read_info(str(out / 'r'))
+  del meta['shards']  # an info file from before the list: the names alone are checked
+  shutil.copy(out / 'r-00000-of-00002.tfrecord', out / 'r-00002-of-00002.tfrecord')
+  with pytest.raises(info_lib.DatasetError, match=r'outside 0..1 or matched twice: \[2\]$'):
+    tfrecord.check_shards('p', [str(out / f'r-0000{i}-of-00002.tfrecord') for i in range(3)], meta)
+  tfrecord.check_shards('p', [str(out / f'r-0000{i}-of-00002.tfrecord') for i in range(2)], meta)
