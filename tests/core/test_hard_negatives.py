@@ -39,12 +39,12 @@ def test_random_batches_with_ties(ratio, min_negatives):
   label = rng.choice(3, (B, A), p=[0.1, 0.7, 0.2])  # 0 positive, 1 background, 2 ignore
   positive, eligible = label == 0, label == 1
   positive[1] = False  # an image without objects
-  positive[2] = True  # more positives than negatives available
-  eligible[2] = ~positive[2]
-  eligible[2, 10:] = False
+  positive[2], eligible[2] = False, False  # more negatives wanted than available: 40 positives, 10 eligible
+  positive[2, 20:], eligible[2, :10] = True, True
   losses[label != 1] += 100.0  # positives and ignored anchors score high: they must still never be mined
   got = check(losses, positive, eligible, neg_pos_ratio=ratio, min_negatives=min_negatives)
-  assert got[2].sum() == 0 or got[2].sum() == eligible[2].sum()
+  assert got[1].sum() == min(min_negatives, eligible[1].sum())
+  assert got[2].sum() == 10 and np.all(got[2, :10])  # every eligible one (ratio x 40 >= 16 > 10)
 
 
 def test_counts():
