@@ -58,3 +58,17 @@ def rename(source: str, target: str) -> None:
     tf.io.gfile.rename(source, target, overwrite=False)
   else:
     os.rename(source, target)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes a small text file whole or not at all: into `path`.tmp, then renamed over `path` (a local rename is
+  atomic; a bucket's object appears only once written), so a process killed midway leaves the old file intact."""
+  tmp = f'{path}.tmp'
+  with open_file(tmp, 'w') as f:
+    f.write(text)
+  if is_remote(path):
+    import tensorflow as tf
+
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  else:
+    os.replace(tmp, path)

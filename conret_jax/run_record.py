@@ -102,13 +102,14 @@ def save(
   workdir: str, config, layout, *, step: int, processes: int, devices: int, argv=None, config_changes=None
 ) -> None:
   """Writes W/config.json and adds this start to W/run.json (call on one process). `layout`: the run's
-  data.info.ClassLayout; `config_changes`: {key: [old, new]} accepted at this start (`resume_changes`)."""
-  with fileio.open_file(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-    f.write(config.to_json_best_effort(indent=1, sort_keys=True) + '\n')
-  run = {'starts': []}
-  if fileio.exists(os.path.join(workdir, RUN_FILE)):
-    with fileio.open_file(os.path.join(workdir, RUN_FILE)) as f:
-      run = json.load(f)
+  data.info.ClassLayout; `config_changes`: {key: [old, new]} accepted at this start (`resume_changes`).
+
+  run.json is read before anything is written (a damaged one stops the start with one line and changes nothing),
+  and each file is replaced whole (fileio.write_text): a run killed while writing keeps its previous record."""
+  run = load_run(workdir) or {'starts': []}
+  if not isinstance(run, dict) or not isinstance(run.get('starts', []), list):
+    raise ConfigError(f'{os.path.join(workdir, RUN_FILE)} is damaged: it holds no run record; restore it')
+  fileio.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=1, sort_keys=True) + '\n')
   from conret_jax import __version__
 
   run['classes'] = {
@@ -128,8 +129,7 @@ def save(
     }
     | ({'config_changes': dict(config_changes)} if config_changes else {})
   )
-  with fileio.open_file(os.path.join(workdir, RUN_FILE), 'w') as f:
-    json.dump(run, f, indent=1)
+  fileio.write_text(os.path.join(workdir, RUN_FILE), json.dumps(run, indent=1))
 
 
 def _typed_like(default, value):
@@ -206,15 +206,15 @@ def _has_key(tree: dict, dotted: str) -> bool:
   return True
 
 
-def _read_json(path: str):
+def _read_json(path: str, remedy: str = 'restore it, or pass --config'):
   try:
     with fileio.open_file(path) as f:
       text = f.read()
     if not text.strip():  # json's own message for this would be 'Expecting value: line 1 column 1'
-      raise ConfigError(f'{path} is damaged: it is empty; restore it, or pass --config')
+      raise ConfigError(f'{path} is damaged: it is empty; {remedy}')
     return json.loads(text)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConfigError(f'{path} is damaged and cannot be read ({e}): restore it, or pass --config') from None
+    raise ConfigError(f'{path} is damaged and cannot be read ({e}): {remedy}') from None
 
 
 def load_run(workdir: str) -> dict | None:
@@ -222,7 +222,7 @@ def load_run(workdir: str) -> dict | None:
   path = os.path.join(workdir, RUN_FILE)
   if not fileio.exists(path):
     return None
-  return _read_json(path)
+  return _read_json(path, 'restore it (it holds the classes and the starts of the run)')
 
 
 def check_config_matches(workdir: str, config, *, config_given: bool = True) -> None:
@@ -239,9 +239,11 @@ def check_config_matches(workdir: str, config, *, config_given: bool = True) -> 
     )
 
 
-# Keys a resumed run may change freely: they do not alter what is trained (inference-only settings, evaluation,
-# logging and checkpoint cadence, input prefetching, the weights a fresh start would load).
-FREE_ON_RESUME = RUNTIME_KEYS + (
+# Keys a resumed run may change freely: they do not alter what is trained (inference-only settings, the
+# convolutions' lowering, which changes only the summation order, evaluation, logging and checkpoint cadence, input
+# prefetching, the weights a fresh start would load). compute_dtype and matmul_precision change the training
+# arithmetic itself, so like every other key they are refused unless accepted, and then recorded.
+FREE_ON_RESUME = ('model.conv_lowering', 'consistent.inference_reg_steps') + (
   'init_from',
   'checkpoint.',
   'eval.',
