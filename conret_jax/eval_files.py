@@ -2,10 +2,11 @@
 
   WORKDIR/eval/step_N<suffix>/   `Record`: the suffix is '' for an evaluation with the run's own settings, else
                                  '+key=value' for each setting that differs (`override_suffix`), so an override never
-                                 writes over the run's record; such a folder also holds settings.json
+                                 writes over the run's record (`record_for`); every folder holds settings.json
     detections.json              COCO results, original image coordinates
     metrics.json                 the summary metrics (fractions) and per-class AP
     detections.png               ground truth beside detections for the first eval images
+    settings.json                {"overrides": [...], "config": the config evaluated with}
 The console table of an evaluation (`format_metrics`) is AP in percent.
 """
 
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 
+import ml_collections
 import numpy as np
 
 from conret_jax import coco_metrics as metrics_lib
@@ -139,13 +141,39 @@ def save_picture(collected, class_names, path: str, *, threshold: float, title: 
     )
 
 
+def recorded_config(directory: str):
+  """The config an evaluation folder was written with (its settings.json), or None (none, or written before every
+  folder had one)."""
+  path = os.path.join(directory, 'settings.json')
+  if not fileio.exists(path):
+    return None
+  try:
+    with fileio.open_file(path) as f:
+      return ml_collections.ConfigDict(json.load(f)['config'])
+  except (ValueError, KeyError, TypeError):  # damaged: treated as unknown settings, as a folder without the file
+    return None
+
+
+def record_for(workdir: str, step: int, run_config, config) -> Record:
+  """Where an evaluation of `step` with `config` goes: suffix '' when it evaluates as the run's config
+  (`run_config`, its config.json) does, else `override_suffix`. A run resumed with other evaluation settings changes
+  its config.json; a run's own folder written before that keeps its settings.json, and an evaluation that differs
+  from those goes to a folder named for what differs from them, never over them."""
+  suffix = override_suffix(run_config, config) if run_config is not None else ''
+  if not suffix:
+    earlier = recorded_config(eval_dir(workdir, step))
+    if earlier is not None:
+      suffix = override_suffix(earlier, config)
+  return Record(workdir, step, suffix)
+
+
 def write_record(record: Record, collected, scores, class_names, config) -> None:
   """The files of one evaluation (see the module docstring); `collected`: evaluation's pass."""
   out_dir = record.directory
   write_eval(out_dir, collected.results, scores.summary, scores.per_class)
-  if record.suffix:
-    with fileio.open_file(os.path.join(out_dir, 'settings.json'), 'w') as f:
-      json.dump({'overrides': record.suffix.split('+')[1:], 'config': config.to_dict()}, f, indent=1, default=str)
+  settings = {'overrides': record.suffix.split('+')[1:], 'config': config.to_dict()}
+  with fileio.open_file(os.path.join(out_dir, 'settings.json'), 'w') as f:
+    json.dump(settings, f, indent=1, default=str)
   if collected.pictured:
     threshold = float(config.eval.visualize_score_threshold)
     title = f'{record.workdir}, step {record.step}{record.suffix}: ground truth | detections scoring >= {threshold:.2f}'

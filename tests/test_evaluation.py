@@ -437,3 +437,22 @@ def test_evaluate_and_checkpoint_across_two_processes(tmp_path):
   assert sorted({r['image_id'] for r in written}) == list(range(1, 8)) and len(written) == 14
   # Boxes were in 0.5-scaled input pixels: back in original pixels.
   assert sorted(map(tuple, (r['bbox'] for r in written)))[0] == (20.0, 20.0, 100.0, 80.0)
+
+
+def test_an_evaluation_never_writes_over_a_record_made_with_other_settings(tmp_path):
+  """A run resumed with eval.num_images=50 has that in config.json now; its step-5 folder was written with 0 (every
+  image). An evaluation of step 5 with the run's current settings goes next to it, named for what differs from that
+  folder's own settings.json; one with the folder's settings, or of a step without a folder, is the run's own."""
+  from conret_jax import defaults
+
+  before, after = defaults.base_config(), defaults.base_config()
+  after.eval.num_images = 50
+  folder = tmp_path / 'eval' / 'step_5'
+  folder.mkdir(parents=True)
+  (folder / 'settings.json').write_text(json.dumps({'overrides': [], 'config': before.to_dict()}, default=str))
+  assert eval_files.record_for(str(tmp_path), 5, after, after).suffix == '+eval.num_images=50'
+  assert eval_files.record_for(str(tmp_path), 5, before, before).suffix == ''
+  assert eval_files.record_for(str(tmp_path), 6, after, after).suffix == ''
+  assert eval_files.record_for(str(tmp_path), 6, after, before).suffix == '+eval.num_images=0'  # an override
+  (folder / 'settings.json').write_text('{"config": ')  # damaged: unknown settings, as a folder written without one
+  assert eval_files.record_for(str(tmp_path), 5, after, after).suffix == ''

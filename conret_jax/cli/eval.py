@@ -34,8 +34,8 @@ def run(config, workdir: str, step: int | None = None) -> tuple:
   if classes is None:  # weights without a training record: the eval set's categories must fit the model
     data_lib.check_num_classes(info, config)
   model, variables, step, mesh = restore_lib.restore_for_inference(config, workdir, step)
-  suffix = eval_files.override_suffix(run_record.load_config(workdir), config) if run_record.has_record(workdir) else ''
-  record = eval_files.Record(workdir, step, suffix)
+  run_config = run_record.load_config(workdir) if run_record.has_record(workdir) else None
+  record = eval_files.record_for(workdir, step, run_config, config)
   data = evaluation.EvalData(info=info, cache=cache)
   metrics = evaluation.evaluate(model, variables, config, mesh, classes=classes, record=record, data=data)
   return record, metrics

@@ -59,8 +59,9 @@ def _main(argv):
     sys.exit(3)
   if metrics and jax.process_index() == 0:
     step = int(config.train.num_steps)
-    per_class = eval_files.read_per_class(eval_files.Record(workdir, step).directory)
-    print(eval_files.format_metrics(metrics, per_class, title=f'{workdir}, step {step}'), flush=True)
+    record = eval_files.record_for(workdir, step, config, config)  # the folder the loop's evaluation wrote
+    per_class = eval_files.read_per_class(record.directory)
+    print(eval_files.format_metrics(metrics, per_class, title=f'{workdir}, step {step}{record.suffix}'), flush=True)
 
 
 def main():

@@ -227,7 +227,7 @@ class _Run:
       self.config,
       self.mesh,
       classes=self.classes,
-      record=eval_files.Record(self.workdir, step),
+      record=eval_files.record_for(self.workdir, step, self.config, self.config),
       data=evaluation.EvalData(cache=self.cache),
     )
     self.writer.write_eval(step, metrics)
