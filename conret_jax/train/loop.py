@@ -238,7 +238,14 @@ class _Run:
 def _eval_missing(run: _Run, step: int, eval_every: int, num_steps: int) -> bool:
   """Whether `step` (a resumed run's first) was due a periodic evaluation that left no metrics.json."""
   due = step > 0 and eval_every and step % eval_every == 0 and step != num_steps
-  return bool(due) and not fileio.exists(os.path.join(eval_files.Record(run.workdir, step).directory, 'metrics.json'))
+  if not due:
+    return False
+  missing = not fileio.exists(os.path.join(eval_files.Record(run.workdir, step).directory, 'metrics.json'))
+  if jax.process_count() > 1:  # process 0 wrote it; all must agree, as the evaluation is collective
+    from jax.experimental import multihost_utils
+
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing
 
 
 def _train(run: _Run, state, start_step: int) -> dict:

@@ -1,7 +1,7 @@
 """A stop signal that reaches one process of a multi-process job: every process stops at the same step boundary,
 with one checkpoint of that step, instead of the signalled one leaving the others waiting in the next step's
-collectives (conret_jax/train/loop.py, `_StopAgreement`). 2 processes x 2 fake CPU devices
-(launch/local_multiprocess.py).
+collectives (conret_jax/train/loop.py, `_StopAgreement`); the resumed job runs the evaluation the stop cut off.
+2 processes x 2 fake CPU devices (launch/local_multiprocess.py).
 """
 
 import importlib.util
@@ -31,18 +31,18 @@ spec = importlib.util.spec_from_file_location('cfg', sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 config = module.get_config(sys.argv[2])
-config.eval.at_end = False
+config.eval.at_end, config.eval.every_steps = False, 4
 make_iterator = loop.data_lib.make_train_iterator
+fetched = [0]
 
 
 class OneHostSignalled:
   def __init__(self, *args, **kwargs):
     self.it = make_iterator(*args, **kwargs)
-    self.fetched = 0
 
   def __next__(self):
-    self.fetched += 1
-    if jax.process_index() == 1 and self.fetched == 3:
+    fetched[0] += 1
+    if jax.process_index() == 1 and fetched[0] == 3:
       os.kill(os.getpid(), signal.SIGTERM)
     return next(self.it)
 
@@ -51,8 +51,9 @@ class OneHostSignalled:
 
 
 loop.data_lib.make_train_iterator = OneHostSignalled
-loop.train_and_evaluate(config, sys.argv[3])
-print(f'process {jax.process_index()} returned', flush=True)
+for run in (1, 2):  # the second resumes: it evaluates the step the stop cut off, then trains to the end
+  loop.train_and_evaluate(config, sys.argv[3])
+  print(f'process {jax.process_index()} returned from run {run}', flush=True)
 """
 
 
@@ -81,7 +82,10 @@ def test_a_signal_to_one_process_stops_all_at_one_step(tmp_path):
   assert proc.returncode == 0, out[-6000:]
   stopped = {int(p): int(s) for p, s in re.findall(r'\[p(\d)\].*stopped at step (\d+)', out)}
   assert sorted(stopped) == [0, 1], out[-6000:]
-  assert stopped[0] == stopped[1] < 8, stopped  # the same boundary, before the last step
-  assert 'returned' in out and out.count('returned') == 2
+  assert stopped[0] == stopped[1] == 4, stopped  # the same boundary: one step after the signal's (step 3)
+  assert out.count('returned from run 1') == 2 and out.count('returned from run 2') == 2
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-  assert steps[-1] == stopped[0], steps
+  assert steps[-1] == 8, steps  # (step 4's checkpoint may be rotated out by then)
+  # Step 4 was due an evaluation that the stop cut off: the resumed job ran it, on both processes.
+  assert (workdir / 'eval' / 'step_4' / 'metrics.json').exists()
+  assert 'step 4: the evaluation of this step was not written before the run stopped' in out
