@@ -1,8 +1,9 @@
 """Parity with torchvision's ssd300_vgg16 (skipped without torch): seeded random weights, imported with
 from_torchvision_ssd into configs/ssd300_torchvision.py's network, give torchvision's raw head outputs (to float32
-noise) and its detections, through torchvision's whole pipeline (GeneralizedRCNNTransform's fixed 300 x 300 resize
+noise), its detections, through torchvision's whole pipeline (GeneralizedRCNNTransform's fixed 300 x 300 resize
 and normalization, the head, SSD.postprocess_detections) against ours (detect: the same scaling, softmax as sigmoid
-logits, per-class top 400 above 0.01, NMS 0.45, 200 detections)."""
+logits, per-class top 400 above 0.01, NMS 0.45, 200 detections), and its training loss (matching, hard negatives,
+both terms) against conret_jax/multibox.py's."""
 
 import importlib.util
 import os
@@ -140,3 +141,50 @@ def _leaves(tree):
   import jax
 
   return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def test_training_loss_matches_torchvision(imported):
+  """torchvision's SSD training loss (its SSDMatcher, 3:1 hard negatives, smooth L1, both over N) against ours on
+  the same images, boxes and labels. The boxes include small objects beside larger ones whose best default box
+  overlaps the larger object more: SSD gives that box to the small object ('assign'), where RetinaNet's rule
+  ('promote') would keep it on the larger one, and the test checks that this case occurs."""
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  from conret_jax.multibox import MultiBoxLoss
+
+  tv_model, config, variables = imported
+  images = _images(2)
+  boxes = np.array(
+    [
+      [[100, 100, 110, 110], [96, 98, 120, 122], [30, 40, 150, 200], [200, 20, 290, 90]],
+      [[60, 60, 69, 71], [57, 55, 80, 79], [150, 150, 280, 290], [10, 200, 120, 260]],
+    ],
+    np.float32,
+  )
+  labels = np.array([[1, 3, 18, 62], [44, 1, 5, 90]], np.int64)  # COCO category ids (torchvision's labels)
+  targets = [{'boxes': torch.from_numpy(b), 'labels': torch.from_numpy(c)} for b, c in zip(boxes, labels)]
+  tv_model.train()
+  try:
+    with torch.no_grad():
+      want = {k: float(v) for k, v in tv_model(_as_torch(images), targets).items()}
+  finally:
+    tv_model.eval()
+  detector = detectors.from_config(config)
+  outputs = detector.module.apply(variables, images)
+  batch = dict(
+    boxes=jnp.asarray(boxes),
+    classes=jnp.asarray(labels, jnp.int32),  # class_layout 'category_id': a class index is its category id
+    valid=jnp.ones(labels.shape, bool),
+    crowd=jnp.zeros(labels.shape, bool),
+  )
+  loss = MultiBoxLoss.from_config(config)
+  anchors = detector.anchors((SIZE, SIZE))
+  _, got = loss(outputs, anchors, batch)
+  print(f'torchvision {want}; ours cls {float(got["cls_loss_0"]):.6f} box {float(got["box_loss_0"]):.6f}')
+  np.testing.assert_allclose(float(got['cls_loss_0']), want['classification'], rtol=1e-4)
+  np.testing.assert_allclose(float(got['box_loss_0']), want['bbox_regression'], rtol=1e-4)
+  promote = dataclasses.replace(loss, stages=dataclasses.replace(loss.stages, low_quality_rule='promote'))
+  _, other = promote(outputs, anchors, batch)
+  assert abs(float(other['cls_loss_0']) - want['classification']) > 1e-3 * want['classification']
