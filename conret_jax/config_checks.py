@@ -76,17 +76,6 @@ def _check_data(d) -> None:
       f'config.data.scale_jitter={tuple(d.scale_jitter)} would do nothing: no short side '
       f'other than {scales[0]} lies in steps of {sizes.SCALE_STEP} from image_size={d.image_size} within the range',
     )
-  # short_side scales an image of short side a, long side b by min(s / a, max_size / b) (preprocess.base_scale), with
-  # s = image_size, or in training one of short_side_scales (all <= image_size). b >= a, so every s >= max_size gives
-  # max_size / b: with max_size < image_size, image_size never sets a scale, nor does a jitter short side >= max_size.
-  jitter = (
-    f', nor do the scale_jitter={tuple(d.scale_jitter)} short sides >= max_size' if (lo, hi) != (1.0, 1.0) else ''
-  )
-  _check(
-    d.resize != 'short_side' or d.max_size >= d.image_size,
-    f'config.data.max_size={d.max_size} < config.data.image_size={d.image_size} with resize=short_side: the long '
-    f'side cap binds for every image, so image_size never sets a scale{jitter}; raise max_size or lower image_size',
-  )
   _check(d.max_boxes >= 1, f'config.data.max_boxes={d.max_boxes} must be >= 1')
 
 
@@ -176,7 +165,25 @@ def _check_schedule(t) -> None:
   )
 
 
+def _check_jitter_reaches_below_the_cap(d) -> None:
+  """short_side scales an image of short side a, long side b by min(s / a, max_size / b) (preprocess.base_scale),
+  with s one of short_side_scales in training. b >= a, so every s >= max_size gives max_size / b: when all the
+  jitter's short sides are >= max_size, they all give the same scale and the jitter does nothing. A training check
+  only: evaluating or resuming such a run (it pads more than it needs, nothing worse) stays possible."""
+  if d.resize != 'short_side' or tuple(d.scale_jitter) == (1.0, 1.0):
+    return
+  scales = sizes.short_side_scales(d)
+  _check(
+    min(scales) < d.max_size,
+    f'config.data.scale_jitter={tuple(d.scale_jitter)} would do nothing: its short sides {min(scales)}-{max(scales)} '
+    f'are all >= config.data.max_size={d.max_size}, whose long-side cap then sets every scale; raise max_size '
+    'or lower image_size',
+  )
+
+
 def validate_training(config: ml_collections.ConfigDict) -> None:
-  """Start-up checks of a training run, on top of `validate`: no silently random frozen backbone."""
+  """Start-up checks of a training run, on top of `validate`: no silently random frozen backbone, no scale jitter
+  that the long-side cap undoes."""
   validate(config)
+  _check_jitter_reaches_below_the_cap(config.data)
   detectors.validate_training(config)

@@ -157,13 +157,15 @@ def recorded_config(directory: str):
 def record_for(workdir: str, step: int, run_config, config) -> Record:
   """Where an evaluation of `step` with `config` goes: suffix '' when it evaluates as the run's config
   (`run_config`, its config.json) does, else `override_suffix`. A run resumed with other evaluation settings changes
-  its config.json; a run's own folder written before that keeps its settings.json, and an evaluation that differs
-  from those goes to a folder named for what differs from them, never over them."""
+  its config.json, so a folder of that name may hold an evaluation with other settings (its settings.json says):
+  the evaluation then goes to that name plus what differs from those settings, never over them."""
   suffix = override_suffix(run_config, config) if run_config is not None else ''
-  if not suffix:
-    earlier = recorded_config(eval_dir(workdir, step))
-    if earlier is not None:
-      suffix = override_suffix(earlier, config)
+  for _ in range(8):  # each round adds a difference to the name; a chain of resumes longer than this is not expected
+    earlier = recorded_config(eval_dir(workdir, step) + suffix)
+    differs = override_suffix(earlier, config) if earlier is not None else ''
+    if not differs:
+      break
+    suffix += differs
   return Record(workdir, step, suffix)
 
 

@@ -454,5 +454,15 @@ def test_an_evaluation_never_writes_over_a_record_made_with_other_settings(tmp_p
   assert eval_files.record_for(str(tmp_path), 5, before, before).suffix == ''
   assert eval_files.record_for(str(tmp_path), 6, after, after).suffix == ''
   assert eval_files.record_for(str(tmp_path), 6, after, before).suffix == '+eval.num_images=0'  # an override
+  # An override folder written before the resume (num_images=50 over the run's 0) is not written over either.
+  override = tmp_path / 'eval' / 'step_5+eval.num_images=50'
+  override.mkdir()
+  (override / 'settings.json').write_text(json.dumps({'config': after.to_dict()}, default=str))
+  later = defaults.base_config()
+  later.eval.num_images, later.eval.score_threshold = 50, 0.3
+  assert eval_files.record_for(str(tmp_path), 5, before, later).suffix == (
+    '+eval.num_images=50+eval.score_threshold=0.3'
+  )
+  assert eval_files.record_for(str(tmp_path), 5, before, after).suffix == '+eval.num_images=50'  # its own settings
   (folder / 'settings.json').write_text('{"config": ')  # damaged: unknown settings, as a folder written without one
   assert eval_files.record_for(str(tmp_path), 5, after, after).suffix == ''

@@ -6,7 +6,8 @@ Real datasets have bad rows. Each is repaired or dropped, counted, and reported 
           json height/width that disagree with the file -> repaired (the file's size wins, boxes clipped to it);
   annotations: unknown image or category id, malformed row or bbox, zero/negative area after clipping -> dropped;
                partly outside the image -> clipped; beyond max_boxes for one image -> dropped (kept in coco_gt);
-               id missing, not an integer or repeated -> repaired (a fresh id: the evaluators index them by id);
+               id missing, not a positive integer or repeated -> repaired (a fresh id: the evaluators index them
+               by id, and take 0 for "no match");
   categories: the same id listed twice with the same name -> repaired (merged);
   training only: images with no usable non-crowd annotation -> dropped (Detectron); kept for evaluation.
 A dataset unusable as a whole (missing/malformed json, no categories, no usable image, one category id with two
@@ -243,7 +244,8 @@ def _usable_images(data: dict, image_dir: str, counts: _Counts, *, check_images:
 def _usable_annotations(data: dict, images: dict, seen: set, cat_to_class: dict, counts: _Counts):
   """(image_id -> [(box x1y1x2y2, class, crowd)], COCO gt annotations). Malformed rows, annotations of unknown images
   or categories, malformed or empty boxes are dropped; boxes partly outside their image are clipped. The gt ids are
-  unique: an id missing, not an integer or repeated is replaced by a fresh one (the evaluators index annotations by
+  unique and positive: an id missing, not a positive integer (pycocotools and faster-coco-eval read 0 as "no match")
+  or repeated is replaced by a fresh one (the evaluators index annotations by
   id, so a repeated id would hide one of them; detections never name annotation ids)."""
   per_image = collections.defaultdict(list)
   ids = [a['id'] for a in data['annotations'] if isinstance(a, dict) and isinstance(a.get('id'), int)]
@@ -273,8 +275,8 @@ def _usable_annotations(data: dict, images: dict, seen: set, cat_to_class: dict,
     xywh = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
     area = float(a['area']) if not clipped and isinstance(a.get('area'), (int, float)) else xywh[2] * xywh[3]
     ann_id = a.get('id')
-    if not isinstance(ann_id, int):
-      counts.repaired['annotation id missing or not an integer: numbered'] += 1
+    if not isinstance(ann_id, int) or isinstance(ann_id, bool) or ann_id <= 0:  # the evaluators read 0 as "none"
+      counts.repaired['annotation id missing or not a positive integer: numbered'] += 1
       ann_id, next_id = next_id, next_id + 1
     elif ann_id in used:
       counts.repaired['duplicate annotation id: renumbered'] += 1

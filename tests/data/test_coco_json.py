@@ -156,18 +156,22 @@ def _ann(ann_id, image_id=1, category_id=1, box=(1, 1, 5, 5)):
 
 
 def test_annotation_ids_in_coco_gt_are_unique(tmp_path):
-  """The evaluators index annotations by id: a repeated id is renumbered above every id in the json (the first keeps
-  it), and so is one missing or not an integer; each is counted, no box is lost."""
+  """The evaluators index annotations by id and read 0 as "no match": a repeated id is renumbered above every id in
+  the json (the first keeps it), and so is one missing or not a positive integer; each is counted, no box is lost."""
   anns = [_ann(5, box=(1, 1, 5, 5)), _ann(5, box=(10, 10, 5, 5)), _ann(None), _ann('a1'), _ann(3), _ann(3)]
+  anns += [_ann(0), _ann(-2)]  # 0 is "no match" to the evaluators (exports numbering from 0 are common)
   del anns[2]['id']
   table, info, counts = coco_json.load_coco(*_write(tmp_path, [(1, 'a.png')], anns), train=False, max_boxes=8)
-  assert [a['id'] for a in info.coco_gt['annotations']] == [5, 6, 7, 8, 3, 9]
+  assert [a['id'] for a in info.coco_gt['annotations']] == [5, 6, 7, 8, 3, 9, 10, 11]
   assert [a['bbox'][0] for a in info.coco_gt['annotations'][:2]] == [1, 10]
   assert counts == {
     'dropped': {},
-    'repaired': {'duplicate annotation id: renumbered': 2, 'annotation id missing or not an integer: numbered': 2},
+    'repaired': {
+      'duplicate annotation id: renumbered': 2,
+      'annotation id missing or not a positive integer: numbered': 4,
+    },
   }
-  assert table.row_lengths.tolist() == [6]
+  assert table.row_lengths.tolist() == [8]
 
 
 def test_malformed_annotation_rows_are_dropped_and_counted(tmp_path):
@@ -178,7 +182,7 @@ def test_malformed_annotation_rows_are_dropped_and_counted(tmp_path):
   _, info, counts = coco_json.load_coco(*_write(tmp_path, [(1, 'a.png')], anns), train=False, max_boxes=8)
   assert counts == {
     'dropped': {'malformed annotation': 6},
-    'repaired': {'annotation id missing or not an integer: numbered': 1},
+    'repaired': {'annotation id missing or not a positive integer: numbered': 1},
   }
   assert [a['id'] for a in info.coco_gt['annotations']] == [1, 4]
   for anns in (None, ...):
