@@ -65,13 +65,12 @@ def write_eval(out_dir: str, results: list[dict], metrics: dict, per_class: dict
   "per_class": {category name: {"category_id": int, "AP": float, "AP50": float, "AP75": float}} (-1.0: undefined).
   """
   fileio.makedirs(out_dir)
-  with fileio.open_file(os.path.join(out_dir, 'detections.json'), 'w') as f:
-    json.dump(results, f)
+  # Each file whole or not at all (fileio.write_text), as the run records: an evaluation cut off leaves no half file.
+  fileio.write_text(os.path.join(out_dir, 'detections.json'), json.dumps(results))
   content = {k: float(v) for k, v in metrics.items()}
   if per_class is not None:
     content['per_class'] = per_class
-  with fileio.open_file(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-    json.dump(content, f, indent=2, sort_keys=True)
+  fileio.write_text(os.path.join(out_dir, 'metrics.json'), json.dumps(content, indent=2, sort_keys=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +173,7 @@ def write_record(record: Record, collected, scores, class_names, config) -> None
   out_dir = record.directory
   write_eval(out_dir, collected.results, scores.summary, scores.per_class)
   settings = {'overrides': record.suffix.split('+')[1:], 'config': config.to_dict()}
-  with fileio.open_file(os.path.join(out_dir, 'settings.json'), 'w') as f:
-    json.dump(settings, f, indent=1, default=str)
+  fileio.write_text(os.path.join(out_dir, 'settings.json'), json.dumps(settings, indent=1, default=str))
   if collected.pictured:
     threshold = float(config.eval.visualize_score_threshold)
     title = f'{record.workdir}, step {record.step}{record.suffix}: ground truth | detections scoring >= {threshold:.2f}'

@@ -50,12 +50,15 @@ def listdir(path: str) -> list[str]:
   return os.listdir(path)
 
 
-def rename(source: str, target: str) -> None:
-  """Moves a file or folder (gs://: gfile's copy-and-delete, which is what a bucket offers)."""
+def rename(source: str, target: str, overwrite: bool = False) -> None:
+  """Moves a file or folder (gs://: gfile's copy-and-delete, which is what a bucket offers); `overwrite` replaces a
+  file at `target`."""
   if is_remote(source):
     import tensorflow as tf
 
-    tf.io.gfile.rename(source, target, overwrite=False)
+    tf.io.gfile.rename(source, target, overwrite=overwrite)
+  elif overwrite:
+    os.replace(source, target)
   else:
     os.rename(source, target)
 
@@ -66,9 +69,4 @@ def write_text(path: str, text: str) -> None:
   tmp = f'{path}.tmp'
   with open_file(tmp, 'w') as f:
     f.write(text)
-  if is_remote(path):
-    import tensorflow as tf
-
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-  else:
-    os.replace(tmp, path)
+  rename(tmp, path, overwrite=True)

@@ -243,7 +243,9 @@ def check_config_matches(workdir: str, config, *, config_given: bool = True) -> 
 # convolutions' lowering, which changes only the summation order, evaluation, logging and checkpoint cadence, input
 # prefetching, the weights a fresh start would load). compute_dtype and matmul_precision change the training
 # arithmetic itself, so like every other key they are refused unless accepted, and then recorded.
-FREE_ON_RESUME = ('model.conv_lowering', 'consistent.inference_reg_steps') + (
+FREE_ON_RESUME = (
+  'model.conv_lowering',
+  'consistent.inference_reg_steps',
   'init_from',
   'checkpoint.',
   'eval.',

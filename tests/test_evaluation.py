@@ -130,18 +130,27 @@ def _fake_bucket(monkeypatch, root):
   the (function, path) calls it received."""
   calls = []
 
+  def local_path(path):
+    assert path.startswith('gs://'), path
+    return os.path.join(root, path[len('gs://') :])
+
   def local(name):
     def call(path, *args):
-      assert path.startswith('gs://'), path
       calls.append((name, path))
-      target = os.path.join(root, path[len('gs://') :])
+      target = local_path(path)
       if name == 'makedirs':
         return os.makedirs(target, exist_ok=True)
       return os.path.exists(target) if name == 'exists' else open(target, *args)
 
     return call
 
-  gfile = types.SimpleNamespace(GFile=local('GFile'), exists=local('exists'), makedirs=local('makedirs'))
+  def rename(source, target, overwrite=False):
+    calls.append(('rename', target))
+    if not overwrite and os.path.exists(local_path(target)):
+      raise FileExistsError(target)
+    os.replace(local_path(source), local_path(target))
+
+  gfile = types.SimpleNamespace(GFile=local('GFile'), exists=local('exists'), makedirs=local('makedirs'), rename=rename)
   monkeypatch.setitem(sys.modules, 'tensorflow', types.SimpleNamespace(io=types.SimpleNamespace(gfile=gfile)))
   return calls
 
@@ -170,7 +179,8 @@ def test_an_evaluation_of_a_gs_workdir_is_written_through_fileio(tmp_path, monke
   assert (written / 'detections.png').read_bytes()[:4] == b'\x89PNG'
   assert eval_files.read_per_class(record.directory) == per_class
   assert eval_files.read_per_class('gs://b/run/eval/step_4') is None
-  assert ('GFile', f'{record.directory}/metrics.json') in calls
+  assert ('GFile', f'{record.directory}/metrics.json.tmp') in calls  # written whole, then moved into place
+  assert ('rename', f'{record.directory}/metrics.json') in calls
 
 
 def _eval_batches(mesh, second_hw=(32, 32)):

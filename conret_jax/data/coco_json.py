@@ -244,9 +244,9 @@ def _usable_images(data: dict, image_dir: str, counts: _Counts, *, check_images:
 def _usable_annotations(data: dict, images: dict, seen: set, cat_to_class: dict, counts: _Counts):
   """(image_id -> [(box x1y1x2y2, class, crowd)], COCO gt annotations). Malformed rows, annotations of unknown images
   or categories, malformed or empty boxes are dropped; boxes partly outside their image are clipped. The gt ids are
-  unique and positive: an id missing, not a positive integer (pycocotools and faster-coco-eval read 0 as "no match")
-  or repeated is replaced by a fresh one (the evaluators index annotations by
-  id, so a repeated id would hide one of them; detections never name annotation ids)."""
+  unique and positive: an id missing, not a positive integer or repeated is replaced by a fresh one (the evaluators
+  index annotations by id, so a repeated id would hide one of them, and read 0 as "no match"; detections never name
+  annotation ids)."""
   per_image = collections.defaultdict(list)
   ids = [a['id'] for a in data['annotations'] if isinstance(a, dict) and isinstance(a.get('id'), int)]
   gt_annotations, used, next_id = [], set(), 1 + max(ids + [0])  # fresh ids: above every id in the json

@@ -20,16 +20,23 @@ from conret_jax import run_record
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 POISONED_STEP = 3
 
-SCRIPT = """
-import importlib.util, sys
+# Both scripts: the repository root, the shapes cache and a third argument; the test config; the real iterator.
+PREAMBLE = """
+import importlib.util, os, signal, sys
 import jax.numpy as jnp
 from conret_jax.train import loop
 
-root, cache, poisoned = sys.argv[1], sys.argv[2], int(sys.argv[3])
+root, cache, arg = sys.argv[1], sys.argv[2], sys.argv[3]
 spec = importlib.util.spec_from_file_location('cfg', f'{root}/tests/configs/tiny_shapes.py')
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 real = loop.data_lib.make_train_iterator
+"""
+
+SCRIPT = (
+  PREAMBLE
+  + """
+poisoned = int(arg)
 
 
 class Poisoned:
@@ -54,6 +61,7 @@ for name, skips in (('skips', 1), ('stops', 0)):
   except loop.NonFiniteLossError as e:
     print(f'RESULT {name} stopped: {e}')
 """
+)
 
 
 def _logged(workdir):
@@ -96,15 +104,10 @@ def test_a_skipped_nan_batch_continues_and_without_the_key_the_run_stops(tmp_pat
   assert sorted(os.listdir(tmp_path / 'stops' / 'checkpoints')) == ['2']
 
 
-PREEMPTED_SCRIPT = """
-import importlib.util, os, signal, sys
-from conret_jax.train import loop
-
-root, cache, workdir = sys.argv[1], sys.argv[2], sys.argv[3]
-spec = importlib.util.spec_from_file_location('cfg', f'{root}/tests/configs/tiny_shapes.py')
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-real = loop.data_lib.make_train_iterator
+PREEMPTED_SCRIPT = (
+  PREAMBLE
+  + """
+workdir = arg
 
 
 class SignalledAtStep4:
@@ -131,6 +134,7 @@ for run in (1, 2):
   evals = sorted(os.listdir(f'{workdir}/eval')) if os.path.isdir(f'{workdir}/eval') else []
   print(f'RESULT run {run} newest checkpoint {newest} evaluations {evals}', flush=True)
 """
+)
 
 
 def test_an_evaluation_step_stopped_before_its_evaluation_is_evaluated_on_resume(tmp_path):
